@@ -1,0 +1,55 @@
+# The two commands a new user runs: `make demo` and `make test`. Both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint down status deps system-packages clean
+
+deps: system-packages $(STAMP)
+
+# Debian packages the local platform needs (MariaDB server). Only installs what is missing.
+system-packages:
+	@command -v mariadbd >/dev/null 2>&1 || { \
+	  echo "installing mariadb-server (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; }
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 required"' 
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[local,dev]'
+	@touch $(STAMP)
+
+# Bring up the whole local platform and show it working.
+demo: deps
+	$(BIN)/cdc mappings validate
+	$(BIN)/cdc stack up
+	$(BIN)/cdc workload --rate 200 --duration 10
+	$(BIN)/cdc stack status
+	@echo
+	@echo "The local platform is up. Its configuration (eval it in your shell):"
+	@$(BIN)/cdc stack env
+	@echo
+	@echo "Stop it with: $(BIN)/cdc stack down"
+
+# Run the test suite; the tests start (and stop) the servers they need on free ports.
+test: deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+status: deps
+	$(BIN)/cdc stack status
+
+down:
+	@test -x $(BIN)/cdc && $(BIN)/cdc stack down || true
+
+clean: down
+	rm -rf .state $(VENV)

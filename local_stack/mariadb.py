@@ -1,0 +1,162 @@
+"""One private MariaDB server per mapped cluster: the local stand-in for a production MySQL/Aurora cluster.
+
+Each server has its own data folder and binlog, configured as the capture needs it (FIELD-NOTES section 1):
+ROW format, FULL row image, FULL row metadata, GTID, utf8mb4, UTC. Two accounts are created: a replication
+account with only the grants CDC capture needs, and an admin account that the demo workload writes with.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymysql
+
+from local_stack.processes import ServerProcess, StackError
+
+REPLICATION_USER = "cdc_replicator"
+ADMIN_USER = "cdc_admin"
+# What the capture needs: snapshot reads, binlog streaming, binlog positions (MariaDB's BINLOG MONITOR).
+REPLICATION_GRANTS = "SELECT, REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR"
+
+
+@dataclass(frozen=True)
+class MariaDBServer:
+    cluster: str
+    port: int
+    root: Path  # this cluster's folder under the state dir
+    replication_password: str
+    admin_password: str
+
+    @property
+    def datadir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "mysqld.sock"
+
+    @property
+    def process(self) -> ServerProcess:
+        return ServerProcess(
+            name=f"mariadb[{self.cluster}]",
+            port=self.port,
+            pid_file=self.root / "mariadbd.pid.cdc",
+            log_file=self.root / "mariadbd.log",
+        )
+
+    def _initialise(self) -> None:
+        if (self.datadir / "mysql").is_dir():
+            return
+        install_db = _binary("mariadb-install-db")
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [
+                install_db,
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(self.datadir, ignore_errors=True)
+            raise StackError(
+                f"mariadb[{self.cluster}]: mariadb-install-db failed (exit {result.returncode}):\n"
+                f"{result.stderr[-2000:]}"
+            )
+
+    def argv(self) -> list[str]:
+        binlog_dir = self.root / "binlog"
+        binlog_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            _binary("mariadbd"),
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            f"--socket={self.socket}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            "--skip-name-resolve",
+            f"--pid-file={self.root / 'mariadbd.pid'}",
+            "--user=root",
+            f"--server-id={1000 + self.port % 1000}",
+            f"--log-bin={binlog_dir / 'mysql-bin'}",
+            "--binlog-format=ROW",
+            "--binlog-row-image=FULL",
+            "--binlog-row-metadata=FULL",
+            "--gtid-strict-mode=ON",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_unicode_ci",
+            "--default-time-zone=+00:00",
+            "--sql-mode=NO_ENGINE_SUBSTITUTION",  # the seed's games write zero dates; keep them possible
+            "--innodb-buffer-pool-size=64M",
+            "--innodb-log-file-size=64M",
+            "--performance-schema=OFF",
+            "--max-connections=200",
+            "--expire-logs-days=7",
+        ]
+
+    def _root_connection(self) -> pymysql.connections.Connection:
+        return pymysql.connect(unix_socket=str(self.socket), user="root", password="", connect_timeout=2)
+
+    def _ready(self) -> bool:
+        with self._root_connection() as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            return cursor.fetchone() == (1,)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._initialise()
+        self.process.start(self.argv(), ready=self._ready, timeout=timeout)
+        self._ensure_accounts()
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=60)
+
+    def _ensure_accounts(self) -> None:
+        with self._root_connection() as connection, connection.cursor() as cursor:
+            for user, password, grants in (
+                (REPLICATION_USER, self.replication_password, REPLICATION_GRANTS),
+                (ADMIN_USER, self.admin_password, "ALL PRIVILEGES"),
+            ):
+                cursor.execute("CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s", (user, password))
+                cursor.execute("ALTER USER %s@'%%' IDENTIFIED BY %s", (user, password))
+                cursor.execute(f"GRANT {grants} ON *.* TO %s@'%%'", (user,))
+
+    def health(self) -> str:
+        """One line for `cdc stack status`."""
+        if not self.process.is_running():
+            return "stopped"
+        try:
+            with self._root_connection() as connection, connection.cursor() as cursor:
+                cursor.execute("SELECT @@gtid_binlog_pos, @@binlog_format, @@binlog_row_metadata")
+                gtid, binlog_format, metadata = cursor.fetchone()  # type: ignore[misc]
+        except pymysql.MySQLError as exc:
+            return f"unhealthy: {exc}"
+        return f"healthy (binlog {binlog_format}/{metadata}, gtid {gtid or '-'})"
+
+    def connect(self, user: str, password: str, database: str | None = None) -> pymysql.connections.Connection:
+        return pymysql.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=password,
+            database=database,
+            charset="utf8mb4",
+            autocommit=False,
+        )
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+    if path is None:
+        raise StackError(
+            f"{name} is not installed. Install MariaDB with "
+            "`apt-get install -y mariadb-server` (make demo / make test do this for you)."
+        )
+    return path

@@ -1,0 +1,172 @@
+"""Background server processes of the local stack: start detached, wait until ready, report, stop.
+
+Each server runs as a plain background process (no systemd, no Docker) with its pid file and log under the
+state folder. Failures name the service, its port and its log, with the log's last lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    """A local-stack service could not be started, reached or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A named background server: how to start it and where its pid file and log live."""
+
+    name: str
+    port: int
+    pid_file: Path
+    log_file: Path
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        ready: Callable[[], bool],
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+        extra_ports: Sequence[int] = (),
+    ) -> None:
+        """Start the server detached unless it already runs, then wait until ``ready()`` answers True."""
+        if self.is_running():
+            wait_until(self, ready, timeout)
+            return
+        for port in (self.port, *extra_ports):
+            ensure_port_free(self.name, port)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,  # survives the `cdc` command that started it
+            )
+        self.pid_file.write_text(f"{process.pid}\n")
+        wait_until(self, ready, timeout, process=process)
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout``; returns whether a process was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited but not reaped by its parent) is not alive for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ensure_port_free(service: str, port: int) -> None:
+    if not port_is_free(port):
+        raise StackError(
+            f"{service}: port {port} on 127.0.0.1 is already in use by another process. Stop that process "
+            f"or choose another port (see `cdc stack up --help` for the port options)."
+        )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tcp_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    server: ServerProcess,
+    ready: Callable[[], bool],
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            server.pid_file.unlink(missing_ok=True)
+            raise StackError(
+                f"{server.name} exited with code {process.returncode} while starting on port {server.port}. "
+                f"Log: {server.log_file}\n{server.log_tail()}"
+            )
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - a server that is still starting may answer with anything
+            pass
+        time.sleep(0.1)
+    raise StackError(
+        f"{server.name} did not answer on port {server.port} within {timeout:.0f} s. "
+        f"Log: {server.log_file}\n{server.log_tail()}"
+    )

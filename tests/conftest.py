@@ -1,0 +1,51 @@
+"""Shared fixtures: the tests start the real servers they need on free ports, in a temporary state folder."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.cloud import bigquery
+
+from cdc.clients import bigquery_client
+from local_stack.bigquery_emulator import BigQueryEmulatorServer
+from local_stack.processes import free_port
+
+# Set by the meta-test that proves each conformance test fails on the unpatched emulator.
+STOCK_EMULATOR = os.environ.get("CDC_TEST_BIGQUERY_STOCK") == "1"
+TEST_PROJECT = "test-project"
+
+
+@pytest.fixture(scope="session")
+def bigquery_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulatorServer]:
+    server = BigQueryEmulatorServer(
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        project=TEST_PROJECT,
+        root=tmp_path_factory.mktemp("bigquery"),
+        stock=STOCK_EMULATOR,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bq(bigquery_server: BigQueryEmulatorServer) -> bigquery.Client:
+    return bigquery_client(bigquery_server.project, endpoint=bigquery_server.endpoint)
+
+
+@pytest.fixture
+def dataset(bq: bigquery.Client) -> Iterator[str]:
+    name = f"ds_{uuid.uuid4().hex[:10]}"
+    bq.create_dataset(name)
+    yield name
+    bq.delete_dataset(name, delete_contents=True, not_found_ok=True)
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,28 @@
+"""Proof that the conformance tests test something: every one of them fails on stock bqemulator 1.4.0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+CONFORMANCE = Path(__file__).with_name("test_bigquery_conformance.py")
+
+
+def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) -> None:
+    report = tmp_path / "stock.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(CONFORMANCE), "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
+        env={**os.environ, "CDC_TEST_BIGQUERY_STOCK": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    cases = ET.parse(report).getroot().iter("testcase")
+    outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
+    assert len(outcomes) >= 12, result.stdout[-3000:]
+    passed_on_stock = [name for name, tags in outcomes.items() if not {"failure", "error"} & set(tags)]
+    assert passed_on_stock == [], f"these conformance tests do not detect the stock deviation: {passed_on_stock}"
