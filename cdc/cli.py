@@ -1,0 +1,174 @@
+"""`cdc`: the user's entry point to the platform (local stack, mappings, demo workload)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from cdc import environment
+from cdc.mappings import MappingError, Mappings, load_mappings, write_json_schema
+
+if TYPE_CHECKING:  # the local stack is an optional extra; production installs do not need it
+    from local_stack.stack import LocalStack, ServiceStatus
+
+
+def _mappings(path: Path | None = None) -> Mappings:
+    try:
+        return load_mappings(path)
+    except MappingError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Near-real-time MySQL -> BigQuery change data capture on Dagster."""
+
+
+# -- mappings --------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def mappings() -> None:
+    """Table mappings: one JSON file per cluster in the mappings folder (CDC_MAPPINGS_DIR)."""
+
+
+@mappings.command("validate")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def mappings_validate(path: Path | None) -> None:
+    """Validate every mapping file (or the folder PATH); exit 1 naming file, table and field of each problem."""
+    directory = path or environment.mappings_dir()
+    if directory.is_file():
+        raise click.ClickException(f"{directory}: give the mappings folder, not a file")
+    try:
+        loaded = load_mappings(directory)
+    except MappingError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    tables = sum(len(c.tables) for c in loaded.clusters)
+    enabled = sum(len(c.enabled_tables) for c in loaded.clusters)
+    click.echo(f"{directory}: {len(loaded.clusters)} clusters, {tables} tables ({enabled} enabled): valid")
+
+
+@mappings.command("schema")
+@click.option("--write", is_flag=True, help="Write mapping.schema.json into the mappings folder.")
+def mappings_schema(write: bool) -> None:
+    """Print (or write) the JSON Schema editors use for mapping files, generated from the models."""
+    from cdc.mappings import json_schema
+
+    if write:
+        click.echo(f"wrote {write_json_schema(environment.mappings_dir())}")
+    else:
+        click.echo(json.dumps(json_schema(), indent=2))
+
+
+# -- local stack -----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def stack() -> None:
+    """The local platform: MariaDB per cluster, moto (S3+SQS), the BigQuery API server."""
+
+
+def _local_stack() -> LocalStack:
+    from local_stack.stack import LocalStack
+
+    return LocalStack(_mappings())
+
+
+@stack.command("up")
+@click.option("--free-ports", is_flag=True, help="Pick unused ports for every server (tests, parallel stacks).")
+@click.option("--mariadb-base-port", type=int, help="First MariaDB port; clusters get consecutive ports.")
+@click.option("--moto-port", type=int, help="moto server (S3 + SQS) port.")
+@click.option("--bigquery-port", type=int, help="BigQuery API server REST port.")
+@click.option("--bigquery-grpc-port", type=int, help="BigQuery API server gRPC port (Storage APIs).")
+@click.option("--max-receive-count", type=int, help="Receives before a message moves to the dead-letter queue.")
+@click.option("--visibility-timeout", "visibility_timeout_s", type=int, help="SQS visibility timeout (s).")
+def stack_up(free_ports: bool, **ports: int | None) -> None:
+    """Start every server (idempotent), wait until each answers, and show their health."""
+    from local_stack.processes import StackError
+
+    local = _local_stack()
+    local.configure(free_ports=free_ports, **ports)
+    try:
+        statuses = local.up()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_status(statuses)
+    click.echo(f"state: {local.state_dir}  (configuration: `eval \"$(cdc stack env)\"`)")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop every server of the local stack (data stays in the state folder)."""
+    stopped = _local_stack().down()
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Each service's health; exit 1 if any is not healthy."""
+    statuses = _local_stack().status()
+    _print_status(statuses)
+    if not all(status.healthy for status in statuses):
+        sys.exit(1)
+
+
+@stack.command("env")
+def stack_env() -> None:
+    """`export` lines with every endpoint and name the platform reads (eval them in your shell)."""
+    values = environment.local_stack_values()
+    if not values:
+        raise click.ClickException("the local stack has not been brought up yet: run `cdc stack up`")
+    for key in sorted(values):
+        click.echo(f"export {key}={shlex.quote(values[key])}")
+
+
+def _print_status(statuses: list[ServiceStatus]) -> None:
+    width = max(len(s.name) for s in statuses)
+    for status in statuses:
+        click.echo(f"{status.name:<{width}}  127.0.0.1:{status.port:<5}  {status.health}")
+
+
+# -- demo workload ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--rate", type=float, default=100.0, show_default=True, help="Changed rows per second, in total.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds to run.")
+@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable); default all.")
+@click.option("--seed", type=int, default=None, help="Random seed for a repeatable workload.")
+def workload(rate: float, duration: float, clusters: tuple[str, ...], seed: int | None) -> None:
+    """Create the demo schemas if needed and drive inserts, updates and deletes across the local clusters."""
+    from local_stack.demo_schema import demo_clusters
+    from local_stack.workload import Workload
+
+    local = _local_stack()
+    chosen = [c for c in demo_clusters() if not clusters or c.name in clusters]
+    unknown = set(clusters) - {c.name for c in chosen}
+    if unknown:
+        raise click.ClickException(f"unknown cluster(s): {', '.join(sorted(unknown))}")
+
+    def connect(cluster: object) -> object:
+        name = cluster.name  # type: ignore[attr-defined]
+        user, password = local.admin_credentials(name)
+        return local.mariadb(name).connect(user, password)
+
+    try:
+        driver = Workload(connect, chosen, seed=seed)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - a server that is down is reported, not traced
+        raise click.ClickException(f"cannot connect to the local MariaDB servers ({exc}); run `cdc stack up`") from exc
+    try:
+        driver.ensure_schemas()
+        report = driver.run(rate=rate, duration=duration)
+    finally:
+        driver.close()
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(report.changes.items()))
+    click.echo(
+        f"workload: {report.total} changes in {report.seconds:.1f} s ({report.total / max(report.seconds, 1e-9):.0f}/s) "
+        f"across {len(report.per_cluster)} clusters: {ops}"
+    )
