@@ -81,12 +81,16 @@ def _local_stack() -> LocalStack:
 
 
 @stack.command("up")
-@click.option("--free-ports", is_flag=True, help="Pick unused ports for every server (tests, parallel stacks).")
+@click.option(
+    "--free-ports", is_flag=True, help="Pick unused ports for every server (tests, parallel stacks)."
+)
 @click.option("--mariadb-base-port", type=int, help="First MariaDB port; clusters get consecutive ports.")
 @click.option("--moto-port", type=int, help="moto server (S3 + SQS) port.")
 @click.option("--bigquery-port", type=int, help="BigQuery API server REST port.")
 @click.option("--bigquery-grpc-port", type=int, help="BigQuery API server gRPC port (Storage APIs).")
-@click.option("--max-receive-count", type=int, help="Receives before a message moves to the dead-letter queue.")
+@click.option(
+    "--max-receive-count", type=int, help="Receives before a message moves to the dead-letter queue."
+)
 @click.option("--visibility-timeout", "visibility_timeout_s", type=int, help="SQS visibility timeout (s).")
 def stack_up(free_ports: bool, **ports: int | None) -> None:
     """Start every server (idempotent), wait until each answers, and show their health."""
@@ -99,7 +103,7 @@ def stack_up(free_ports: bool, **ports: int | None) -> None:
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_status(statuses)
-    click.echo(f"state: {local.state_dir}  (configuration: `eval \"$(cdc stack env)\"`)")
+    click.echo(f'state: {local.state_dir}  (configuration: `eval "$(cdc stack env)"`)')
 
 
 @stack.command("down")
@@ -138,7 +142,9 @@ def _print_status(statuses: list[ServiceStatus]) -> None:
 
 
 @main.command()
-@click.option("--rate", type=float, default=100.0, show_default=True, help="Changed rows per second, in total.")
+@click.option(
+    "--rate", type=float, default=100.0, show_default=True, help="Changed rows per second, in total."
+)
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds to run.")
 @click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable); default all.")
 @click.option("--seed", type=int, default=None, help="Random seed for a repeatable workload.")
@@ -160,8 +166,10 @@ def workload(rate: float, duration: float, clusters: tuple[str, ...], seed: int 
 
     try:
         driver = Workload(connect, chosen, seed=seed)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - a server that is down is reported, not traced
-        raise click.ClickException(f"cannot connect to the local MariaDB servers ({exc}); run `cdc stack up`") from exc
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot connect to the local MariaDB servers ({exc}); run `cdc stack up`"
+        ) from exc
     try:
         driver.ensure_schemas()
         report = driver.run(rate=rate, duration=duration)

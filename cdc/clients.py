@@ -14,7 +14,9 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
 
-def bigquery_client(project: str, endpoint: str | None = None, location: str | None = None) -> bigquery.Client:
+def bigquery_client(
+    project: str, endpoint: str | None = None, location: str | None = None
+) -> bigquery.Client:
     """A BigQuery client; with ``endpoint`` set it talks to that API server without Google credentials."""
     if endpoint:
         return bigquery.Client(
@@ -28,4 +30,4 @@ def bigquery_client(project: str, endpoint: str | None = None, location: str | N
 
 def aws_client(service: str, endpoint: str | None = None, region: str | None = None) -> Any:
     """A boto3 client; credentials come from boto3's own chain (environment, instance role, ...)."""
-    return boto3.client(service, endpoint_url=endpoint or None, region_name=region or None)
+    return boto3.client(service, endpoint_url=endpoint or None, region_name=region or None)  # type: ignore[call-overload]

@@ -70,7 +70,7 @@ def require(name: str, environ: Mapping[str, str] | None = None) -> str:
     value = values.get(name)
     if not value:
         raise RuntimeError(
-            f"environment variable {name} is not set. Locally, run `cdc stack up` (or `eval \"$(cdc stack env)\"`); "
+            f'environment variable {name} is not set. Locally, run `cdc stack up` (or `eval "$(cdc stack env)"`); '
             "in production, set it in the deployment's environment."
         )
     return value

@@ -206,7 +206,7 @@ def _where(loc: tuple[int | str, ...], data: Any) -> str:
             parts.append(label)
         else:
             parts.append(("." if index else "") + str(key))
-        node = node[key] if isinstance(node, (dict, list)) and _has(node, key) else None
+        node = node[key] if isinstance(node, (dict, list)) and _has(node, key) else None  # type: ignore[index]
     return "".join(parts)
 
 
@@ -232,13 +232,17 @@ def parse_file(path: Path) -> tuple[ClusterMapping | None, list[MappingProblem]]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        return None, [MappingProblem(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}")]
+        return None, [
+            MappingProblem(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}")
+        ]
     except OSError as exc:
         return None, [MappingProblem(path, "", f"cannot read: {exc.strerror}")]
     try:
         return ClusterMapping.model_validate(data), []
     except ValidationError as exc:
-        problems = [MappingProblem(path, _where(tuple(e["loc"]), data), _explain(dict(e))) for e in exc.errors()]
+        problems = [
+            MappingProblem(path, _where(tuple(e["loc"]), data), _explain(dict(e))) for e in exc.errors()
+        ]
         return None, problems
 
 
@@ -250,7 +254,9 @@ def _cross_check(parsed: list[tuple[Path, ClusterMapping]]) -> list[MappingProbl
     for path, cluster in parsed:
         if cluster.cluster in clusters:
             problems.append(
-                MappingProblem(path, "cluster", f"{cluster.cluster!r} is also defined in {clusters[cluster.cluster]}")
+                MappingProblem(
+                    path, "cluster", f"{cluster.cluster!r} is also defined in {clusters[cluster.cluster]}"
+                )
             )
         clusters[cluster.cluster] = path
         sources: set[str] = set()
@@ -263,7 +269,9 @@ def _cross_check(parsed: list[tuple[Path, ClusterMapping]]) -> list[MappingProbl
             here = f"{path}: {where}"
             if key in targets:
                 problems.append(
-                    MappingProblem(path, f"{where}.target", f"{table.target!r} is also the target of {targets[key]}")
+                    MappingProblem(
+                        path, f"{where}.target", f"{table.target!r} is also the target of {targets[key]}"
+                    )
                 )
             targets[key] = here
             if table.partition_column is not None and table.partition_column in table.type_overrides:
@@ -283,7 +291,9 @@ def load_mappings(directory: Path | None = None) -> Mappings:
     """Load and validate every mapping file; raise :class:`MappingError` listing every problem found."""
     directory = directory or environment.mappings_dir()
     if not directory.is_dir():
-        raise MappingError([MappingProblem(directory, "", "mappings folder does not exist (see CDC_MAPPINGS_DIR)")])
+        raise MappingError(
+            [MappingProblem(directory, "", "mappings folder does not exist (see CDC_MAPPINGS_DIR)")]
+        )
     files = mapping_files(directory)
     if not files:
         raise MappingError([MappingProblem(directory, "", "no *.json mapping files in this folder")])

@@ -58,13 +58,15 @@ class MotoServer:
         )
         if moto_server is None:
             raise StackError("moto_server is not installed: pip install -e '.[local]' (make demo does this).")
-        self.process.start([moto_server, "-H", "127.0.0.1", "-p", str(self.port)], ready=self._ready, timeout=30)
+        self.process.start(
+            [moto_server, "-H", "127.0.0.1", "-p", str(self.port)], ready=self._ready, timeout=30
+        )
 
     def stop(self) -> bool:
         return self.process.stop()
 
     def client(self, service: str) -> Any:
-        return boto3.client(
+        return boto3.client(  # type: ignore[call-overload]
             service,
             endpoint_url=self.endpoint_url,
             region_name=REGION,
@@ -81,7 +83,9 @@ class MotoServer:
         if names.bucket not in existing:
             s3.create_bucket(Bucket=names.bucket)
         dlq_url = sqs.create_queue(QueueName=names.dead_letter_queue)["QueueUrl"]
-        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         queue_url = sqs.create_queue(QueueName=names.queue)["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
@@ -117,7 +121,11 @@ class MotoServer:
                         "Id": "cdc-landing-object-created",
                         "QueueArn": queue_arn,
                         "Events": ["s3:ObjectCreated:*"],
-                        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": names.prefix.rstrip("/") + "/"}]}},
+                        "Filter": {
+                            "Key": {
+                                "FilterRules": [{"Name": "prefix", "Value": names.prefix.rstrip("/") + "/"}]
+                            }
+                        },
                     }
                 ]
             },
@@ -135,7 +143,7 @@ class MotoServer:
             depth = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
             dlq = sqs.get_queue_url(QueueName=names.dead_letter_queue)["QueueUrl"]
             dlq_depth = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])
-        except Exception as exc:  # noqa: BLE001 - any failure is reported as unhealthy
+        except Exception as exc:
             return f"unhealthy: {exc}"
         return (
             f"healthy (bucket {names.bucket}, queue depth {depth['Attributes']['ApproximateNumberOfMessages']}, "

@@ -54,7 +54,7 @@ def patch_offline_spatial() -> None:
             )
         self._connection.execute(f"LOAD '{extension}'")
 
-    DuckDBEngine._load_spatial = _load_spatial
+    DuckDBEngine._load_spatial = _load_spatial  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,12 @@ def _with_unique_job_id(handler: Callable[..., Awaitable[Any]]) -> Callable[...,
 def patch_job_ids() -> None:
     from bqemulator.api.routes import jobs, upload
 
-    for name in ("_handle_query_job", "_handle_load_job_with_async_envelope", "execute_extract_job", "execute_copy_job"):
+    for name in (
+        "_handle_query_job",
+        "_handle_load_job_with_async_envelope",
+        "execute_extract_job",
+        "execute_copy_job",
+    ):
         setattr(jobs, name, _with_unique_job_id(getattr(jobs, name)))
 
     original_from_envelope = upload._load_configuration_from_envelope
@@ -103,9 +108,9 @@ def patch_job_ids() -> None:
         return configuration
 
     async def _run_load(*, project_id: str, configuration: dict[str, Any], media_path: str, ctx: Any) -> Any:
+        from bqemulator.catalog.etag import generate_etag
         from bqemulator.catalog.models import JobMeta
         from bqemulator.domain.errors import InvalidQueryError, UnsupportedFeatureError, ValidationError
-        from bqemulator.catalog.etag import generate_etag
 
         configuration = dict(configuration)
         job_id = configuration.pop("__job_id", None) or upload._new_job_id()
@@ -117,7 +122,7 @@ def patch_job_ids() -> None:
                 job_meta = await execute_load_job(project_id, job_id, merged, ctx)
             except (UnsupportedFeatureError, InvalidQueryError, ValidationError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - a data error is a failed job, as in BigQuery
+            except Exception as exc:
                 now = ctx.clock.now()
                 job_meta = JobMeta(
                     project_id=project_id,
@@ -126,7 +131,10 @@ def patch_job_ids() -> None:
                     state="DONE",
                     configuration=merged,
                     statistics={"load": {"inputFiles": "1"}},
-                    error_result={"reason": "invalid", "message": f"Error while reading data, error message: {exc}"},
+                    error_result={
+                        "reason": "invalid",
+                        "message": f"Error while reading data, error message: {exc}",
+                    },
                     creation_time=now,
                     start_time=now,
                     end_time=now,
@@ -173,6 +181,7 @@ def _parquet_schema_entries(paths: list[str]) -> list[dict[str, Any]]:
 async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any], ctx: Any) -> Any:
     """BigQuery's load semantics on top of the emulator's helpers (replaces executor.execute_load_job)."""
     from bqemulator.api.routes.tables import _parse_schema_fields
+    from bqemulator.catalog.etag import generate_etag
     from bqemulator.catalog.models import (
         Clustering,
         JobMeta,
@@ -182,7 +191,6 @@ async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any],
     )
     from bqemulator.domain.errors import InvalidQueryError, ResourceRef, resource_not_found
     from bqemulator.jobs import executor
-    from bqemulator.catalog.etag import generate_etag
     from bqemulator.storage.sql_identifiers import quoted_table_ref
     from bqemulator.storage.type_map import bq_schema_to_duckdb_columns
 
@@ -277,7 +285,9 @@ async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any],
                 partition_filter = f"CAST(\"{field}\" AS DATE) = DATE '{partition_day.isoformat()}'"
 
             if write_disposition == "WRITE_TRUNCATE":
-                ctx.engine.execute(f"DELETE FROM {target}" + (f" WHERE {partition_filter}" if partition_filter else ""))
+                ctx.engine.execute(
+                    f"DELETE FROM {target}" + (f" WHERE {partition_filter}" if partition_filter else "")
+                )
             elif write_disposition == "WRITE_EMPTY":
                 count = ctx.engine.execute(f"SELECT COUNT(*) FROM {target}").fetchone()
                 if count and count[0] > 0:
@@ -295,7 +305,8 @@ async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any],
                     executor._load_path_into_target(
                         path,
                         executor._parse_load_job_config(
-                            project_id, {"load": {**load, "destinationTable": {**destination, "tableId": table_id}}}
+                            project_id,
+                            {"load": {**load, "destinationTable": {**destination, "tableId": table_id}}},
                         ),
                         ctx,
                     )
@@ -352,7 +363,7 @@ def patch_no_table_copies() -> None:
     def record_change(self: Any, project_id: str, dataset_id: str, table_id: str) -> None:
         self._events.publish(TableDataChanged(project_id, dataset_id, table_id))
 
-    SnapshotManager.record_change = record_change
+    SnapshotManager.record_change = record_change  # type: ignore[method-assign]
 
 
 def apply_patches(*, stock: bool = False) -> None:
@@ -403,7 +414,12 @@ class BigQueryEmulatorServer:
 
     @property
     def process(self) -> ServerProcess:
-        return ServerProcess("bigquery (bqemulator)", self.rest_port, self.root / "bqemulator.pid", self.root / "bqemulator.log")
+        return ServerProcess(
+            "bigquery (bqemulator)",
+            self.rest_port,
+            self.root / "bqemulator.pid",
+            self.root / "bqemulator.log",
+        )
 
     def _ready(self) -> bool:
         url = f"{self.endpoint}/bigquery/v2/projects/{self.project}/datasets"
@@ -438,6 +454,6 @@ class BigQueryEmulatorServer:
             return "stopped"
         try:
             self._ready()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return f"unhealthy: {exc}"
         return f"healthy (project {self.project}{', STOCK' if self.stock else ''})"

@@ -140,7 +140,9 @@ class MariaDBServer:
             return f"unhealthy: {exc}"
         return f"healthy (binlog {binlog_format}/{metadata}, gtid {gtid or '-'})"
 
-    def connect(self, user: str, password: str, database: str | None = None) -> pymysql.connections.Connection:
+    def connect(
+        self, user: str, password: str, database: str | None = None
+    ) -> pymysql.connections.Connection:
         return pymysql.connect(
             host="127.0.0.1",
             port=self.port,

@@ -163,7 +163,7 @@ def wait_until(
         try:
             if ready():
                 return
-        except Exception:  # noqa: BLE001 - a server that is still starting may answer with anything
+        except Exception:
             pass
         time.sleep(0.1)
     raise StackError(

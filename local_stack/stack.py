@@ -98,17 +98,17 @@ class LocalStack:
         return settings
 
     def configure(self, *, free_ports: bool = False, **overrides: Any) -> None:
-        """Apply CLI overrides (None means keep) and, with ``free_ports``, pick unused ports for everything."""
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(self.settings, key, value)
+        """With ``free_ports``, pick unused ports for everything; then apply explicit overrides (None = keep)."""
         if free_ports:
             self.settings.moto_port = free_port()
             self.settings.bigquery_port = free_port()
             self.settings.bigquery_grpc_port = free_port()
             self.settings.cluster_ports = {cluster.cluster: free_port() for cluster in self.mappings.clusters}
         elif overrides.get("mariadb_base_port") is not None:
-            self.settings.cluster_ports = {}
+            self.settings.cluster_ports = {}  # re-derive every cluster's port from the new base
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(self.settings, key, value)
         self._assign_cluster_ports()
 
     def _assign_cluster_ports(self) -> None:
@@ -187,8 +187,12 @@ class LocalStack:
             ServiceStatus(f"mariadb[{c}]", self.settings.cluster_ports.get(c, 0), self.mariadb(c).health())
             for c in self.clusters()
         ]
-        statuses.append(ServiceStatus("moto (S3+SQS)", self.settings.moto_port, self.moto.health(self.settings.aws_names)))
-        statuses.append(ServiceStatus("bigquery (bqemulator)", self.settings.bigquery_port, self.bigquery.health()))
+        statuses.append(
+            ServiceStatus("moto (S3+SQS)", self.settings.moto_port, self.moto.health(self.settings.aws_names))
+        )
+        statuses.append(
+            ServiceStatus("bigquery (bqemulator)", self.settings.bigquery_port, self.bigquery.health())
+        )
         return statuses
 
     # -- configuration -----------------------------------------------------------------------------------------

@@ -25,7 +25,13 @@ from local_stack.demo_schema import DemoCluster, DemoTable, demo_clusters
 
 UINT64_MAX = 2**64 - 1
 TEXTS = ("ace", "Lucky 🍀", "라이언", "çà va", "🎰🎰🎰", "O'Brien", "back\\slash", "", "δ-player", "名人")
-JSON_VALUES = ({"k": 1}, {"nested": {"a": [1, 2, 3]}, "emoji": "🎲"}, [], {"big": 2**63}, {"s": "quote\"d"})
+JSON_VALUES: tuple[Any, ...] = (
+    {"k": 1},
+    {"nested": {"a": [1, 2, 3]}, "emoji": "🎲"},
+    [],
+    {"big": 2**63},
+    {"s": 'quote"d'},
+)
 
 ValueFn = Callable[[random.Random], Any]
 
@@ -48,7 +54,7 @@ def _members(sql_type: str) -> list[str]:
     return re.findall(r"'([^']*)'", sql_type.split(")")[0] + ")")
 
 
-def _base_generator(name: str, sql_type: str) -> ValueFn:  # noqa: C901 - one branch per MySQL type
+def _base_generator(name: str, sql_type: str) -> ValueFn:
     unsigned = "UNSIGNED" in sql_type
     if sql_type.startswith("BIGINT"):
         if name.endswith("_id"):
@@ -63,7 +69,11 @@ def _base_generator(name: str, sql_type: str) -> ValueFn:  # noqa: C901 - one br
     if sql_type.startswith("SMALLINT"):
         return lambda rng: rng.randint(0, 65535) if unsigned else rng.randint(-32768, 32767)
     if sql_type.startswith("INT"):
-        return lambda rng: rng.choice((0, 2**32 - 1, rng.randint(0, 100_000))) if unsigned else rng.randint(-(2**31), 2**31 - 1)
+        return lambda rng: (
+            rng.choice((0, 2**32 - 1, rng.randint(0, 100_000)))
+            if unsigned
+            else rng.randint(-(2**31), 2**31 - 1)
+        )
     if sql_type.startswith("BIT(1)"):
         return lambda rng: rng.randint(0, 1)
     if sql_type.startswith("BIT"):
@@ -88,7 +98,9 @@ def _base_generator(name: str, sql_type: str) -> ValueFn:  # noqa: C901 - one br
             if zero_allowed and rng.random() < 0.2:
                 return "0000-00-00 00:00:00"
             base = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            return base - dt.timedelta(seconds=rng.randint(0, 86_400 * 30), microseconds=rng.randint(0, 999_999))
+            return base - dt.timedelta(
+                seconds=rng.randint(0, 86_400 * 30), microseconds=rng.randint(0, 999_999)
+            )
 
         return when
     if sql_type.startswith("DATE"):
@@ -100,7 +112,12 @@ def _base_generator(name: str, sql_type: str) -> ValueFn:  # noqa: C901 - one br
         )
     if sql_type.startswith("TIME"):
         return lambda rng: rng.choice(
-            ("-00:00:00.000001", "838:59:59", "-838:59:59", f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:07.25")
+            (
+                "-00:00:00.000001",
+                "838:59:59",
+                "-838:59:59",
+                f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:07.25",
+            )
         )
     if sql_type.startswith("YEAR"):
         return lambda rng: rng.randint(1990, 2030)
@@ -192,7 +209,9 @@ class Workload:
         values = [driver.generators[c](self.rng) for c in columns]
         if driver.table.primary_key == ("player_id",) or "id" not in driver.table.column_names:
             # Natural keys: make collisions with existing rows an upsert, as game backends do.
-            updates = ", ".join(f"`{c}` = VALUES(`{c}`)" for c in columns if c not in driver.table.primary_key)
+            updates = ", ".join(
+                f"`{c}` = VALUES(`{c}`)" for c in columns if c not in driver.table.primary_key
+            )
             suffix = f" ON DUPLICATE KEY UPDATE {updates}"
         else:
             suffix = ""

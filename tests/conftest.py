@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +13,11 @@ import pytest
 from google.cloud import bigquery
 
 from cdc.clients import bigquery_client
+from cdc.environment import STATE_DIR
+from cdc.mappings import load_mappings
 from local_stack.bigquery_emulator import BigQueryEmulatorServer
 from local_stack.processes import free_port
+from local_stack.stack import LocalStack
 
 # Set by the meta-test that proves each conformance test fails on the unpatched emulator.
 STOCK_EMULATOR = os.environ.get("CDC_TEST_BIGQUERY_STOCK") == "1"
@@ -49,3 +54,34 @@ def dataset(bq: bigquery.Client) -> Iterator[str]:
 @pytest.fixture
 def work_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def run_cdc(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `cdc` console command, as a user would."""
+    cdc = Path(sys.executable).with_name("cdc")
+    result = subprocess.run(
+        [str(cdc), *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"cdc {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The whole local platform (6 MariaDB clusters, moto, BigQuery server) on free ports, for the session."""
+    state = tmp_path_factory.mktemp("state")
+    env = {STATE_DIR: str(state)}
+    run_cdc("stack", "up", "--free-ports", env=env)
+    stack = LocalStack(load_mappings(), state_dir=state)
+    yield stack
+    run_cdc("stack", "down", env=env)

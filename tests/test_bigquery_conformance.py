@@ -54,7 +54,9 @@ def rows(bq: bigquery.Client, table: str, order_by: str = "id") -> list[dict[str
     return [dict(row.items()) for row in bq.query(f"SELECT * FROM `{table}` ORDER BY {order_by}").result()]
 
 
-def make_table(bq: bigquery.Client, table_id: str, schema: list[bigquery.SchemaField], **options: object) -> None:
+def make_table(
+    bq: bigquery.Client, table_id: str, schema: list[bigquery.SchemaField], **options: object
+) -> None:
     table = bigquery.Table(table_id, schema=schema)
     for key, value in options.items():
         setattr(table, key, value)
@@ -71,7 +73,9 @@ def test_duplicate_query_job_id_is_rejected_with_409(bq: bigquery.Client) -> Non
         bq.query("SELECT 2", job_id=job_id, job_retry=None).result()
 
 
-def test_duplicate_load_job_id_is_rejected_and_rows_are_not_doubled(bq: bigquery.Client, dataset: str) -> None:
+def test_duplicate_load_job_id_is_rejected_and_rows_are_not_doubled(
+    bq: bigquery.Client, dataset: str
+) -> None:
     destination = f"{bq.project}.{dataset}.events"
     make_table(bq, destination, [bigquery.SchemaField("id", "INT64")])
     job_id = f"load_{uuid.uuid4().hex}"
@@ -82,7 +86,9 @@ def test_duplicate_load_job_id_is_rejected_and_rows_are_not_doubled(bq: bigquery
     assert [r["id"] for r in rows(bq, destination)] == [1, 2, 3]
 
 
-def test_uploaded_load_keeps_the_client_job_id_and_get_job_finds_it(bq: bigquery.Client, dataset: str) -> None:
+def test_uploaded_load_keeps_the_client_job_id_and_get_job_finds_it(
+    bq: bigquery.Client, dataset: str
+) -> None:
     destination = f"{bq.project}.{dataset}.events"
     make_table(bq, destination, [bigquery.SchemaField("id", "INT64")])
     job_id = f"load_{uuid.uuid4().hex}"
@@ -93,7 +99,9 @@ def test_uploaded_load_keeps_the_client_job_id_and_get_job_finds_it(bq: bigquery
     assert isinstance(fetched, bigquery.LoadJob)
 
 
-def test_failed_load_keeps_its_id_taken_and_get_job_reports_the_error(bq: bigquery.Client, dataset: str) -> None:
+def test_failed_load_keeps_its_id_taken_and_get_job_reports_the_error(
+    bq: bigquery.Client, dataset: str
+) -> None:
     destination = f"{bq.project}.{dataset}.events"
     make_table(bq, destination, [bigquery.SchemaField("id", "INT64")])
     job_id = f"load_{uuid.uuid4().hex}"
@@ -113,7 +121,11 @@ def test_parquet_columns_are_matched_by_name_not_position(bq: bigquery.Client, d
     make_table(
         bq,
         destination,
-        [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("nick", "STRING"), bigquery.SchemaField("level", "INT64")],
+        [
+            bigquery.SchemaField("id", "INT64"),
+            bigquery.SchemaField("nick", "STRING"),
+            bigquery.SchemaField("level", "INT64"),
+        ],
     )
     load_parquet(bq, destination, pa.table({"level": [7], "nick": ["ace"], "id": [1]}))
     assert rows(bq, destination) == [{"id": 1, "nick": "ace", "level": 7}]
@@ -138,7 +150,7 @@ def test_parquet_load_creates_a_missing_table_from_the_file_schema(bq: bigquery.
 def test_extra_parquet_column_is_rejected_without_field_addition(bq: bigquery.Client, dataset: str) -> None:
     destination = f"{bq.project}.{dataset}.players"
     make_table(bq, destination, [bigquery.SchemaField("id", "INT64")])
-    with pytest.raises(exceptions.GoogleAPIError, match="(?i)field"):
+    with pytest.raises(exceptions.GoogleAPIError, match=r"(?i)field"):
         load_parquet(bq, destination, pa.table({"id": [1], "country": ["KR"]}))
     assert [field.name for field in bq.get_table(destination).schema] == ["id"]
     assert rows(bq, destination) == []
@@ -180,11 +192,16 @@ def _at(day: int, hour: int = 12) -> dt.datetime:
 
 def _changes(ids: list[int], days: list[int]) -> pa.Table:
     return pa.table(
-        {"id": pa.array(ids, pa.int64()), "at": pa.array([_at(d) for d in days], pa.timestamp("us", tz="UTC"))}
+        {
+            "id": pa.array(ids, pa.int64()),
+            "at": pa.array([_at(d) for d in days], pa.timestamp("us", tz="UTC")),
+        }
     )
 
 
-def test_write_truncate_into_a_partition_decorator_replaces_only_that_day(bq: bigquery.Client, dataset: str) -> None:
+def test_write_truncate_into_a_partition_decorator_replaces_only_that_day(
+    bq: bigquery.Client, dataset: str
+) -> None:
     destination = _partitioned(bq, dataset)
     load_parquet(bq, destination, _changes([1, 2, 3], [23, 24, 25]))
     load_parquet(
@@ -196,7 +213,7 @@ def test_write_truncate_into_a_partition_decorator_replaces_only_that_day(bq: bi
 def test_a_partition_decorator_rejects_rows_of_other_days(bq: bigquery.Client, dataset: str) -> None:
     destination = _partitioned(bq, dataset)
     load_parquet(bq, destination, _changes([1], [24]))
-    with pytest.raises(exceptions.GoogleAPIError, match="(?i)partition"):
+    with pytest.raises(exceptions.GoogleAPIError, match=r"(?i)partition"):
         load_parquet(
             bq, destination + "$20261124", _changes([20, 21], [24, 25]), write_disposition="WRITE_TRUNCATE"
         )
@@ -208,11 +225,16 @@ def test_a_partition_decorator_rejects_rows_of_other_days(bq: bigquery.Client, d
 
 def test_a_failed_write_truncate_load_leaves_the_table_unchanged(bq: bigquery.Client, dataset: str) -> None:
     destination = f"{bq.project}.{dataset}.balances"
-    make_table(bq, destination, [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("amount", "NUMERIC")])
+    make_table(
+        bq, destination, [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("amount", "NUMERIC")]
+    )
     load_parquet(bq, destination, pa.table({"id": [1, 2], "amount": pa.array([1, 2], pa.int64())}))
     with pytest.raises(exceptions.GoogleAPIError):
         load_parquet(
-            bq, destination, pa.table({"id": ["x"], "amount": ["not numeric"]}), write_disposition="WRITE_TRUNCATE"
+            bq,
+            destination,
+            pa.table({"id": ["x"], "amount": ["not numeric"]}),
+            write_disposition="WRITE_TRUNCATE",
         )
     assert [r["id"] for r in rows(bq, destination)] == [1, 2]
 
@@ -237,7 +259,9 @@ def test_small_loads_into_a_large_table_do_not_copy_the_table(
     destination = f"{bq.project}.{dataset}.big"
     n = 200_000
     payloads = [os.urandom(32).hex() for _ in range(n)]  # incompressible, so a copy really costs memory/disk
-    make_table(bq, destination, [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("payload", "STRING")])
+    make_table(
+        bq, destination, [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("payload", "STRING")]
+    )
     load_parquet(bq, destination, pa.table({"id": pa.array(range(n), pa.int64()), "payload": payloads}))
     before = _footprint_bytes(bigquery_server)
     for i in range(15):

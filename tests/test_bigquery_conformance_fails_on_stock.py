@@ -14,7 +14,16 @@ CONFORMANCE = Path(__file__).with_name("test_bigquery_conformance.py")
 def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) -> None:
     report = tmp_path / "stock.xml"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(CONFORMANCE), "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(CONFORMANCE),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+        ],
         env={**os.environ, "CDC_TEST_BIGQUERY_STOCK": "1"},
         capture_output=True,
         text=True,
@@ -25,4 +34,6 @@ def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) 
     outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
     assert len(outcomes) >= 12, result.stdout[-3000:]
     passed_on_stock = [name for name, tags in outcomes.items() if not {"failure", "error"} & set(tags)]
-    assert passed_on_stock == [], f"these conformance tests do not detect the stock deviation: {passed_on_stock}"
+    assert passed_on_stock == [], (
+        f"these conformance tests do not detect the stock deviation: {passed_on_stock}"
+    )

@@ -1,0 +1,16 @@
+"""The Dagster code location: everything is built from the table mappings (CDC_MAPPINGS_DIR)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from cdc.mappings import load_mappings
+from cdc_assets.sources import source_asset_specs
+
+
+def build_definitions() -> dg.Definitions:
+    mappings = load_mappings()
+    return dg.Definitions(assets=source_asset_specs(mappings))
+
+
+defs = build_definitions()

@@ -1,0 +1,52 @@
+"""The Dagster code location loads from the mappings: one source asset per mapped table, grouped per cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from cdc.environment import MAPPINGS_DIR
+from cdc_assets.definitions import build_definitions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_one_source_asset_per_mapped_table_grouped_per_cluster() -> None:
+    specs = list(build_definitions().resolve_all_asset_specs())
+    assert len(specs) == 70
+    spec = next(s for s in specs if s.key == dg.AssetKey(["mysql", "slots_play", "slots_play", "bets"]))
+    assert spec.group_name == "slots_play"
+    assert spec.metadata["target"] == "slots.bets"
+    assert "mysql" in spec.kinds
+
+
+def test_adding_a_table_to_a_mapping_file_adds_its_asset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    document = json.loads((ROOT / "mappings" / "poker_play.json").read_text())
+    document["tables"].append(
+        {"source": "poker_play.side_pots", "target": "poker.side_pots", "primary_key": ["id"]}
+    )
+    (tmp_path / "poker_play.json").write_text(json.dumps(document))
+    monkeypatch.setenv(MAPPINGS_DIR, str(tmp_path))
+    keys = {spec.key for spec in build_definitions().resolve_all_asset_specs()}
+    assert dg.AssetKey(["mysql", "poker_play", "poker_play", "side_pots"]) in keys
+    assert len(keys) == len(document["tables"])
+
+
+def test_the_workspace_file_loads_with_the_dagster_cli() -> None:
+    dagster = Path(sys.executable).with_name("dagster")
+    result = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", str(ROOT / "workspace.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,208 @@
+"""The local platform, brought up by the real `cdc stack up`: every server answers and is wired as production is."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote_plus
+
+import pymysql
+import pytest
+
+from cdc.clients import aws_client, bigquery_client
+from cdc.environment import MAPPINGS_DIR, STATE_DIR
+from cdc.mappings import load_mappings
+from local_stack.stack import LocalStack
+from tests.conftest import run_cdc
+
+
+def stack_env(stack: LocalStack) -> dict[str, str]:
+    """What a user gets from `eval "$(cdc stack env)"`, read back through a real shell."""
+    cdc = Path(sys.executable).with_name("cdc")
+    script = f'eval "$({cdc} stack env)" && env -0'
+    output = subprocess.run(
+        ["bash", "-c", script],
+        env={STATE_DIR: str(stack.state_dir), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(item.split("=", 1) for item in output.split("\0") if "=" in item)
+
+
+def test_status_reports_every_service_healthy(local_stack: LocalStack) -> None:
+    result = run_cdc("stack", "status", env={STATE_DIR: str(local_stack.state_dir)})
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 6 + 2  # one MariaDB per mapped cluster, moto, BigQuery
+    assert all("healthy" in line for line in lines), result.stdout
+    for cluster in load_mappings().clusters:
+        assert any(f"mariadb[{cluster.cluster}]" in line for line in lines)
+
+
+def test_each_cluster_has_its_own_mariadb_with_the_binlog_the_capture_needs(local_stack: LocalStack) -> None:
+    env = stack_env(local_stack)
+    server_ids = set()
+    for cluster in load_mappings().clusters:
+        c = cluster.connection
+        connection = pymysql.connect(
+            host=env[c.host_env],
+            port=int(env[c.port_env]),
+            user=env[c.user_env],
+            password=env[c.password_env],
+        )
+        with connection, connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, @@gtid_strict_mode, "
+                "@@character_set_server, @@time_zone, @@server_id"
+            )
+            log_bin, fmt, image, metadata, strict, charset, tz, server_id = cursor.fetchone()
+            assert (log_bin, fmt, image, metadata, strict, charset, tz) == (
+                1,
+                "ROW",
+                "FULL",
+                "FULL",
+                1,
+                "utf8mb4",
+                "+00:00",
+            )
+            server_ids.add(server_id)
+            cursor.execute("SHOW GRANTS")
+            grants = " ".join(row[0] for row in cursor.fetchall())
+            # MariaDB 10.11 reports REPLICATION CLIENT under its new name, BINLOG MONITOR.
+            for privilege in ("SELECT", "REPLICATION SLAVE", "BINLOG MONITOR"):
+                assert privilege in grants
+            assert "INSERT" not in grants and "ALL PRIVILEGES" not in grants  # capture reads, never writes
+            cursor.execute("SHOW BINARY LOGS")
+            assert cursor.fetchall()
+    assert len(server_ids) == 6  # distinct servers, distinct binlogs
+
+
+@pytest.fixture
+def env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The stack's configuration, exported into this process as `eval "$(cdc stack env)"` would."""
+    values = stack_env(local_stack)
+    for key, value in values.items():
+        if key.startswith(("CDC_", "AWS_")):
+            monkeypatch.setenv(key, value)
+    return values
+
+
+def test_landing_objects_notify_the_queue_and_others_do_not(env: dict[str, str]) -> None:
+    s3 = aws_client("s3", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
+    sqs = aws_client("sqs", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
+    queue = env["CDC_SQS_QUEUE_URL"]
+    bucket = env["CDC_LANDING_BUCKET"]
+    _drain(sqs, queue)
+    landing_key = f"{env['CDC_LANDING_PREFIX']}/slots_play/bets/20261125-120000000.parquet"
+    s3.put_object(Bucket=bucket, Key=landing_key, Body=b"x")
+    s3.put_object(Bucket=bucket, Key="elsewhere/file.parquet", Body=b"x")
+    keys = [
+        unquote_plus(record["s3"]["object"]["key"])
+        for message in _receive(sqs, queue, wait_for=1)
+        for record in json.loads(message["Body"]).get("Records", [])
+    ]
+    assert keys == [landing_key]
+
+
+def test_a_message_received_too_often_moves_to_the_dead_letter_queue(
+    local_stack: LocalStack, env: dict[str, str]
+) -> None:
+    sqs = aws_client("sqs", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
+    queue, dlq = env["CDC_SQS_QUEUE_URL"], env["CDC_SQS_DLQ_URL"]
+    _drain(sqs, queue)
+    _drain(sqs, dlq)
+    sqs.send_message(QueueUrl=queue, MessageBody="poison")
+    max_receives = local_stack.settings.max_receive_count
+    for _ in range(max_receives):
+        [message] = _receive(sqs, queue, wait_for=1)
+        sqs.change_message_visibility(
+            QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+    assert _receive(sqs, queue, wait_for=0) == []
+    assert [m["Body"] for m in _receive(sqs, dlq, wait_for=1)] == ["poison"]
+
+
+def test_bigquery_server_is_reachable_from_the_environment(local_stack: LocalStack) -> None:
+    env = stack_env(local_stack)
+    bq = bigquery_client(env["CDC_BIGQUERY_PROJECT"], endpoint=env["CDC_BIGQUERY_ENDPOINT"])
+    assert [tuple(row.values()) for row in bq.query("SELECT 1 + 1 AS two").result()] == [(2,)]
+
+
+def test_up_is_idempotent(local_stack: LocalStack) -> None:
+    pids_before = _pids(local_stack)
+    result = run_cdc("stack", "up", env={STATE_DIR: str(local_stack.state_dir)})
+    assert result.stdout.count("healthy") == 8
+    assert _pids(local_stack) == pids_before  # nothing restarted
+    assert LocalStack(load_mappings(), local_stack.state_dir).settings == local_stack.settings
+
+
+def test_lifecycle_with_another_mappings_folder_and_a_taken_port(tmp_path: Path) -> None:
+    """CDC_MAPPINGS_DIR decides which clusters get a server; a taken port is named; down stops everything."""
+    mappings = tmp_path / "mappings"
+    mappings.mkdir()
+    document = json.loads(
+        (Path(__file__).resolve().parent.parent / "mappings" / "poker_play.json").read_text()
+    )
+    (mappings / "poker_play.json").write_text(json.dumps(document))
+    env = {STATE_DIR: str(tmp_path / "state"), MAPPINGS_DIR: str(mappings)}
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        failed = run_cdc("stack", "up", "--free-ports", "--moto-port", str(taken), env=env, check=False)
+        assert failed.returncode == 1
+        assert f"moto (S3+SQS): port {taken} on 127.0.0.1 is already in use" in failed.stderr
+    run_cdc("stack", "up", "--free-ports", env=env)
+    status = run_cdc("stack", "status", env=env)
+    assert status.stdout.count("mariadb[") == 1 and "mariadb[poker_play]" in status.stdout
+    down = run_cdc("stack", "down", env=env)
+    assert "mariadb[poker_play]" in down.stdout and "moto" in down.stdout and "bigquery" in down.stdout
+    stopped = run_cdc("stack", "status", env=env, check=False)
+    assert stopped.returncode == 1 and stopped.stdout.count("stopped") == 3
+
+
+def test_a_server_that_cannot_start_is_named_with_its_log(tmp_path: Path) -> None:
+    mappings = tmp_path / "mappings"
+    mappings.mkdir()
+    document = json.loads(
+        (Path(__file__).resolve().parent.parent / "mappings" / "poker_play.json").read_text()
+    )
+    (mappings / "poker_play.json").write_text(json.dumps(document))
+    state = tmp_path / "state"
+    datadir = state / "mariadb" / "poker_play" / "data" / "mysql"
+    datadir.mkdir(parents=True)  # looks initialised but is not: mariadbd cannot start
+    env = {STATE_DIR: str(state), MAPPINGS_DIR: str(mappings)}
+    result = run_cdc("stack", "up", "--free-ports", env=env, check=False)
+    run_cdc("stack", "down", env=env)
+    assert result.returncode == 1
+    assert "mariadb[poker_play]" in result.stderr and "mariadbd.log" in result.stderr
+
+
+def _pids(stack: LocalStack) -> list[int | None]:
+    servers = [stack.mariadb(c).process for c in stack.clusters()] + [
+        stack.moto.process,
+        stack.bigquery.process,
+    ]
+    return [server.pid() for server in servers]
+
+
+def _receive(sqs: object, queue: str, wait_for: int) -> list[dict[str, str]]:
+    deadline = time.monotonic() + wait_for
+    messages: list[dict[str, str]] = []
+    while True:
+        batch = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0)  # type: ignore[attr-defined]
+        messages += [m for m in batch.get("Messages", []) if "s3:TestEvent" not in m["Body"]]
+        if messages or time.monotonic() >= deadline:
+            return messages
+        time.sleep(0.1)
+
+
+def _drain(sqs: object, queue: str) -> None:
+    """Delete whatever is visible (PurgeQueue is limited to once a minute, as on AWS)."""
+    while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages"):  # type: ignore[attr-defined]
+        for message in batch:
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])  # type: ignore[attr-defined]
