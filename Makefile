@@ -31,8 +31,8 @@ demo: deps
 	$(BIN)/cdc workload --rate 200 --duration 10
 	$(BIN)/cdc stack status
 	@echo
-	@echo "The local platform is up. Its configuration (eval it in your shell):"
-	@$(BIN)/cdc stack env
+	@echo 'The local platform is up. Its configuration (load it with: eval "$$($(BIN)/cdc stack env)"):'
+	@$(BIN)/cdc stack env --redact
 	@echo
 	@echo "Stop it with: $(BIN)/cdc stack down"
 

@@ -123,13 +123,15 @@ def stack_status() -> None:
 
 
 @stack.command("env")
-def stack_env() -> None:
+@click.option("--redact", is_flag=True, help="Show secrets as *** (for display, not for eval).")
+def stack_env(redact: bool) -> None:
     """`export` lines with every endpoint and name the platform reads (eval them in your shell)."""
     values = environment.local_stack_values()
     if not values:
         raise click.ClickException("the local stack has not been brought up yet: run `cdc stack up`")
     for key in sorted(values):
-        click.echo(f"export {key}={shlex.quote(values[key])}")
+        secret = redact and key.endswith(("PASSWORD", "SECRET_ACCESS_KEY"))
+        click.echo(f"export {key}={'***' if secret else shlex.quote(values[key])}")
 
 
 def _print_status(statuses: list[ServiceStatus]) -> None:

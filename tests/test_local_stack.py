@@ -132,6 +132,13 @@ def test_bigquery_server_is_reachable_from_the_environment(local_stack: LocalSta
     assert [tuple(row.values()) for row in bq.query("SELECT 1 + 1 AS two").result()] == [(2,)]
 
 
+def test_env_can_redact_secrets_for_display(local_stack: LocalStack) -> None:
+    shown = run_cdc("stack", "env", "--redact", env={STATE_DIR: str(local_stack.state_dir)}).stdout
+    for password in (p for pair in local_stack.settings.passwords.values() for p in pair.values()):
+        assert password not in shown
+    assert "CDC_MYSQL_SLOTS_PLAY_PASSWORD=***" in shown
+
+
 def test_up_is_idempotent(local_stack: LocalStack) -> None:
     pids_before = _pids(local_stack)
     result = run_cdc("stack", "up", env={STATE_DIR: str(local_stack.state_dir)})
