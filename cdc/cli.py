@@ -140,6 +140,75 @@ def _print_status(statuses: list[ServiceStatus]) -> None:
         click.echo(f"{status.name:<{width}}  127.0.0.1:{status.port:<5}  {status.health}")
 
 
+# -- capture -----------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def capture() -> None:
+    """The binlog capture: DMS-compatible Parquet files in S3 (for clusters without AWS DMS, and locally)."""
+
+
+@capture.command("run")
+@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable); default all.")
+@click.option("--flush-interval", type=float, default=2.0, show_default=True, help="Seconds between flushes (DMS: up to 60).")
+@click.option("--flush-rows", type=int, default=50_000, show_default=True, help="Flush once this many rows are buffered.")
+@click.option("--date-folders/--no-date-folders", default=True, show_default=True, help="DMS DatePartitionEnabled layout.")
+def capture_run(clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool) -> None:
+    """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster)."""
+    from capture.runner import cdc_command, run_cluster, run_clusters
+    from capture.service import CaptureError, CaptureSettings
+
+    loaded = _mappings()
+    try:
+        chosen = [loaded.cluster(name) for name in clusters] if clusters else list(loaded.clusters)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    settings = CaptureSettings(flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders)
+    if len(chosen) == 1:
+        try:
+            run_cluster(chosen[0], loaded, settings)
+        except (CaptureError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
+    options = ["--flush-interval", str(flush_interval), "--flush-rows", str(flush_rows)]
+    options.append("--date-folders" if date_folders else "--no-date-folders")
+    sys.exit(run_clusters([[cdc_command(), "capture", "run", "--cluster", c.cluster, *options] for c in chosen]))
+
+
+@capture.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
+def capture_status(as_json: bool) -> None:
+    """Each cluster's capture: state, lag, rows/s, rows by op, last checkpoint, errors."""
+    from capture.runner import capture_status as read_status
+
+    statuses = read_status(_mappings())
+    if as_json:
+        click.echo(json.dumps(statuses, indent=2))
+        return
+    for status in statuses:
+        rows = status.get("rows", {})
+        checkpoint = status.get("checkpoint", {})
+        click.echo(
+            f"{status['cluster']:<20} {status.get('state', '?'):<12} lag {status.get('lag_seconds', '-')} s  "
+            f"{status.get('rows_per_second', 0)} rows/s  load {rows.get('load', 0)} I {rows.get('I', 0)} "
+            f"U {rows.get('U', 0)} D {rows.get('D', 0)}  zero dates {status.get('zero_dates', 0)}  "
+            f"checkpoint {checkpoint.get('gtid', '-')} ({checkpoint.get('commit_time', '-')})"
+        )
+        for error in status.get("errors", []):
+            click.echo(f"    error: {error}")
+
+
+@capture.command("reset")
+@click.option("--cluster", required=True, help="The cluster whose checkpoint to forget.")
+def capture_reset(cluster: str) -> None:
+    """Forget a cluster's checkpoint: its next run starts with a new full load (re-snapshot)."""
+    from capture.runner import s3_store
+
+    _mappings().cluster(cluster)
+    s3_store().delete_json("checkpoints", cluster)
+    click.echo(f"{cluster}: checkpoint removed; the next `cdc capture run` makes a new full load")
+
+
 # -- demo workload ---------------------------------------------------------------------------------------------
 
 

@@ -6,12 +6,15 @@ boto3 and google-cloud-bigquery use their default endpoints and credentials chai
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import boto3
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
+
+from cdc import environment
 
 
 def bigquery_client(
@@ -28,6 +31,17 @@ def bigquery_client(
     return bigquery.Client(project=project, location=location)
 
 
-def aws_client(service: str, endpoint: str | None = None, region: str | None = None) -> Any:
-    """A boto3 client; credentials come from boto3's own chain (environment, instance role, ...)."""
-    return boto3.client(service, endpoint_url=endpoint or None, region_name=region or None)  # type: ignore[call-overload]
+def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:
+    """A boto3 client from the platform's configuration (see cdc.environment).
+
+    Endpoint and keys are passed only when configured (locally); otherwise boto3 uses its own chain
+    (instance/task role, profile) and AWS's endpoints.
+    """
+    values = environment.resolved(environ)
+    return boto3.client(  # type: ignore[call-overload]
+        service,
+        endpoint_url=values.get(environment.AWS_ENDPOINT_URL) or None,
+        region_name=values.get(environment.AWS_REGION) or None,
+        aws_access_key_id=values.get(environment.AWS_ACCESS_KEY_ID) or None,
+        aws_secret_access_key=values.get(environment.AWS_SECRET_ACCESS_KEY) or None,
+    )

@@ -92,8 +92,8 @@ def env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
 
 
 def test_landing_objects_notify_the_queue_and_others_do_not(env: dict[str, str]) -> None:
-    s3 = aws_client("s3", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
-    sqs = aws_client("sqs", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
+    s3 = aws_client("s3")
+    sqs = aws_client("sqs")
     queue = env["CDC_SQS_QUEUE_URL"]
     bucket = env["CDC_LANDING_BUCKET"]
     _drain(sqs, queue)
@@ -111,7 +111,7 @@ def test_landing_objects_notify_the_queue_and_others_do_not(env: dict[str, str])
 def test_a_message_received_too_often_moves_to_the_dead_letter_queue(
     local_stack: LocalStack, env: dict[str, str]
 ) -> None:
-    sqs = aws_client("sqs", env["AWS_ENDPOINT_URL"], env["AWS_REGION"])
+    sqs = aws_client("sqs")
     queue, dlq = env["CDC_SQS_QUEUE_URL"], env["CDC_SQS_DLQ_URL"]
     _drain(sqs, queue)
     _drain(sqs, dlq)

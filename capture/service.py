@@ -1,0 +1,571 @@
+"""The capture service of one cluster: consistent full load, then the binlog, into DMS-layout Parquet in S3.
+
+Guarantees:
+- The full load reads every mapped table inside one consistent snapshot and records the snapshot's binlog
+  position; streaming starts from exactly that position. A table mapped later is snapshotted when it appears;
+  its snapshot rows carry their snapshot's sequence, so changes streamed from before it sort before them.
+- Rows are buffered per table and flushed every `flush_interval_s` or `flush_rows`, whichever comes first, always
+  at a transaction boundary. The checkpoint (GTID + file/position of the last fully flushed transaction) is
+  written to S3 only after that flush's files are in S3. After a crash the stream resumes at the checkpoint; a
+  change flushed before the crash but after the checkpoint is written again with the same change sequence.
+- Schema changes are followed per table from the binlog's own column list (FULL row metadata).
+- SIGTERM flushes and checkpoints before exit. Status (lag, rows/s, last checkpoint) goes to S3 every few seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pymysql
+from pymysqlreplication import BinLogStreamReader
+from pymysqlreplication.event import (
+    HeartbeatLogEvent,
+    MariadbGtidEvent,
+    QueryEvent,
+    RotateEvent,
+    XidEvent,
+)
+from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
+from capture import layout
+from capture.columns import ColumnSpec, UnsupportedColumn, spec_from_table_map
+from capture.position import BinlogPosition
+from capture.sink import S3Store, TableBuffer, parquet_bytes
+from cdc.mappings import ClusterMapping, TableMapping, load_mappings
+
+log = logging.getLogger("cdc.capture")
+
+
+@dataclass(frozen=True)
+class MySQLConnection:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def settings(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user, "passwd": self.password}
+
+    def connect(self, **extra: Any) -> pymysql.connections.Connection:
+        return pymysql.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password, charset="utf8mb4", **extra
+        )
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    flush_interval_s: float = 2.0  # DMS's CdcMaxBatchInterval is 60 s; seconds of latency here
+    flush_rows: int = 50_000  # per flush, over all tables
+    date_folders: bool = True  # DMS DatePartitionEnabled
+    load_file_rows: int = 100_000  # rows per LOAD file
+    heartbeat_s: float = 1.0
+    status_interval_s: float = 2.0
+    mapping_check_interval_s: float = 5.0
+
+
+class CaptureError(RuntimeError):
+    """A condition the capture cannot continue from; the message says what to do."""
+
+
+@dataclass
+class _Table:
+    mapping: TableMapping
+    columns: list[ColumnSpec]
+    normalisers: list[Any]
+    key_indexes: list[int]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+@dataclass
+class CaptureStats:
+    started_at: float = field(default_factory=time.time)
+    rows: Counter[str] = field(default_factory=Counter)
+    zero_dates: int = 0
+    files: int = 0
+    lag_s: float = 0.0
+    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, rows) per flush
+
+    def rows_per_second(self) -> float:
+        now = time.monotonic()
+        window = [(t, n) for t, n in self.recent if now - t <= 10]
+        self.recent = window
+        if not window:
+            return 0.0
+        return sum(n for _, n in window) / max(now - window[0][0], 1.0)
+
+
+class ClusterCapture:
+    def __init__(
+        self,
+        cluster: ClusterMapping,
+        connection: MySQLConnection,
+        store: S3Store,
+        settings: CaptureSettings | None = None,
+        mappings_dir: Any = None,
+    ):
+        self.cluster = cluster
+        self.connection = connection
+        self.store = store
+        self.settings = settings or CaptureSettings()
+        self.mappings_dir = mappings_dir
+        self.stop_requested = threading.Event()
+        self.stats = CaptureStats()
+        self.state = "starting"
+        self.tables: dict[tuple[str, str], _Table] = {}
+        self.buffers: dict[tuple[str, str], TableBuffer] = {}
+        self.checkpoint: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self._buffered_rows = 0
+        # rows of the open transaction, not yet given a commit time: (table key, op, values, sequence)
+        self._pending: list[tuple[tuple[str, str], str, list[Any], str]] = []
+        self._completed: dict[str, Any] | None = None  # position of the last complete transaction seen
+        self._last_checkpoint = time.monotonic()
+        self._last_status = 0.0
+        self._last_mapping_check = time.monotonic()
+        self._server_id = 100_000 + zlib.crc32(cluster.cluster.encode()) % 1_000_000
+
+    # -- schema ------------------------------------------------------------------------------------------------
+
+    def _read_columns(self, connection: Any, table: TableMapping) -> list[ColumnSpec]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT COLUMN_NAME, LOWER(COLUMN_TYPE), IS_NULLABLE = 'YES' FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+                (table.source_schema, table.source_table),
+            )
+            rows = cursor.fetchall()
+        if not rows:
+            raise CaptureError(
+                f"cluster {self.cluster.cluster}: mapped table {table.source} does not exist at the source; "
+                "create it or fix the mapping (cdc mappings validate checks the file, not the source)"
+            )
+        specs = [
+            ColumnSpec(name=name, column_type=ctype, nullable=bool(nullable), override=table.type_overrides.get(name))
+            for name, ctype, nullable in rows
+        ]
+        self._check_columns(table, specs)
+        return specs
+
+    def _check_columns(self, table: TableMapping, specs: list[ColumnSpec]) -> None:
+        names = {spec.name for spec in specs}
+        clash = names & set(layout.ADDED_COLUMNS)
+        if clash:
+            raise CaptureError(f"{table.source}: column(s) {sorted(clash)} collide with the columns the capture adds")
+        for column in (*table.primary_key, *table.type_overrides):
+            if column not in names:
+                raise CaptureError(f"{table.source}: mapped column {column!r} does not exist at the source")
+        for spec in specs:
+            spec.arrow_type()  # raises UnsupportedColumn naming the column
+
+    def _install(self, table: TableMapping, specs: list[ColumnSpec]) -> _Table:
+        entry = _Table(
+            mapping=table,
+            columns=specs,
+            normalisers=[spec.normaliser() for spec in specs],
+            key_indexes=[[s.name for s in specs].index(k) for k in table.primary_key],
+        )
+        self.tables[(table.source_schema, table.source_table)] = entry
+        return entry
+
+    # -- full load ---------------------------------------------------------------------------------------------
+
+    def snapshot(self, tables: list[TableMapping]) -> tuple[BinlogPosition, str]:
+        """Full load of ``tables`` from one consistent snapshot; returns its binlog position and GTID state."""
+        self.state = "snapshotting"
+        connection = self.connection.connect(cursorclass=pymysql.cursors.SSCursor)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SET SESSION time_zone = '+00:00'")
+                cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+                cursor.execute("SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')")
+                status = {name.lower(): value for name, value in cursor.fetchall()}
+                position = BinlogPosition(status["binlog_snapshot_file"], int(status["binlog_snapshot_position"]))
+                cursor.execute("SELECT BINLOG_GTID_POS(%s, %s)", (position.file, position.pos))
+                gtid = cursor.fetchone()[0] or ""
+            for table in tables:
+                try:
+                    entry = self._install(table, self._read_columns(connection, table))
+                except (CaptureError, UnsupportedColumn) as exc:
+                    self._record_error(str(exc))
+                    continue
+                self._load_table(connection, entry, position)
+            connection.commit()
+        finally:
+            connection.close()
+        log.info("cluster %s: snapshot at %s:%s (gtid %s)", self.cluster.cluster, position.file, position.pos, gtid)
+        return position, gtid
+
+    def _load_table(self, connection: Any, entry: _Table, position: BinlogPosition) -> None:
+        mapping = entry.mapping
+        started = time.monotonic()
+        self.store.delete_load_files(mapping.source_schema, mapping.source_table)
+        select = ", ".join(
+            f"CAST(`{c.name}` AS CHAR)" if c.data_type == "time" else f"`{c.name}`" for c in entry.columns
+        )
+        sequence = position.sequence(0)
+        stamp = layout.commit_timestamp_text(dt.datetime.now(dt.UTC))
+        number, total = 0, 0
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {select} FROM `{mapping.source_schema}`.`{mapping.source_table}`")  # noqa: S608
+            while True:
+                batch = cursor.fetchmany(self.settings.load_file_rows)
+                if not batch and number > 0:
+                    break
+                buffer = TableBuffer(mapping.source_schema, mapping.source_table, entry.columns)
+                buffer.rows = [("I", stamp, *self._normalise(entry, row, None), sequence) for row in batch]
+                number += 1
+                total += len(batch)
+                key = layout.load_file_key(self.store.prefix, mapping.source_schema, mapping.source_table, number)
+                self.store.put_file(key, parquet_bytes(buffer.to_arrow(), self._file_metadata(position, position)))
+                self.stats.files += 1
+                if not batch:
+                    break
+        self.stats.rows["load"] += total
+        log.info(
+            "cluster %s: full load of %s: %d rows in %d file(s), %.1f s",
+            self.cluster.cluster,
+            mapping.source,
+            total,
+            number,
+            time.monotonic() - started,
+        )
+
+    def _normalise(self, entry: _Table, row: Any, none_sources: dict[str, str] | None) -> list[Any]:
+        values = []
+        for index, (spec, normalise) in enumerate(zip(entry.columns, entry.normalisers, strict=True)):
+            if isinstance(row, dict):
+                raw = row.get(spec.name)
+                source = (none_sources or {}).get(spec.name, "")
+            else:
+                raw, source = row[index], ""
+            if spec.zero_date(raw, source):
+                self.stats.zero_dates += 1
+            values.append(normalise(raw, source))
+        return values
+
+    def _file_metadata(self, first: BinlogPosition, last: BinlogPosition) -> dict[str, str]:
+        return {
+            "cdc.cluster": self.cluster.cluster,
+            "cdc.first_position": f"{first.file}:{first.pos}",
+            "cdc.last_position": f"{last.file}:{last.pos}",
+        }
+
+    # -- streaming ---------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Snapshot if needed, then stream until stop() or SIGTERM."""
+        self.checkpoint = self.store.read_json("checkpoints", self.cluster.cluster) or {}
+        while not self.stop_requested.is_set():
+            self._catch_up_snapshots()
+            restart = self._stream()
+            if not restart:
+                break
+        self.state = "stopped"
+        self._write_status(force=True)
+
+    def _enabled(self) -> list[TableMapping]:
+        return self.cluster.enabled_tables
+
+    def _catch_up_snapshots(self) -> None:
+        """Snapshot every enabled table that has none yet (all of them on the first run)."""
+        snapshotted = self.checkpoint.get("tables", {})
+        missing = [t for t in self._enabled() if t.source not in snapshotted]
+        connection = self.connection.connect()
+        try:
+            for table in self._enabled():
+                if table.source in snapshotted:
+                    try:
+                        self._install(table, self._read_columns(connection, table))
+                    except (CaptureError, UnsupportedColumn) as exc:
+                        self._record_error(str(exc))
+        finally:
+            connection.close()
+        if not missing:
+            return
+        position, gtid = self.snapshot(missing)
+        tables = dict(snapshotted)
+        for table in missing:
+            if (table.source_schema, table.source_table) in self.tables:
+                tables[table.source] = {"snapshot_position": f"{position.file}:{position.pos}"}
+        if "gtid" not in self.checkpoint:  # first run: stream from the snapshot
+            self.checkpoint.update(gtid=gtid, file=position.file, pos=position.pos)
+        self.checkpoint["tables"] = tables
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint["cluster"] = self.cluster.cluster
+        self.checkpoint["saved_at"] = dt.datetime.now(dt.UTC).isoformat()
+        self.store.write_json("checkpoints", self.cluster.cluster, self.checkpoint)
+
+    def _stream(self) -> bool:
+        """Stream until stopped (returns False) or until the mappings changed (returns True: restart)."""
+        mapped = {(t.source_schema, t.source_table) for t in self._enabled()}
+        gtid_state = _parse_gtid_state(self.checkpoint.get("gtid", ""))
+        stream = BinLogStreamReader(
+            connection_settings=self.connection.settings(),
+            server_id=self._server_id,
+            blocking=True,
+            resume_stream=True,
+            auto_position=",".join(gtid_state.values()) or None,
+            is_mariadb=True,
+            only_events=[
+                WriteRowsEvent,
+                UpdateRowsEvent,
+                DeleteRowsEvent,
+                XidEvent,
+                QueryEvent,
+                MariadbGtidEvent,
+                RotateEvent,
+                HeartbeatLogEvent,
+            ],
+            only_schemas=sorted({schema for schema, _ in mapped}),
+            only_tables=sorted({table for _, table in mapped}),
+            slave_heartbeat=self.settings.heartbeat_s,
+            enable_logging=False,  # it would log its connection parameters
+        )
+        self.state = "streaming"
+        current_file = self.checkpoint.get("file", "")
+        tx_gtid: str | None = None
+        in_transaction = False
+        restart = False
+        try:
+            for event in stream:
+                if isinstance(event, RotateEvent):
+                    current_file = event.next_binlog
+                elif isinstance(event, MariadbGtidEvent):
+                    tx_gtid, in_transaction = event.gtid, True
+                elif isinstance(event, (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)):
+                    if (event.schema, event.table) in mapped:
+                        self._rows(event, BinlogPosition(current_file, event.packet.log_pos))
+                        self.stats.lag_s = max(0.0, time.time() - event.timestamp)
+                elif isinstance(event, (XidEvent, QueryEvent)):
+                    if isinstance(event, QueryEvent) and event.query.strip().upper() == "BEGIN":
+                        continue
+                    in_transaction = False
+                    if tx_gtid:
+                        domain = tx_gtid.split("-", 1)[0]
+                        gtid_state[domain] = tx_gtid
+                        self._completed = {
+                            "gtid": ",".join(gtid_state.values()),
+                            "file": current_file,
+                            "pos": event.packet.log_pos,
+                            "commit_time": dt.datetime.fromtimestamp(event.timestamp, dt.UTC).isoformat(),
+                        }
+                    self._commit_pending(event.timestamp)
+                    self._maybe_flush()
+                elif isinstance(event, HeartbeatLogEvent):
+                    self.stats.lag_s = 0.0
+                    if not in_transaction:
+                        self._maybe_flush()
+                if not in_transaction:
+                    if self.stop_requested.is_set():
+                        break
+                    if self._mappings_changed():
+                        restart = True
+                        break
+                self._write_status()
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] == 1236:
+                raise CaptureError(
+                    f"cluster {self.cluster.cluster}: the source no longer has the binlog at the checkpoint "
+                    f"({self.checkpoint.get('gtid')}); it was purged. Re-snapshot: `cdc capture reset --cluster "
+                    f"{self.cluster.cluster}` then start the capture again (a new full load). Source said: {exc.args[1]}"
+                ) from exc
+            raise
+        finally:
+            stream.close()
+        self._flush(force=True)
+        return restart
+
+    def _rows(self, event: Any, position: BinlogPosition) -> None:
+        key = (event.schema, event.table)
+        entry = self.tables.get(key)
+        names = [column.name for column in event.columns]
+        if entry is None or entry.names != names:
+            entry = self._follow_schema_change(key, event)
+        pending = self._pending
+        for index, row in enumerate(event.rows):
+            if isinstance(event, UpdateRowsEvent):
+                before = self._normalise(entry, row["before_values"], row.get("before_none_sources"))
+                after = self._normalise(entry, row["after_values"], row.get("after_none_sources"))
+                if [before[i] for i in entry.key_indexes] != [after[i] for i in entry.key_indexes]:
+                    # A primary-key change: the old key is deleted, the new one inserted (same transaction order).
+                    pending.append((key, "D", before, position.sequence(2 * index)))
+                    pending.append((key, "I", after, position.sequence(2 * index + 1)))
+                else:
+                    pending.append((key, "U", after, position.sequence(2 * index + 1)))
+            else:
+                op = "I" if isinstance(event, WriteRowsEvent) else "D"
+                values = self._normalise(entry, row["values"], row.get("none_sources"))
+                pending.append((key, op, values, position.sequence(2 * index + 1)))
+        if len(pending) >= 4 * self.settings.flush_rows:
+            # A huge transaction: hand its rows over early, stamped with the statement's time.
+            self._commit_pending(event.timestamp)
+
+    def _follow_schema_change(self, key: tuple[str, str], event: Any) -> _Table:
+        """The binlog's column list differs from ours: flush the old shape, then take the new one."""
+        old = self.tables.get(key)
+        mapping = old.mapping if old else next(t for t in self._enabled() if (t.source_schema, t.source_table) == key)
+        self._commit_pending(event.timestamp)
+        buffer = self.buffers.get(key)
+        if buffer and buffer.rows:
+            self._flush(force=True, at_boundary=False)
+        connection = self.connection.connect()
+        try:
+            current = {spec.name: spec for spec in self._read_columns(connection, mapping)}
+        except CaptureError:
+            current = {}
+        finally:
+            connection.close()
+        specs = []
+        for column in event.columns:
+            spec = current.get(column.name) or spec_from_table_map(column)
+            if mapping.type_overrides.get(column.name) and spec.override is None:
+                spec = ColumnSpec(spec.name, spec.column_type, spec.nullable, mapping.type_overrides[column.name])
+            specs.append(spec)
+        log.info(
+            "cluster %s: %s.%s now has columns %s",
+            self.cluster.cluster,
+            key[0],
+            key[1],
+            [s.name for s in specs],
+        )
+        return self._install(mapping, specs)
+
+    def _commit_pending(self, timestamp: float) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        stamp = layout.commit_timestamp_text(dt.datetime.fromtimestamp(timestamp, dt.UTC))
+        now = time.monotonic()
+        for key, op, values, sequence in pending:
+            buffer = self.buffers.get(key)
+            entry = self.tables[key]
+            if buffer is None or buffer.columns is not entry.columns:
+                if buffer is not None and buffer.rows:
+                    self._flush_table(key, buffer)
+                buffer = self.buffers[key] = TableBuffer(key[0], key[1], entry.columns)
+            if buffer.first_buffered is None:
+                buffer.first_buffered = now
+            buffer.rows.append((op, stamp, *values, sequence))
+            self.stats.rows[op] += 1
+        self._buffered_rows += len(pending)
+        pending.clear()
+
+    def _maybe_flush(self) -> None:
+        now = time.monotonic()
+        oldest = min((b.first_buffered for b in self.buffers.values() if b.first_buffered is not None), default=None)
+        due = oldest is not None and now - oldest >= self.settings.flush_interval_s
+        if due or self._buffered_rows >= self.settings.flush_rows:
+            self._flush()
+        elif oldest is None and now - self._last_checkpoint >= self.settings.flush_interval_s:
+            self._advance_checkpoint()  # only unmapped traffic: move on so a restart does not re-read it
+
+    def _flush(self, force: bool = False, at_boundary: bool = True) -> None:
+        """Write every buffered table, then (at a transaction boundary) checkpoint what is now in S3."""
+        flushed = 0
+        for key, buffer in self.buffers.items():
+            if buffer.rows:
+                flushed += self._flush_table(key, buffer)
+        self._buffered_rows = 0
+        self.stats.recent.append((time.monotonic(), flushed))
+        if at_boundary:
+            self._advance_checkpoint()
+        if flushed or force:
+            self._write_status(force=True)
+
+    def _advance_checkpoint(self) -> None:
+        """Checkpoint the last complete transaction; callers guarantee every row up to it is in S3."""
+        self._last_checkpoint = time.monotonic()
+        completed = self._completed
+        if completed and completed.get("gtid") != self.checkpoint.get("gtid"):
+            self.checkpoint.update(completed)
+            self._save_checkpoint()
+
+    def _flush_table(self, key: tuple[str, str], buffer: TableBuffer) -> int:
+        written = dt.datetime.now(dt.UTC)
+        object_key = self.store.cdc_key(key[0], key[1], written, self.settings.date_folders)
+        first = buffer.rows[0][-1]
+        last = buffer.rows[-1][-1]
+        metadata = {"cdc.cluster": self.cluster.cluster, "cdc.first_sequence": first, "cdc.last_sequence": last}
+        self.store.put_file(object_key, parquet_bytes(buffer.to_arrow(), metadata))
+        count = len(buffer.rows)
+        buffer.rows = []
+        buffer.first_buffered = None
+        self.stats.files += 1
+        return count
+
+    # -- mappings, status, stop --------------------------------------------------------------------------------
+
+    def _mappings_changed(self) -> bool:
+        if self.mappings_dir is None:
+            return False
+        if time.monotonic() - self._last_mapping_check < self.settings.mapping_check_interval_s:
+            return False
+        self._last_mapping_check = time.monotonic()
+        try:
+            cluster = load_mappings(self.mappings_dir).cluster(self.cluster.cluster)
+        except Exception as exc:  # noqa: BLE001 - a broken mapping deploy must not stop a running capture
+            self._record_error(f"mappings not reloaded, keeping the running ones: {exc}")
+            return False
+        if cluster == self.cluster:
+            return False
+        log.info("cluster %s: mappings changed; following them", self.cluster.cluster)
+        self.cluster = cluster
+        return True
+
+    def _record_error(self, message: str) -> None:
+        log.error(message)
+        if message not in self.errors:
+            self.errors.append(message)
+            self.errors = self.errors[-20:]
+
+    def _write_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status < self.settings.status_interval_s:
+            return
+        self._last_status = now
+        self.store.write_json(
+            "status",
+            self.cluster.cluster,
+            {
+                "cluster": self.cluster.cluster,
+                "state": self.state,
+                "pid": os.getpid(),
+                "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+                "lag_seconds": round(self.stats.lag_s, 3),
+                "rows_per_second": round(self.stats.rows_per_second(), 1),
+                "rows": dict(self.stats.rows),
+                "zero_dates": self.stats.zero_dates,
+                "files": self.stats.files,
+                "checkpoint": {k: v for k, v in self.checkpoint.items() if k != "tables"},
+                "tables": len(self.tables),
+                "errors": self.errors,
+            },
+        )
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+
+
+def _parse_gtid_state(state: str) -> dict[str, str]:
+    """'0-1-10,1-2-5' -> {'0': '0-1-10', '1': '1-2-5'} (one GTID per replication domain)."""
+    return {gtid.split("-", 1)[0]: gtid for gtid in (g.strip() for g in state.split(",")) if gtid}
