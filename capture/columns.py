@@ -17,7 +17,8 @@ reader or PyMySQL produced into that type's exact value:
 | TIME(n)               | string '-HH:MM:SS[.f]'   | MySQL's TIME range does not fit any time type; exact text      |
 | SET                   | string 'a,b' ('' = empty)| reader gives a Python set, and None for an empty SET           |
 | ENUM, CHAR, TEXT      | string                   | utf8mb4 kept                                                   |
-| BINARY/BLOB           | binary                   | reader gives '' (str) for an empty value -> b''                |
+| BINARY/BLOB           | binary                   | reader gives '' (str) for an empty value -> b''; BINARY(n)   |
+|                       |                          | loses its trailing 0x00 padding in the binlog -> re-padded     |
 | JSON                  | string (JSON text)       | MariaDB: text; MySQL: parsed -> re-serialised                  |
 | YEAR                  | int16                    |                                                                |
 """
@@ -93,7 +94,7 @@ class ColumnSpec:
             return OVERRIDE_TYPES[self.override]
         return self.natural_arrow_type()
 
-    def natural_arrow_type(self) -> pa.DataType:  # noqa: PLR0911 - one return per MySQL type family
+    def natural_arrow_type(self) -> pa.DataType:
         kind = self.data_type
         if kind in INTEGER_TYPES:
             bits = INTEGER_TYPES[kind]
@@ -102,7 +103,11 @@ class ColumnSpec:
             return pa.bool_() if (self.length or 1) == 1 else pa.binary()
         if kind in ("decimal", "numeric"):
             precision = self.length or 10
-            return pa.decimal128(precision, self.scale) if precision <= 38 else pa.decimal256(precision, self.scale)
+            return (
+                pa.decimal128(precision, self.scale)
+                if precision <= 38
+                else pa.decimal256(precision, self.scale)
+            )
         if kind == "float":
             return pa.float32()
         if kind in ("double", "real"):
@@ -163,7 +168,7 @@ def _override_converter(override: str) -> Callable[[Any], Any]:
     return lambda v: v
 
 
-def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:  # noqa: C901, PLR0911
+def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:
     kind = spec.data_type
     if kind == "bit":
         width = spec.length or 1
@@ -196,8 +201,12 @@ def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:  # noqa: C901, P
     if kind == "time":
         fsp = spec.length or 0
         return lambda v, _: None if v is None else format_time(v, fsp)
+    if kind == "binary":
+        # BINARY(n) is stored padded with 0x00; the binlog row image drops the trailing zeros: restore them.
+        width = spec.length or 1
+        return lambda v, _: None if v is None else _as_bytes(v).ljust(width, b"\x00")
     if kind in BINARY_TYPES:
-        return lambda v, _: None if v is None else (v.encode("utf-8") if isinstance(v, str) else bytes(v))
+        return lambda v, _: None if v is None else _as_bytes(v)
     if kind == "json":
         return lambda v, _: (
             None
@@ -213,6 +222,10 @@ def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:  # noqa: C901, P
     if kind in STRING_TYPES:
         return lambda v, _: None if v is None else (v.decode("utf-8") if isinstance(v, bytes) else v)
     return lambda v, _: v
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
 
 
 def _bit_int(value: Any) -> int:
@@ -276,7 +289,9 @@ def spec_from_table_map(column: Any, nullable: bool = True) -> ColumnSpec:
         column_type = "set(" + ",".join(f"'{v}'" for v in column.set_values or []) + ")"
     elif t in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING, FIELD_TYPE.VAR_STRING, FIELD_TYPE.BLOB):
         binary = getattr(column, "character_set_name", None) in (None, "binary")
-        column_type = ("varbinary" if binary else "varchar") if t != FIELD_TYPE.BLOB else ("blob" if binary else "text")
+        column_type = (
+            ("varbinary" if binary else "varchar") if t != FIELD_TYPE.BLOB else ("blob" if binary else "text")
+        )
     else:
         raise UnsupportedColumn(f"column {column.name}: binlog type code {t} is not supported")
     return ColumnSpec(name=column.name, column_type=column_type, nullable=nullable)

@@ -26,14 +26,20 @@ _CDC_NAME = re.compile(r"^(?P<date>\d{8})-(?P<time>\d{6})(?P<frac>\d{4})(?:-(?P<
 
 
 def commit_timestamp_text(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime(COMMIT_TIMESTAMP_FORMAT) if when.tzinfo else when.strftime(COMMIT_TIMESTAMP_FORMAT)
+    return (
+        when.astimezone(dt.UTC).strftime(COMMIT_TIMESTAMP_FORMAT)
+        if when.tzinfo
+        else when.strftime(COMMIT_TIMESTAMP_FORMAT)
+    )
 
 
 def load_file_key(prefix: str, schema: str, table: str, number: int) -> str:
     return _join(prefix, schema, table, f"LOAD{number:08X}.parquet")
 
 
-def cdc_file_key(prefix: str, schema: str, table: str, written: dt.datetime, date_folders: bool, suffix: int = 0) -> str:
+def cdc_file_key(
+    prefix: str, schema: str, table: str, written: dt.datetime, date_folders: bool, suffix: int = 0
+) -> str:
     written = written.astimezone(dt.UTC)
     name = written.strftime("%Y%m%d-%H%M%S") + f"{written.microsecond // 100:04d}"
     name += f"-{suffix}" if suffix else ""

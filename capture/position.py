@@ -3,8 +3,9 @@
 The change sequence models DMS's `$AR_H_CHANGE_SEQ`: 35 digits, strictly increasing in binlog order. Ours is
 computed from where the change sits in the binlog - file number (10 digits), end position of its rows event
 (15 digits), row index within the event (10 digits) - so a change replayed after a restart carries exactly the
-same sequence, and the loader can order and de-duplicate by it. A snapshot's rows carry the sequence of the
-snapshot's binlog position (row index 0), which sorts before every change committed after it.
+same sequence, and the loader can order and de-duplicate by it. A full load's rows carry the snapshot's binlog
+position with their ordinal in primary-key order, which sorts before every change committed after the snapshot.
+Within one table, a sequence identifies one change.
 """
 
 from __future__ import annotations

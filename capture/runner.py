@@ -40,7 +40,9 @@ def s3_store(environ: Mapping[str, str] | None = None) -> S3Store:
 
 def run_cluster(cluster: ClusterMapping, mappings: Mappings, settings: CaptureSettings) -> None:
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s capture[{cluster.cluster}] %(levelname)s %(message)s", force=True
+        level=logging.INFO,
+        format=f"%(asctime)s capture[{cluster.cluster}] %(levelname)s %(message)s",
+        force=True,
     )
     capture = ClusterCapture(cluster, mysql_connection(cluster), s3_store(), settings, mappings.directory)
     capture.install_signal_handlers()

@@ -132,6 +132,8 @@ class ClusterCapture:
         # rows of the open transaction, not yet given a commit time: (table key, op, values, sequence)
         self._pending: list[tuple[tuple[str, str], str, list[Any], str]] = []
         self._completed: dict[str, Any] | None = None  # position of the last complete transaction seen
+        # MariaDB writes a transaction's GTID event at commit, with the commit time (row events carry statement times)
+        self._tx_timestamp: float | None = None
         self._last_checkpoint = time.monotonic()
         self._last_status = 0.0
         self._last_mapping_check = time.monotonic()
@@ -153,7 +155,9 @@ class ClusterCapture:
                 "create it or fix the mapping (cdc mappings validate checks the file, not the source)"
             )
         specs = [
-            ColumnSpec(name=name, column_type=ctype, nullable=bool(nullable), override=table.type_overrides.get(name))
+            ColumnSpec(
+                name=name, column_type=ctype, nullable=bool(nullable), override=table.type_overrides.get(name)
+            )
             for name, ctype, nullable in rows
         ]
         self._check_columns(table, specs)
@@ -163,7 +167,9 @@ class ClusterCapture:
         names = {spec.name for spec in specs}
         clash = names & set(layout.ADDED_COLUMNS)
         if clash:
-            raise CaptureError(f"{table.source}: column(s) {sorted(clash)} collide with the columns the capture adds")
+            raise CaptureError(
+                f"{table.source}: column(s) {sorted(clash)} collide with the columns the capture adds"
+            )
         for column in (*table.primary_key, *table.type_overrides):
             if column not in names:
                 raise CaptureError(f"{table.source}: mapped column {column!r} does not exist at the source")
@@ -191,9 +197,13 @@ class ClusterCapture:
                 cursor.execute("SET SESSION time_zone = '+00:00'")
                 cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-                cursor.execute("SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')")
+                cursor.execute(
+                    "SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')"
+                )
                 status = {name.lower(): value for name, value in cursor.fetchall()}
-                position = BinlogPosition(status["binlog_snapshot_file"], int(status["binlog_snapshot_position"]))
+                position = BinlogPosition(
+                    status["binlog_snapshot_file"], int(status["binlog_snapshot_position"])
+                )
                 cursor.execute("SELECT BINLOG_GTID_POS(%s, %s)", (position.file, position.pos))
                 gtid = cursor.fetchone()[0] or ""
             for table in tables:
@@ -206,7 +216,9 @@ class ClusterCapture:
             connection.commit()
         finally:
             connection.close()
-        log.info("cluster %s: snapshot at %s:%s (gtid %s)", self.cluster.cluster, position.file, position.pos, gtid)
+        log.info(
+            "cluster %s: snapshot at %s:%s (gtid %s)", self.cluster.cluster, position.file, position.pos, gtid
+        )
         return position, gtid
 
     def _load_table(self, connection: Any, entry: _Table, position: BinlogPosition) -> None:
@@ -216,21 +228,29 @@ class ClusterCapture:
         select = ", ".join(
             f"CAST(`{c.name}` AS CHAR)" if c.data_type == "time" else f"`{c.name}`" for c in entry.columns
         )
-        sequence = position.sequence(0)
+        order = " ORDER BY " + ", ".join(f"`{k}`" for k in mapping.primary_key) if mapping.primary_key else ""
         stamp = layout.commit_timestamp_text(dt.datetime.now(dt.UTC))
         number, total = 0, 0
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT {select} FROM `{mapping.source_schema}`.`{mapping.source_table}`")  # noqa: S608
+            cursor.execute(f"SELECT {select} FROM `{mapping.source_schema}`.`{mapping.source_table}`{order}")  # noqa: S608
             while True:
                 batch = cursor.fetchmany(self.settings.load_file_rows)
                 if not batch and number > 0:
                     break
                 buffer = TableBuffer(mapping.source_schema, mapping.source_table, entry.columns)
-                buffer.rows = [("I", stamp, *self._normalise(entry, row, None), sequence) for row in batch]
+                # Each row gets the snapshot's position and its ordinal in key order: unique and repeatable.
+                buffer.rows = [
+                    ("I", stamp, *self._normalise(entry, row, None), position.sequence(total + offset))
+                    for offset, row in enumerate(batch)
+                ]
                 number += 1
                 total += len(batch)
-                key = layout.load_file_key(self.store.prefix, mapping.source_schema, mapping.source_table, number)
-                self.store.put_file(key, parquet_bytes(buffer.to_arrow(), self._file_metadata(position, position)))
+                key = layout.load_file_key(
+                    self.store.prefix, mapping.source_schema, mapping.source_table, number
+                )
+                self.store.put_file(
+                    key, parquet_bytes(buffer.to_arrow(), self._file_metadata(position, position))
+                )
                 self.stats.files += 1
                 if not batch:
                     break
@@ -348,6 +368,7 @@ class ClusterCapture:
                     current_file = event.next_binlog
                 elif isinstance(event, MariadbGtidEvent):
                     tx_gtid, in_transaction = event.gtid, True
+                    self._tx_timestamp = event.timestamp
                 elif isinstance(event, (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)):
                     if (event.schema, event.table) in mapped:
                         self._rows(event, BinlogPosition(current_file, event.packet.log_pos))
@@ -365,7 +386,7 @@ class ClusterCapture:
                             "pos": event.packet.log_pos,
                             "commit_time": dt.datetime.fromtimestamp(event.timestamp, dt.UTC).isoformat(),
                         }
-                    self._commit_pending(event.timestamp)
+                    self._commit_pending()
                     self._maybe_flush()
                 elif isinstance(event, HeartbeatLogEvent):
                     self.stats.lag_s = 0.0
@@ -412,15 +433,18 @@ class ClusterCapture:
                 op = "I" if isinstance(event, WriteRowsEvent) else "D"
                 values = self._normalise(entry, row["values"], row.get("none_sources"))
                 pending.append((key, op, values, position.sequence(2 * index + 1)))
-        if len(pending) >= 4 * self.settings.flush_rows:
-            # A huge transaction: hand its rows over early, stamped with the statement's time.
-            self._commit_pending(event.timestamp)
+        if len(pending) >= self.settings.flush_rows:
+            self._commit_pending()  # a huge transaction: hand its rows to the table buffers early
 
     def _follow_schema_change(self, key: tuple[str, str], event: Any) -> _Table:
         """The binlog's column list differs from ours: flush the old shape, then take the new one."""
         old = self.tables.get(key)
-        mapping = old.mapping if old else next(t for t in self._enabled() if (t.source_schema, t.source_table) == key)
-        self._commit_pending(event.timestamp)
+        mapping = (
+            old.mapping
+            if old
+            else next(t for t in self._enabled() if (t.source_schema, t.source_table) == key)
+        )
+        self._commit_pending()
         buffer = self.buffers.get(key)
         if buffer and buffer.rows:
             self._flush(force=True, at_boundary=False)
@@ -435,7 +459,9 @@ class ClusterCapture:
         for column in event.columns:
             spec = current.get(column.name) or spec_from_table_map(column)
             if mapping.type_overrides.get(column.name) and spec.override is None:
-                spec = ColumnSpec(spec.name, spec.column_type, spec.nullable, mapping.type_overrides[column.name])
+                spec = ColumnSpec(
+                    spec.name, spec.column_type, spec.nullable, mapping.type_overrides[column.name]
+                )
             specs.append(spec)
         log.info(
             "cluster %s: %s.%s now has columns %s",
@@ -446,11 +472,13 @@ class ClusterCapture:
         )
         return self._install(mapping, specs)
 
-    def _commit_pending(self, timestamp: float) -> None:
+    def _commit_pending(self) -> None:
         pending = self._pending
         if not pending:
             return
-        stamp = layout.commit_timestamp_text(dt.datetime.fromtimestamp(timestamp, dt.UTC))
+        stamp = layout.commit_timestamp_text(
+            dt.datetime.fromtimestamp(self._tx_timestamp or time.time(), dt.UTC)
+        )
         now = time.monotonic()
         for key, op, values, sequence in pending:
             buffer = self.buffers.get(key)
@@ -468,7 +496,9 @@ class ClusterCapture:
 
     def _maybe_flush(self) -> None:
         now = time.monotonic()
-        oldest = min((b.first_buffered for b in self.buffers.values() if b.first_buffered is not None), default=None)
+        oldest = min(
+            (b.first_buffered for b in self.buffers.values() if b.first_buffered is not None), default=None
+        )
         due = oldest is not None and now - oldest >= self.settings.flush_interval_s
         if due or self._buffered_rows >= self.settings.flush_rows:
             self._flush()
@@ -501,7 +531,11 @@ class ClusterCapture:
         object_key = self.store.cdc_key(key[0], key[1], written, self.settings.date_folders)
         first = buffer.rows[0][-1]
         last = buffer.rows[-1][-1]
-        metadata = {"cdc.cluster": self.cluster.cluster, "cdc.first_sequence": first, "cdc.last_sequence": last}
+        metadata = {
+            "cdc.cluster": self.cluster.cluster,
+            "cdc.first_sequence": first,
+            "cdc.last_sequence": last,
+        }
         self.store.put_file(object_key, parquet_bytes(buffer.to_arrow(), metadata))
         count = len(buffer.rows)
         buffer.rows = []
@@ -519,7 +553,7 @@ class ClusterCapture:
         self._last_mapping_check = time.monotonic()
         try:
             cluster = load_mappings(self.mappings_dir).cluster(self.cluster.cluster)
-        except Exception as exc:  # noqa: BLE001 - a broken mapping deploy must not stop a running capture
+        except Exception as exc:
             self._record_error(f"mappings not reloaded, keeping the running ones: {exc}")
             return False
         if cluster == self.cluster:

@@ -37,7 +37,7 @@ class TableBuffer:
 
     def to_arrow(self) -> pa.Table:
         schema = self.arrow_schema()
-        columns = list(zip(*self.rows, strict=True)) if self.rows else [[] for _ in schema]
+        columns: list[Any] = list(zip(*self.rows, strict=True)) if self.rows else [[] for _ in schema]
         arrays = []
         for index, schema_field in enumerate(schema):
             try:
@@ -52,7 +52,9 @@ class TableBuffer:
 def parquet_bytes(table: pa.Table, metadata: dict[str, str]) -> bytes:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="snappy", coerce_timestamps="us", allow_truncated_timestamps=False)
+    pq.write_table(
+        table, buffer, compression="snappy", coerce_timestamps="us", allow_truncated_timestamps=False
+    )
     return buffer.getvalue()
 
 

@@ -150,10 +150,29 @@ def capture() -> None:
 
 @capture.command("run")
 @click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable); default all.")
-@click.option("--flush-interval", type=float, default=2.0, show_default=True, help="Seconds between flushes (DMS: up to 60).")
-@click.option("--flush-rows", type=int, default=50_000, show_default=True, help="Flush once this many rows are buffered.")
-@click.option("--date-folders/--no-date-folders", default=True, show_default=True, help="DMS DatePartitionEnabled layout.")
-def capture_run(clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool) -> None:
+@click.option(
+    "--flush-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between flushes (DMS: up to 60).",
+)
+@click.option(
+    "--flush-rows",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Flush once this many rows are buffered.",
+)
+@click.option(
+    "--date-folders/--no-date-folders",
+    default=True,
+    show_default=True,
+    help="DMS DatePartitionEnabled layout.",
+)
+def capture_run(
+    clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool
+) -> None:
     """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster)."""
     from capture.runner import cdc_command, run_cluster, run_clusters
     from capture.service import CaptureError, CaptureSettings
@@ -163,7 +182,9 @@ def capture_run(clusters: tuple[str, ...], flush_interval: float, flush_rows: in
         chosen = [loaded.cluster(name) for name in clusters] if clusters else list(loaded.clusters)
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from exc
-    settings = CaptureSettings(flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders)
+    settings = CaptureSettings(
+        flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders
+    )
     if len(chosen) == 1:
         try:
             run_cluster(chosen[0], loaded, settings)
@@ -172,7 +193,9 @@ def capture_run(clusters: tuple[str, ...], flush_interval: float, flush_rows: in
         return
     options = ["--flush-interval", str(flush_interval), "--flush-rows", str(flush_rows)]
     options.append("--date-folders" if date_folders else "--no-date-folders")
-    sys.exit(run_clusters([[cdc_command(), "capture", "run", "--cluster", c.cluster, *options] for c in chosen]))
+    sys.exit(
+        run_clusters([[cdc_command(), "capture", "run", "--cluster", c.cluster, *options] for c in chosen])
+    )
 
 
 @capture.command("status")

@@ -1,0 +1,335 @@
+"""The capture against real MariaDB servers: Parquet read back from S3 equals the source value for value."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capture import layout
+from capture.service import ClusterCapture
+from local_stack.stack import LocalStack
+from tests.capture_support import (
+    FAST,
+    CaptureEnv,
+    compare_with_source,
+    landed_rows,
+    new_env,
+    running,
+    wait_caught_up,
+)
+
+EVERY_TYPE = """
+CREATE TABLE `{schema}`.`every_type` (
+  id BIGINT UNSIGNED NOT NULL,
+  u64 BIGINT UNSIGNED NULL, i64 BIGINT NULL, i32 INT NULL, u32 INT UNSIGNED NULL, i16 SMALLINT NULL,
+  u8 TINYINT UNSIGNED NULL, flag TINYINT(1) NULL, flag_bool TINYINT(1) NULL, m24 MEDIUMINT NULL,
+  b1 BIT(1) NULL, b8 BIT(8) NULL, b12 BIT(12) NULL, b64 BIT(64) NULL,
+  money DECIMAL(18,4) NULL, wide DECIMAL(65,10) NULL, d DOUBLE NULL,
+  day DATE NULL, dt0 DATETIME NULL, dt6 DATETIME(6) NULL, ts6 TIMESTAMP(6) NULL DEFAULT NULL,
+  t0 TIME NULL, t6 TIME(6) NULL, t3 TIME(3) NULL, yr YEAR NULL,
+  name VARCHAR(64) CHARACTER SET utf8mb4 NULL, fixed CHAR(3) NULL, body TEXT NULL,
+  state ENUM('a','b','c') NULL, opts SET('x','y','z') NULL, opts_nn SET('x','y') NOT NULL DEFAULT '',
+  bin VARBINARY(16) NULL, blob_col BLOB NULL, fixed_bin BINARY(4) NULL, doc JSON NULL,
+  PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
+"""
+
+EDGE_ROWS = [
+    # the awkward values, then NULLs everywhere nullable, then ordinary values
+    "(1, 18446744073709551615, -9223372036854775808, -2147483648, 4294967295, -32768, 255, 1, 0, -8388608, "
+    "b'1', b'11111111', b'101010101010', b'1111111111111111111111111111111111111111111111111111111111111111', "
+    "99999999999999.9999, 12345678901234567890123456789012345678901234567890123.1234567891, -1.5e-300, "
+    "'0000-00-00', '0000-00-00 00:00:00', '2024-00-00 00:00:00', '1970-01-01 00:00:01.000001', "
+    "'-838:59:59', '-00:00:00.000001', '838:59:59.999', 2155, "
+    "'🎰 라이언 çà', 'abc', REPEAT('ü', 300), 'c', '', '', '', '', '\\0\\0\\0\\0', "
+    '\'{"a": [1, 2, {"b": null}], "emoji": "🎲"}\')',
+    "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'x,y', NULL, NULL, NULL, NULL)",
+    "(3, 0, 9223372036854775807, 0, 0, 0, 0, 0, 1, 0, b'0', b'0', b'0', b'0', 0, 0, 0, "
+    "'2026-11-25', '2026-11-25 23:59:59', '2026-11-25 01:02:03.000004', '2038-01-19 03:14:07.999999', "
+    "'00:00:00', '23:59:59.000001', '-00:00:00.5', 1901, '', '', '', 'a', 'x,z', 'y', X'00FF', X'', X'01020304', "
+    "'[]')",
+]
+
+
+def _create_every_type(env: CaptureEnv) -> None:
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        cursor.execute(EVERY_TYPE.format(schema=env.schema))
+
+
+def _insert(env: CaptureEnv, rows: list[str], offset: int = 0) -> None:
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        for row in rows:
+            if offset:
+                row = f"({int(row[1 : row.index(',')]) + offset}" + row[row.index(",") :]
+            cursor.execute(f"INSERT INTO `{env.schema}`.`every_type` VALUES {row}")
+
+
+def _execute(env: CaptureEnv, *statements: str) -> None:
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        for statement in statements:
+            cursor.execute(statement.format(schema=env.schema))
+
+
+def test_full_load_and_cdc_of_every_type_equal_the_source(local_stack: LocalStack) -> None:
+    env = new_env(local_stack, "slots_accounts")
+    _create_every_type(env)
+    _insert(env, EDGE_ROWS)  # before the capture: these arrive through the full load
+    table = env.table("every_type", ["id"], type_overrides={"flag_bool": "BOOL"})
+    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        _insert(env, EDGE_ROWS, offset=100)  # the same values through the binlog
+        _execute(
+            env,
+            "UPDATE `{schema}`.every_type SET t6 = '-12:00:00.000001', opts = '', b1 = b'0', money = -0.0001 WHERE id = 3",
+            "UPDATE `{schema}`.every_type SET name = '새 이름 🎉', doc = '{{\"k\": 2}}', u64 = 18446744073709551614 WHERE id = 101",
+            "UPDATE `{schema}`.every_type SET id = 1000 WHERE id = 102",  # a primary-key change
+            "DELETE FROM `{schema}`.every_type WHERE id = 2",
+            "UPDATE `{schema}`.every_type SET dt0 = '0000-00-00 00:00:00', day = '2020-02-00' WHERE id = 103",
+        )
+        wait_caught_up(env)
+    assert compare_with_source(env, "every_type", ["id"]) == 5  # 1, 3, 101, 103 and 1000 (was 102)
+
+    rows = landed_rows(env, "every_type")
+    files = {row["_key"] for row in rows}
+    assert any(key.endswith("/LOAD00000001.parquet") for key in files)
+    cdc_files = [k for k in files if "LOAD" not in k]
+    assert cdc_files and all(layout.parse_key(k, env.prefix).kind == "cdc" for k in cdc_files)
+    # the primary-key change is a delete of the old key and an insert of the new one, in that order
+    pk_change = sorted(
+        (r for r in rows if r["id"] in (102, 1000) and r["Op"] in "DI" and "LOAD" not in r["_key"]),
+        key=lambda r: r[layout.CHANGE_SEQUENCE_COLUMN],
+    )
+    assert [(r["Op"], r["id"]) for r in pk_change][-2:] == [("D", 102), ("I", 1000)]
+    # the file schema comes from the column definitions, with the mapping's override applied
+    body = env.s3().get_object(Bucket=env.stack.settings.bucket, Key=sorted(files)[0])["Body"].read()
+    schema = pq.read_schema(io.BytesIO(body))
+    assert [schema.field(i).name for i in (0, 1)] == ["Op", "cdc_commit_timestamp"]
+    assert schema.names[-1] == "cdc_change_seq"
+    assert str(schema.field("u64").type) == "uint64" and str(schema.field("flag").type) == "int8"
+    assert str(schema.field("flag_bool").type) == "bool" and str(schema.field("b1").type) == "bool"
+    assert (
+        str(schema.field("b12").type) == "binary" and str(schema.field("wide").type) == "decimal256(65, 10)"
+    )
+    assert (
+        str(schema.field("ts6").type) == "timestamp[us, tz=UTC]"
+        and str(schema.field("dt6").type) == "timestamp[us]"
+    )
+    assert str(schema.field("t6").type) == "string" and str(schema.field("opts").type) == "string"
+    sequences = [r[layout.CHANGE_SEQUENCE_COLUMN] for r in rows if "LOAD" not in r["_key"]]
+    assert all(len(s) == 35 and s.isdigit() for s in sequences) and len(set(sequences)) == len(sequences)
+
+
+def test_zero_dates_are_counted_in_the_status(local_stack: LocalStack) -> None:
+    env = new_env(local_stack, "slots_accounts")
+    _create_every_type(env)
+    _insert(env, EDGE_ROWS[:1])  # full load: 2 zero DATE/DATETIME + 1 partial zero
+    table = env.table("every_type", ["id"])
+    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        _insert(env, EDGE_ROWS[:1], offset=10)
+        wait_caught_up(env)
+    status = env.store().read_json("status", "slots_accounts")
+    assert status is not None and status["zero_dates"] == 6 and status["state"] == "stopped"
+    assert status["rows"] == {"load": 1, "I": 1}
+
+
+def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStack) -> None:
+    env = new_env(local_stack, "poker_play")
+    _execute(env, "CREATE TABLE `{schema}`.big (id INT PRIMARY KEY, v VARCHAR(20), amount DECIMAL(12,2))")
+    capture = ClusterCapture(env.mapping(env.table("big", ["id"])), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        _execute(
+            env,
+            "BEGIN",
+            "INSERT INTO `{schema}`.big SELECT seq, CONCAT('row', seq), seq / 100 FROM `{schema}`.seq_1_to_100000",
+            "COMMIT",
+        )
+        wait_caught_up(env, timeout=180)
+    rows = landed_rows(env, "big")
+    assert len(rows) == 100_000 and {r["Op"] for r in rows} == {"I"}
+    assert len({r[layout.COMMIT_TIMESTAMP_COLUMN] for r in rows}) == 1  # one transaction, one commit time
+    ordered = sorted(rows, key=lambda r: r[layout.CHANGE_SEQUENCE_COLUMN])
+    assert [r["id"] for r in ordered] == list(range(1, 100_001))
+    assert compare_with_source(env, "big", ["id"]) == 100_000
+
+
+def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> None:
+    env = new_env(local_stack, "poker_play")
+    _execute(env, "CREATE TABLE `{schema}`.evolving (id INT PRIMARY KEY, a VARCHAR(10), b INT)")
+    _execute(env, "INSERT INTO `{schema}`.evolving VALUES (1, 'one', 10)")
+    capture = ClusterCapture(env.mapping(env.table("evolving", ["id"])), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        _execute(
+            env,
+            "INSERT INTO `{schema}`.evolving VALUES (2, 'two', 20)",
+            "ALTER TABLE `{schema}`.evolving ADD COLUMN c DECIMAL(5,2) NULL AFTER a",
+            "INSERT INTO `{schema}`.evolving VALUES (3, 'three', 3.5, 30)",
+            "ALTER TABLE `{schema}`.evolving DROP COLUMN b",
+            "INSERT INTO `{schema}`.evolving VALUES (4, 'four', 4.25)",
+            "ALTER TABLE `{schema}`.evolving RENAME COLUMN a TO label",
+            "UPDATE `{schema}`.evolving SET label = 'ONE' WHERE id = 1",
+            "ALTER TABLE `{schema}`.evolving ADD COLUMN first_col INT NULL FIRST",
+            "INSERT INTO `{schema}`.evolving VALUES (99, 5, 'five', 5.5)",
+            # touch every row so each one's latest change has the final shape (a rename is a new column name
+            # for the rows changed after it; rows not changed since keep the name they were written with)
+            "UPDATE `{schema}`.evolving SET first_col = COALESCE(first_col, 0) + 1",
+        )
+        wait_caught_up(env)
+    changes = sorted(
+        (r for r in landed_rows(env, "evolving") if "LOAD" not in r["_key"]),
+        key=lambda r: r["cdc_change_seq"],
+    )
+    rows = {}
+    for change in changes:
+        rows.setdefault(change["id"], change)  # each row's first change after the load
+    assert rows[2]["a"] == "two" and rows[2]["b"] == 20 and "c" not in rows[2]
+    assert rows[3]["a"] == "three" and str(rows[3]["c"]) == "3.50" and rows[3]["b"] == 30
+    assert rows[4]["a"] == "four" and "b" not in rows[4]
+    assert rows[1]["label"] == "ONE" and "a" not in rows[1]
+    assert rows[5]["first_col"] == 99 and rows[5]["label"] == "five"
+    assert compare_with_source(env, "evolving", ["id"]) == 5
+
+
+def test_replayed_changes_carry_identical_sequences(local_stack: LocalStack) -> None:
+    env = new_env(local_stack, "roulette_play")
+    _execute(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v INT)")
+    table = env.table("t", ["id"])
+    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+    with running(capture):
+        first = wait_caught_up(env)
+        _execute(env, *[f"INSERT INTO `{{schema}}`.t VALUES ({i}, {i})" for i in range(50)])
+        _execute(env, "UPDATE `{schema}`.t SET v = v + 1", "DELETE FROM `{schema}`.t WHERE id < 10")
+        wait_caught_up(env)
+    before = landed_rows(env, "t")
+    # rewind the checkpoint to before those changes and run again: every change is written a second time
+    env.store().write_json("checkpoints", "roulette_play", first)
+    with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+    after = landed_rows(env, "t")
+    cdc_before = [r for r in before if "LOAD" not in r["_key"]]
+    replayed = [r for r in after if "LOAD" not in r["_key"] and r["_key"] not in {b["_key"] for b in before}]
+    strip = lambda r: {k: v for k, v in r.items() if k != "_key"}  # noqa: E731
+    assert len(replayed) == len(cdc_before) == 50 + 50 + 10
+    assert sorted(map(str, map(strip, replayed))) == sorted(map(str, map(strip, cdc_before)))
+    assert compare_with_source(env, "t", ["id"]) == 40
+
+
+def _capture_process(env: CaptureEnv, mappings_dir: Path, clusters: list[str]) -> subprocess.Popen[bytes]:
+    environment = {
+        **os.environ,
+        **env.stack.environment(),
+        "CDC_LANDING_PREFIX": env.prefix,
+        "CDC_MAPPINGS_DIR": str(mappings_dir),
+    }
+    argv = [str(Path(sys.executable).with_name("cdc")), "capture", "run", "--flush-interval", "0.3"]
+    for cluster in clusters:
+        argv += ["--cluster", cluster]
+    return subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _write_mapping(env: CaptureEnv, folder: Path, cluster: str, tables: list[str]) -> None:
+    folder.mkdir(exist_ok=True)
+    mapping = env.mapping(*[env.table(t, ["id"]) for t in tables]).model_copy(update={"cluster": cluster})
+    (folder / f"{cluster}.json").write_text(mapping.model_dump_json(by_alias=True, exclude_none=True))
+
+
+def test_kill_9_during_a_busy_stream_loses_nothing(local_stack: LocalStack, tmp_path: Path) -> None:
+    env = new_env(local_stack, "slots_play")
+    _execute(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v BIGINT, note VARCHAR(40))")
+    _write_mapping(env, tmp_path / "mappings", "slots_play", ["busy"])
+    process = _capture_process(env, tmp_path / "mappings", ["slots_play"])
+    try:
+        wait_caught_up(env)
+        writer = subprocess.Popen(
+            [
+                "bash",
+                "-c",
+                # a busy stream: many small transactions, inserts, updates and deletes, for ~6 s
+                f"for i in $(seq 1 600); do echo \"INSERT INTO {env.schema}.busy VALUES ($i, $i, 'n$i') "
+                f"ON DUPLICATE KEY UPDATE v = v + 1; UPDATE {env.schema}.busy SET v = v * 2 WHERE id = $((i / 2)); "
+                f'DELETE FROM {env.schema}.busy WHERE id = $((i / 3)) AND $i % 5 = 0; SELECT SLEEP(0.01);"; done | '
+                f"mysql -h127.0.0.1 -P{env.stack.mariadb('slots_play').port} -u{env.stack.admin_credentials('slots_play')[0]} "
+                f"-p{env.stack.admin_credentials('slots_play')[1]}",
+            ]
+        )
+        for _ in range(3):  # kill it three times while the writer is busy, restart each time
+            time.sleep(1.2)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            process = _capture_process(env, tmp_path / "mappings", ["slots_play"])
+        assert writer.wait(timeout=120) == 0
+        wait_caught_up(env, timeout=120)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert compare_with_source(env, "busy", ["id"]) > 300
+
+
+def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path: Path) -> None:
+    envs = [new_env(local_stack, "poker_accounts"), new_env(local_stack, "roulette_accounts")]
+    envs[1].prefix = envs[0].prefix  # one landing prefix, two clusters
+    for env in envs:
+        _execute(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v VARCHAR(10))")
+        _execute(env, "INSERT INTO `{schema}`.t VALUES (1, 'snap')")
+        _write_mapping(env, tmp_path / "mappings", env.cluster_name, ["t"])
+    process = _capture_process(envs[0], tmp_path / "mappings", [e.cluster_name for e in envs])
+    try:
+        for env in envs:
+            wait_caught_up(env)
+            _execute(
+                env,
+                "INSERT INTO `{schema}`.t VALUES (2, 'cdc')",
+                "UPDATE `{schema}`.t SET v = 'upd' WHERE id = 1",
+            )
+        for env in envs:
+            wait_caught_up(env)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    for env in envs:
+        assert compare_with_source(env, "t", ["id"]) == 2
+        status = env.store().read_json("status", env.cluster_name)
+        assert status is not None and status["state"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "table"),
+    [
+        ("cdc/slots_play/bets/LOAD0000000A.parquet", "load", "bets"),
+        ("cdc/slots_play/bets/2026/11/25/20261125-1134010000.parquet", "cdc", "bets"),
+        ("cdc%2Fslots_play%2Fbets%2F20261125-1134010000-1.parquet", "cdc", "bets"),
+    ],
+)
+def test_landing_keys_parse(key: str, kind: str, table: str) -> None:
+    parsed = layout.parse_key(key, "cdc")
+    assert (parsed.kind, parsed.schema, parsed.table) == (kind, "slots_play", table)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "other/slots_play/bets/LOAD00000001.parquet",
+        "cdc/slots_play/bets/notes.txt",
+        "cdc/slots_play/bets/2026/11/24/20261125-1134010000.parquet",
+        "cdc/bets.parquet",
+    ],
+)
+def test_keys_that_are_not_landing_files_are_named(key: str) -> None:
+    with pytest.raises(layout.NotALandingFile, match=key.split("/")[-1].split(".")[0][:6]):
+        layout.parse_key(key, "cdc")
