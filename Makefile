@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint down status deps system-packages clean
+.PHONY: demo test lint bench down status deps system-packages clean
 
 deps: system-packages $(STAMP)
 
@@ -39,6 +39,10 @@ demo: deps
 # Run the test suite; the tests start (and stop) the servers they need on free ports.
 test: deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Benchmarks (not timed tests): a table on stdout, JSON under bench/results/.
+bench: deps
+	$(BIN)/python -m bench.capture_bench $(BENCH_ARGS)
 
 lint: deps
 	$(BIN)/ruff check .

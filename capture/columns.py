@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -67,25 +68,25 @@ class ColumnSpec:
     nullable: bool = True
     override: str | None = None  # BigQuery type from the mapping's type_overrides
 
-    @property
+    @cached_property
     def data_type(self) -> str:
         return re.match(r"[a-z]+", self.column_type).group(0)  # type: ignore[union-attr]
 
-    @property
+    @cached_property
     def unsigned(self) -> bool:
         return " unsigned" in self.column_type
 
-    @property
+    @cached_property
     def length(self) -> int | None:
         match = re.match(r"[a-z]+\((\d+)", self.column_type)
         return int(match.group(1)) if match else None
 
-    @property
+    @cached_property
     def scale(self) -> int:
         match = re.match(r"[a-z]+\(\d+,(\d+)\)", self.column_type)
         return int(match.group(1)) if match else 0
 
-    @property
+    @cached_property
     def members(self) -> list[str]:
         return [m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", self.column_type)]
 
@@ -136,6 +137,10 @@ class ColumnSpec:
             return natural
         convert = _override_converter(self.override)
         return lambda value, none_source: _apply(convert, natural(value, none_source))
+
+    @cached_property
+    def temporal(self) -> bool:
+        return self.data_type in ("date", "datetime", "timestamp")
 
     def zero_date(self, value: Any, none_source: str) -> bool:
         """Whether (value, none_source) is a zero or partial-zero date that became NULL."""

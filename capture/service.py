@@ -83,10 +83,12 @@ class _Table:
     columns: list[ColumnSpec]
     normalisers: list[Any]
     key_indexes: list[int]
+    names: list[str] = field(default_factory=list)
+    temporal_indexes: list[int] = field(default_factory=list)
 
-    @property
-    def names(self) -> list[str]:
-        return [c.name for c in self.columns]
+    def __post_init__(self) -> None:
+        self.names = [c.name for c in self.columns]
+        self.temporal_indexes = [i for i, c in enumerate(self.columns) if c.temporal]
 
 
 @dataclass
@@ -265,17 +267,20 @@ class ClusterCapture:
         )
 
     def _normalise(self, entry: _Table, row: Any, none_sources: dict[str, str] | None) -> list[Any]:
-        values = []
-        for index, (spec, normalise) in enumerate(zip(entry.columns, entry.normalisers, strict=True)):
-            if isinstance(row, dict):
-                raw = row.get(spec.name)
-                source = (none_sources or {}).get(spec.name, "")
-            else:
-                raw, source = row[index], ""
-            if spec.zero_date(raw, source):
+        """Exact values in column order from a binlog row (dict) or a snapshot row (tuple); counts zero dates."""
+        if isinstance(row, dict):
+            sources = none_sources or {}
+            raws = [row.get(name) for name in entry.names]
+            reasons = [sources.get(name, "") for name in entry.names]
+        else:
+            raws, reasons = list(row), [""] * len(entry.columns)
+        for index in entry.temporal_indexes:
+            if entry.columns[index].zero_date(raws[index], reasons[index]):
                 self.stats.zero_dates += 1
-            values.append(normalise(raw, source))
-        return values
+        return [
+            normalise(raw, reason)
+            for normalise, raw, reason in zip(entry.normalisers, raws, reasons, strict=True)
+        ]
 
     def _file_metadata(self, first: BinlogPosition, last: BinlogPosition) -> dict[str, str]:
         return {
@@ -421,9 +426,10 @@ class ClusterCapture:
         pending = self._pending
         for index, row in enumerate(event.rows):
             if isinstance(event, UpdateRowsEvent):
-                before = self._normalise(entry, row["before_values"], row.get("before_none_sources"))
                 after = self._normalise(entry, row["after_values"], row.get("after_none_sources"))
-                if [before[i] for i in entry.key_indexes] != [after[i] for i in entry.key_indexes]:
+                old_key = [row["before_values"].get(entry.names[i]) for i in entry.key_indexes]
+                if old_key != [row["after_values"].get(entry.names[i]) for i in entry.key_indexes]:
+                    before = self._normalise(entry, row["before_values"], row.get("before_none_sources"))
                     # A primary-key change: the old key is deleted, the new one inserted (same transaction order).
                     pending.append((key, "D", before, position.sequence(2 * index)))
                     pending.append((key, "I", after, position.sequence(2 * index + 1)))

@@ -232,6 +232,38 @@ def capture_reset(cluster: str) -> None:
     click.echo(f"{cluster}: checkpoint removed; the next `cdc capture run` makes a new full load")
 
 
+# -- AWS DMS -----------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def dms() -> None:
+    """AWS DMS tasks rendered from the same mapping files (one deploy for DMS and the pipeline)."""
+
+
+@dms.command("render")
+def dms_render() -> None:
+    """Print the DMS S3 target settings and, per cluster, the task with its table-mapping rules (JSON)."""
+    from capture.dms import render
+
+    click.echo(json.dumps(render(_mappings()), indent=2))
+
+
+@dms.command("apply")
+def dms_apply() -> None:
+    """Create or replace the DMS endpoints and tasks so they match the mappings."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from capture.dms import DmsApplier
+    from cdc.clients import aws_client
+
+    try:
+        actions = DmsApplier(aws_client("dms"), _mappings()).apply()
+    except (ClientError, BotoCoreError, RuntimeError) as exc:
+        raise click.ClickException(f"DMS apply failed: {exc}") from exc
+    for action in actions:
+        click.echo(action)
+
+
 # -- demo workload ---------------------------------------------------------------------------------------------
 
 
