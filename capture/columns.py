@@ -130,11 +130,14 @@ class ColumnSpec:
             "map it with a type override (e.g. STRING or BYTES) or exclude the table"
         )
 
-    def normaliser(self) -> Callable[[Any, str], Any]:
-        """(value, none_source) -> exact value of `arrow_type()`; none_source says why the reader gave None."""
+    def normaliser(self) -> Callable[[Any, str], Any] | None:
+        """(value, none_source) -> exact value of `arrow_type()`; none_source says why the reader gave None.
+
+        None when both readers already give the exact value (integers, floats, YEAR, DECIMAL as Decimal).
+        """
         natural = _normaliser(self)
         if not self.override:
-            return natural
+            return None if natural is _identity else natural
         convert = _override_converter(self.override)
         return lambda value, none_source: _apply(convert, natural(value, none_source))
 
@@ -149,6 +152,10 @@ class ColumnSpec:
         if value is None:
             return none_source.startswith("out of")  # the reader's OUT_OF_DATE(TIME)_RANGE
         return isinstance(value, str) or (self.data_type == "timestamp" and value == ZERO_TIMESTAMP)
+
+
+def _identity(value: Any, _none_source: str) -> Any:
+    return value
 
 
 def _int_type(bits: int, unsigned: bool) -> pa.DataType:
@@ -223,10 +230,10 @@ def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:
             else json.dumps(v, ensure_ascii=False)
         )
     if kind in ("decimal", "numeric"):
-        return lambda v, _: None if v is None else Decimal(v)
+        return lambda v, _: v if v is None or isinstance(v, Decimal) else Decimal(v)
     if kind in STRING_TYPES:
         return lambda v, _: None if v is None else (v.decode("utf-8") if isinstance(v, bytes) else v)
-    return lambda v, _: v
+    return _identity
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -85,10 +85,14 @@ class _Table:
     key_indexes: list[int]
     names: list[str] = field(default_factory=list)
     temporal_indexes: list[int] = field(default_factory=list)
+    active: list[tuple[int, str, Any]] = field(
+        default_factory=list
+    )  # (index, name, normaliser) that change values
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
         self.temporal_indexes = [i for i, c in enumerate(self.columns) if c.temporal]
+        self.active = [(i, c.name, n) for i, (c, n) in enumerate(zip(self.columns, self.normalisers)) if n]
 
 
 @dataclass
@@ -267,20 +271,21 @@ class ClusterCapture:
         )
 
     def _normalise(self, entry: _Table, row: Any, none_sources: dict[str, str] | None) -> list[Any]:
-        """Exact values in column order from a binlog row (dict) or a snapshot row (tuple); counts zero dates."""
-        if isinstance(row, dict):
-            sources = none_sources or {}
-            raws = [row.get(name) for name in entry.names]
-            reasons = [sources.get(name, "") for name in entry.names]
-        else:
-            raws, reasons = list(row), [""] * len(entry.columns)
+        """Exact values in column order from a binlog row (dict) or a snapshot row (tuple); counts zero dates.
+
+        The reader says why it returned None in ``none_sources`` (NULL, empty SET, out-of-range date)."""
+        values = [row.get(name) for name in entry.names] if isinstance(row, dict) else list(row)
+        sources = none_sources or {}
         for index in entry.temporal_indexes:
-            if entry.columns[index].zero_date(raws[index], reasons[index]):
+            raw = values[index]
+            if entry.columns[index].zero_date(
+                raw, sources.get(entry.names[index], "") if raw is None else ""
+            ):
                 self.stats.zero_dates += 1
-        return [
-            normalise(raw, reason)
-            for normalise, raw, reason in zip(entry.normalisers, raws, reasons, strict=True)
-        ]
+        for index, name, normalise in entry.active:
+            raw = values[index]
+            values[index] = normalise(raw, sources.get(name, "") if raw is None else "")
+        return values
 
     def _file_metadata(self, first: BinlogPosition, last: BinlogPosition) -> dict[str, str]:
         return {

@@ -24,7 +24,13 @@ from cdc.clients import aws_client
 from cdc.mappings import ClusterMapping, TableMapping
 from local_stack.stack import LocalStack
 
-FAST = CaptureSettings(flush_interval_s=0.3, flush_rows=20_000, heartbeat_s=0.3, status_interval_s=0.5)
+FAST = CaptureSettings(
+    flush_interval_s=0.3,
+    flush_rows=20_000,
+    heartbeat_s=0.3,
+    status_interval_s=0.5,
+    mapping_check_interval_s=0.5,
+)
 
 
 @dataclass

@@ -230,6 +230,43 @@ def test_replayed_changes_carry_identical_sequences(local_stack: LocalStack) -> 
     assert compare_with_source(env, "t", ["id"]) == 40
 
 
+def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
+    local_stack: LocalStack, tmp_path: Path
+) -> None:
+    env = new_env(local_stack, "roulette_accounts")
+    _execute(
+        env,
+        "CREATE TABLE `{schema}`.first (id INT PRIMARY KEY, v INT)",
+        "CREATE TABLE `{schema}`.later (id INT PRIMARY KEY, v INT)",
+    )
+    _execute(env, "INSERT INTO `{schema}`.later VALUES (1, 1), (2, 2)")  # exists before it is mapped
+    folder = tmp_path / "mappings"
+    _write_mapping(env, folder, "roulette_accounts", ["first"])
+    capture = ClusterCapture(
+        env.mapping(env.table("first", ["id"])), env.replication(), env.store(), FAST, folder
+    )
+    with running(capture):
+        wait_caught_up(env)
+        _execute(
+            env,
+            "INSERT INTO `{schema}`.first VALUES (1, 1)",
+            "UPDATE `{schema}`.later SET v = 20 WHERE id = 2",
+        )
+        wait_caught_up(env)
+        assert landed_rows(env, "later") == []  # not mapped yet: ignored
+        _write_mapping(env, folder, "roulette_accounts", ["first", "later"])  # an analyst adds the table
+        deadline = time.monotonic() + 30
+        while not landed_rows(env, "later") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _execute(
+            env, "INSERT INTO `{schema}`.later VALUES (3, 3)", "DELETE FROM `{schema}`.later WHERE id = 1"
+        )
+        wait_caught_up(env)
+    assert compare_with_source(env, "later", ["id"]) == 2
+    assert compare_with_source(env, "first", ["id"]) == 1
+    assert any("LOAD" in row["_key"] for row in landed_rows(env, "later"))  # it got its own full load
+
+
 def _capture_process(env: CaptureEnv, mappings_dir: Path, clusters: list[str]) -> subprocess.Popen[bytes]:
     environment = {
         **os.environ,
@@ -306,6 +343,21 @@ def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path:
         assert compare_with_source(env, "t", ["id"]) == 2
         status = env.store().read_json("status", env.cluster_name)
         assert status is not None and status["state"] == "stopped"
+    shown = subprocess.run(
+        [str(Path(sys.executable).with_name("cdc")), "capture", "status"],
+        env={
+            **os.environ,
+            **envs[0].stack.environment(),
+            "CDC_LANDING_PREFIX": envs[0].prefix,
+            "CDC_MAPPINGS_DIR": str(tmp_path / "mappings"),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for env in envs:
+        line = next(line for line in shown.splitlines() if line.startswith(env.cluster_name))
+        assert "stopped" in line and "I 1" in line and "U 1" in line and "checkpoint 0-" in line
 
 
 @pytest.mark.parametrize(
