@@ -92,7 +92,9 @@ class _Table:
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
         self.temporal_indexes = [i for i, c in enumerate(self.columns) if c.temporal]
-        self.active = [(i, c.name, n) for i, (c, n) in enumerate(zip(self.columns, self.normalisers)) if n]
+        self.active = [
+            (i, c.name, n) for i, (c, n) in enumerate(zip(self.columns, self.normalisers, strict=True)) if n
+        ]
 
 
 @dataclass
