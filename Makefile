@@ -28,13 +28,19 @@ $(STAMP): pyproject.toml
 demo: deps
 	$(BIN)/cdc mappings validate
 	$(BIN)/cdc stack up
+	$(BIN)/cdc capture start
 	$(BIN)/cdc workload --rate 200 --duration 10
+	@sleep 5
 	$(BIN)/cdc stack status
+	@echo
+	@echo "Capture (binlog -> DMS-layout Parquet in the landing bucket):"
+	$(BIN)/cdc capture status
 	@echo
 	@echo 'The local platform is up. Its configuration (load it with: eval "$$($(BIN)/cdc stack env)"):'
 	@$(BIN)/cdc stack env --redact
 	@echo
-	@echo "Stop it with: $(BIN)/cdc stack down"
+	@echo "The capture keeps running in the background (log: .state/capture/capture.log)."
+	@echo "Stop everything with: $(BIN)/cdc stack down"
 
 # Run the test suite; the tests start (and stop) the servers they need on free ports.
 test: deps

@@ -69,6 +69,14 @@ def cdc_command() -> str:
     return str(Path(sys.executable).with_name("cdc"))
 
 
+def background_process() -> Any:
+    """The capture as a background service of the local platform (pid and log under the state folder)."""
+    from local_stack.processes import ServerProcess
+
+    root = environment.state_dir() / "capture"
+    return ServerProcess("capture", 0, root / "capture.pid", root / "capture.log")
+
+
 def capture_status(mappings: Mappings) -> list[dict[str, Any]]:
     store = s3_store()
     return [

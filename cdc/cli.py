@@ -108,8 +108,11 @@ def stack_up(free_ports: bool, **ports: int | None) -> None:
 
 @stack.command("down")
 def stack_down() -> None:
-    """Stop every server of the local stack (data stays in the state folder)."""
-    stopped = _local_stack().down()
+    """Stop the background capture and every server of the local stack (data stays in the state folder)."""
+    from capture.runner import background_process
+
+    stopped = ["capture"] if background_process().stop(timeout=60) else []
+    stopped += _local_stack().down()
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -196,6 +199,29 @@ def capture_run(
     sys.exit(
         run_clusters([[cdc_command(), "capture", "run", "--cluster", c.cluster, *options] for c in chosen])
     )
+
+
+@capture.command("start")
+@click.option("--flush-interval", type=float, default=2.0, show_default=True)
+def capture_start(flush_interval: float) -> None:
+    """Run `cdc capture run` for every cluster in the background (log under the state folder)."""
+    from capture.runner import background_process, cdc_command
+
+    process = background_process()
+    if process.is_running():
+        click.echo(f"capture already running (pid {process.pid()}); log: {process.log_file}")
+        return
+    argv = [cdc_command(), "capture", "run", "--flush-interval", str(flush_interval)]
+    process.start(argv, ready=lambda: True, env=environment.resolved())
+    click.echo(f"capture started (pid {process.pid()}); log: {process.log_file}")
+
+
+@capture.command("stop")
+def capture_stop() -> None:
+    """Stop the background capture gracefully (it flushes and checkpoints first)."""
+    from capture.runner import background_process
+
+    click.echo("capture stopped" if background_process().stop(timeout=60) else "capture was not running")
 
 
 @capture.command("status")

@@ -385,3 +385,31 @@ def test_landing_keys_parse(key: str, kind: str, table: str) -> None:
 def test_keys_that_are_not_landing_files_are_named(key: str) -> None:
     with pytest.raises(layout.NotALandingFile, match=key.split("/")[-1].split(".")[0][:6]):
         layout.parse_key(key, "cdc")
+
+
+def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tmp_path: Path) -> None:
+    env = new_env(local_stack, "poker_accounts")
+    _execute(env, "CREATE TABLE `{schema}`.bg (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.bg VALUES (1)")
+    _write_mapping(env, tmp_path / "mappings", "poker_accounts", ["bg"])
+    cdc = str(Path(sys.executable).with_name("cdc"))
+    variables = {
+        **os.environ,
+        "CDC_STATE_DIR": str(local_stack.state_dir),
+        "CDC_LANDING_PREFIX": env.prefix,
+        "CDC_MAPPINGS_DIR": str(tmp_path / "mappings"),
+    }
+
+    def cdc_run(*args: str) -> str:
+        return subprocess.run([cdc, *args], env=variables, capture_output=True, text=True, check=True).stdout
+
+    assert "capture started" in cdc_run("capture", "start")
+    try:
+        assert "already running" in cdc_run("capture", "start")
+        wait_caught_up(env)
+        _execute(env, "INSERT INTO `{schema}`.bg VALUES (2)")
+        wait_caught_up(env)
+        assert "streaming" in cdc_run("capture", "status")
+    finally:
+        assert cdc_run("capture", "stop").strip() == "capture stopped"
+    assert "stopped" in cdc_run("capture", "status")
+    assert compare_with_source(env, "bg", ["id"]) == 2
