@@ -1,0 +1,175 @@
+"""The loader against the BigQuery API server: changelog exactly once, current state equal to the source."""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import pytest
+from google.api_core import exceptions
+from google.cloud import bigquery
+
+from capture import layout
+from capture.service import ClusterCapture
+from cdc.clients import bigquery_client
+from cdc_assets.loader import CHANGE_SEQ, OP, TableLoader, batch_id, read_landed
+from local_stack.stack import LocalStack
+from tests.capture_support import (
+    FAST,
+    CaptureEnv,
+    as_text,
+    new_env,
+    running,
+    source_text_rows,
+    wait_caught_up,
+)
+
+DDL = """CREATE TABLE `{schema}`.accounts (
+  id BIGINT UNSIGNED NOT NULL PRIMARY KEY, big BIGINT UNSIGNED NULL, n INT NULL, money DECIMAL(18,4) NULL,
+  nick VARCHAR(32) CHARACTER SET utf8mb4 NULL, at DATETIME(6) NULL, ts TIMESTAMP(6) NULL DEFAULT NULL, day DATE NULL,
+  b1 BIT(1) NULL, vip TINYINT(1) NULL, opts SET('x','y') NULL, t TIME(6) NULL, raw VARBINARY(8) NULL, doc JSON NULL)"""
+
+
+def _sql(env: CaptureEnv, *statements: str) -> None:
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        for statement in statements:
+            cursor.execute(statement.format(schema=env.schema))
+
+
+def _row(i: int) -> str:
+    return (
+        f"({i}, {18446744073709551615 - i}, {i * 7}, {i}.2500, 'p{i} 🎲', '2026-11-25 10:00:00.{i:06d}', "
+        f"'2026-11-25 11:00:00.000001', '2026-11-{1 + i % 28:02d}', b'{i % 2}', {i % 2}, '{'x' if i % 2 else ''}', "
+        f"'-00:00:00.000001', X'00{i:02X}', '{{\"i\": {i}}}')"
+    )
+
+
+@pytest.fixture(scope="module")
+def landed(local_stack: LocalStack) -> tuple[CaptureEnv, list[str]]:
+    """Captured changes of one table: a full load, then inserts, updates, a key change and deletes."""
+    env = new_env(local_stack, "slots_play")
+    _sql(env, DDL)
+    _sql(
+        env,
+        f"INSERT INTO `{env.schema}`.accounts VALUES "
+        + ", ".join(_row(i) for i in range(1, 6)).replace("{", "{{").replace("}", "}}"),
+    )
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
+    with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+        _sql(
+            env,
+            f"INSERT INTO `{env.schema}`.accounts VALUES "
+            + ", ".join(_row(i) for i in range(6, 11)).replace("{", "{{").replace("}", "}}"),
+        )
+        wait_caught_up(env)
+        _sql(
+            env,
+            "UPDATE `{schema}`.accounts SET money = money * 2, nick = 'renamed 🎉' WHERE id IN (2, 7)",
+            "UPDATE `{schema}`.accounts SET id = 100 WHERE id = 3",  # a key change
+            "DELETE FROM `{schema}`.accounts WHERE id IN (4, 8)",
+            "UPDATE `{schema}`.accounts SET opts = '', t = '838:59:59' WHERE id = 1",
+        )
+        wait_caught_up(env)
+    s3 = env.s3()
+    prefix = layout.table_prefix(env.prefix, env.schema, "accounts")
+    keys = sorted(
+        o["Key"] for o in s3.list_objects_v2(Bucket=local_stack.settings.bucket, Prefix=prefix)["Contents"]
+    )
+    assert len(keys) >= 3
+    return env, keys
+
+
+def _loader(local_stack: LocalStack, env: CaptureEnv, dataset: str) -> TableLoader:
+    bq = bigquery_client(local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint)
+    mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
+        update={"target": f"{dataset}.accounts"}
+    )
+    return TableLoader(bq, mapping)
+
+
+def _load(loader: TableLoader, env: CaptureEnv, keys: list[str]) -> Any:
+    return loader.load(read_landed(env.s3(), env.stack.settings.bucket, keys), keys)
+
+
+def _same(expected: Any, actual: Any) -> bool:
+    if expected == actual:
+        return True
+    try:
+        return Decimal(str(expected)) == Decimal(str(actual))
+    except (InvalidOperation, TypeError):
+        return False
+
+
+def assert_current_state_equals_source(loader: TableLoader, env: CaptureEnv) -> None:
+    expected, types = source_text_rows(env, "accounts", ["id"])
+    rows = loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}").result()
+    actual = {(str(int(r["id"])),): {n: as_text(r[n], t) for n, t in types.items()} for r in rows}
+    assert set(actual) == set(expected)
+    for key, row in expected.items():
+        for name in types:
+            assert _same(row[name], actual[key][name]), (
+                f"id {key} column {name}: source {row[name]!r}, BigQuery {actual[key][name]!r}"
+            )
+
+
+def assert_changelog_has_no_duplicates(loader: TableLoader) -> int:
+    sql = (
+        f"SELECT COUNT(*) AS n, COUNT(DISTINCT CONCAT(`{CHANGE_SEQ}`, `{OP}`)) AS d "
+        f"FROM {loader.ref('accounts_changelog')}"
+    )
+    row = next(iter(loader.bq.query(sql).result()))
+    assert row.n == row.d, f"{row.n - row.d} duplicate changes in the changelog"
+    return int(row.n)
+
+
+def test_overlapping_and_repeated_batches_load_each_change_once(
+    local_stack: LocalStack, landed: tuple[CaptureEnv, list[str]]
+) -> None:
+    env, keys = landed
+    loader = _loader(local_stack, env, "loader_overlap")
+    half = keys[: len(keys) // 2]
+    first = _load(loader, env, half)
+    assert first.inserted_changes == first.rows
+    everything = _load(loader, env, keys)  # redelivery of the first half together with the rest
+    assert everything.inserted_changes == everything.rows - first.rows
+    again = _load(loader, env, keys)  # the same batch once more: its jobs already ran
+    assert again.inserted_changes == 0
+    total = assert_changelog_has_no_duplicates(loader)
+    assert total == everything.rows
+    assert_current_state_equals_source(loader, env)
+
+
+def test_out_of_order_files_never_regress_the_current_state(
+    local_stack: LocalStack, landed: tuple[CaptureEnv, list[str]]
+) -> None:
+    env, keys = landed
+    loader = _loader(local_stack, env, "loader_out_of_order")
+    for key in reversed(keys):  # newest file first, the full load last
+        _load(loader, env, [key])
+    assert_changelog_has_no_duplicates(loader)
+    assert_current_state_equals_source(loader, env)
+
+
+def test_a_failed_first_job_is_retried_under_a_new_id(
+    local_stack: LocalStack, landed: tuple[CaptureEnv, list[str]]
+) -> None:
+    env, keys = landed
+    loader = _loader(local_stack, env, "loader_retry")
+    loader.bq.create_dataset("loader_retry", exists_ok=True)
+    first_id = f"cdc_loader_retry_accounts_{batch_id(keys)}_stage_a0"
+    broken = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET)
+    with pytest.raises(exceptions.GoogleAPIError):  # the id's first job fails (as a transient error would)
+        loader.bq.load_table_from_file(
+            io.BytesIO(b"not parquet"),
+            f"{loader.project}.loader_retry._broken",
+            job_config=broken,
+            job_id=first_id,
+        ).result()
+    assert loader.bq.get_job(first_id).error_result is not None
+    result = _load(loader, env, keys)
+    assert result.inserted_changes == result.rows
+    assert assert_changelog_has_no_duplicates(loader) == result.rows
+    assert_current_state_equals_source(loader, env)
