@@ -129,7 +129,8 @@ class TableLoader:
         self.project = bq.project
         self.dataset = mapping.target_dataset
         self.current = mapping.target_table
-        self.changelog = mapping.changelog_table
+        # An append-only table's changes are its content: they land at the mapped name, with no separate state.
+        self.changelog = mapping.changelog_table if mapping.primary_key else mapping.target_table
         self.jobs = 0
 
     def ref(self, table: str) -> str:

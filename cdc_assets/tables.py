@@ -1,0 +1,133 @@
+"""The asset factory: per mapped table, its S3 landing prefix (external) and its BigQuery tables (materialized).
+
+Lineage: `mysql/<cluster>/<schema>/<table>` -> `s3_landing/<cluster>/<schema>/<table>` ->
+`bigquery/<dataset>/<table>` (current state + changelog), grouped per cluster. The BigQuery asset is
+partitioned by UTC day (today included). A run loads the landed files named in its config (what the SQS sensor
+sends) or, with none named (a backfill from the UI or CLI), every file landed on the partition's days.
+"""
+
+import datetime as dt
+import os
+import statistics
+from typing import Any
+
+import dagster as dg
+import pyarrow.compute as pc
+from pydantic import Field
+
+from capture import layout
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets.loader import COMMIT_TS, TableLoader, read_landed
+from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.sources import source_asset_key
+
+PARTITIONS_START = "CDC_PARTITIONS_START"
+DAILY = dg.DailyPartitionsDefinition(
+    start_date=os.environ.get(PARTITIONS_START, "2026-01-01"), end_offset=1, timezone="UTC"
+)
+
+
+class LoadFiles(dg.Config):
+    keys: list[str] = Field(
+        default_factory=list,
+        description="Landed S3 keys to load; empty = every file landed on the partition's days.",
+    )
+
+
+def landing_asset_key(cluster: ClusterMapping, table: TableMapping) -> dg.AssetKey:
+    return dg.AssetKey(["s3_landing", cluster.cluster, table.source_schema, table.source_table])
+
+
+def bigquery_asset_key(table: TableMapping) -> dg.AssetKey:
+    return dg.AssetKey(["bigquery", table.target_dataset, table.target_table])
+
+
+def landing_asset_specs(mappings: Mappings) -> list[dg.AssetSpec]:
+    return [
+        dg.AssetSpec(
+            key=landing_asset_key(cluster, table),
+            deps=[source_asset_key(cluster, table)],
+            description=f"Parquet change files of {table.source} in the landing bucket (DMS layout).",
+            group_name=cluster.cluster,
+            kinds={"s3", "parquet"},
+        )
+        for cluster, table in mappings.tables()
+    ]
+
+
+def landed_keys_for_day(landing: LandingResource, table: TableMapping, day: dt.date) -> list[str]:
+    """CDC files in the day's folder, and full-load files written that day."""
+    s3 = landing.s3()
+    base = layout.table_prefix(landing.prefix, table.source_schema, table.source_table)
+    keys: list[str] = []
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=landing.bucket, Prefix=f"{base}{day:%Y/%m/%d}/"):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    for page in paginator.paginate(Bucket=landing.bucket, Prefix=f"{base}LOAD"):
+        keys += [item["Key"] for item in page.get("Contents", []) if item["LastModified"].date() == day]
+    return sorted(keys)
+
+
+def _latency_metadata(commit_times: Any) -> dict[str, float]:
+    now = dt.datetime.now(dt.UTC)
+    seconds = sorted((now - t).total_seconds() for t in commit_times if t is not None)
+    if not seconds:
+        return {}
+    return {
+        "latency_p50_s": round(statistics.median(seconds), 3),
+        "latency_p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 3),
+        "latency_max_s": round(seconds[-1], 3),
+    }
+
+
+def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=bigquery_asset_key(table),
+        deps=[landing_asset_key(cluster, table)],
+        partitions_def=DAILY,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name=cluster.cluster,
+        kinds={"bigquery"},
+        pool=f"cdc_table_{table.target_dataset}_{table.target_table}",  # one writer per table
+        description=(
+            f"{table.target} (current state, equal to {table.source}) and {table.target_dataset}."
+            f"{table.changelog_table} (every change), loaded exactly once from the landed files."
+        ),
+        metadata={"source": table.source, "primary_key": ", ".join(table.primary_key) or "(append-only)"},
+        tags={"cdc/cluster": cluster.cluster},
+    )
+    def load_table(
+        context: dg.AssetExecutionContext,
+        config: LoadFiles,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+    ) -> dg.MaterializeResult:
+        keys = list(config.keys)
+        if not keys:
+            for partition in context.partition_keys:
+                keys += landed_keys_for_day(landing, table, dt.date.fromisoformat(partition))
+        if not keys:
+            context.log.info(f"{table.source}: no landed files for {context.partition_keys}")
+            return dg.MaterializeResult(metadata={"files": 0, "rows": 0})
+        data = read_landed(landing.s3(), landing.bucket, keys)
+        result = TableLoader(bigquery.client(), table).load(data, keys)
+        context.log.info(
+            f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
+            f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "files": result.files,
+                "rows": result.rows,
+                "new_changes": result.inserted_changes,
+                **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
+                "bigquery_jobs": result.jobs,
+                **_latency_metadata(pc.unique(data[COMMIT_TS]).to_pylist()),
+            }
+        )
+
+    return load_table
+
+
+def table_assets(mappings: Mappings) -> list[dg.AssetsDefinition]:
+    return [build_table_asset(cluster, table) for cluster, table in mappings.tables()]
