@@ -32,6 +32,10 @@ class LoadFiles(dg.Config):
         default_factory=list,
         description="Landed S3 keys to load; empty = every file landed on the partition's days.",
     )
+    acknowledge: list[str] = Field(
+        default_factory=list,
+        description="SQS receipt handles to delete once the files are loaded (set by the sensor).",
+    )
 
 
 def landing_asset_key(cluster: ClusterMapping, table: TableMapping) -> dg.AssetKey:
@@ -80,6 +84,22 @@ def _latency_metadata(commit_times: Any) -> dict[str, float]:
     }
 
 
+def _acknowledge(landing: LandingResource, receipts: list[str], context: dg.AssetExecutionContext) -> int:
+    """Delete the SQS messages of loaded files. An expired handle is harmless: the message comes back, and its
+    rerun finds the batch already merged and only deletes it."""
+    done = 0
+    sqs = landing.sqs()
+    for receipt in receipts:
+        try:
+            sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)
+            done += 1
+        except sqs.exceptions.ReceiptHandleIsInvalid:
+            context.log.warning(
+                "an SQS receipt handle expired before the load finished; the message will return"
+            )
+    return done
+
+
 def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.AssetsDefinition:
     @dg.asset(
         key=bigquery_asset_key(table),
@@ -111,6 +131,7 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
             return dg.MaterializeResult(metadata={"files": 0, "rows": 0})
         data = read_landed(landing.s3(), landing.bucket, keys)
         result = TableLoader(bigquery.client(), table).load(data, keys)
+        acknowledged = _acknowledge(landing, config.acknowledge, context)
         context.log.info(
             f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
             f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
@@ -122,6 +143,7 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
                 "new_changes": result.inserted_changes,
                 **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
                 "bigquery_jobs": result.jobs,
+                "messages_acknowledged": acknowledged,
                 **_latency_metadata(pc.unique(data[COMMIT_TS]).to_pylist()),
             }
         )

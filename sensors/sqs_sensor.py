@@ -1,0 +1,194 @@
+"""The SQS sensor: S3 events of landed files -> one run per table and day, naming the files to load.
+
+Per tick it long-polls the queue in bounded batches (well under the sensor time limit) and:
+- parses S3 event messages, plain or SNS-wrapped; S3 TestEvents are deleted; keys are URL-decoded;
+- maps each key to its mapped table and UTC day; duplicate events for one object collapse into one file;
+- yields a RunRequest per (table, day) with the files and the messages' receipt handles in run config, and a
+  run_key from the files and the messages' receive counts (a redelivery after a failed run gets a new run);
+- deletes nothing itself for loadable files: the run deletes its messages after the load succeeded. A failed run
+  leaves them to reappear after the visibility timeout; after the queue's max receive count SQS moves them to
+  the dead-letter queue;
+- a message that is not an S3 event, or a key that maps to no mapped table, is moved to the dead-letter queue
+  at once with the reason as a message attribute, and logged - never dropped silently.
+"""
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import dagster as dg
+
+from capture import layout
+from cdc.mappings import Mappings, TableMapping
+from cdc_assets.resources import LandingResource
+from cdc_assets.tables import bigquery_asset_key
+
+MAX_POLL_SECONDS = 20.0  # per tick; Dagster's sensor timeout is 60 s
+MAX_MESSAGES_PER_TICK = 500
+
+
+@dataclass
+class ParsedMessage:
+    message_id: str
+    receipt_handle: str
+    receive_count: int
+    keys: list[str] = field(default_factory=list)
+    test_event: bool = False
+
+
+class PoisonMessage(ValueError):
+    """A message that is not an S3 event notification; the text says why."""
+
+
+def parse_message(message: dict[str, Any]) -> ParsedMessage:
+    parsed = ParsedMessage(
+        message_id=message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+    )
+    try:
+        body = json.loads(message["Body"])
+        if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
+            body = json.loads(body["Message"])  # SNS-wrapped
+    except (ValueError, TypeError) as exc:
+        raise PoisonMessage(f"message {parsed.message_id}: body is not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise PoisonMessage(f"message {parsed.message_id}: body is not an S3 event object")
+    if body.get("Event") == "s3:TestEvent":
+        parsed.test_event = True
+        return parsed
+    records = body.get("Records")
+    if not isinstance(records, list):
+        raise PoisonMessage(f"message {parsed.message_id}: no S3 event Records")
+    for record in records:
+        try:
+            if str(record["eventName"]).startswith("ObjectCreated"):
+                parsed.keys.append(unquote_plus(record["s3"]["object"]["key"]))
+        except (KeyError, TypeError) as exc:
+            raise PoisonMessage(f"message {parsed.message_id}: malformed S3 event record ({exc})") from exc
+    return parsed
+
+
+@dataclass
+class Batch:
+    table: TableMapping
+    day: str
+    keys: set[str] = field(default_factory=set)
+    receipts: dict[str, str] = field(default_factory=dict)  # message id -> receipt handle
+    receive_counts: dict[str, int] = field(default_factory=dict)
+
+    def run_key(self) -> str:
+        material = (
+            "\n".join(sorted(self.keys))
+            + "|"
+            + ",".join(f"{m}:{c}" for m, c in sorted(self.receive_counts.items()))
+        )
+        return f"{self.table.target}:{self.day}:{hashlib.sha256(material.encode()).hexdigest()[:24]}"
+
+
+def _dead_letter(landing: LandingResource, message: dict[str, Any], reason: str) -> None:
+    sqs = landing.sqs()
+    sqs.send_message(
+        QueueUrl=landing.dead_letter_queue_url,
+        MessageBody=message["Body"],
+        MessageAttributes={"cdc_reason": {"DataType": "String", "StringValue": reason[:1000]}},
+    )
+    sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[Batch]:
+    """Receive up to MAX_MESSAGES_PER_TICK messages and group their files per table and day."""
+    by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
+    batches: dict[tuple[str, str], Batch] = {}
+    sqs = landing.sqs()
+    deadline = time.monotonic() + MAX_POLL_SECONDS
+    received = 0
+    while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
+        messages = sqs.receive_message(
+            QueueUrl=landing.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
+        ).get("Messages", [])
+        if not messages:
+            break
+        received += len(messages)
+        for message in messages:
+            try:
+                parsed = parse_message(message)
+            except PoisonMessage as exc:
+                log.error(f"{exc}; moved to the dead-letter queue")
+                _dead_letter(landing, message, str(exc))
+                continue
+            if parsed.test_event:
+                sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
+                continue
+            for key in parsed.keys:
+                try:
+                    landed = layout.parse_key(key, landing.prefix)
+                except layout.NotALandingFile as exc:
+                    reason = f"{exc}; moved to the dead-letter queue"
+                    log.error(reason)
+                    _dead_letter(landing, message, str(exc))
+                    break
+                table = by_source.get((landed.schema, landed.table))
+                if table is None:
+                    reason = (
+                        f"{key}: table {landed.schema}.{landed.table} is not in the mappings (or disabled); add it "
+                        "to its cluster's mapping file or stop capturing it. Message moved to the dead-letter queue"
+                    )
+                    log.error(reason)
+                    _dead_letter(landing, message, reason)
+                    break
+                day = (landed.day or message_day(message)).isoformat()
+                batch = batches.setdefault((table.source, day), Batch(table, day))
+                batch.keys.add(key)
+                batch.receipts[parsed.message_id] = parsed.receipt_handle
+                batch.receive_counts[parsed.message_id] = parsed.receive_count
+    return list(batches.values())
+
+
+def message_day(message: dict[str, Any]) -> Any:
+    import datetime as dt
+
+    sent = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
+    return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
+
+
+def run_request(batch: Batch) -> dg.RunRequest:
+    key = bigquery_asset_key(batch.table)
+    op_name = "__".join(key.path)
+    return dg.RunRequest(
+        run_key=batch.run_key(),
+        asset_selection=[key],
+        partition_key=batch.day,
+        run_config={
+            "ops": {
+                op_name: {
+                    "config": {"keys": sorted(batch.keys), "acknowledge": sorted(batch.receipts.values())}
+                }
+            }
+        },
+        tags={"cdc/table": batch.table.target, "cdc/files": str(len(batch.keys))},
+    )
+
+
+def build_sqs_sensor(mappings: Mappings, asset_keys: list[dg.AssetKey]) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="landed_files_sqs",
+        minimum_interval_seconds=5,
+        asset_selection=asset_keys,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Turns S3 events of landed files into one load run per table and day.",
+    )
+    def landed_files_sqs(context: dg.SensorEvaluationContext, landing: LandingResource) -> dg.SensorResult:
+        batches = collect(landing, mappings, context.log)
+        grouped: dict[str, int] = defaultdict(int)
+        for batch in batches:
+            grouped[batch.table.target] += len(batch.keys)
+        if batches:
+            context.log.info(f"{sum(grouped.values())} landed file(s) for {len(grouped)} table(s)")
+        return dg.SensorResult(run_requests=[run_request(batch) for batch in batches])
+
+    return landed_files_sqs

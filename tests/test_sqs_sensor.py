@@ -1,0 +1,161 @@
+"""The SQS sensor against moto: S3 events -> runs that load the named files and delete their messages."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from capture.service import ClusterCapture
+from cdc.mappings import Mappings
+from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.tables import bigquery_asset_key, build_table_asset
+from local_stack.stack import LocalStack
+from sensors.sqs_sensor import PoisonMessage, build_sqs_sensor, parse_message
+from tests.capture_support import FAST, new_env, running, wait_caught_up
+from tests.test_loader import (
+    DDL,
+    _loader,
+    _row,
+    _sql,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+)
+
+
+def _message(body: Any, receive_count: int = 1) -> dict[str, Any]:
+    return {
+        "MessageId": "m1",
+        "ReceiptHandle": "r1",
+        "Body": body if isinstance(body, str) else json.dumps(body),
+        "Attributes": {"ApproximateReceiveCount": str(receive_count)},
+    }
+
+
+def _event(key: str) -> dict[str, Any]:
+    return {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": key}}}]}
+
+
+def test_parse_plain_sns_wrapped_test_events_and_encoded_keys() -> None:
+    assert parse_message(_message(_event("cdc%2Fs%2Ft%2FLOAD00000001.parquet"))).keys == [
+        "cdc/s/t/LOAD00000001.parquet"
+    ]
+    wrapped = {"Type": "Notification", "Message": json.dumps(_event("cdc/s/t/a+b.parquet"))}
+    assert parse_message(_message(wrapped)).keys == ["cdc/s/t/a b.parquet"]
+    assert parse_message(_message({"Service": "Amazon S3", "Event": "s3:TestEvent"})).test_event
+    for poison in (
+        "not json",
+        json.dumps([1, 2]),
+        json.dumps({"Records": [{"eventName": "ObjectCreated:Put"}]}),
+    ):
+        with pytest.raises(PoisonMessage, match="m1"):
+            parse_message(_message(poison))
+
+
+def _drain(sqs: Any, queue: str) -> list[dict[str, Any]]:
+    messages = []
+    while batch := sqs.receive_message(
+        QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+    ).get("Messages"):
+        for message in batch:
+            messages.append(message)
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    return messages
+
+
+def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environment = local_stack.environment()
+    for key, value in environment.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    landing = LandingResource(
+        bucket=local_stack.settings.bucket,
+        prefix=local_stack.settings.prefix,
+        queue_url=environment["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
+    )
+    sqs = landing.sqs()
+    _drain(sqs, landing.queue_url)
+    _drain(sqs, landing.dead_letter_queue_url)
+
+    env = new_env(local_stack, "slots_accounts")
+    env.prefix = local_stack.settings.prefix  # the notified landing prefix
+    _sql(env, DDL)
+    _sql(
+        env,
+        f"INSERT INTO `{env.schema}`.accounts VALUES "
+        + ", ".join(_row(i) for i in range(1, 5)).replace("{", "{{").replace("}", "}}"),
+    )
+    mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
+        update={"target": "sensor_test.accounts"}
+    )
+    cluster = env.mapping(mapping)
+    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+        _sql(
+            env,
+            "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 1",
+            "DELETE FROM `{schema}`.accounts WHERE id = 4",
+        )
+        wait_caught_up(env)
+    s3 = landing.s3()
+    s3.put_object(Bucket=landing.bucket, Key=f"cdc/{env.schema}/accounts/notes.txt", Body=b"not a data file")
+    s3.put_object(Bucket=landing.bucket, Key=f"cdc/{env.schema}/unmapped/LOAD00000001.parquet", Body=b"x")
+    time.sleep(0.5)
+
+    mappings = Mappings(directory=env.stack.mappings.directory, clusters=(cluster,))
+    sensor = build_sqs_sensor(mappings, [bigquery_asset_key(mapping)])
+    asset = build_table_asset(cluster, mapping)
+    bigquery = BigQueryCdcResource(
+        project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+    )
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick() -> list[dg.RunRequest]:
+        context = dg.build_sensor_context(instance=instance, resources={"landing": landing})
+        result = sensor(context)
+        return list(result.run_requests or [])
+
+    def run(requests: list[dg.RunRequest]) -> list[int]:
+        new = []
+        for request in requests:
+            outcome = dg.materialize(
+                [asset],
+                partition_key=request.partition_key,
+                run_config=request.run_config,
+                resources={"landing": landing, "bigquery": bigquery},
+            )
+            assert outcome.success
+            new.append(
+                outcome.asset_materializations_for_node(asset.op.name)[0].metadata["new_changes"].value
+            )
+        return new
+
+    requests = tick()
+    assert requests, "the sensor saw no landed files"
+    assert all(r.run_key and r.partition_key for r in requests)
+    files = [k for r in requests for k in next(iter(r.run_config["ops"].values()))["config"]["keys"]]
+    assert len(files) == len(set(files)) >= 2
+    assert sum(run(requests)) > 0
+    assert (
+        sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=0).get("Messages") is None
+    )  # acknowledged
+
+    # duplicate delivery of every event: new runs, nothing loaded twice
+    for key in files:
+        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps(_event(key.replace("/", "%2F"))))
+    assert sum(run(tick())) == 0
+
+    dead = _drain(sqs, landing.dead_letter_queue_url)
+    reasons = " | ".join(m["MessageAttributes"]["cdc_reason"]["StringValue"] for m in dead)
+    assert "notes.txt is neither a DMS full-load nor a CDC Parquet file name" in reasons
+    assert f"table {env.schema}.unmapped is not in the mappings" in reasons
+
+    loader = _loader(local_stack, env, "sensor_test")
+    assert_changelog_has_no_duplicates(loader)
+    assert_current_state_equals_source(loader, env)
