@@ -35,11 +35,16 @@ demo: deps
 	@echo
 	@echo "Capture (binlog -> DMS-layout Parquet in the landing bucket):"
 	$(BIN)/cdc capture status
+	$(BIN)/cdc dagster start
+	@echo "Waiting for the SQS sensor's first loads into BigQuery:"
+	$(BIN)/cdc bigquery ls --wait 90 | tail -12
 	@echo
 	@echo 'The local platform is up. Its configuration (load it with: eval "$$($(BIN)/cdc stack env)"):'
 	@$(BIN)/cdc stack env --redact
 	@echo
-	@echo "The capture keeps running in the background (log: .state/capture/capture.log)."
+	@echo "Open the Dagster UI at http://127.0.0.1:3000 : Assets shows mysql -> s3_landing -> bigquery per cluster;"
+	@echo "each bigquery asset's partitions and materializations (files, rows by op, latency) fill as the sensor runs."
+	@echo "Capture and Dagster keep running in the background (logs under .state/capture and .state/dagster)."
 	@echo "Stop everything with: $(BIN)/cdc stack down"
 
 # Run the test suite; the tests start (and stop) the servers they need on free ports.

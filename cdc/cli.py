@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -111,7 +111,8 @@ def stack_down() -> None:
     """Stop the background capture and every server of the local stack (data stays in the state folder)."""
     from capture.runner import background_process
 
-    stopped = ["capture"] if background_process().stop(timeout=60) else []
+    stopped = ["dagster"] if _dagster_process().stop(timeout=60) else []
+    stopped += ["capture"] if background_process().stop(timeout=60) else []
     stopped += _local_stack().down()
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
@@ -256,6 +257,109 @@ def capture_reset(cluster: str) -> None:
     _mappings().cluster(cluster)
     s3_store().delete_json("checkpoints", cluster)
     click.echo(f"{cluster}: checkpoint removed; the next `cdc capture run` makes a new full load")
+
+
+# -- Dagster ---------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def dagster() -> None:
+    """The local Dagster instance (webserver + daemon) running the pipeline's definitions."""
+
+
+def _dagster_process() -> Any:
+    from local_stack.processes import ServerProcess
+
+    root = environment.state_dir() / "dagster"
+    return ServerProcess("dagster", 0, root / "dagster.pid", root / "dagster.log")
+
+
+@dagster.command("start")
+@click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
+def dagster_start(port: int) -> None:
+    """Start `dagster dev` in the background with DAGSTER_HOME under the state folder; print the UI URL."""
+    import shutil
+    import urllib.request
+
+    process = _dagster_process()
+    url = f"http://127.0.0.1:{port}"
+    if process.is_running():
+        click.echo(f"dagster already running (pid {process.pid()}): {url}")
+        return
+    home = environment.state_dir() / "dagster" / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(environment.PROJECT_ROOT / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    dagster_cli = str(Path(sys.executable).with_name("dagster"))
+    argv = [
+        dagster_cli,
+        "dev",
+        "-w",
+        str(environment.PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{url}/server_info", timeout=1) as response:
+            return bool(response.status == 200)
+
+    process.start(
+        argv,
+        ready=ready,
+        env={**environment.resolved(), "DAGSTER_HOME": str(home)},
+        timeout=120,
+        extra_ports=(port,),
+    )
+    click.echo(f"dagster started (pid {process.pid()}): {url}  log: {process.log_file}")
+
+
+@dagster.command("stop")
+def dagster_stop() -> None:
+    """Stop the background Dagster instance."""
+    click.echo("dagster stopped" if _dagster_process().stop(timeout=60) else "dagster was not running")
+
+
+@main.group()
+def bigquery() -> None:
+    """Look at what has arrived in BigQuery."""
+
+
+@bigquery.command("ls")
+@click.option("--wait", type=float, default=0.0, help="Wait up to this many seconds for the first table.")
+def bigquery_ls(wait: float) -> None:
+    """Every mapped table's current-state and changelog row counts (tables not created yet are skipped)."""
+    import time
+
+    from google.api_core import exceptions
+
+    from cdc.clients import bigquery_client
+    from cdc.mappings import quote_bigquery
+
+    values = environment.resolved()
+    client = bigquery_client(
+        environment.require(environment.BIGQUERY_PROJECT), values.get(environment.BIGQUERY_ENDPOINT) or None
+    )
+    deadline = time.monotonic() + wait
+    while True:
+        rows = []
+        for _, table in _mappings().tables():
+            for name in (
+                (table.target_table, table.changelog_table) if table.primary_key else (table.target_table,)
+            ):
+                try:
+                    ref = quote_bigquery(client.project, table.target_dataset, name)
+                    count = next(iter(client.query(f"SELECT COUNT(*) AS n FROM {ref}").result())).n  # noqa: S608
+                except exceptions.NotFound:
+                    continue
+                rows.append((f"{table.target_dataset}.{name}", count))
+        if rows or time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    for name, count in rows:
+        click.echo(f"{name:<45} {count:>8} rows")
+    click.echo(f"{len(rows)} BigQuery table(s)")
 
 
 # -- AWS DMS -----------------------------------------------------------------------------------------------------

@@ -156,22 +156,31 @@ def message_day(message: dict[str, Any]) -> Any:
     return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
 
 
-def run_request(batch: Batch) -> dg.RunRequest:
-    key = bigquery_asset_key(batch.table)
-    op_name = "__".join(key.path)
-    return dg.RunRequest(
-        run_key=batch.run_key(),
-        asset_selection=[key],
-        partition_key=batch.day,
-        run_config={
-            "ops": {
-                op_name: {
-                    "config": {"keys": sorted(batch.keys), "acknowledge": sorted(batch.receipts.values())}
-                }
+def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
+    """One run per day for all of the tick's tables of that day (they share the daily partitions), each table
+    with its own files and messages; the run key covers every file and receive count in it."""
+    by_day: dict[str, list[Batch]] = defaultdict(list)
+    for batch in batches:
+        by_day[batch.day].append(batch)
+    requests = []
+    for day, group in sorted(by_day.items()):
+        ops = {}
+        for batch in group:
+            op_name = "__".join(bigquery_asset_key(batch.table).path)
+            ops[op_name] = {
+                "config": {"keys": sorted(batch.keys), "acknowledge": sorted(batch.receipts.values())}
             }
-        },
-        tags={"cdc/table": batch.table.target, "cdc/files": str(len(batch.keys))},
-    )
+        run_key = hashlib.sha256("|".join(sorted(b.run_key() for b in group)).encode()).hexdigest()[:32]
+        requests.append(
+            dg.RunRequest(
+                run_key=f"{day}:{run_key}",
+                asset_selection=[bigquery_asset_key(b.table) for b in group],
+                partition_key=day,
+                run_config={"ops": ops},
+                tags={"cdc/tables": str(len(group)), "cdc/files": str(sum(len(b.keys) for b in group))},
+            )
+        )
+    return requests
 
 
 def build_sqs_sensor(mappings: Mappings, asset_keys: list[dg.AssetKey]) -> dg.SensorDefinition:
@@ -189,6 +198,6 @@ def build_sqs_sensor(mappings: Mappings, asset_keys: list[dg.AssetKey]) -> dg.Se
             grouped[batch.table.target] += len(batch.keys)
         if batches:
             context.log.info(f"{sum(grouped.values())} landed file(s) for {len(grouped)} table(s)")
-        return dg.SensorResult(run_requests=[run_request(batch) for batch in batches])
+        return dg.SensorResult(run_requests=run_requests(batches))
 
     return landed_files_sqs

@@ -1,0 +1,75 @@
+"""End to end with a real Dagster instance: MariaDB -> capture -> S3 -> SQS -> sensor -> runs -> BigQuery."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from local_stack.processes import free_port
+from local_stack.stack import LocalStack
+from tests.capture_support import new_env
+from tests.test_capture import _write_mapping
+from tests.test_loader import (
+    DDL,
+    _loader,
+    _row,
+    _sql,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+)
+
+
+def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
+    local_stack: LocalStack, tmp_path: Path
+) -> None:
+    env = new_env(local_stack, "poker_play")
+    env.prefix = local_stack.settings.prefix  # the prefix whose S3 events reach the queue
+    _sql(env, DDL)
+    _sql(
+        env,
+        f"INSERT INTO `{env.schema}`.accounts VALUES "
+        + ", ".join(_row(i) for i in range(1, 4)).replace("{", "{{").replace("}", "}}"),
+    )
+    folder = tmp_path / "mappings"
+    _write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
+    variables = {**os.environ, **local_stack.environment(), "CDC_MAPPINGS_DIR": str(folder)}
+    cdc = str(Path(sys.executable).with_name("cdc"))
+
+    def cdc_run(*args: str) -> str:
+        return subprocess.run(
+            [cdc, *args], env=variables, capture_output=True, text=True, check=True, timeout=180
+        ).stdout
+
+    cdc_run("capture", "start", "--flush-interval", "0.5")
+    try:
+        cdc_run("dagster", "start", "--port", str(free_port()))
+        _sql(
+            env,
+            "UPDATE `{schema}`.accounts SET nick = 'changed 🎉', money = 1.5 WHERE id = 1",
+            "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
+            "DELETE FROM `{schema}`.accounts WHERE id = 2",
+        )
+        _sql(
+            env,
+            f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(9).replace("{", "{{").replace("}", "}}"),
+        )
+        loader = _loader(local_stack, env, env.schema)
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                assert_current_state_equals_source(loader, env)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    log = (local_stack.state_dir / "dagster" / "dagster.log").read_text()[-3000:]
+                    raise AssertionError(
+                        f"BigQuery did not reach the source state in time; dagster log:\n{log}"
+                    ) from None
+                time.sleep(2)
+        assert_changelog_has_no_duplicates(loader)
+    finally:
+        cdc_run("dagster", "stop")
+        cdc_run("capture", "stop")
