@@ -264,6 +264,19 @@ class TableLoader:
                 return True
         return False
 
+    def duplicate_changes(self) -> tuple[int, int]:
+        """(changes, duplicated changes) in the changelog; a change is identified by sequence and Op."""
+        try:
+            self.bq.get_table(f"{self.project}.{self.dataset}.{self.changelog}")
+        except exceptions.NotFound:
+            return 0, 0
+        sql = (
+            f"SELECT COUNT(*) AS n, COUNT(*) - COUNT(DISTINCT CONCAT({_column(CHANGE_SEQ)}, {_column(OP)})) AS d "  # noqa: S608
+            f"FROM {self.ref(self.changelog)}"
+        )
+        row = next(iter(self.bq.query(sql).result()))
+        return int(row.n), int(row.d)
+
     def _count(self, table: str) -> int:
         rows = self.bq.query(f"SELECT COUNT(*) AS n FROM {self.ref(table)}").result()  # noqa: S608
         return int(next(iter(rows)).n)

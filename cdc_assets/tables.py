@@ -100,9 +100,32 @@ def _acknowledge(landing: LandingResource, receipts: list[str], context: dg.Asse
     return done
 
 
+NO_DUPLICATES = "no_duplicate_changes"
+
+
+def _duplicate_check(loader: TableLoader) -> dg.AssetCheckResult:
+    changes, duplicates = loader.duplicate_changes()
+    return dg.AssetCheckResult(
+        check_name=NO_DUPLICATES,
+        passed=duplicates == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"changes": changes, "duplicated_changes": duplicates, "changelog": loader.changelog},
+    )
+
+
 def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.AssetsDefinition:
+    key = bigquery_asset_key(table)
+
     @dg.asset(
-        key=bigquery_asset_key(table),
+        check_specs=[
+            dg.AssetCheckSpec(
+                NO_DUPLICATES,
+                asset=key,
+                blocking=True,
+                description="Every change is in the changelog exactly once (by change sequence and Op).",
+            )
+        ],
+        key=key,
         deps=[landing_asset_key(cluster, table)],
         partitions_def=DAILY,
         backfill_policy=dg.BackfillPolicy.single_run(),
@@ -126,11 +149,14 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
         if not keys:
             for partition in context.partition_keys:
                 keys += landed_keys_for_day(landing, table, dt.date.fromisoformat(partition))
+        loader = TableLoader(bigquery.client(), table)
         if not keys:
             context.log.info(f"{table.source}: no landed files for {context.partition_keys}")
-            return dg.MaterializeResult(metadata={"files": 0, "rows": 0})
+            return dg.MaterializeResult(
+                metadata={"files": 0, "rows": 0}, check_results=[_duplicate_check(loader)]
+            )
         data = read_landed(landing.s3(), landing.bucket, keys)
-        result = TableLoader(bigquery.client(), table).load(data, keys)
+        result = loader.load(data, keys)
         acknowledged = _acknowledge(landing, config.acknowledge, context)
         context.log.info(
             f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
@@ -145,7 +171,8 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
                 "bigquery_jobs": result.jobs,
                 "messages_acknowledged": acknowledged,
                 **_latency_metadata(pc.unique(data[COMMIT_TS]).to_pylist()),
-            }
+            },
+            check_results=[_duplicate_check(loader)],
         )
 
     return load_table

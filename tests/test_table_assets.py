@@ -82,6 +82,20 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     assert metadata["files"].value >= 2 and metadata["new_changes"].value == metadata["rows"].value
     assert "latency_p50_s" in metadata
     assert again.asset_materializations_for_node(asset.op.name)[0].metadata["new_changes"].value == 0
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["duplicated_changes"].value == 0
     loader = _loader(local_stack, env, "asset_test")
     assert_changelog_has_no_duplicates(loader)
     assert_current_state_equals_source(loader, env)
+
+    # a duplicate written behind the pipeline's back fails the blocking check, naming the numbers
+    loader.bq.query(
+        f"INSERT INTO {loader.ref('accounts_changelog')} SELECT * FROM {loader.ref('accounts_changelog')} LIMIT 1"
+    ).result()
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            patch.setenv(key, environment[key])
+        broken = dg.materialize([asset], partition_key=today, resources=resources, raise_on_error=False)
+    [failed] = broken.get_asset_check_evaluations()
+    assert not failed.passed and failed.metadata["duplicated_changes"].value == 1
+    assert not broken.success  # blocking ERROR check fails the run
