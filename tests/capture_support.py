@@ -81,6 +81,14 @@ class CaptureEnv:
         )
 
 
+def run_sql(env: CaptureEnv, *statements: str) -> None:
+    """Run statements as the test's admin, with `{schema}` replaced by the test's schema (zero dates allowed)."""
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        for statement in statements:
+            cursor.execute(statement.format(schema=env.schema))
+
+
 def new_env(stack: LocalStack, cluster: str) -> CaptureEnv:
     token = uuid.uuid4().hex[:8]
     env = CaptureEnv(stack, cluster, f"captest_{token}", f"captest-{token}")

@@ -22,6 +22,7 @@ from tests.capture_support import (
     compare_with_source,
     landed_rows,
     new_env,
+    run_sql,
     running,
     wait_caught_up,
 )
@@ -75,13 +76,6 @@ def _insert(env: CaptureEnv, rows: list[str], offset: int = 0) -> None:
             cursor.execute(f"INSERT INTO `{env.schema}`.`every_type` VALUES {row}")
 
 
-def _execute(env: CaptureEnv, *statements: str) -> None:
-    with env.admin() as connection, connection.cursor() as cursor:
-        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
-        for statement in statements:
-            cursor.execute(statement.format(schema=env.schema))
-
-
 def test_full_load_and_cdc_of_every_type_equal_the_source(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "slots_accounts")
     _create_every_type(env)
@@ -91,7 +85,7 @@ def test_full_load_and_cdc_of_every_type_equal_the_source(local_stack: LocalStac
     with running(capture):
         wait_caught_up(env)
         _insert(env, EDGE_ROWS, offset=100)  # the same values through the binlog
-        _execute(
+        run_sql(
             env,
             "UPDATE `{schema}`.every_type SET t6 = '-12:00:00.000001', opts = '', b1 = b'0', money = -0.0001 WHERE id = 3",
             "UPDATE `{schema}`.every_type SET name = '새 이름 🎉', doc = '{{\"k\": 2}}', u64 = 18446744073709551614 WHERE id = 101",
@@ -149,11 +143,11 @@ def test_zero_dates_are_counted_in_the_status(local_stack: LocalStack) -> None:
 
 def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "poker_play")
-    _execute(env, "CREATE TABLE `{schema}`.big (id INT PRIMARY KEY, v VARCHAR(20), amount DECIMAL(12,2))")
+    run_sql(env, "CREATE TABLE `{schema}`.big (id INT PRIMARY KEY, v VARCHAR(20), amount DECIMAL(12,2))")
     capture = ClusterCapture(env.mapping(env.table("big", ["id"])), env.replication(), env.store(), FAST)
     with running(capture):
         wait_caught_up(env)
-        _execute(
+        run_sql(
             env,
             "BEGIN",
             "INSERT INTO `{schema}`.big SELECT seq, CONCAT('row', seq), seq / 100 FROM `{schema}`.seq_1_to_100000",
@@ -170,12 +164,12 @@ def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStac
 
 def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "poker_play")
-    _execute(env, "CREATE TABLE `{schema}`.evolving (id INT PRIMARY KEY, a VARCHAR(10), b INT)")
-    _execute(env, "INSERT INTO `{schema}`.evolving VALUES (1, 'one', 10)")
+    run_sql(env, "CREATE TABLE `{schema}`.evolving (id INT PRIMARY KEY, a VARCHAR(10), b INT)")
+    run_sql(env, "INSERT INTO `{schema}`.evolving VALUES (1, 'one', 10)")
     capture = ClusterCapture(env.mapping(env.table("evolving", ["id"])), env.replication(), env.store(), FAST)
     with running(capture):
         wait_caught_up(env)
-        _execute(
+        run_sql(
             env,
             "INSERT INTO `{schema}`.evolving VALUES (2, 'two', 20)",
             "ALTER TABLE `{schema}`.evolving ADD COLUMN c DECIMAL(5,2) NULL AFTER a",
@@ -208,13 +202,13 @@ def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> 
 
 def test_replayed_changes_carry_identical_sequences(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "roulette_play")
-    _execute(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v INT)")
+    run_sql(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v INT)")
     table = env.table("t", ["id"])
     capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
     with running(capture):
         first = wait_caught_up(env)
-        _execute(env, *[f"INSERT INTO `{{schema}}`.t VALUES ({i}, {i})" for i in range(50)])
-        _execute(env, "UPDATE `{schema}`.t SET v = v + 1", "DELETE FROM `{schema}`.t WHERE id < 10")
+        run_sql(env, *[f"INSERT INTO `{{schema}}`.t VALUES ({i}, {i})" for i in range(50)])
+        run_sql(env, "UPDATE `{schema}`.t SET v = v + 1", "DELETE FROM `{schema}`.t WHERE id < 10")
         wait_caught_up(env)
     before = landed_rows(env, "t")
     # rewind the checkpoint to before those changes and run again: every change is written a second time
@@ -234,12 +228,12 @@ def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
     local_stack: LocalStack, tmp_path: Path
 ) -> None:
     env = new_env(local_stack, "roulette_accounts")
-    _execute(
+    run_sql(
         env,
         "CREATE TABLE `{schema}`.first (id INT PRIMARY KEY, v INT)",
         "CREATE TABLE `{schema}`.later (id INT PRIMARY KEY, v INT)",
     )
-    _execute(env, "INSERT INTO `{schema}`.later VALUES (1, 1), (2, 2)")  # exists before it is mapped
+    run_sql(env, "INSERT INTO `{schema}`.later VALUES (1, 1), (2, 2)")  # exists before it is mapped
     folder = tmp_path / "mappings"
     _write_mapping(env, folder, "roulette_accounts", ["first"])
     capture = ClusterCapture(
@@ -247,7 +241,7 @@ def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
     )
     with running(capture):
         wait_caught_up(env)
-        _execute(
+        run_sql(
             env,
             "INSERT INTO `{schema}`.first VALUES (1, 1)",
             "UPDATE `{schema}`.later SET v = 20 WHERE id = 2",
@@ -258,7 +252,7 @@ def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
         deadline = time.monotonic() + 30
         while not landed_rows(env, "later") and time.monotonic() < deadline:
             time.sleep(0.2)
-        _execute(
+        run_sql(
             env, "INSERT INTO `{schema}`.later VALUES (3, 3)", "DELETE FROM `{schema}`.later WHERE id = 1"
         )
         wait_caught_up(env)
@@ -288,7 +282,7 @@ def _write_mapping(env: CaptureEnv, folder: Path, cluster: str, tables: list[str
 
 def test_kill_9_during_a_busy_stream_loses_nothing(local_stack: LocalStack, tmp_path: Path) -> None:
     env = new_env(local_stack, "slots_play")
-    _execute(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v BIGINT, note VARCHAR(40))")
+    run_sql(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v BIGINT, note VARCHAR(40))")
     _write_mapping(env, tmp_path / "mappings", "slots_play", ["busy"])
     process = _capture_process(env, tmp_path / "mappings", ["slots_play"])
     try:
@@ -322,14 +316,14 @@ def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path:
     envs = [new_env(local_stack, "poker_accounts"), new_env(local_stack, "roulette_accounts")]
     envs[1].prefix = envs[0].prefix  # one landing prefix, two clusters
     for env in envs:
-        _execute(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v VARCHAR(10))")
-        _execute(env, "INSERT INTO `{schema}`.t VALUES (1, 'snap')")
+        run_sql(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v VARCHAR(10))")
+        run_sql(env, "INSERT INTO `{schema}`.t VALUES (1, 'snap')")
         _write_mapping(env, tmp_path / "mappings", env.cluster_name, ["t"])
     process = _capture_process(envs[0], tmp_path / "mappings", [e.cluster_name for e in envs])
     try:
         for env in envs:
             wait_caught_up(env)
-            _execute(
+            run_sql(
                 env,
                 "INSERT INTO `{schema}`.t VALUES (2, 'cdc')",
                 "UPDATE `{schema}`.t SET v = 'upd' WHERE id = 1",
@@ -389,7 +383,7 @@ def test_keys_that_are_not_landing_files_are_named(key: str) -> None:
 
 def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tmp_path: Path) -> None:
     env = new_env(local_stack, "poker_accounts")
-    _execute(env, "CREATE TABLE `{schema}`.bg (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.bg VALUES (1)")
+    run_sql(env, "CREATE TABLE `{schema}`.bg (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.bg VALUES (1)")
     _write_mapping(env, tmp_path / "mappings", "poker_accounts", ["bg"])
     cdc = str(Path(sys.executable).with_name("cdc"))
     variables = {
@@ -406,7 +400,7 @@ def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tm
     try:
         assert "already running" in cdc_run("capture", "start")
         wait_caught_up(env)
-        _execute(env, "INSERT INTO `{schema}`.bg VALUES (2)")
+        run_sql(env, "INSERT INTO `{schema}`.bg VALUES (2)")
         wait_caught_up(env)
         assert "streaming" in cdc_run("capture", "status")
     finally:

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
-from tests.capture_support import new_env
+from tests.capture_support import new_env, run_sql
 from tests.test_capture import _write_mapping
 from tests.test_loader import (
     DDL,
     _loader,
     _row,
-    _sql,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
 )
@@ -27,8 +26,8 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
 ) -> None:
     env = new_env(local_stack, "poker_play")
     env.prefix = local_stack.settings.prefix  # the prefix whose S3 events reach the queue
-    _sql(env, DDL)
-    _sql(
+    run_sql(env, DDL)
+    run_sql(
         env,
         f"INSERT INTO `{env.schema}`.accounts VALUES "
         + ", ".join(_row(i) for i in range(1, 4)).replace("{", "{{").replace("}", "}}"),
@@ -46,13 +45,13 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
     cdc_run("capture", "start", "--flush-interval", "0.5")
     try:
         cdc_run("dagster", "start", "--port", str(free_port()))
-        _sql(
+        run_sql(
             env,
             "UPDATE `{schema}`.accounts SET nick = 'changed 🎉', money = 1.5 WHERE id = 1",
             "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
             "DELETE FROM `{schema}`.accounts WHERE id = 2",
         )
-        _sql(
+        run_sql(
             env,
             f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(9).replace("{", "{{").replace("}", "}}"),
         )

@@ -20,6 +20,7 @@ from tests.capture_support import (
     CaptureEnv,
     as_text,
     new_env,
+    run_sql,
     running,
     source_text_rows,
     wait_caught_up,
@@ -29,13 +30,6 @@ DDL = """CREATE TABLE `{schema}`.accounts (
   id BIGINT UNSIGNED NOT NULL PRIMARY KEY, big BIGINT UNSIGNED NULL, n INT NULL, money DECIMAL(18,4) NULL,
   nick VARCHAR(32) CHARACTER SET utf8mb4 NULL, at DATETIME(6) NULL, ts TIMESTAMP(6) NULL DEFAULT NULL, day DATE NULL,
   b1 BIT(1) NULL, vip TINYINT(1) NULL, opts SET('x','y') NULL, t TIME(6) NULL, raw VARBINARY(8) NULL, doc JSON NULL)"""
-
-
-def _sql(env: CaptureEnv, *statements: str) -> None:
-    with env.admin() as connection, connection.cursor() as cursor:
-        cursor.execute("SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'")
-        for statement in statements:
-            cursor.execute(statement.format(schema=env.schema))
 
 
 def _row(i: int) -> str:
@@ -50,8 +44,8 @@ def _row(i: int) -> str:
 def landed(local_stack: LocalStack) -> tuple[CaptureEnv, list[str]]:
     """Captured changes of one table: a full load, then inserts, updates, a key change and deletes."""
     env = new_env(local_stack, "slots_play")
-    _sql(env, DDL)
-    _sql(
+    run_sql(env, DDL)
+    run_sql(
         env,
         f"INSERT INTO `{env.schema}`.accounts VALUES "
         + ", ".join(_row(i) for i in range(1, 6)).replace("{", "{{").replace("}", "}}"),
@@ -59,13 +53,13 @@ def landed(local_stack: LocalStack) -> tuple[CaptureEnv, list[str]]:
     table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
     with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
         wait_caught_up(env)
-        _sql(
+        run_sql(
             env,
             f"INSERT INTO `{env.schema}`.accounts VALUES "
             + ", ".join(_row(i) for i in range(6, 11)).replace("{", "{{").replace("}", "}}"),
         )
         wait_caught_up(env)
-        _sql(
+        run_sql(
             env,
             "UPDATE `{schema}`.accounts SET money = money * 2, nick = 'renamed 🎉' WHERE id IN (2, 7)",
             "UPDATE `{schema}`.accounts SET id = 100 WHERE id = 3",  # a key change

@@ -15,12 +15,11 @@ from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.tables import bigquery_asset_key, build_table_asset
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import PoisonMessage, build_sqs_sensor, parse_message
-from tests.capture_support import FAST, new_env, running, wait_caught_up
+from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
 from tests.test_loader import (
     DDL,
     _loader,
     _row,
-    _sql,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
 )
@@ -85,8 +84,8 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
 
     env = new_env(local_stack, "slots_accounts")
     env.prefix = local_stack.settings.prefix  # the notified landing prefix
-    _sql(env, DDL)
-    _sql(
+    run_sql(env, DDL)
+    run_sql(
         env,
         f"INSERT INTO `{env.schema}`.accounts VALUES "
         + ", ".join(_row(i) for i in range(1, 5)).replace("{", "{{").replace("}", "}}"),
@@ -97,7 +96,7 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     cluster = env.mapping(mapping)
     with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
         wait_caught_up(env)
-        _sql(
+        run_sql(
             env,
             "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 1",
             "DELETE FROM `{schema}`.accounts WHERE id = 4",

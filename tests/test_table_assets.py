@@ -12,12 +12,11 @@ from cdc_assets.definitions import build_definitions
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.tables import DAILY, build_table_asset
 from local_stack.stack import LocalStack
-from tests.capture_support import FAST, new_env, running, wait_caught_up
+from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
 from tests.test_loader import (
     DDL,
     _loader,
     _row,
-    _sql,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
 )
@@ -42,8 +41,8 @@ def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
 
 def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "roulette_play")
-    _sql(env, DDL)
-    _sql(
+    run_sql(env, DDL)
+    run_sql(
         env,
         f"INSERT INTO `{env.schema}`.accounts VALUES "
         + ", ".join(_row(i) for i in range(1, 4)).replace("{", "{{").replace("}", "}}"),
@@ -51,7 +50,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
     with running(ClusterCapture(env.mapping(mapping), env.replication(), env.store(), FAST)):
         wait_caught_up(env)
-        _sql(
+        run_sql(
             env,
             "UPDATE `{schema}`.accounts SET n = 99 WHERE id = 1",
             "DELETE FROM `{schema}`.accounts WHERE id = 2",
