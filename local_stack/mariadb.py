@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,12 @@ class MariaDBServer:
     root: Path  # this cluster's folder under the state dir
     replication_password: str
     admin_password: str
+
+    @property
+    def server_id(self) -> int:
+        """Unique per cluster (GTIDs carry it), stable across restarts, and outside the range the capture uses
+        for its replica connections (100,000-1,099,999)."""
+        return 2_000_000 + zlib.crc32(self.cluster.encode()) % 2_000_000_000
 
     @property
     def datadir(self) -> Path:
@@ -85,7 +92,7 @@ class MariaDBServer:
             "--skip-name-resolve",
             f"--pid-file={self.root / 'mariadbd.pid'}",
             "--user=root",
-            f"--server-id={1000 + self.port % 1000}",
+            f"--server-id={self.server_id}",
             f"--log-bin={binlog_dir / 'mysql-bin'}",
             "--binlog-format=ROW",
             "--binlog-row-image=FULL",
