@@ -156,17 +156,21 @@ def test_lifecycle_with_another_mappings_folder_and_a_taken_port(tmp_path: Path)
     )
     (mappings / "poker_play.json").write_text(json.dumps(document))
     env = {STATE_DIR: str(tmp_path / "state"), MAPPINGS_DIR: str(mappings)}
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen()
-        taken = blocker.getsockname()[1]
-        failed = run_cdc("stack", "up", "--free-ports", "--moto-port", str(taken), env=env, check=False)
-        assert failed.returncode == 1
-        assert f"moto (S3+SQS): port {taken} on 127.0.0.1 is already in use" in failed.stderr
-    run_cdc("stack", "up", "--free-ports", env=env)
-    status = run_cdc("stack", "status", env=env)
-    assert status.stdout.count("mariadb[") == 1 and "mariadb[poker_play]" in status.stdout
-    down = run_cdc("stack", "down", env=env)
+    try:
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+            taken = blocker.getsockname()[1]
+            failed = run_cdc("stack", "up", "--free-ports", "--moto-port", str(taken), env=env, check=False)
+            assert failed.returncode == 1
+            assert f"moto (S3+SQS): port {taken} on 127.0.0.1 is already in use" in failed.stderr
+        run_cdc("stack", "up", "--free-ports", env=env)
+        status = run_cdc("stack", "status", env=env)
+        assert status.stdout.count("mariadb[") == 1 and "mariadb[poker_play]" in status.stdout
+    finally:
+        down = run_cdc(
+            "stack", "down", env=env
+        )  # also when an assertion above failed: leave no servers behind
     assert "mariadb[poker_play]" in down.stdout and "moto" in down.stdout and "bigquery" in down.stdout
     stopped = run_cdc("stack", "status", env=env, check=False)
     assert stopped.returncode == 1 and stopped.stdout.count("stopped") == 3
