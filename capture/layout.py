@@ -82,10 +82,9 @@ def parse_key(raw_key: str, prefix: str) -> LandedFile:
             f"{key}: expected {root}/<schema>/<table>/<file>.parquet or .../<YYYY>/<MM>/<DD>/<file>.parquet"
         )
     schema, table, name = parts[0], parts[1], parts[-1]
-    if load := _LOAD_NAME.match(name):
+    if _LOAD_NAME.match(name):
         if len(parts) != 3:
             raise NotALandingFile(f"{key}: full-load files are not in date folders")
-        del load
         return LandedFile(key, schema, table, "load", None)
     cdc = _CDC_NAME.match(name)
     if not cdc:

@@ -71,10 +71,9 @@ def cdc_command() -> str:
 
 def background_process() -> Any:
     """The capture as a background service of the local platform (pid and log under the state folder)."""
-    from local_stack.processes import ServerProcess
+    from local_stack.processes import background_service
 
-    root = environment.state_dir() / "capture"
-    return ServerProcess("capture", 0, root / "capture.pid", root / "capture.log")
+    return background_service("capture")
 
 
 def capture_status(mappings: Mappings) -> list[dict[str, Any]]:

@@ -268,10 +268,9 @@ def dagster() -> None:
 
 
 def _dagster_process() -> Any:
-    from local_stack.processes import ServerProcess
+    from local_stack.processes import background_service
 
-    root = environment.state_dir() / "dagster"
-    return ServerProcess("dagster", 0, root / "dagster.pid", root / "dagster.log")
+    return background_service("dagster")
 
 
 @dagster.command("start")

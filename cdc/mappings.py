@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -336,7 +336,3 @@ def quote_bigquery(*parts: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_\-]{1,1024}", part):
             raise ValueError(f"refusing to quote unsafe BigQuery identifier {part!r}")
     return "`" + ".".join(parts) + "`"
-
-
-def all_sources(mappings: Iterable[ClusterMapping]) -> set[tuple[str, str]]:
-    return {(cluster.cluster, table.source) for cluster in mappings for table in cluster.tables}

@@ -78,11 +78,9 @@ def read_landed(s3: Any, bucket: str, keys: list[str]) -> pa.Table:
     """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types."""
     parts = []
     for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         try:
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             table = pq.read_table(io.BytesIO(body))
-        except exceptions.GoogleAPIError:
-            raise
         except Exception as exc:
             raise LoadError(
                 f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"

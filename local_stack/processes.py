@@ -95,6 +95,14 @@ class ServerProcess:
             return "(no log)"
 
 
+def background_service(name: str) -> ServerProcess:
+    """A platform service (capture, dagster) run in the background: pid and log in <state>/<name>/."""
+    from cdc.environment import state_dir
+
+    root = state_dir() / name
+    return ServerProcess(name, 0, root / f"{name}.pid", root / f"{name}.log")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -12,6 +12,7 @@ Per tick it long-polls the queue in bounded batches (well under the sensor time 
   at once with the reason as a message attribute, and logged - never dropped silently.
 """
 
+import datetime as dt
 import hashlib
 import json
 import time
@@ -149,9 +150,7 @@ def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[Batc
     return list(batches.values())
 
 
-def message_day(message: dict[str, Any]) -> Any:
-    import datetime as dt
-
+def message_day(message: dict[str, Any]) -> dt.date:
     sent = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
     return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
 
