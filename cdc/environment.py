@@ -33,6 +33,14 @@ BIGQUERY_PROJECT = "CDC_BIGQUERY_PROJECT"
 BIGQUERY_ENDPOINT = "CDC_BIGQUERY_ENDPOINT"
 BIGQUERY_LOCATION = "CDC_BIGQUERY_LOCATION"
 
+# BigQuery load-job budget (BigQuery's fixed limits: 1,500 per table per day, failed ones included; 100,000 per
+# project per day). The defaults keep a reserve for retries and backfills.
+MAX_LOAD_JOBS_PER_TABLE_PER_DAY = "CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY"
+MAX_LOAD_JOBS_PER_PROJECT_PER_DAY = "CDC_MAX_LOAD_JOBS_PER_PROJECT_PER_DAY"
+
+# Alerts: a Slack-compatible incoming-webhook URL (a secret: environment only). Unset = alerts are only logged.
+ALERT_WEBHOOK_URL = "CDC_ALERT_WEBHOOK_URL"
+
 DEFAULT_LANDING_PREFIX = "cdc"
 
 

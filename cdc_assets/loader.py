@@ -11,8 +11,14 @@ For a batch of landed files (full-load or CDC, from our capture or DMS):
    current state of the batch's keys to the latest change per key in the whole changelog, ordered by change
    sequence: deletes delete, a key change moves the row, a late older change cannot regress it.
 
+A rebuild (a partition backfill) MERGEs every landed file of the day instead: changes the changelog lacks are
+inserted, changes it holds are reset to the files' values, changes credited to those files but no longer in them
+are removed, and the whole current state is re-derived from the changelog (rows deleted or altered behind the
+pipeline's back come back). Running it twice changes nothing the second time.
+
 Tables: current state at the mapped `dataset.table`, changelog beside it as `dataset.table_changelog`
-(partitioned by commit day, clustered by the primary key).
+(partitioned by commit day, clustered by the primary key), and the ledger of loaded files
+`dataset.table_loaded_files` (file, batch, rows, load jobs, time), written in the same transaction as the data.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import hashlib
 import io
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -48,6 +54,9 @@ class LoadError(RuntimeError):
     """A batch that cannot be loaded; the message names the table, the file or job, and what to do."""
 
 
+LEDGER_SUFFIX = "_loaded_files"
+
+
 @dataclass(frozen=True)
 class LoadResult:
     table: str
@@ -56,6 +65,8 @@ class LoadResult:
     rows_by_op: dict[str, int]
     inserted_changes: int
     jobs: int
+    load_jobs: int = 0
+    skipped: bool = False  # this exact file set had been merged before
 
 
 def bigquery_type(arrow_type: pa.DataType) -> pa.DataType:
@@ -74,18 +85,35 @@ def bigquery_type(arrow_type: pa.DataType) -> pa.DataType:
     return arrow_type
 
 
-def read_landed(s3: Any, bucket: str, keys: list[str]) -> pa.Table:
-    """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types."""
+def read_landed(
+    s3: Any,
+    bucket: str,
+    keys: list[str],
+    sizes: list[int] | None = None,
+    unreadable: dict[str, str] | None = None,
+) -> pa.Table | None:
+    """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types (None: no
+    readable file). File sizes in bytes are appended to `sizes` when given. A file that is not a readable DMS
+    Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped."""
     parts = []
     for key in keys:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        if sizes is not None:
+            sizes.append(len(body))
         try:
-            table = pq.read_table(io.BytesIO(body))
-        except Exception as exc:
-            raise LoadError(
-                f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"
-            ) from exc
-        parts.append(_with_metadata(table, key))
+            try:
+                table = pq.read_table(io.BytesIO(body))
+            except Exception as exc:
+                raise LoadError(
+                    f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"
+                ) from exc
+            parts.append(_with_metadata(table, key))
+        except LoadError as exc:
+            if unreadable is None:
+                raise
+            unreadable[key] = str(exc)
+    if not parts:
+        return None
     return pa.concat_tables(parts, promote_options="permissive")
 
 
@@ -129,7 +157,9 @@ class TableLoader:
         self.current = mapping.target_table
         # An append-only table's changes are its content: they land at the mapped name, with no separate state.
         self.changelog = mapping.changelog_table if mapping.primary_key else mapping.target_table
+        self.ledger = f"{mapping.target_table}{LEDGER_SUFFIX}"
         self.jobs = 0
+        self.load_jobs = 0
 
     def ref(self, table: str) -> str:
         return quote_bigquery(self.project, self.dataset, table)
@@ -185,6 +215,7 @@ class TableLoader:
         self._ensure(self.changelog, changelog_fields, partition=COMMIT_TS, cluster=key[:4])
         if key:
             self._ensure(self.current, current_fields, partition=None, cluster=key[:4])
+        self._ensure(self.ledger, LEDGER_FIELDS, partition=None, cluster=[])
 
     def _ensure(
         self, name: str, fields: list[bigquery.SchemaField], partition: str | None, cluster: list[str]
@@ -219,7 +250,8 @@ class TableLoader:
 
     # -- loading -------------------------------------------------------------------------------------------------
 
-    def load(self, data: pa.Table, keys: list[str]) -> LoadResult:
+    def load(self, data: pa.Table, keys: list[str], rebuild_id: str | None = None) -> LoadResult:
+        """Load a batch of landed files exactly once; with `rebuild_id` (unique per backfill run), rebuild from them."""
         batch = batch_id(keys)
         stage = f"_stage_{self.current}_{batch}"
         stage_id = f"{self.project}.{self.dataset}.{stage}"
@@ -232,24 +264,31 @@ class TableLoader:
             create_disposition=bigquery.CreateDisposition.CREATE_IF_NEEDED,
         )
         base = f"cdc_{self.dataset}_{self.current}_{batch}"
+        if rebuild_id:
+            base += f"_rebuild_{_job_safe(rebuild_id)}"
 
         def submit_load(job_id: str) -> Any:
+            self.load_jobs += 1
             buffer.seek(0)
             return self.bq.load_table_from_file(buffer, stage_id, job_config=config, job_id=job_id)
 
         ops = {item["values"]: item["counts"] for item in pc.value_counts(data[OP]).to_pylist()}
         result = LoadResult(f"{self.dataset}.{self.current}", len(keys), data.num_rows, ops, 0, 0)
         if self._applied(f"{base}_merge"):
-            return result  # this exact file set was merged before: nothing to do, nothing twice
+            return replace(result, skipped=True)  # this exact file set was merged before: nothing twice
         self.run_job(f"{base}_stage", submit_load)
         staged = self.bq.get_table(stage_id).schema
         self.ensure_tables(list(staged))
-        script = self._merge_script(stage, [f.name for f in staged])
+        columns = [f.name for f in staged]
+        script = self._rebuild_script(stage, columns) if rebuild_id else self._merge_script(stage, columns)
+        script = script.replace(
+            "COMMIT TRANSACTION;", self._ledger_statement(stage, batch) + "\nCOMMIT TRANSACTION;"
+        )
         before = self._count(self.changelog)
         self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
         inserted = self._count(self.changelog) - before
         self.bq.delete_table(stage_id, not_found_ok=True)
-        return LoadResult(result.table, result.files, result.rows, ops, inserted, self.jobs)
+        return replace(result, inserted_changes=inserted, jobs=self.jobs, load_jobs=self.load_jobs)
 
     def _applied(self, base_id: str) -> bool:
         """Whether a job of this id family finished without error (the batch's commit marker)."""
@@ -269,50 +308,137 @@ class TableLoader:
         except exceptions.NotFound:
             return 0, 0
         sql = (
-            f"SELECT COUNT(*) AS n, COUNT(*) - COUNT(DISTINCT CONCAT({_column(CHANGE_SEQ)}, {_column(OP)})) AS d "  # noqa: S608
+            f"SELECT COUNT(*) AS n, COUNT(*) - COUNT(DISTINCT CONCAT({quote_column(CHANGE_SEQ)}, {quote_column(OP)})) AS d "
             f"FROM {self.ref(self.changelog)}"
         )
         row = next(iter(self.bq.query(sql).result()))
         return int(row.n), int(row.d)
 
     def _count(self, table: str) -> int:
-        rows = self.bq.query(f"SELECT COUNT(*) AS n FROM {self.ref(table)}").result()  # noqa: S608
+        rows = self.bq.query(f"SELECT COUNT(*) AS n FROM {self.ref(table)}").result()
         return int(next(iter(rows)).n)
 
     def _merge_script(self, stage: str, staged_columns: list[str]) -> str:
         """The batch's transaction. Every identifier is validated and quoted (tables by quote_bigquery)."""
-        q = _column
+        q = quote_column
         cols = ", ".join(q(c) for c in staged_columns)
         statements = [
             "BEGIN TRANSACTION;",
-            f"MERGE {self.ref(self.changelog)} AS c USING {self.ref(stage)} AS s "  # noqa: S608 - validated, quoted
+            f"MERGE {self.ref(self.changelog)} AS c USING ({self._distinct_changes(stage)}) AS s "
             f"ON c.{q(CHANGE_SEQ)} = s.{q(CHANGE_SEQ)} AND c.{q(OP)} = s.{q(OP)} "
             f"WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({', '.join(f's.{q(c)}' for c in staged_columns)});",
         ]
         if self.mapping.primary_key:
-            key = self._key()
-            data_columns = [c for c in staged_columns if c not in (OP, SOURCE_FILE, LOADED_AT)]
-            on = " AND ".join(f"t.{q(k)} = l.{q(k)}" for k in key)
-            keys_of_batch = ", ".join(q(k) for k in key)
-            in_batch = " AND ".join(f"s.{q(k)} = c.{q(k)}" for k in key)
-            latest = (
-                f"SELECT * FROM {self.ref(self.changelog)} AS c WHERE EXISTS "  # noqa: S608 - validated, quoted
-                f"(SELECT 1 FROM {self.ref(stage)} AS s WHERE {in_batch}) "
-                f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys_of_batch} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
-            )
-            updates = ", ".join(f"{q(c)} = l.{q(c)}" for c in data_columns if c not in key)
-            statements.append(
-                f"MERGE {self.ref(self.current)} AS t USING ({latest}) AS l ON {on} "  # noqa: S608 - validated, quoted
-                f"WHEN MATCHED AND l.{q(OP)} = 'D' THEN DELETE "
-                f"WHEN MATCHED THEN UPDATE SET {updates} "
-                f"WHEN NOT MATCHED AND l.{q(OP)} != 'D' THEN INSERT ({', '.join(q(c) for c in data_columns)}) "
-                f"VALUES ({', '.join(f'l.{q(c)}' for c in data_columns)});"
-            )
+            statements.append(self._current_state_statement(stage))
         statements.append("COMMIT TRANSACTION;")
         return "\n".join(statements)
 
+    def _distinct_changes(self, stage: str) -> str:
+        """The staged changes, each once: two files of one batch may carry the same change (a capture replay)."""
+        q = quote_column
+        return (
+            f"SELECT * FROM {self.ref(stage)} "
+            f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {q(CHANGE_SEQ)}, {q(OP)} ORDER BY {q(SOURCE_FILE)}) = 1"
+        )
 
-def _column(name: str) -> str:
+    def _rebuild_script(self, stage: str, staged_columns: list[str]) -> str:
+        """One transaction: the changelog holds exactly the files' changes for every change credited to them, and
+        the whole current state is re-derived from the changelog."""
+        q = quote_column
+        data = [c for c in staged_columns if c not in (OP, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)]
+        files = f"(SELECT DISTINCT {q(SOURCE_FILE)} FROM {self.ref(stage)})"
+        statements = [
+            "BEGIN TRANSACTION;",
+            f"MERGE {self.ref(self.changelog)} AS c USING ({self._distinct_changes(stage)}) AS s "
+            f"ON c.{q(CHANGE_SEQ)} = s.{q(CHANGE_SEQ)} AND c.{q(OP)} = s.{q(OP)} "
+            f"WHEN MATCHED THEN UPDATE SET {', '.join(f'{q(c)} = s.{q(c)}' for c in data)} "
+            f"WHEN NOT MATCHED THEN INSERT ({', '.join(q(c) for c in staged_columns)}) "
+            f"VALUES ({', '.join(f's.{q(c)}' for c in staged_columns)}) "
+            f"WHEN NOT MATCHED BY SOURCE AND c.{q(SOURCE_FILE)} IN {files} THEN DELETE;",
+        ]
+        if self.mapping.primary_key:
+            statements.append(self._current_state_statement(stage=None))
+        statements.append("COMMIT TRANSACTION;")
+        return "\n".join(statements)
+
+    def _current_state_statement(self, stage: str | None) -> str:
+        """MERGE the latest change per key into the current state: for the batch's keys, or (stage None) for
+        every key, also removing rows that have no change at all (e.g. inserted behind the pipeline's back)."""
+        q = quote_column
+        key = self._key()
+        columns = [f.name for f in self.bq.get_table(f"{self.project}.{self.dataset}.{self.current}").schema]
+        on = " AND ".join(f"t.{q(k)} = l.{q(k)}" for k in key)
+        keys = ", ".join(q(k) for k in key)
+        changes = f"SELECT * FROM {self.ref(self.changelog)} AS c"
+        if stage is not None:
+            in_batch = " AND ".join(f"s.{q(k)} = c.{q(k)}" for k in key)
+            changes += f" WHERE EXISTS (SELECT 1 FROM {self.ref(stage)} AS s WHERE {in_batch})"
+        latest = (
+            f"{changes} QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
+        )
+        updates = ", ".join(f"{q(c)} = l.{q(c)}" for c in columns if c not in key)
+        return (
+            f"MERGE {self.ref(self.current)} AS t USING ({latest}) AS l ON {on} "
+            f"WHEN MATCHED AND l.{q(OP)} = 'D' THEN DELETE "
+            f"WHEN MATCHED THEN UPDATE SET {updates} "
+            f"WHEN NOT MATCHED AND l.{q(OP)} != 'D' THEN INSERT ({', '.join(q(c) for c in columns)}) "
+            f"VALUES ({', '.join(f'l.{q(c)}' for c in columns)})"
+            + (" WHEN NOT MATCHED BY SOURCE THEN DELETE;" if stage is None else ";")
+        )
+
+    def _ledger_statement(self, stage: str, batch: str) -> str:
+        """Record the batch's files as loaded, in the batch's own transaction (each file once)."""
+        q = quote_column
+        return (
+            f"MERGE {self.ref(self.ledger)} AS f USING (SELECT {q(SOURCE_FILE)} AS source_file, COUNT(*) AS row_count, "
+            f"'{batch}' AS batch, {self.load_jobs} AS load_jobs, CURRENT_TIMESTAMP() AS loaded_at "
+            f"FROM {self.ref(stage)} GROUP BY {q(SOURCE_FILE)}) AS s ON f.source_file = s.source_file "
+            "WHEN NOT MATCHED THEN INSERT (source_file, row_count, batch, load_jobs, loaded_at) "
+            "VALUES (s.source_file, s.row_count, s.batch, s.load_jobs, s.loaded_at);"
+        )
+
+    def loaded_files(self, keys: list[str] | None = None) -> set[str]:
+        """The files recorded as loaded (restricted to `keys` when given)."""
+        try:
+            self.bq.get_table(f"{self.project}.{self.dataset}.{self.ledger}")
+        except exceptions.NotFound:
+            return set()
+        sql = f"SELECT source_file FROM {self.ref(self.ledger)}"
+        params: list[Any] = []
+        if keys is not None:
+            sql += " WHERE source_file IN UNNEST(@keys)"
+            params = [bigquery.ArrayQueryParameter("keys", "STRING", sorted(keys))]
+        job = self.bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+        return {row.source_file for row in job.result()}
+
+    def load_jobs_on(self, day: dt.date) -> int:
+        """Load jobs this table's successful batches used on `day` (UTC), from the ledger."""
+        try:
+            self.bq.get_table(f"{self.project}.{self.dataset}.{self.ledger}")
+        except exceptions.NotFound:
+            return 0
+        sql = (
+            f"SELECT COALESCE(SUM(jobs), 0) AS n FROM (SELECT batch, MAX(load_jobs) AS jobs "
+            f"FROM {self.ref(self.ledger)} WHERE DATE(loaded_at) = @day GROUP BY batch)"
+        )
+        config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("day", "DATE", day)])
+        return int(next(iter(self.bq.query(sql, job_config=config).result())).n)
+
+
+LEDGER_FIELDS = [
+    bigquery.SchemaField("source_file", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("row_count", "INTEGER"),
+    bigquery.SchemaField("batch", "STRING"),
+    bigquery.SchemaField("load_jobs", "INTEGER"),
+    bigquery.SchemaField("loaded_at", "TIMESTAMP"),
+]
+
+
+def _job_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64]
+
+
+def quote_column(name: str) -> str:
     """A column name quoted for BigQuery SQL; refused unless it is a plain identifier."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,299}", name):
         raise LoadError(

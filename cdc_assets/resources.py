@@ -1,4 +1,4 @@
-"""Dagster resources: the landing bucket (S3) and BigQuery, configured only from environment variables.
+"""Dagster resources: the landing bucket (S3), BigQuery and the MySQL sources, configured only from the environment.
 
 dagster-gcp's BigQueryResource cannot point at another API endpoint, and dagster-aws' S3Resource has no SQS;
 these two small resources wrap the shared client factories in `cdc.clients`, so the same definitions run on the
@@ -7,14 +7,19 @@ local servers (endpoints set) and on real AWS/GCP (endpoints unset).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
+from urllib.parse import quote_plus
 
 import dagster as dg
 from google.cloud import bigquery
 
+from capture.runner import mysql_connection
+from capture.service import MySQLConnection
 from cdc import environment
 from cdc.clients import aws_client, bigquery_client
+from cdc.mappings import ClusterMapping
 
 
 class LandingResource(dg.ConfigurableResource):
@@ -31,6 +36,27 @@ class LandingResource(dg.ConfigurableResource):
     def sqs(self) -> Any:
         return aws_client("sqs")
 
+    def dead_letter(self, body: str, reason: str, receipt_handle: str | None = None) -> None:
+        """Put a message on the dead-letter queue with the reason as its `cdc_reason` attribute (then delete the
+        original from the main queue, when its receipt handle is given)."""
+        sqs = self.sqs()
+        sqs.send_message(
+            QueueUrl=self.dead_letter_queue_url,
+            MessageBody=body,
+            MessageAttributes={"cdc_reason": {"DataType": "String", "StringValue": reason[:1000]}},
+        )
+        if receipt_handle:
+            sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt_handle)
+
+    def dead_letter_file(self, key: str, reason: str) -> None:
+        """Dead-letter one landed file as an S3 event of it, so a redrive after fixing the file loads it."""
+        record = {
+            "eventSource": "aws:s3",
+            "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": self.bucket}, "object": {"key": quote_plus(key, safe="/")}},
+        }
+        self.dead_letter(json.dumps({"Records": [record]}), reason)
+
 
 class BigQueryCdcResource(dg.ConfigurableResource):
     project: str
@@ -39,6 +65,16 @@ class BigQueryCdcResource(dg.ConfigurableResource):
 
     def client(self) -> bigquery.Client:
         return bigquery_client(self.project, endpoint=self.endpoint or None, location=self.location or None)
+
+
+class MySqlSourceResource(dg.ConfigurableResource):
+    """Read access to the source clusters, for the row-count checks. A cluster's host, port, user and password
+    come from the environment variables its mapping file names, read when a check runs (never stored or logged)."""
+
+    connect_timeout_s: int = 10
+
+    def connection(self, cluster: ClusterMapping) -> MySQLConnection:
+        return mysql_connection(cluster)
 
 
 def _setting(name: str, default: str = "") -> Any:
@@ -62,4 +98,5 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             endpoint=_setting(environment.BIGQUERY_ENDPOINT),
             location=_setting(environment.BIGQUERY_LOCATION),
         ),
+        "mysql": MySqlSourceResource(),
     }

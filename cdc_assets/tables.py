@@ -3,7 +3,8 @@
 Lineage: `mysql/<cluster>/<schema>/<table>` -> `s3_landing/<cluster>/<schema>/<table>` ->
 `bigquery/<dataset>/<table>` (current state + changelog), grouped per cluster. The BigQuery asset is
 partitioned by UTC day (today included). A run loads the landed files named in its config (what the SQS sensor
-sends) or, with none named (a backfill from the UI or CLI), every file landed on the partition's days.
+sends) exactly once; with none named (a backfill from the UI or CLI) it rebuilds the partition's days from every
+file landed on them, atomically, and re-derives the current state (running it twice changes nothing).
 """
 
 import datetime as dt
@@ -17,6 +18,7 @@ from pydantic import Field
 
 from capture import layout
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets import quota
 from cdc_assets.loader import COMMIT_TS, TableLoader, read_landed
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.sources import source_asset_key
@@ -24,6 +26,14 @@ from cdc_assets.sources import source_asset_key
 PARTITIONS_START = "CDC_PARTITIONS_START"
 DAILY = dg.DailyPartitionsDefinition(
     start_date=os.environ.get(PARTITIONS_START, "2026-01-01"), end_offset=1, timezone="UTC"
+)
+
+
+# A table with changes is loaded within seconds; hours without a load mean a stalled capture or sensor (a table
+# with no source changes at all in that window would show as stale too: the window is set for busy tables).
+FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=dt.timedelta(minutes=float(os.environ.get("CDC_FRESHNESS_FAIL_MINUTES", "120"))),
+    warn_window=dt.timedelta(minutes=float(os.environ.get("CDC_FRESHNESS_WARN_MINUTES", "30"))),
 )
 
 
@@ -100,6 +110,18 @@ def _acknowledge(landing: LandingResource, receipts: list[str], context: dg.Asse
     return done
 
 
+def _quota_metadata(loader: TableLoader) -> dict[str, Any]:
+    """Load jobs used today by this table, and where that projects to by the end of the UTC day."""
+    now = dt.datetime.now(dt.UTC)
+    used = loader.load_jobs_on(now.date())
+    elapsed = (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    return {
+        "load_jobs_today": used,
+        "projected_load_jobs_today": round(used * 86400 / max(elapsed, 600)),
+        "load_job_cap_per_table_day": quota.table_cap(),
+    }
+
+
 NO_DUPLICATES = "no_duplicate_changes"
 
 
@@ -137,6 +159,7 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
             f"{table.changelog_table} (every change), loaded exactly once from the landed files."
         ),
         metadata={"source": table.source, "primary_key": ", ".join(table.primary_key) or "(append-only)"},
+        freshness_policy=FRESHNESS,
         tags={"cdc/cluster": cluster.cluster},
     )
     def load_table(
@@ -146,31 +169,55 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
         bigquery: BigQueryCdcResource,
     ) -> dg.MaterializeResult:
         keys = list(config.keys)
-        if not keys:
+        rebuild_id = None
+        if not keys:  # a backfill (UI or CLI): rebuild the partition's days from every file landed on them
             for partition in context.partition_keys:
                 keys += landed_keys_for_day(landing, table, dt.date.fromisoformat(partition))
+            rebuild_id = context.run_id
         loader = TableLoader(bigquery.client(), table)
         if not keys:
             context.log.info(f"{table.source}: no landed files for {context.partition_keys}")
             return dg.MaterializeResult(
-                metadata={"files": 0, "rows": 0}, check_results=[_duplicate_check(loader)]
+                metadata={"files": 0, "rows": 0, **_quota_metadata(loader)},
+                check_results=[_duplicate_check(loader)],
             )
-        data = read_landed(landing.s3(), landing.bucket, keys)
-        result = loader.load(data, keys)
+        sizes: list[int] = []
+        unreadable: dict[str, str] = {}
+        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable)
+        for key, reason in unreadable.items():
+            context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
+            landing.dead_letter_file(
+                key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
+            )
+        keys = [key for key in keys if key not in unreadable]
+        if data is None:
+            acknowledged = _acknowledge(landing, config.acknowledge, context)
+            return dg.MaterializeResult(
+                metadata={"files": 0, "rows": 0, "dead_lettered_files": len(unreadable)},
+                check_results=[_duplicate_check(loader)],
+            )
+        result = loader.load(data, keys, rebuild_id=rebuild_id)
         acknowledged = _acknowledge(landing, config.acknowledge, context)
         context.log.info(
             f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
             f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
+            + (" (rebuild)" if rebuild_id else "")
+            + (" - this file set was loaded before, nothing to do" if result.skipped else "")
         )
         return dg.MaterializeResult(
             metadata={
                 "files": result.files,
+                "bytes": sum(sizes),
                 "rows": result.rows,
                 "new_changes": result.inserted_changes,
                 **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
                 "bigquery_jobs": result.jobs,
+                "load_jobs": result.load_jobs,
+                "rebuild": rebuild_id is not None,
                 "messages_acknowledged": acknowledged,
+                "dead_lettered_files": len(unreadable),
                 **_latency_metadata(pc.unique(data[COMMIT_TS]).to_pylist()),
+                **_quota_metadata(loader),
             },
             check_results=[_duplicate_check(loader)],
         )

@@ -9,7 +9,10 @@ Per tick it long-polls the queue in bounded batches (well under the sensor time 
   leaves them to reappear after the visibility timeout; after the queue's max receive count SQS moves them to
   the dead-letter queue;
 - a message that is not an S3 event, or a key that maps to no mapped table, is moved to the dead-letter queue
-  at once with the reason as a message attribute, and logged - never dropped silently.
+  at once with the reason as a message attribute, and logged - never dropped silently;
+- keeps BigQuery's load-job quota (`cdc_assets.quota`): a table whose budget is spent is not loaded now; its
+  files are held in the sensor's cursor (their messages kept invisible, not deleted) and go into the next run for
+  that table, together with whatever landed meanwhile - more files per load job instead of more jobs.
 """
 
 import datetime as dt
@@ -25,6 +28,7 @@ import dagster as dg
 
 from capture import layout
 from cdc.mappings import Mappings, TableMapping
+from cdc_assets import quota
 from cdc_assets.resources import LandingResource
 from cdc_assets.tables import bigquery_asset_key
 
@@ -82,6 +86,20 @@ class Batch:
     receipts: dict[str, str] = field(default_factory=dict)  # message id -> receipt handle
     receive_counts: dict[str, int] = field(default_factory=dict)
 
+    def merge(self, other: "Batch") -> None:
+        self.keys |= other.keys
+        self.receipts.update(other.receipts)
+        self.receive_counts.update(other.receive_counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table.source,
+            "day": self.day,
+            "keys": sorted(self.keys),
+            "receipts": self.receipts,
+            "counts": self.receive_counts,
+        }
+
     def run_key(self) -> str:
         material = (
             "\n".join(sorted(self.keys))
@@ -92,13 +110,7 @@ class Batch:
 
 
 def _dead_letter(landing: LandingResource, message: dict[str, Any], reason: str) -> None:
-    sqs = landing.sqs()
-    sqs.send_message(
-        QueueUrl=landing.dead_letter_queue_url,
-        MessageBody=message["Body"],
-        MessageAttributes={"cdc_reason": {"DataType": "String", "StringValue": reason[:1000]}},
-    )
-    sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
+    landing.dead_letter(message["Body"], reason, message["ReceiptHandle"])
 
 
 def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[Batch]:
@@ -182,21 +194,75 @@ def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
     return requests
 
 
+HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
+
+
+def hold(landing: LandingResource, batches: list[Batch], seconds: float) -> None:
+    """Keep the held files' messages invisible until their table may load again (receipts stay valid)."""
+    sqs = landing.sqs()
+    receipts = sorted({r for batch in batches for r in batch.receipts.values()})
+    timeout = int(min(43_200, seconds + HOLD_MARGIN_SECONDS))
+    for start in range(0, len(receipts), 10):
+        entries = [
+            {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout}
+            for n, r in enumerate(receipts[start : start + 10])
+        ]
+        sqs.change_message_visibility_batch(QueueUrl=landing.queue_url, Entries=entries)
+
+
+def apply_budget(
+    batches: list[Batch], cursor: dict[str, Any], mappings: Mappings, now: float
+) -> tuple[list[Batch], list[Batch], dict[str, Any]]:
+    """(batches to load now, batches held for later, the new cursor), merging the held ones back in first."""
+    by_source = {t.source: t for _, t in mappings.tables()}
+    merged: dict[tuple[str, str], Batch] = {}
+    for saved in cursor.get("held", []):
+        table = by_source.get(saved["table"])
+        if table is None:
+            continue  # unmapped since: its messages reappear and are reported as unmapped
+        merged[(table.source, saved["day"])] = Batch(
+            table, saved["day"], set(saved["keys"]), dict(saved["receipts"]), dict(saved["counts"])
+        )
+    for batch in batches:
+        merged.setdefault((batch.table.source, batch.day), Batch(batch.table, batch.day)).merge(batch)
+    budget = quota.LoadBudget(cursor.get("budget"), now, quota.table_cap(), quota.project_cap())
+    ready: list[Batch] = []
+    held: list[Batch] = []
+    for key in sorted(merged):
+        batch = merged[key]
+        (ready if budget.take(batch.table.target) else held).append(batch)
+    new_cursor = {"budget": budget.state(), "held": [b.to_json() for b in held]}
+    if held:
+        new_cursor["next_load_in_s"] = {
+            b.table.target: round(budget.seconds_until_load(b.table.target), 1) for b in held
+        }
+    return ready, held, new_cursor
+
+
 def build_sqs_sensor(mappings: Mappings, asset_keys: list[dg.AssetKey]) -> dg.SensorDefinition:
     @dg.sensor(
         name="landed_files_sqs",
         minimum_interval_seconds=5,
         asset_selection=asset_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Turns S3 events of landed files into one load run per table and day.",
+        description="Turns S3 events of landed files into one load run per table and day, within the load-job quota.",
     )
     def landed_files_sqs(context: dg.SensorEvaluationContext, landing: LandingResource) -> dg.SensorResult:
+        cursor = json.loads(context.cursor) if context.cursor else {}
         batches = collect(landing, mappings, context.log)
+        ready, held, new_cursor = apply_budget(batches, cursor, mappings, time.time())
+        if held:
+            wait = max(new_cursor["next_load_in_s"].values())
+            hold(landing, held, wait)
+            context.log.info(
+                f"load-job budget spent for {len(held)} table(s); their files wait for the next load: "
+                + ", ".join(f"{t} in {s:.0f} s" for t, s in sorted(new_cursor["next_load_in_s"].items()))
+            )
         grouped: dict[str, int] = defaultdict(int)
-        for batch in batches:
+        for batch in ready:
             grouped[batch.table.target] += len(batch.keys)
-        if batches:
+        if ready:
             context.log.info(f"{sum(grouped.values())} landed file(s) for {len(grouped)} table(s)")
-        return dg.SensorResult(run_requests=run_requests(batches))
+        return dg.SensorResult(run_requests=run_requests(ready), cursor=json.dumps(new_cursor))
 
     return landed_files_sqs

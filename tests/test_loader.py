@@ -85,7 +85,9 @@ def _loader(local_stack: LocalStack, env: CaptureEnv, dataset: str) -> TableLoad
 
 
 def _load(loader: TableLoader, env: CaptureEnv, keys: list[str]) -> Any:
-    return loader.load(read_landed(env.s3(), env.stack.settings.bucket, keys), keys)
+    data = read_landed(env.s3(), env.stack.settings.bucket, keys)
+    assert data is not None
+    return loader.load(data, keys)
 
 
 def _same(expected: Any, actual: Any) -> bool:

@@ -1,0 +1,308 @@
+"""Asset checks on every table, comparing the source with BigQuery: rows, and landed files vs loaded files.
+
+`row_count_matches_source` (ERROR): the source table's row count (and, with a partition column, its count per day
+for yesterday and today) read in one consistent snapshot, against the BigQuery current state *at that same
+snapshot*. With our capture the snapshot's binlog position is exact: every change at or before it has a change
+sequence `<= boundary`. The current-state count is rolled back to the snapshot by undoing the effect of the loaded
+changes after it (from the changelog), so a steady load never raises a false alarm. The comparison is exact once
+the capture's checkpoint has passed the snapshot and every landed file holding a change before it is loaded;
+until then the check passes with `exact: false` and says what it is waiting for. A row deleted, added or moved
+behind the pipeline's back makes it fail.
+
+`landed_files_loaded` (WARN): every file landed yesterday or today (S3 listing) is in the table's ledger of
+loaded files, except files younger than the grace period (CDC_LOAD_GRACE_SECONDS, default 300) still on their way.
+
+Both run as one multi-check per table, in the `table_checks` job (every 10 minutes, and from the UI). Every result
+carries the numbers it compared.
+"""
+
+
+import datetime as dt
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+from google.cloud import bigquery
+
+from capture.position import BinlogPosition
+from capture.sink import S3Store
+from cdc.mappings import ClusterMapping, TableMapping, quote_mysql
+from cdc_assets.loader import CHANGE_SEQ, OP, TableLoader, quote_column
+from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
+
+ROW_COUNT = "row_count_matches_source"
+FILES_LOADED = "landed_files_loaded"
+LOAD_GRACE_SECONDS = "CDC_LOAD_GRACE_SECONDS"
+
+
+@dataclass
+class SourceSnapshot:
+    rows: int
+    rows_per_day: dict[str, int]
+    position: BinlogPosition | None  # None: the source does not report one (MySQL): no exact boundary
+    taken_at: dt.datetime
+
+    def boundary(self) -> str | None:
+        """The highest change sequence a change inside the snapshot can carry (full-load rows included)."""
+        if self.position is None:
+            return None
+        return self.position.sequence(0)[:25] + "9" * 10
+
+
+def source_snapshot(
+    mysql: MySqlSourceResource, cluster: ClusterMapping, table: TableMapping
+) -> SourceSnapshot:
+    connection = mysql.connection(cluster).connect(connect_timeout=mysql.connect_timeout_s)
+    ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
+    days = _check_days()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION time_zone = '+00:00'")
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            cursor.execute(
+                "SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')"
+            )
+            status = {str(name).lower(): value for name, value in cursor.fetchall()}
+            position = None
+            if status.get("binlog_snapshot_file"):
+                position = BinlogPosition(
+                    status["binlog_snapshot_file"], int(status["binlog_snapshot_position"])
+                )
+            cursor.execute("SELECT UTC_TIMESTAMP(6)")
+            taken_at = cursor.fetchone()[0].replace(tzinfo=dt.UTC)
+            cursor.execute(f"SELECT COUNT(*) FROM {ref}")
+            rows = int(cursor.fetchone()[0])
+            per_day: dict[str, int] = {}
+            if table.partition_column:
+                column = quote_mysql(table.partition_column)
+                cursor.execute(
+                    f"SELECT DATE({column}), COUNT(*) FROM {ref} WHERE {column} >= %s AND {column} < %s GROUP BY 1",
+                    (days[0], days[-1] + dt.timedelta(days=1)),
+                )
+                found = {str(day): int(n) for day, n in cursor.fetchall()}
+                per_day = {day.isoformat(): found.get(day.isoformat(), 0) for day in days}
+        connection.commit()
+    finally:
+        connection.close()
+    return SourceSnapshot(rows, per_day, position, taken_at)
+
+
+def _check_days() -> list[dt.date]:
+    today = dt.datetime.now(dt.UTC).date()
+    return [today - dt.timedelta(days=1), today]
+
+
+@dataclass
+class Completeness:
+    exact: bool
+    waiting_for: list[str] = field(default_factory=list)
+    checkpoint: str = ""
+
+
+def completeness(
+    landing: LandingResource, loader: TableLoader, cluster: ClusterMapping, snapshot: SourceSnapshot
+) -> Completeness:
+    """Whether BigQuery holds every change up to the snapshot: the capture has checkpointed past it, and every
+    landed file with a change at or before it is loaded."""
+    boundary = snapshot.boundary()
+    if boundary is None or snapshot.position is None:
+        return Completeness(False, ["the source reports no binlog snapshot position (MariaDB does)"])
+    s3 = landing.s3()
+    checkpoint = S3Store(s3, landing.bucket, landing.prefix).read_json("checkpoints", cluster.cluster)
+    if not checkpoint or "file" not in checkpoint:
+        return Completeness(
+            False, [f"no capture checkpoint for cluster {cluster.cluster} in the landing bucket"]
+        )
+    at = BinlogPosition(str(checkpoint["file"]), int(checkpoint["pos"]))
+    result = Completeness(True, checkpoint=f"{at.file}:{at.pos}")
+    if at.key() < snapshot.position.key():
+        result.exact = False
+        result.waiting_for.append(
+            f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
+            f"{snapshot.position.file}:{snapshot.position.pos}"
+        )
+    landed = [k for day in _check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
+    pending = sorted(set(landed) - loader.loaded_files(landed))
+    for key in pending:
+        body = s3.get_object(Bucket=landing.bucket, Key=key)["Body"].read()
+        try:
+            first = pq.read_metadata(io.BytesIO(body)).metadata.get(b"cdc.first_sequence", b"").decode()
+        except Exception:
+            first = ""
+        if not first or first <= boundary:
+            result.exact = False
+            result.waiting_for.append(f"{key} (landed, not loaded yet)")
+    return result
+
+
+def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | None) -> dict[str, Any]:
+    """BigQuery's current-state rows now, and rolled back to `boundary` (overall and per check day)."""
+    q = quote_column
+    days = [d.isoformat() for d in _check_days()]
+    day_of = f"CAST(DATE({q(table.partition_column)}) AS STRING)" if table.partition_column else "NULL"
+    params: list[Any] = [bigquery.ScalarQueryParameter("boundary", "STRING", boundary or "9" * 35)]
+    try:
+        loader.bq.get_table(f"{loader.project}.{loader.dataset}.{loader.current}")
+    except Exception:
+        return {
+            "rows": 0,
+            "delta": 0,
+            "per_day": dict.fromkeys(days, 0),
+            "delta_per_day": dict.fromkeys(days, 0),
+        }
+    current_rows = loader.bq.query(
+        f"SELECT {day_of} AS day, COUNT(*) AS n FROM {loader.ref(loader.current)} GROUP BY 1"
+    ).result()
+    per_day: dict[str, int] = dict.fromkeys(days, 0)
+    total = 0
+    for row in current_rows:
+        total += int(row.n)
+        if row.day in per_day:
+            per_day[row.day] = int(row.n)
+    if table.primary_key:
+        keys = ", ".join(q(k) for k in table.primary_key)
+        changelog = loader.ref(loader.changelog)
+        latest = f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
+        same_key = " AND ".join(f"a.{q(k)} = c.{q(k)}" for k in table.primary_key)
+        touched = (
+            f"SELECT * FROM {changelog} AS c WHERE EXISTS "
+            f"(SELECT 1 FROM {changelog} AS a WHERE a.{q(CHANGE_SEQ)} > @boundary AND {same_key})"
+        )
+        sql = (
+            f"SELECT 'now' AS side, {day_of} AS day, COUNTIF({q(OP)} != 'D') AS n FROM ({touched} {latest}) GROUP BY 1, 2 "
+            f"UNION ALL SELECT 'then' AS side, {day_of} AS day, COUNTIF({q(OP)} != 'D') AS n FROM "
+            f"(SELECT * FROM ({touched}) WHERE {q(CHANGE_SEQ)} <= @boundary {latest}) GROUP BY 1, 2"
+        )
+    else:  # append-only: the rows after the boundary are the whole difference
+        sql = (
+            f"SELECT 'now' AS side, {day_of} AS day, COUNT(*) AS n FROM {loader.ref(loader.changelog)} "
+            f"WHERE {q(CHANGE_SEQ)} > @boundary GROUP BY 1, 2"
+        )
+    job = loader.bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+    delta = 0
+    delta_per_day: dict[str, int] = dict.fromkeys(days, 0)
+    for row in job.result():
+        sign = 1 if row.side == "now" else -1
+        delta += sign * int(row.n)
+        if row.day in delta_per_day:
+            delta_per_day[row.day] += sign * int(row.n)
+    return {"rows": total, "delta": delta, "per_day": per_day, "delta_per_day": delta_per_day}
+
+
+def row_count_result(
+    cluster: ClusterMapping,
+    table: TableMapping,
+    landing: LandingResource,
+    loader: TableLoader,
+    mysql: MySqlSourceResource,
+) -> dg.AssetCheckResult:
+    snapshot = source_snapshot(mysql, cluster, table)
+    state = completeness(landing, loader, cluster, snapshot)
+    counts = _bigquery_counts(loader, table, snapshot.boundary())
+    at_snapshot = counts["rows"] - counts["delta"]
+    mismatches = []
+    if at_snapshot != snapshot.rows:
+        mismatches.append(f"all rows: source {snapshot.rows}, BigQuery {at_snapshot}")
+    per_day: dict[str, Any] = {}
+    for day, source_rows in snapshot.rows_per_day.items():
+        bigquery_rows = counts["per_day"][day] - counts["delta_per_day"][day]
+        per_day[day] = {"source": source_rows, "bigquery": bigquery_rows}
+        if bigquery_rows != source_rows:
+            mismatches.append(
+                f"{table.partition_column} on {day}: source {source_rows}, BigQuery {bigquery_rows}"
+            )
+    passed = not mismatches or not state.exact
+    if state.exact:
+        summary = "equal" if passed else "MISMATCH - " + "; ".join(mismatches)
+    else:
+        summary = "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
+    return dg.AssetCheckResult(
+        check_name=ROW_COUNT,
+        asset_key=bigquery_asset_key(table),
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=summary,
+        metadata={
+            "source_rows": snapshot.rows,
+            "bigquery_rows": counts["rows"],
+            "bigquery_rows_at_snapshot": at_snapshot,
+            "loaded_changes_after_snapshot_net": counts["delta"],
+            "exact": state.exact,
+            "snapshot_position": f"{snapshot.position.file}:{snapshot.position.pos}"
+            if snapshot.position
+            else "",
+            "capture_checkpoint": state.checkpoint,
+            "waiting_for": dg.MetadataValue.json(state.waiting_for[:20]),
+            "per_day": dg.MetadataValue.json(per_day),
+            "source_snapshot_at": snapshot.taken_at.isoformat(),
+        },
+    )
+
+
+def files_loaded_result(
+    table: TableMapping, landing: LandingResource, loader: TableLoader
+) -> dg.AssetCheckResult:
+    grace = dt.timedelta(seconds=float(os.environ.get(LOAD_GRACE_SECONDS, "300")))
+    now = dt.datetime.now(dt.UTC)
+    s3 = landing.s3()
+    landed = [k for day in _check_days() for k in landed_keys_for_day(landing, table, day)]
+    loaded = loader.loaded_files(landed)
+    unloaded = sorted(set(landed) - loaded)
+    overdue = [
+        k for k in unloaded if now - s3.head_object(Bucket=landing.bucket, Key=k)["LastModified"] > grace
+    ]
+    return dg.AssetCheckResult(
+        check_name=FILES_LOADED,
+        asset_key=bigquery_asset_key(table),
+        passed=not overdue,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"{len(overdue)} file(s) landed more than {grace.total_seconds():.0f} s ago are not loaded; "
+            "materialize their day (a backfill) or look for failed runs"
+            if overdue
+            else "every landed file is loaded"
+        ),
+        metadata={
+            "landed_files": len(landed),
+            "loaded_files": len(set(landed) & loaded),
+            "in_flight_files": len(unloaded) - len(overdue),
+            "overdue_files": len(overdue),
+            "overdue": dg.MetadataValue.json(overdue[:20]),
+        },
+    )
+
+
+def build_table_checks(cluster: ClusterMapping, table: TableMapping) -> dg.AssetChecksDefinition:
+    key = bigquery_asset_key(table)
+
+    @dg.multi_asset_check(
+        name=f"check_{'__'.join(key.path)}",
+        specs=[
+            dg.AssetCheckSpec(
+                ROW_COUNT,
+                asset=key,
+                description=f"{table.source} row count (and per {table.partition_column} day) equals BigQuery's",
+            ),
+            dg.AssetCheckSpec(FILES_LOADED, asset=key, description="Every landed file is loaded."),
+        ],
+        can_subset=True,
+    )
+    def table_checks(
+        context: dg.AssetCheckExecutionContext,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+        mysql: MySqlSourceResource,
+    ) -> Any:
+        loader = TableLoader(bigquery.client(), table)
+        selected = {check.name for check in context.selected_asset_check_keys}
+        if ROW_COUNT in selected:
+            yield row_count_result(cluster, table, landing, loader, mysql)
+        if FILES_LOADED in selected:
+            yield files_loaded_result(table, landing, loader)
+
+    return table_checks

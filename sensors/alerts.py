@@ -1,0 +1,167 @@
+"""Alerts: failed asset checks (WARN and ERROR), failed runs and dead-letter messages -> a Slack-compatible webhook.
+
+Open-source Dagster has no alert policies, so three sensors do it:
+- `alert_failed_checks` reads new ASSET_CHECK_EVALUATION events from the instance's event log (cursor: the last
+  storage id), from load runs and from the `table_checks` job alike, and posts the failed ones with their numbers;
+- `alert_failed_runs` (a run-failure sensor) posts the run, its tables and the error;
+- `alert_dead_letters` reads the dead-letter queue without deleting anything (the messages stay there for a
+  redrive) and posts each message's S3 keys and reason; a posted message is hidden for 12 hours, so one left in
+  the queue is posted again twice a day.
+The webhook URL comes from CDC_ALERT_WEBHOOK_URL (a secret: environment only); unset, alerts are only logged.
+The JSON is Slack's incoming-webhook format (`text` plus `blocks`); Mattermost, Teams workflows and Google Chat
+accept `text` too.
+"""
+
+import os
+from typing import Any
+
+import dagster as dg
+import requests
+
+from cdc import environment
+from cdc_assets.resources import LandingResource
+from sensors.sqs_sensor import PoisonMessage, parse_message
+
+DLQ_HIDE_SECONDS = 43_200
+MAX_EVENTS_PER_TICK = 200
+
+
+class AlertWebhookResource(dg.ConfigurableResource):
+    """Where alerts go: a Slack-compatible incoming webhook (empty = log only)."""
+
+    url: str = ""
+    timeout_s: float = 10.0
+
+    def post(self, title: str, lines: list[str], log: Any) -> bool:
+        text = f"*{title}*\n" + "\n".join(f"• {line}" for line in lines)
+        log.warning(f"alert: {title}: {' | '.join(lines)}")
+        if not self.url:
+            return False
+        payload: dict[str, Any] = {
+            "text": text,
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}}],
+        }
+        response = requests.post(self.url, json=payload, timeout=self.timeout_s)
+        if response.status_code >= 300:
+            raise RuntimeError(
+                f"alert webhook answered {response.status_code}: {response.text[:200]}; check {environment.ALERT_WEBHOOK_URL}"
+            )
+        return True
+
+
+def webhook_from_env() -> AlertWebhookResource:
+    if os.environ.get(environment.ALERT_WEBHOOK_URL):
+        return AlertWebhookResource(url=dg.EnvVar(environment.ALERT_WEBHOOK_URL))
+    return AlertWebhookResource()
+
+
+def _check_line(record: Any) -> str | None:
+    evaluation = record.event_log_entry.dagster_event.event_specific_data
+    if evaluation.passed:
+        return None
+    key = evaluation.asset_key.to_user_string()
+    numbers = ", ".join(
+        f"{name}={value.value}"
+        for name, value in evaluation.metadata.items()
+        if isinstance(value.value, (int, float, str, bool)) and name not in ("overdue", "waiting_for")
+    )
+    severity = evaluation.severity.value if evaluation.severity else "ERROR"
+    description = f" - {evaluation.description}" if evaluation.description else ""
+    return f"[{severity}] {key} `{evaluation.check_name}` failed{description} ({numbers}) run {record.run_id[:8]}"
+
+
+@dg.sensor(
+    name="alert_failed_checks",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Posts failed asset checks (WARN and ERROR) to the alert webhook.",
+)
+def alert_failed_checks(context: dg.SensorEvaluationContext, alerts: AlertWebhookResource) -> dg.SkipReason:
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.get_event_records(
+        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after),
+        ascending=True,
+        limit=MAX_EVENTS_PER_TICK,
+    )
+    if after is None and not records:
+        context.update_cursor("0")
+    lines = [line for record in records if (line := _check_line(record))]
+    if lines:
+        alerts.post(f"{len(lines)} failed CDC check(s)", lines, context.log)
+    if records:
+        context.update_cursor(str(records[-1].storage_id))
+    return dg.SkipReason(f"{len(records)} check evaluation(s), {len(lines)} failed")
+
+
+@dg.run_failure_sensor(
+    name="alert_failed_runs",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Posts failed runs (loads, checks, backfills) to the alert webhook.",
+)
+def alert_failed_runs(context: dg.RunFailureSensorContext, alerts: AlertWebhookResource) -> None:
+    run = context.dagster_run
+    selection = sorted(k.to_user_string() for k in (run.asset_selection or set()))
+    partition = run.tags.get("dagster/partition", "")
+    lines = [
+        f"run {run.run_id} of {run.job_name} failed" + (f" (partition {partition})" if partition else "")
+    ]
+    if selection:
+        lines.append("tables: " + ", ".join(selection[:20]) + (" ..." if len(selection) > 20 else ""))
+    for event in context.get_step_failure_events()[:5]:
+        error = getattr(event.event_specific_data, "error", None)
+        lines.append(f"{event.step_key}: {error.message.strip()[:500] if error else event.message}")
+    if not context.get_step_failure_events():
+        lines.append(context.failure_event.message or "")
+    alerts.post("CDC run failed", lines, context.log)
+
+
+def build_dead_letter_alert_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="alert_dead_letters",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Posts messages in the dead-letter queue (poison files, unmapped tables) to the alert webhook.",
+    )
+    def alert_dead_letters(
+        context: dg.SensorEvaluationContext, landing: LandingResource, alerts: AlertWebhookResource
+    ) -> dg.SkipReason:
+        if not landing.dead_letter_queue_url:
+            return dg.SkipReason("no dead-letter queue configured (CDC_SQS_DLQ_URL)")
+        sqs = landing.sqs()
+        lines: list[str] = []
+        for _ in range(10):
+            messages = sqs.receive_message(
+                QueueUrl=landing.dead_letter_queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=0,
+                VisibilityTimeout=DLQ_HIDE_SECONDS,  # stays in the queue for a redrive; reminded twice a day
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                reason = message.get("MessageAttributes", {}).get("cdc_reason", {}).get("StringValue")
+                count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+                lines.append(
+                    f"message {message['MessageId']}: "
+                    + (reason or f"failed {count} time(s) to load: {_keys(message['Body'])}")
+                )
+        if lines:
+            alerts.post(
+                f"{len(lines)} message(s) in the dead-letter queue",
+                [*lines[:30], f"queue: {landing.dead_letter_queue_url}; redrive after fixing the cause"],
+                context.log,
+            )
+        return dg.SkipReason(f"{len(lines)} dead-letter message(s)")
+
+    return alert_dead_letters
+
+
+def _keys(body: str) -> str:
+    try:
+        parsed = parse_message({"MessageId": "-", "ReceiptHandle": "-", "Body": body})
+    except PoisonMessage:
+        return body[:300]
+    return ", ".join(parsed.keys) or body[:300]

@@ -1,0 +1,206 @@
+"""Asset checks (row counts at one snapshot, landed vs loaded files), partition backfills that rebuild a day, and
+the alerts they raise - against the real servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from capture.service import ClusterCapture
+from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
+from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.tables import build_table_asset
+from local_stack.stack import LocalStack
+from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
+from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
+from tests.test_loader import (
+    DDL,
+    _loader,
+    _row,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+)
+
+
+class Receiver:
+    """A local Slack-compatible webhook: records every JSON body posted to it."""
+
+    def __init__(self) -> None:
+        received = self.received = []  # type: list[dict[str, Any]]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/cdc"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts(self) -> str:
+        return "\n".join(str(body["text"]) for body in self.received)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+def _tables(loader: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the changelog and the current state, in a stable order."""
+    out = {}
+    for name in ("accounts", "accounts_changelog"):
+        rows = loader.bq.query(f"SELECT * FROM {loader.ref(name)}").result()
+        out[name] = sorted((tuple(str(v) for v in row.values()) for row in rows))
+    return out
+
+
+def test_row_count_check_backfill_and_alerts(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> None:
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)  # AWS endpoint and the clusters' connection variables
+    env = new_env(local_stack, "poker_accounts")
+    run_sql(env, DDL)
+    rows = ", ".join(_row(i) for i in range(1, 7)).replace("{", "{{").replace("}", "}}")
+    run_sql(env, f"INSERT INTO `{env.schema}`.accounts VALUES {rows}")
+    run_sql(
+        env, "UPDATE `{schema}`.accounts SET at = UTC_TIMESTAMP(6) WHERE id <= 4"
+    )  # today, per-day counts
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, partition_column="at").model_copy(
+        update={"target": f"{env.schema}.accounts"}
+    )
+    cluster = env.mapping(table)
+    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+        run_sql(
+            env,
+            "DELETE FROM `{schema}`.accounts WHERE id = 6",
+            "UPDATE `{schema}`.accounts SET id = 60 WHERE id = 5",
+        )
+        wait_caught_up(env)
+
+    landing = LandingResource(
+        bucket=local_stack.settings.bucket,
+        prefix=env.prefix,
+        queue_url=local_stack.environment()["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=local_stack.environment()["CDC_SQS_DLQ_URL"],
+    )
+    resources = {
+        "landing": landing,
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+        ),
+        "mysql": MySqlSourceResource(),
+    }
+    asset = build_table_asset(cluster, table)
+    checks = build_table_checks(cluster, table)
+    instance = dg.DagsterInstance.ephemeral()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+
+    def backfill() -> dict[str, Any]:
+        result = dg.materialize([asset], partition_key=today, resources=resources, instance=instance)
+        assert result.success
+        return {
+            k: v.value for k, v in result.asset_materializations_for_node(asset.op.name)[0].metadata.items()
+        }
+
+    def check() -> dict[str, dg.AssetCheckEvaluation]:
+        result = dg.materialize(
+            [asset, checks],
+            selection=dg.AssetSelection.checks(checks),
+            resources=resources,
+            instance=instance,
+        )
+        return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    loaded = backfill()
+    assert loaded["rebuild"] is True and loaded["files"] >= 2 and loaded["load_jobs"] == 1
+    assert loaded["load_jobs_today"] >= 1 and loaded["projected_load_jobs_today"] >= loaded["load_jobs_today"]
+    loader = _loader(local_stack, env, env.schema)
+    assert_current_state_equals_source(loader, env)
+
+    results = check()
+    counted = results[ROW_COUNT]
+    assert counted.passed and counted.metadata["exact"].value is True, counted.metadata
+    assert counted.metadata["source_rows"].value == 5 == counted.metadata["bigquery_rows_at_snapshot"].value
+    per_day = counted.metadata["per_day"].value
+    yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
+    assert set(per_day) == {yesterday, today} and per_day[today]["source"] >= 4
+    assert all(day["source"] == day["bigquery"] for day in per_day.values())
+    assert results[FILES_LOADED].passed and results[FILES_LOADED].metadata["overdue_files"].value == 0
+
+    # a steady load: changes captured but not loaded yet are no false alarm - the check says it is not exact
+    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
+        run_sql(
+            env,
+            f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(7).replace("{", "{{").replace("}", "}}"),
+        )
+        run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
+        wait_caught_up(env)
+    catching_up = check()[ROW_COUNT]
+    assert catching_up.passed and catching_up.metadata["exact"].value is False
+    assert "landed, not loaded yet" in json.dumps(catching_up.metadata["waiting_for"].value)
+    assert backfill()["new_changes"] == 2
+    assert check()[ROW_COUNT].metadata["exact"].value is True
+
+    # a row deleted behind the pipeline's back: the check fails, naming both counts
+    loader.bq.query(f"DELETE FROM {loader.ref('accounts')} WHERE id = 2").result()
+    broken = check()[ROW_COUNT]
+    assert not broken.passed and broken.metadata["exact"].value is True
+    assert (
+        broken.metadata["source_rows"].value == 5 and broken.metadata["bigquery_rows_at_snapshot"].value == 4
+    )
+    assert "MISMATCH" in (broken.description or "")
+
+    # ... the alert sensor posts it to the webhook with the numbers
+    alerts = {"alerts": AlertWebhookResource(url=receiver.url)}
+    alert_failed_checks(dg.build_sensor_context(instance=instance, resources=alerts))
+    assert ROW_COUNT in receiver.texts() and "source_rows=5" in receiver.texts()
+    assert "bigquery_rows_at_snapshot=4" in receiver.texts()
+
+    # ... and a backfill of the day puts it back; a second backfill changes nothing at all
+    backfill()
+    assert check()[ROW_COUNT].passed
+    assert_current_state_equals_source(loader, env)
+    before = _tables(loader)
+    assert backfill()["new_changes"] == 0
+    assert _tables(loader) == before
+    assert_changelog_has_no_duplicates(loader)
+
+    # a file that is not Parquet: dead-lettered with its name and the reason, the rest loads, the webhook hears it
+    s3 = landing.s3()
+    while _pop(landing):
+        pass  # an empty dead-letter queue for this test
+    poison = f"{env.prefix}/{env.schema}/accounts/{today.replace('-', '/')}/20261125-000000000000001.parquet"
+    s3.put_object(Bucket=landing.bucket, Key=poison, Body=b"PAR1 but not really")
+    assert backfill()["dead_lettered_files"] == 1
+    dead_letters = build_dead_letter_alert_sensor()
+    dead_letters(dg.build_sensor_context(instance=instance, resources={"landing": landing, **alerts}))
+    assert poison in receiver.texts() and "not a readable Parquet file" in receiver.texts()
+    assert_current_state_equals_source(loader, env)
+
+
+def _pop(landing: LandingResource) -> dict[str, Any] | None:
+    sqs = landing.sqs()
+    messages = sqs.receive_message(QueueUrl=landing.dead_letter_queue_url, MaxNumberOfMessages=10).get(
+        "Messages"
+    )
+    for message in messages or []:
+        sqs.delete_message(QueueUrl=landing.dead_letter_queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return messages[0] if messages else None
