@@ -16,7 +16,6 @@ Both run as one multi-check per table, in the `table_checks` job (every 10 minut
 carries the numbers it compared.
 """
 
-
 import datetime as dt
 import io
 import os

@@ -36,7 +36,7 @@ class Receiver:
         received = self.received = []  # type: list[dict[str, Any]]
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append(json.loads(body))
                 self.send_response(200)
@@ -66,7 +66,7 @@ def _tables(loader: Any) -> dict[str, list[tuple[Any, ...]]]:
     out = {}
     for name in ("accounts", "accounts_changelog"):
         rows = loader.bq.query(f"SELECT * FROM {loader.ref(name)}").result()
-        out[name] = sorted((tuple(str(v) for v in row.values()) for row in rows))
+        out[name] = sorted(tuple(str(v) for v in row.values()) for row in rows)
     return out
 
 

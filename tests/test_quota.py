@@ -1,0 +1,108 @@
+"""The load-job budget: no 24 hours ever start more load jobs than the cap; a hot table's files are held in the
+sensor's cursor (messages kept invisible, not deleted) and go into its next load together."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cdc import environment
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets.quota import LoadBudget, QuotaSettingError, table_cap
+from cdc_assets.resources import LandingResource
+from local_stack.stack import LocalStack
+from sensors.sqs_sensor import Batch, apply_budget, hold
+
+
+def test_a_busy_table_never_exceeds_its_daily_cap() -> None:
+    state: dict[str, Any] | None = None
+    started = 0
+    for second in range(0, 86_400, 5):  # a batch for the table every 5 s all day long
+        budget = LoadBudget(state, 1_000_000.0 + second, table_cap=1_200, project_cap=90_000)
+        started += budget.take("slots.bets")
+        state = budget.state()
+    assert 1_150 <= started <= 1_200  # the cap, nearly all of it used
+    quiet = LoadBudget(state, 1_000_000.0 + 86_400, table_cap=1_200, project_cap=90_000)
+    assert quiet.take("slots.rounds")  # another table has its own bucket
+
+
+def test_the_project_cap_holds_across_tables() -> None:
+    budget = LoadBudget(None, 0.0, table_cap=1_500, project_cap=100)  # burst: 5 project-wide
+    assert sum(budget.take(f"t{i}") for i in range(50)) == 5
+    assert budget.seconds_until_load("t0") > 0
+
+
+def test_caps_outside_bigquerys_limits_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "2000")
+    with pytest.raises(
+        QuotaSettingError, match=r"CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY=2000 is outside 1\.\.1500"
+    ):
+        table_cap()
+    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "many")
+    with pytest.raises(QuotaSettingError, match="not a whole number"):
+        table_cap()
+
+
+def test_held_files_wait_invisible_and_join_the_next_load(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environ = local_stack.environment()
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "40")  # burst 2, then one per ~38 min
+    landing = LandingResource(
+        bucket=local_stack.settings.bucket, queue_url=environ["CDC_SQS_QUEUE_URL"], dead_letter_queue_url=""
+    )
+    sqs = landing.sqs()
+    table = TableMapping(source="quota_db.hot", target="quota.hot", primary_key=["id"])
+    cluster = ClusterMapping.model_validate(
+        {
+            "cluster": "quota_test",
+            "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
+            "tables": [table.model_dump()],
+        }
+    )
+    mappings = Mappings(directory=local_stack.mappings.directory, clusters=(cluster,))
+
+    while leftovers := sqs.receive_message(QueueUrl=landing.queue_url, MaxNumberOfMessages=10).get(
+        "Messages"
+    ):
+        for message in leftovers:  # S3 events of other tests' files: not this test's business
+            sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def batch(n: int) -> Batch:
+        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps({"n": n}))
+        [message] = sqs.receive_message(QueueUrl=landing.queue_url, AttributeNames=["All"])["Messages"]
+        assert message["Body"] == json.dumps({"n": n})
+        return Batch(
+            table,
+            "2026-11-25",
+            {f"cdc/quota_db/hot/f{n}.parquet"},
+            {message["MessageId"]: message["ReceiptHandle"]},
+            {message["MessageId"]: 1},
+        )
+
+    cursor: dict[str, Any] = {}
+    now = 5_000_000.0
+    loaded = []
+    for n in range(3):
+        ready, held, cursor = apply_budget([batch(n)], cursor, mappings, now)
+        loaded += ready
+    assert [sorted(b.keys) for b in loaded] == [
+        ["cdc/quota_db/hot/f0.parquet"],
+        ["cdc/quota_db/hot/f1.parquet"],
+    ]
+    assert held and cursor["held"][0]["keys"] == ["cdc/quota_db/hot/f2.parquet"]
+    hold(landing, held, cursor["next_load_in_s"]["quota.hot"])
+    assert not sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=0).get("Messages")  # invisible
+
+    later = now + cursor["next_load_in_s"]["quota.hot"] + 1
+    ready, held, cursor = apply_budget([batch(3)], json.loads(json.dumps(cursor)), mappings, later)
+    assert not held and cursor["held"] == []
+    [merged] = ready
+    assert merged.keys == {"cdc/quota_db/hot/f2.parquet", "cdc/quota_db/hot/f3.parquet"}  # one load job
+    assert len(merged.receipts) == 2  # and both messages are acknowledged by that load
+    for receipt in merged.receipts.values():
+        sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)
