@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import dagster as dg
@@ -20,6 +17,7 @@ from cdc_assets.tables import build_table_asset
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
 from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
+from tests.conftest import Receiver
 from tests.test_loader import (
     DDL,
     _loader,
@@ -27,38 +25,6 @@ from tests.test_loader import (
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
 )
-
-
-class Receiver:
-    """A local Slack-compatible webhook: records every JSON body posted to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []  # type: list[dict[str, Any]]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/cdc"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def texts(self) -> str:
-        return "\n".join(str(body["text"]) for body in self.received)
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    yield receiver
-    receiver.server.shutdown()
 
 
 def _tables(loader: Any) -> dict[str, list[tuple[Any, ...]]]:

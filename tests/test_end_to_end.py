@@ -11,6 +11,7 @@ from pathlib import Path
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
 from tests.capture_support import new_env, run_sql
+from tests.conftest import Receiver
 from tests.test_capture import _write_mapping
 from tests.test_loader import (
     DDL,
@@ -22,7 +23,7 @@ from tests.test_loader import (
 
 
 def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
-    local_stack: LocalStack, tmp_path: Path
+    local_stack: LocalStack, tmp_path: Path, receiver: Receiver
 ) -> None:
     env = new_env(local_stack, "poker_play")
     env.prefix = local_stack.settings.prefix  # the prefix whose S3 events reach the queue
@@ -34,7 +35,12 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
     )
     folder = tmp_path / "mappings"
     _write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
-    variables = {**os.environ, **local_stack.environment(), "CDC_MAPPINGS_DIR": str(folder)}
+    variables = {
+        **os.environ,
+        **local_stack.environment(),
+        "CDC_MAPPINGS_DIR": str(folder),
+        "CDC_ALERT_WEBHOOK_URL": receiver.url,
+    }
     cdc = str(Path(sys.executable).with_name("cdc"))
 
     def cdc_run(*args: str) -> str:
@@ -55,6 +61,11 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             env,
             f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(9).replace("{", "{{").replace("}", "}}"),
         )
+        run_sql(  # a new source column appears in BigQuery by itself
+            env,
+            "ALTER TABLE `{schema}`.accounts ADD COLUMN note VARCHAR(20) NULL",
+            "UPDATE `{schema}`.accounts SET note = 'added later' WHERE id = 1",
+        )
         loader = _loader(local_stack, env, env.schema)
         deadline = time.monotonic() + 150
         while True:
@@ -69,6 +80,17 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
                     ) from None
                 time.sleep(2)
         assert_changelog_has_no_duplicates(loader)
+
+        # a poison file: the run dead-letters it and the webhook hears about it, naming the file
+        day, stamp = time.strftime("%Y/%m/%d", time.gmtime()), time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        poison = f"{env.prefix}/{env.schema}/accounts/{day}/{stamp}9999.parquet"  # a DMS name, not Parquet
+        env.s3().put_object(Bucket=local_stack.settings.bucket, Key=poison, Body=b"not parquet")
+        deadline = time.monotonic() + 120
+        while poison not in receiver.texts():
+            assert time.monotonic() < deadline, f"no alert for {poison}; received: {receiver.texts()[-2000:]}"
+            time.sleep(2)
+        assert "not a readable Parquet file" in receiver.texts()
+        assert_current_state_equals_source(loader, env)
     finally:
         cdc_run("dagster", "stop")
         cdc_run("capture", "stop")
