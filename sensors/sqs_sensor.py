@@ -207,7 +207,9 @@ def hold(landing: LandingResource, batches: list[Batch], seconds: float) -> None
             {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout}
             for n, r in enumerate(receipts[start : start + 10])
         ]
-        failed = sqs.change_message_visibility_batch(QueueUrl=landing.queue_url, Entries=entries).get("Failed")
+        failed = sqs.change_message_visibility_batch(QueueUrl=landing.queue_url, Entries=entries).get(
+            "Failed"
+        )
         if failed:  # the message comes back early and is held again: no loss, only a repeat
             raise RuntimeError(f"could not keep held SQS messages invisible: {failed}")
 
