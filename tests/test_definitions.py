@@ -52,3 +52,22 @@ def test_the_workspace_file_loads_with_the_dagster_cli() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_table_has_its_checks_freshness_alerts_and_the_checks_schedule() -> None:
+    defs = build_definitions()
+    checks = {key for key in defs.resolve_asset_graph().asset_check_keys}
+    bets = dg.AssetKey(["bigquery", "slots", "bets"])
+    assert {c.name for c in checks if c.asset_key == bets} == {
+        "no_duplicate_changes",
+        "row_count_matches_source",
+        "landed_files_loaded",
+    }
+    assert len(checks) == 3 * 70
+    spec = next(s for s in defs.resolve_all_asset_specs() if s.key == bets)
+    assert spec.freshness_policy is not None
+    sensors = {s.name for s in defs.sensors or []}
+    assert sensors == {"landed_files_sqs", "alert_failed_checks", "alert_failed_runs", "alert_dead_letters"}
+    [schedule] = list(defs.schedules or [])
+    assert schedule.cron_schedule == "*/10 * * * *"
+    assert len(defs.resolve_job_def("table_checks").asset_layer.asset_graph.asset_check_keys) >= 140
