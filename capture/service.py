@@ -46,6 +46,19 @@ from cdc.mappings import ClusterMapping, TableMapping, load_mappings
 log = logging.getLogger("cdc.capture")
 
 
+def begin_consistent_snapshot(cursor: Any) -> BinlogPosition | None:
+    """Start a UTC, REPEATABLE READ transaction WITH CONSISTENT SNAPSHOT; return the binlog position it is
+    consistent with (MariaDB reports it; None where the server does not)."""
+    cursor.execute("SET SESSION time_zone = '+00:00'")
+    cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+    cursor.execute("SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')")
+    status = {str(name).lower(): value for name, value in cursor.fetchall()}
+    if not status.get("binlog_snapshot_file"):
+        return None
+    return BinlogPosition(status["binlog_snapshot_file"], int(status["binlog_snapshot_position"]))
+
+
 @dataclass(frozen=True)
 class MySQLConnection:
     host: str
@@ -202,16 +215,13 @@ class ClusterCapture:
         connection = self.connection.connect(cursorclass=pymysql.cursors.SSCursor)
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SET SESSION time_zone = '+00:00'")
-                cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-                cursor.execute(
-                    "SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')"
-                )
-                status = {name.lower(): value for name, value in cursor.fetchall()}
-                position = BinlogPosition(
-                    status["binlog_snapshot_file"], int(status["binlog_snapshot_position"])
-                )
+                snapshot_position = begin_consistent_snapshot(cursor)
+                if snapshot_position is None:
+                    raise CaptureError(
+                        f"cluster {self.cluster.cluster}: the server reports no binlog_snapshot_file; the capture "
+                        "needs MariaDB (use AWS DMS for MySQL/Aurora sources)"
+                    )
+                position = snapshot_position
                 cursor.execute("SELECT BINLOG_GTID_POS(%s, %s)", (position.file, position.pos))
                 gtid = cursor.fetchone()[0] or ""
             for table in tables:

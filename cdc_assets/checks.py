@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from google.cloud import bigquery
 
 from capture.position import BinlogPosition
+from capture.service import begin_consistent_snapshot
 from capture.sink import S3Store
 from cdc.mappings import ClusterMapping, TableMapping, quote_mysql
 from cdc_assets.loader import CHANGE_SEQ, OP, TableLoader, quote_column
@@ -60,18 +61,7 @@ def source_snapshot(
     days = _check_days()
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SET SESSION time_zone = '+00:00'")
-            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-            cursor.execute(
-                "SHOW STATUS WHERE Variable_name IN ('binlog_snapshot_file', 'binlog_snapshot_position')"
-            )
-            status = {str(name).lower(): value for name, value in cursor.fetchall()}
-            position = None
-            if status.get("binlog_snapshot_file"):
-                position = BinlogPosition(
-                    status["binlog_snapshot_file"], int(status["binlog_snapshot_position"])
-                )
+            position = begin_consistent_snapshot(cursor)
             cursor.execute("SELECT UTC_TIMESTAMP(6)")
             taken_at = cursor.fetchone()[0].replace(tzinfo=dt.UTC)
             cursor.execute(f"SELECT COUNT(*) FROM {ref}")
