@@ -261,3 +261,12 @@ def compare_with_source(env: CaptureEnv, table: str, key: list[str]) -> int:
     for pk, row in expected.items():
         assert actual[pk] == row, f"{table} {pk}: landed {actual[pk]} != source {row}"
     return len(expected)
+
+
+def capture_changes(env: CaptureEnv, cluster: ClusterMapping, *statements: str) -> None:
+    """Capture `cluster` into the env's landing prefix: its full load, then `statements`, until caught up."""
+    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+        if statements:
+            run_sql(env, *statements)
+            wait_caught_up(env)

@@ -16,14 +16,14 @@ from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSour
 from cdc_assets.tables import build_table_asset
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
-from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
+from tests.capture_support import FAST, capture_changes, new_env, run_sql, running, wait_caught_up
 from tests.conftest import Receiver
 from tests.test_loader import (
     DDL,
     _loader,
-    _row,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
+    insert_accounts,
 )
 
 
@@ -43,8 +43,7 @@ def test_row_count_check_backfill_and_alerts(
         monkeypatch.setenv(key, value)  # AWS endpoint and the clusters' connection variables
     env = new_env(local_stack, "poker_accounts")
     run_sql(env, DDL)
-    rows = ", ".join(_row(i) for i in range(1, 7)).replace("{", "{{").replace("}", "}}")
-    run_sql(env, f"INSERT INTO `{env.schema}`.accounts VALUES {rows}")
+    insert_accounts(env, range(1, 7))
     run_sql(
         env, "UPDATE `{schema}`.accounts SET at = UTC_TIMESTAMP(6) WHERE id <= 4"
     )  # today, per-day counts
@@ -52,14 +51,12 @@ def test_row_count_check_backfill_and_alerts(
         update={"target": f"{env.schema}.accounts"}
     )
     cluster = env.mapping(table)
-    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
-        wait_caught_up(env)
-        run_sql(
-            env,
-            "DELETE FROM `{schema}`.accounts WHERE id = 6",
-            "UPDATE `{schema}`.accounts SET id = 60 WHERE id = 5",
-        )
-        wait_caught_up(env)
+    capture_changes(
+        env,
+        cluster,
+        "DELETE FROM `{schema}`.accounts WHERE id = 6",
+        "UPDATE `{schema}`.accounts SET id = 60 WHERE id = 5",
+    )
 
     landing = LandingResource(
         bucket=local_stack.settings.bucket,
@@ -113,10 +110,7 @@ def test_row_count_check_backfill_and_alerts(
 
     # a steady load: changes captured but not loaded yet are no false alarm - the check says it is not exact
     with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
-        run_sql(
-            env,
-            f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(7).replace("{", "{{").replace("}", "}}"),
-        )
+        insert_accounts(env, [7])
         run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
         wait_caught_up(env)
     catching_up = check()[ROW_COUNT]

@@ -16,9 +16,9 @@ from tests.test_capture import _write_mapping
 from tests.test_loader import (
     DDL,
     _loader,
-    _row,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
+    insert_accounts,
 )
 
 
@@ -28,11 +28,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
     env = new_env(local_stack, "poker_play")
     env.prefix = local_stack.settings.prefix  # the prefix whose S3 events reach the queue
     run_sql(env, DDL)
-    run_sql(
-        env,
-        f"INSERT INTO `{env.schema}`.accounts VALUES "
-        + ", ".join(_row(i) for i in range(1, 4)).replace("{", "{{").replace("}", "}}"),
-    )
+    insert_accounts(env, range(1, 4))
     folder = tmp_path / "mappings"
     _write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
     variables = {
@@ -57,10 +53,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
             "DELETE FROM `{schema}`.accounts WHERE id = 2",
         )
-        run_sql(
-            env,
-            f"INSERT INTO `{env.schema}`.accounts VALUES " + _row(9).replace("{", "{{").replace("}", "}}"),
-        )
+        insert_accounts(env, [9])
         run_sql(  # a new source column appears in BigQuery by itself
             env,
             "ALTER TABLE `{schema}`.accounts ADD COLUMN note VARCHAR(20) NULL",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -40,24 +41,22 @@ def _row(i: int) -> str:
     )
 
 
+def insert_accounts(env: CaptureEnv, ids: Iterable[int]) -> None:
+    """INSERT the test rows `_row(i)` for `ids` into the env's accounts table."""
+    rows = ", ".join(_row(i) for i in ids).replace("{", "{{").replace("}", "}}")  # run_sql formats {schema}
+    run_sql(env, f"INSERT INTO `{env.schema}`.accounts VALUES {rows}")
+
+
 @pytest.fixture(scope="module")
 def landed(local_stack: LocalStack) -> tuple[CaptureEnv, list[str]]:
     """Captured changes of one table: a full load, then inserts, updates, a key change and deletes."""
     env = new_env(local_stack, "slots_play")
     run_sql(env, DDL)
-    run_sql(
-        env,
-        f"INSERT INTO `{env.schema}`.accounts VALUES "
-        + ", ".join(_row(i) for i in range(1, 6)).replace("{", "{{").replace("}", "}}"),
-    )
+    insert_accounts(env, range(1, 6))
     table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
     with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
         wait_caught_up(env)
-        run_sql(
-            env,
-            f"INSERT INTO `{env.schema}`.accounts VALUES "
-            + ", ".join(_row(i) for i in range(6, 11)).replace("{", "{{").replace("}", "}}"),
-        )
+        insert_accounts(env, range(6, 11))
         wait_caught_up(env)
         run_sql(
             env,

@@ -9,19 +9,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from capture.service import ClusterCapture
 from cdc.mappings import Mappings
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.tables import bigquery_asset_key, build_table_asset
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import PoisonMessage, build_sqs_sensor, parse_message
-from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
+from tests.capture_support import capture_changes, new_env, run_sql
 from tests.test_loader import (
     DDL,
     _loader,
-    _row,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
+    insert_accounts,
 )
 
 
@@ -85,23 +84,17 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     env = new_env(local_stack, "slots_accounts")
     env.prefix = local_stack.settings.prefix  # the notified landing prefix
     run_sql(env, DDL)
-    run_sql(
-        env,
-        f"INSERT INTO `{env.schema}`.accounts VALUES "
-        + ", ".join(_row(i) for i in range(1, 5)).replace("{", "{{").replace("}", "}}"),
-    )
+    insert_accounts(env, range(1, 5))
     mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
         update={"target": "sensor_test.accounts"}
     )
     cluster = env.mapping(mapping)
-    with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
-        wait_caught_up(env)
-        run_sql(
-            env,
-            "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 1",
-            "DELETE FROM `{schema}`.accounts WHERE id = 4",
-        )
-        wait_caught_up(env)
+    capture_changes(
+        env,
+        cluster,
+        "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 1",
+        "DELETE FROM `{schema}`.accounts WHERE id = 4",
+    )
     s3 = landing.s3()
     s3.put_object(Bucket=landing.bucket, Key=f"cdc/{env.schema}/accounts/notes.txt", Body=b"not a data file")
     s3.put_object(Bucket=landing.bucket, Key=f"cdc/{env.schema}/unmapped/LOAD00000001.parquet", Body=b"x")

@@ -7,18 +7,17 @@ import datetime as dt
 import dagster as dg
 import pytest
 
-from capture.service import ClusterCapture
 from cdc_assets.definitions import build_definitions
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.tables import DAILY, build_table_asset
 from local_stack.stack import LocalStack
-from tests.capture_support import FAST, new_env, run_sql, running, wait_caught_up
+from tests.capture_support import capture_changes, new_env, run_sql
 from tests.test_loader import (
     DDL,
     _loader,
-    _row,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
+    insert_accounts,
 )
 
 
@@ -42,20 +41,14 @@ def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
 def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "roulette_play")
     run_sql(env, DDL)
-    run_sql(
-        env,
-        f"INSERT INTO `{env.schema}`.accounts VALUES "
-        + ", ".join(_row(i) for i in range(1, 4)).replace("{", "{{").replace("}", "}}"),
-    )
+    insert_accounts(env, range(1, 4))
     mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
-    with running(ClusterCapture(env.mapping(mapping), env.replication(), env.store(), FAST)):
-        wait_caught_up(env)
-        run_sql(
-            env,
-            "UPDATE `{schema}`.accounts SET n = 99 WHERE id = 1",
-            "DELETE FROM `{schema}`.accounts WHERE id = 2",
-        )
-        wait_caught_up(env)
+    capture_changes(
+        env,
+        env.mapping(mapping),
+        "UPDATE `{schema}`.accounts SET n = 99 WHERE id = 1",
+        "DELETE FROM `{schema}`.accounts WHERE id = 2",
+    )
     target = mapping.model_copy(update={"target": "asset_test.accounts"})
     cluster = env.mapping(target)
     asset = build_table_asset(cluster, target)
