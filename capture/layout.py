@@ -37,6 +37,12 @@ def load_file_key(prefix: str, schema: str, table: str, number: int) -> str:
     return _join(prefix, schema, table, f"LOAD{number:08X}.parquet")
 
 
+def load_file_number(name: str) -> int | None:
+    """The counter of a full-load file name (LOAD0000000A.parquet -> 10); None for any other name."""
+    match = _LOAD_NAME.match(name)
+    return int(match["n"], 16) if match else None
+
+
 def cdc_file_key(
     prefix: str, schema: str, table: str, written: dt.datetime, date_folders: bool, suffix: int = 0
 ) -> str:

@@ -101,6 +101,7 @@ class _Table:
     active: list[tuple[int, str, Any]] = field(
         default_factory=list
     )  # (index, name, normaliser) that change values
+    signature: tuple[tuple[str, int], ...] | None = None  # the binlog's (name, type) per column, once seen
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
@@ -149,6 +150,8 @@ class ClusterCapture:
         self.buffers: dict[tuple[str, str], TableBuffer] = {}
         self.checkpoint: dict[str, Any] = {}
         self.errors: list[str] = []
+        self.loaded_keys: dict[str, list[str]] = {}  # per source table, the LOAD files its snapshot wrote
+        self.loaded_rows: dict[str, int] = {}
         self._buffered_rows = 0
         # rows of the open transaction, not yet given a commit time: (table key, op, values, sequence)
         self._pending: list[tuple[tuple[str, str], str, list[Any], str]] = []
@@ -209,8 +212,14 @@ class ClusterCapture:
 
     # -- full load ---------------------------------------------------------------------------------------------
 
-    def snapshot(self, tables: list[TableMapping]) -> tuple[BinlogPosition, str]:
-        """Full load of ``tables`` from one consistent snapshot; returns its binlog position and GTID state."""
+    def snapshot(
+        self, tables: list[TableMapping], keep_previous_loads: bool = False, strict: bool = False
+    ) -> tuple[BinlogPosition, str]:
+        """Full load of ``tables`` from one consistent snapshot; returns its binlog position and GTID state.
+
+        The capture replaces a table's earlier LOAD files; with ``keep_previous_loads`` (a re-snapshot) they stay
+        and the new files are numbered after them. A table that cannot be read is recorded as an error and
+        skipped, or with ``strict`` raises. The keys written are in ``self.loaded_keys`` per table."""
         self.state = "snapshotting"
         connection = self.connection.connect(cursorclass=pymysql.cursors.SSCursor)
         try:
@@ -228,9 +237,11 @@ class ClusterCapture:
                 try:
                     entry = self._install(table, self._read_columns(connection, table))
                 except (CaptureError, UnsupportedColumn) as exc:
+                    if strict:
+                        raise
                     self._record_error(str(exc))
                     continue
-                self._load_table(connection, entry, position)
+                self._load_table(connection, entry, position, keep_previous_loads)
             connection.commit()
         finally:
             connection.close()
@@ -239,10 +250,17 @@ class ClusterCapture:
         )
         return position, gtid
 
-    def _load_table(self, connection: Any, entry: _Table, position: BinlogPosition) -> None:
+    def _load_table(
+        self, connection: Any, entry: _Table, position: BinlogPosition, keep_previous: bool = False
+    ) -> None:
         mapping = entry.mapping
         started = time.monotonic()
-        self.store.delete_load_files(mapping.source_schema, mapping.source_table)
+        first_number = 0
+        if keep_previous:
+            first_number = self.store.last_load_number(mapping.source_schema, mapping.source_table)
+        else:
+            self.store.delete_load_files(mapping.source_schema, mapping.source_table)
+        written = self.loaded_keys[mapping.source] = []
         select = ", ".join(
             f"CAST(`{c.name}` AS CHAR)" if c.data_type == "time" else f"`{c.name}`" for c in entry.columns
         )
@@ -264,8 +282,9 @@ class ClusterCapture:
                 number += 1
                 total += len(batch)
                 key = layout.load_file_key(
-                    self.store.prefix, mapping.source_schema, mapping.source_table, number
+                    self.store.prefix, mapping.source_schema, mapping.source_table, first_number + number
                 )
+                written.append(key)
                 self.store.put_file(
                     key, parquet_bytes(buffer.to_arrow(), self._file_metadata(position, position))
                 )
@@ -273,6 +292,7 @@ class ClusterCapture:
                 if not batch:
                     break
         self.stats.rows["load"] += total
+        self.loaded_rows[mapping.source] = total
         log.info(
             "cluster %s: full load of %s: %d rows in %d file(s), %.1f s",
             self.cluster.cluster,
@@ -437,9 +457,14 @@ class ClusterCapture:
     def _rows(self, event: Any, position: BinlogPosition) -> None:
         key = (event.schema, event.table)
         entry = self.tables.get(key)
-        names = [column.name for column in event.columns]
-        if entry is None or entry.names != names:
-            entry = self._follow_schema_change(key, event)
+        # Names and binlog types of the columns: an ALTER that renames, adds, drops or retypes (MODIFY) a column
+        # changes it. A table installed from information_schema takes the signature of its first event.
+        signature = tuple((column.name, column.type) for column in event.columns)
+        if entry is None or entry.signature != signature:
+            names = [column.name for column in event.columns]
+            if entry is None or entry.names != names or entry.signature is not None:
+                entry = self._follow_schema_change(key, event)
+            entry.signature = signature
         pending = self._pending
         for index, row in enumerate(event.rows):
             if isinstance(event, UpdateRowsEvent):

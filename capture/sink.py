@@ -95,6 +95,17 @@ class S3Store:
                 deleted += len(keys)
         return deleted
 
+    def last_load_number(self, schema: str, table: str) -> int:
+        """The highest LOAD file counter of a table (0: none)."""
+        prefix = layout.table_prefix(self.prefix, schema, table) + "LOAD"
+        numbers = [0]
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                number = layout.load_file_number(item["Key"].rsplit("/", 1)[-1])
+                if number is not None:
+                    numbers.append(number)
+        return max(numbers)
+
     def _control_key(self, kind: str, cluster: str) -> str:
         return f"{self.control_prefix}/{kind}/{cluster}.json"
 

@@ -159,7 +159,7 @@ def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | N
         latest = f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
         same_key = " AND ".join(f"a.{q(k)} = c.{q(k)}" for k in table.primary_key)
         touched = (
-            f"SELECT * FROM {changelog} AS c WHERE EXISTS "
+            f"SELECT * FROM {changelog} AS c WHERE c.{q(CHANGE_SEQ)} >= {loader.horizon_sql()} AND EXISTS "
             f"(SELECT 1 FROM {changelog} AS a WHERE a.{q(CHANGE_SEQ)} > @boundary AND {same_key})"
         )
         sql = (

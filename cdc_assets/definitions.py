@@ -6,6 +6,7 @@ import dagster as dg
 
 from cdc.mappings import load_mappings
 from cdc_assets.checks import build_table_checks
+from cdc_assets.resnapshot import build_resnapshot_job
 from cdc_assets.resources import resources_from_env
 from cdc_assets.sources import source_asset_specs
 from cdc_assets.tables import bigquery_asset_key, landing_asset_specs, table_assets
@@ -31,7 +32,7 @@ def build_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=[*source_asset_specs(mappings), *landing_asset_specs(mappings), *table_assets(mappings)],
         asset_checks=checks,
-        jobs=[table_checks],
+        jobs=[table_checks, build_resnapshot_job(mappings)],
         schedules=[
             dg.ScheduleDefinition(
                 job=table_checks,

@@ -237,9 +237,10 @@ class TableLoader:
         for field in fields:
             if field.name in have and _base_type(have[field.name].field_type) != _base_type(field.field_type):
                 raise LoadError(
-                    f"{self.mapping.source}: column {field.name} changed type from {have[field.name].field_type} to "
-                    f"{field.field_type}; BigQuery cannot change it in place. Stop this table, migrate "
-                    f"{self.dataset}.{name} (or re-snapshot into a new target) and resume"
+                    f"{self.mapping.source}: incompatible type change - column {field.name} is "
+                    f"{have[field.name].field_type} in {self.dataset}.{name} but {field.field_type} in the landed "
+                    f"files, and BigQuery cannot change it in place. This table stops loading (its files are "
+                    f"retried, then dead-lettered; other tables go on). To resume: {self._type_change_remedy()}"
                 )
         added = [
             bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE") for f in fields if f.name not in have
@@ -248,10 +249,35 @@ class TableLoader:
             table.schema = [*table.schema, *added]
             self.bq.update_table(table, ["schema"])
 
+    def _type_change_remedy(self) -> str:
+        if self.mapping.primary_key:
+            return (
+                f"rename or drop {self.dataset}.{self.current} and {self.dataset}.{self.changelog}, then run the "
+                f"resnapshot_table job for {self.mapping.target} (it recreates both with the new type)"
+            )
+        return (
+            f"rename or drop {self.dataset}.{self.current}, then redrive the dead-lettered messages or backfill the "
+            "days since the change (the table is recreated with the new type)"
+        )
+
     # -- loading -------------------------------------------------------------------------------------------------
 
-    def load(self, data: pa.Table, keys: list[str], rebuild_id: str | None = None) -> LoadResult:
-        """Load a batch of landed files exactly once; with `rebuild_id` (unique per backfill run), rebuild from them."""
+    def load(
+        self,
+        data: pa.Table,
+        keys: list[str],
+        rebuild_id: str | None = None,
+        snapshot_horizon: str | None = None,
+    ) -> LoadResult:
+        """Load a batch of landed files exactly once; with `rebuild_id` (unique per backfill run), rebuild from them.
+
+        With `snapshot_horizon` the batch is a complete new full load of the table whose rows carry change
+        sequences from that horizon on: the horizon is recorded, every change before it no longer counts for the
+        current state (which is re-derived whole), so keys whose deletes were never loaded disappear."""
+        if snapshot_horizon is not None and not re.fullmatch(r"[0-9]{1,64}", snapshot_horizon):
+            raise LoadError(
+                f"{self.mapping.source}: snapshot horizon {snapshot_horizon!r} is not a change sequence"
+            )
         batch = batch_id(keys)
         stage = f"_stage_{self.current}_{batch}"
         stage_id = f"{self.project}.{self.dataset}.{stage}"
@@ -266,6 +292,8 @@ class TableLoader:
         base = f"cdc_{self.dataset}_{self.current}_{batch}"
         if rebuild_id:
             base += f"_rebuild_{_job_safe(rebuild_id)}"
+        if snapshot_horizon:
+            base += f"_snapshot_{snapshot_horizon}"
 
         def submit_load(job_id: str) -> Any:
             self.load_jobs += 1
@@ -277,17 +305,27 @@ class TableLoader:
         if self._applied(f"{base}_merge"):
             return replace(result, skipped=True)  # this exact file set was merged before: nothing twice
         self.run_job(f"{base}_stage", submit_load)
-        staged = self.bq.get_table(stage_id).schema
-        self.ensure_tables(list(staged))
-        columns = [f.name for f in staged]
-        script = self._rebuild_script(stage, columns) if rebuild_id else self._merge_script(stage, columns)
-        script = script.replace(
-            "COMMIT TRANSACTION;", self._ledger_statement(stage, batch) + "\nCOMMIT TRANSACTION;"
-        )
-        before = self._count(self.changelog)
-        self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
-        inserted = self._count(self.changelog) - before
-        self.bq.delete_table(stage_id, not_found_ok=True)
+        try:
+            staged = self.bq.get_table(stage_id).schema
+            try:
+                self.ensure_tables(list(staged))
+            except LoadError as exc:
+                shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
+            columns = [f.name for f in staged]
+            if rebuild_id:
+                script = self._rebuild_script(stage, columns)
+            else:
+                script = self._merge_script(stage, columns, snapshot_horizon)
+            ledger = self._ledger_statement(stage, batch)
+            if snapshot_horizon:
+                ledger += "\n" + self._horizon_statement(batch, snapshot_horizon, data.num_rows)
+            script = script.replace("COMMIT TRANSACTION;", ledger + "\nCOMMIT TRANSACTION;")
+            before = self._count(self.changelog)
+            self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
+            inserted = self._count(self.changelog) - before
+        finally:
+            self.bq.delete_table(stage_id, not_found_ok=True)  # a retry stages the batch again
         return replace(result, inserted_changes=inserted, jobs=self.jobs, load_jobs=self.load_jobs)
 
     def _applied(self, base_id: str) -> bool:
@@ -318,7 +356,9 @@ class TableLoader:
         rows = self.bq.query(f"SELECT COUNT(*) AS n FROM {self.ref(table)}").result()
         return int(next(iter(rows)).n)
 
-    def _merge_script(self, stage: str, staged_columns: list[str]) -> str:
+    def _merge_script(
+        self, stage: str, staged_columns: list[str], snapshot_horizon: str | None = None
+    ) -> str:
         """The batch's transaction. Every identifier is validated and quoted (tables by quote_bigquery)."""
         q = quote_column
         cols = ", ".join(q(c) for c in staged_columns)
@@ -328,7 +368,9 @@ class TableLoader:
             f"ON c.{q(CHANGE_SEQ)} = s.{q(CHANGE_SEQ)} AND c.{q(OP)} = s.{q(OP)} "
             f"WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({', '.join(f's.{q(c)}' for c in staged_columns)});",
         ]
-        if self.mapping.primary_key:
+        if self.mapping.primary_key and snapshot_horizon:  # a new full load: the whole state from it on
+            statements.append(self._current_state_statement(stage=None, horizon=snapshot_horizon))
+        elif self.mapping.primary_key:
             statements.append(self._current_state_statement(stage))
         statements.append("COMMIT TRANSACTION;")
         return "\n".join(statements)
@@ -361,18 +403,25 @@ class TableLoader:
         statements.append("COMMIT TRANSACTION;")
         return "\n".join(statements)
 
-    def _current_state_statement(self, stage: str | None) -> str:
-        """MERGE the latest change per key into the current state: for the batch's keys, or (stage None) for
-        every key, also removing rows that have no change at all (e.g. inserted behind the pipeline's back)."""
+    def horizon_sql(self) -> str:
+        """SQL for the table's snapshot horizon: changes with a lower sequence precede its latest re-snapshot and
+        no longer count for the current state ('' = no re-snapshot: every change counts)."""
+        return f"(SELECT COALESCE(MAX(snapshot_horizon), '') FROM {self.ref(self.ledger)})"
+
+    def _current_state_statement(self, stage: str | None, horizon: str | None = None) -> str:
+        """MERGE the latest change per key (from the snapshot horizon on) into the current state: for the batch's
+        keys, or (stage None) for every key, also removing rows that have no such change at all (inserted behind
+        the pipeline's back, or deleted at the source before a re-snapshot)."""
         q = quote_column
         key = self._key()
         columns = [f.name for f in self.bq.get_table(f"{self.project}.{self.dataset}.{self.current}").schema]
         on = " AND ".join(f"t.{q(k)} = l.{q(k)}" for k in key)
         keys = ", ".join(q(k) for k in key)
-        changes = f"SELECT * FROM {self.ref(self.changelog)} AS c"
+        since = f"'{horizon}'" if horizon else self.horizon_sql()
+        changes = f"SELECT * FROM {self.ref(self.changelog)} AS c WHERE c.{q(CHANGE_SEQ)} >= {since}"
         if stage is not None:
             in_batch = " AND ".join(f"s.{q(k)} = c.{q(k)}" for k in key)
-            changes += f" WHERE EXISTS (SELECT 1 FROM {self.ref(stage)} AS s WHERE {in_batch})"
+            changes += f" AND EXISTS (SELECT 1 FROM {self.ref(stage)} AS s WHERE {in_batch})"
         latest = (
             f"{changes} QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
         )
@@ -395,6 +444,14 @@ class TableLoader:
             f"FROM {self.ref(stage)} GROUP BY {q(SOURCE_FILE)}) AS s ON f.source_file = s.source_file "
             "WHEN NOT MATCHED THEN INSERT (source_file, row_count, batch, load_jobs, loaded_at) "
             "VALUES (s.source_file, s.row_count, s.batch, s.load_jobs, s.loaded_at);"
+        )
+
+    def _horizon_statement(self, batch: str, horizon: str, rows: int) -> str:
+        """Record a re-snapshot's horizon in the ledger (a marker row: the snapshot may have no rows at all)."""
+        return (
+            f"INSERT INTO {self.ref(self.ledger)} (source_file, row_count, batch, load_jobs, loaded_at, "
+            f"snapshot_horizon) VALUES ('{SNAPSHOT_MARKER}{horizon}', {int(rows)}, '{batch}', {self.load_jobs}, "
+            f"CURRENT_TIMESTAMP(), '{horizon}');"
         )
 
     def loaded_files(self, keys: list[str] | None = None) -> set[str]:
@@ -431,7 +488,9 @@ LEDGER_FIELDS = [
     bigquery.SchemaField("batch", "STRING"),
     bigquery.SchemaField("load_jobs", "INTEGER"),
     bigquery.SchemaField("loaded_at", "TIMESTAMP"),
+    bigquery.SchemaField("snapshot_horizon", "STRING"),  # set on a re-snapshot's marker row
 ]
+SNAPSHOT_MARKER = "snapshot@"
 
 
 def _job_safe(text: str) -> str:

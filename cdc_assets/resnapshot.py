@@ -1,0 +1,117 @@
+"""Re-snapshot one table from the source: a new full load, for when its landing files are gone.
+
+The `resnapshot_table` job reads the table inside one consistent snapshot (the capture's own full-load code),
+writes its rows as new DMS full-load files beside the earlier ones (`LOAD<n+1>...`), and loads them as a
+*snapshot*: the changelog gains the snapshot's rows, the table's snapshot horizon (recorded in its ledger) moves
+to the snapshot's binlog position, and the current state is re-derived from the changes at or after that horizon
+only. Whatever the pipeline missed before it - lost files, a binlog purged past the capture - is healed: rows
+deleted at the source disappear, changed rows take the source's values. Changes after the snapshot keep arriving
+through the sensor; a late file from before the snapshot can no longer change the current state.
+
+It needs the source's binlog position of the snapshot (MariaDB reports it). Append-only tables are refused: a new
+full load would add every source row again; backfill their days instead.
+"""
+
+import datetime as dt
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from capture.service import CaptureError, ClusterCapture
+from capture.sink import S3Store
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets.loader import TableLoader, read_landed
+from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.tables import bigquery_asset_key
+
+RESNAPSHOT_JOB = "resnapshot_table"
+
+
+class ResnapshotConfig(dg.Config):
+    table: str = Field(
+        description="The mapped table to re-snapshot: its BigQuery target `dataset.table` or its source "
+        "`schema.table`, as written in the mapping file."
+    )
+
+
+def find_table(mappings: Mappings, name: str) -> tuple[ClusterMapping, TableMapping]:
+    for cluster, table in mappings.tables():
+        if name in (table.target, table.source):
+            return cluster, table
+    raise dg.Failure(
+        description=f"no mapped table is named {name!r}: give a target (dataset.table) or a source "
+        f"(schema.table) from the mapping files in {mappings.directory}"
+    )
+
+
+def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
+    @dg.op(
+        name="resnapshot_from_source",
+        description="New full load of one table from its source, loaded as the table's new snapshot horizon.",
+    )
+    def resnapshot_from_source(
+        context: dg.OpExecutionContext,
+        config: ResnapshotConfig,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+        mysql: MySqlSourceResource,
+    ) -> None:
+        cluster, table = find_table(mappings, config.table)
+        if not table.primary_key:
+            raise dg.Failure(
+                description=f"{table.source} is append-only: a new full load would add every source row again; "
+                "materialize (backfill) the days whose files are missing instead"
+            )
+        started = time.monotonic()
+        store = S3Store(landing.s3(), landing.bucket, landing.prefix)
+        capture = ClusterCapture(cluster, mysql.connection(cluster), store)
+        context.log.info(f"{table.source}: reading the source table in one consistent snapshot")
+        try:
+            position, _ = capture.snapshot([table], keep_previous_loads=True, strict=True)
+        except CaptureError as exc:
+            raise dg.Failure(
+                description=f"{table.source}: {exc}. On MySQL/Aurora captured by DMS, reload the table in its DMS "
+                "task instead (aws dms reload-tables) and backfill the day"
+            ) from exc
+        keys = capture.loaded_keys[table.source]
+        rows = capture.loaded_rows[table.source]
+        context.log.info(
+            f"{table.source}: {rows} row(s) in {len(keys)} file(s) at binlog {position.file}:{position.pos}; "
+            "loading them as the table's new snapshot"
+        )
+        data = read_landed(landing.s3(), landing.bucket, keys)
+        assert data is not None  # a snapshot always writes at least one (possibly empty) file
+        horizon = position.sequence(0)
+        result = TableLoader(bigquery.client(), table).load(data, keys, snapshot_horizon=horizon)
+        context.log.info(
+            f"{table.source} -> {result.table}: current state re-derived from the snapshot "
+            f"({result.inserted_changes} new change(s), {time.monotonic() - started:.1f} s)"
+        )
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=bigquery_asset_key(table),
+                partition=dt.datetime.now(dt.UTC).date().isoformat(),
+                description=f"re-snapshot of {table.source} at binlog {position.file}:{position.pos}",
+                metadata={
+                    "resnapshot": True,
+                    "rows": rows,
+                    "files": len(keys),
+                    "new_changes": result.inserted_changes,
+                    "snapshot_position": f"{position.file}:{position.pos}",
+                    "snapshot_horizon": horizon,
+                    "load_jobs": result.load_jobs,
+                },
+            )
+        )
+
+    @dg.job(
+        name=RESNAPSHOT_JOB,
+        description="Re-snapshot one mapped table from its source (new full load) - for when its landing files "
+        "are gone or the capture's binlog position was purged. Config: ops.resnapshot_from_source.config.table.",
+        executor_def=dg.in_process_executor,
+    )
+    def resnapshot_table() -> None:
+        resnapshot_from_source()
+
+    return resnapshot_table

@@ -1,0 +1,136 @@
+"""The re-snapshot job: a new full load of one table heals changes whose landing files are gone."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from capture import layout
+from cdc.mappings import Mappings, load_mappings
+from cdc_assets.loader import read_landed
+from cdc_assets.resnapshot import build_resnapshot_job, find_table
+from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
+from local_stack.stack import LocalStack
+from tests.capture_support import CaptureEnv, capture_changes, new_env, run_sql
+from tests.test_loader import (
+    DDL,
+    _load,
+    _loader,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+    insert_accounts,
+)
+
+
+def _landed(env: CaptureEnv) -> set[str]:
+    s3 = env.s3()
+    prefix = layout.table_prefix(env.prefix, env.schema, "accounts")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)  # the cluster's connection variables, read by the MySQL resource
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 6))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})  # target: <schema>.accounts
+    cluster = env.mapping(table)
+    capture_changes(env, cluster)
+    loader = _loader(local_stack, env, env.schema)
+    loaded = _landed(env)
+    _load(loader, env, sorted(loaded))
+    assert_current_state_equals_source(loader, env)
+
+    # changes whose files are lost before they are loaded: an insert, a delete, an update and a key change
+    insert_accounts(env, [7])
+    capture_changes(
+        env,
+        cluster,
+        "DELETE FROM `{schema}`.accounts WHERE id = 2",
+        "UPDATE `{schema}`.accounts SET nick = 'lost 🎲', money = 9.5 WHERE id = 1",
+        "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
+    )
+    lost = sorted(_landed(env) - loaded)
+    assert lost
+    env.s3().delete_objects(
+        Bucket=local_stack.settings.bucket, Delete={"Objects": [{"Key": k} for k in lost]}
+    )
+    with pytest.raises(AssertionError):
+        assert_current_state_equals_source(loader, env)  # BigQuery is behind and cannot catch up by itself
+
+    landing = LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix)
+    resources = {
+        "landing": landing,
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+        ),
+        "mysql": MySqlSourceResource(),
+    }
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
+    result = job.execute_in_process(
+        run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
+        resources=resources,
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
+    assert materialization.asset_key == bigquery_asset_key(table)
+    assert materialization.partition == dt.datetime.now(dt.UTC).date().isoformat()
+    assert materialization.metadata["rows"].value == 5  # 1, 4, 5, 7, 30
+    assert_current_state_equals_source(loader, env)  # the delete, the update and the key move are there
+    assert_changelog_has_no_duplicates(loader)
+    snapshot_files = sorted(_landed(env) - loaded)
+    assert snapshot_files == [layout.load_file_key(env.prefix, env.schema, "accounts", 2)]  # beside LOAD1
+
+    # the pipeline goes on from the snapshot: new changes load, and a late file from before the snapshot (the
+    # first full load, which still holds id 2 and the old id 3) cannot bring a deleted row back
+    capture_changes(
+        env,
+        cluster,
+        "UPDATE `{schema}`.accounts SET n = 77 WHERE id = 1",
+        "DELETE FROM `{schema}`.accounts WHERE id = 30",
+    )
+    newer = sorted(_landed(env) - loaded - set(snapshot_files))
+    assert newer
+    first_load = layout.load_file_key(env.prefix, env.schema, "accounts", 1)
+    _load(loader, env, [first_load, *newer])
+    assert_current_state_equals_source(loader, env)
+
+    # a backfill of the day (a rebuild from every file landed today) keeps the snapshot's horizon
+    today = dt.datetime.now(dt.UTC).date()
+    keys = landed_keys_for_day(landing, table, today)
+    assert first_load in keys and snapshot_files[0] in keys
+    data = read_landed(env.s3(), local_stack.settings.bucket, keys)
+    assert data is not None
+    loader.load(data, keys, rebuild_id="backfill-after-resnapshot")
+    assert_current_state_equals_source(loader, env)
+    assert_changelog_has_no_duplicates(loader)
+
+
+def test_resnapshot_names_an_unknown_table_and_refuses_append_only_tables() -> None:
+    mappings = load_mappings()
+    with pytest.raises(dg.Failure, match=r"no mapped table is named 'slots\.nope'"):
+        find_table(mappings, "slots.nope")
+    cluster, table = find_table(mappings, "slots.bets")
+    assert find_table(mappings, table.source) == (cluster, table)
+    append_only = next(t for _, t in mappings.tables() if not t.primary_key)
+    job = build_resnapshot_job(mappings)
+    result = job.execute_in_process(
+        run_config={"ops": {"resnapshot_from_source": {"config": {"table": append_only.target}}}},
+        resources={
+            "landing": LandingResource(bucket="unused"),
+            "bigquery": BigQueryCdcResource(project="unused"),
+            "mysql": MySqlSourceResource(),
+        },
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("resnapshot_from_source")
+    assert failure is not None and "append-only" in str(failure.user_failure_data.description)
