@@ -102,6 +102,7 @@ class _Table:
         default_factory=list
     )  # (index, name, normaliser) that change values
     signature: tuple[tuple[str, int], ...] | None = None  # the binlog's (name, type) per column, once seen
+    stale: bool = False  # a DDL statement passed since the columns were read
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]
@@ -418,6 +419,9 @@ class ClusterCapture:
                 elif isinstance(event, (XidEvent, QueryEvent)):
                     if isinstance(event, QueryEvent) and event.query.strip().upper() == "BEGIN":
                         continue
+                    if isinstance(event, QueryEvent):  # DDL: the next rows of each table re-read its columns
+                        for entry in self.tables.values():
+                            entry.stale = True
                     in_transaction = False
                     if tx_gtid:
                         domain = tx_gtid.split("-", 1)[0]
@@ -457,14 +461,17 @@ class ClusterCapture:
     def _rows(self, event: Any, position: BinlogPosition) -> None:
         key = (event.schema, event.table)
         entry = self.tables.get(key)
-        # Names and binlog types of the columns: an ALTER that renames, adds, drops or retypes (MODIFY) a column
-        # changes it. A table installed from information_schema takes the signature of its first event.
+        # The columns are re-read after a DDL statement (a MODIFY keeps the names but changes the type), and when
+        # the binlog's column names or types differ from the last rows event's (a DDL before a restart).
         signature = tuple((column.name, column.type) for column in event.columns)
-        if entry is None or entry.signature != signature:
-            names = [column.name for column in event.columns]
-            if entry is None or entry.names != names or entry.signature is not None:
-                entry = self._follow_schema_change(key, event)
-            entry.signature = signature
+        if (
+            entry is None
+            or entry.stale
+            or entry.names != [column.name for column in event.columns]
+            or entry.signature not in (None, signature)
+        ):
+            entry = self._follow_schema_change(key, event)
+        entry.signature = signature
         pending = self._pending
         for index, row in enumerate(event.rows):
             if isinstance(event, UpdateRowsEvent):

@@ -305,27 +305,26 @@ class TableLoader:
         if self._applied(f"{base}_merge"):
             return replace(result, skipped=True)  # this exact file set was merged before: nothing twice
         self.run_job(f"{base}_stage", submit_load)
+        # A failed batch keeps its stage table: the retry finds its load job done and merges without a new one.
+        staged = self.bq.get_table(stage_id).schema
         try:
-            staged = self.bq.get_table(stage_id).schema
-            try:
-                self.ensure_tables(list(staged))
-            except LoadError as exc:
-                shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-                raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
-            columns = [f.name for f in staged]
-            if rebuild_id:
-                script = self._rebuild_script(stage, columns)
-            else:
-                script = self._merge_script(stage, columns, snapshot_horizon)
-            ledger = self._ledger_statement(stage, batch)
-            if snapshot_horizon:
-                ledger += "\n" + self._horizon_statement(batch, snapshot_horizon, data.num_rows)
-            script = script.replace("COMMIT TRANSACTION;", ledger + "\nCOMMIT TRANSACTION;")
-            before = self._count(self.changelog)
-            self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
-            inserted = self._count(self.changelog) - before
-        finally:
-            self.bq.delete_table(stage_id, not_found_ok=True)  # a retry stages the batch again
+            self.ensure_tables(list(staged))
+        except LoadError as exc:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
+        columns = [f.name for f in staged]
+        if rebuild_id:
+            script = self._rebuild_script(stage, columns)
+        else:
+            script = self._merge_script(stage, columns, snapshot_horizon)
+        ledger = self._ledger_statement(stage, batch)
+        if snapshot_horizon:
+            ledger += "\n" + self._horizon_statement(batch, snapshot_horizon, data.num_rows)
+        script = script.replace("COMMIT TRANSACTION;", ledger + "\nCOMMIT TRANSACTION;")
+        before = self._count(self.changelog)
+        self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
+        inserted = self._count(self.changelog) - before
+        self.bq.delete_table(stage_id, not_found_ok=True)
         return replace(result, inserted_changes=inserted, jobs=self.jobs, load_jobs=self.load_jobs)
 
     def _applied(self, base_id: str) -> bool:

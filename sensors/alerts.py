@@ -110,10 +110,23 @@ def alert_failed_runs(context: dg.RunFailureSensorContext, alerts: AlertWebhookR
         lines.append("tables: " + ", ".join(selection[:20]) + (" ..." if len(selection) > 20 else ""))
     for event in context.get_step_failure_events()[:5]:
         error = getattr(event.event_specific_data, "error", None)
-        lines.append(f"{event.step_key}: {error.message.strip()[:500] if error else event.message}")
+        lines.append(f"{event.step_key}: {error_text(error)[:1000] if error else event.message}")
     if not context.get_step_failure_events():
         lines.append(context.failure_event.message or "")
     alerts.post("CDC run failed", lines, context.log)
+
+
+def error_text(error: Any) -> str:
+    """A step error's message with its causes: the root cause (e.g. the loader's LoadError) is what names the
+    table, the file and what to do; Dagster's own wrapper only names the step."""
+    parts = []
+    while error is not None:
+        message = error.message.strip()
+        wrapper = message.startswith("dagster._core.errors.DagsterExecutionStepExecutionError")
+        if not wrapper and not any(message in part for part in parts):
+            parts.append(message)
+        error = error.cause
+    return " <- ".join(parts)
 
 
 def build_dead_letter_alert_sensor() -> dg.SensorDefinition:

@@ -111,6 +111,10 @@ def running(capture: ClusterCapture) -> Iterator[ClusterCapture]:
     thread.start()
     try:
         yield capture
+    except BaseException as exc:
+        if failure:  # the capture crashed: that is the cause, not the wait that timed out
+            raise failure[0] from exc
+        raise
     finally:
         capture.stop()
         thread.join(timeout=60)

@@ -1,0 +1,149 @@
+"""An incompatible type change at the source stops only that table, with a clear error and an alert; the remedy the
+error names (drop, re-snapshot) resumes it. Real MariaDB, capture, moto and BigQuery server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capture import layout
+from cdc.mappings import Mappings
+from cdc_assets.resnapshot import build_resnapshot_job
+from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.tables import build_table_asset
+from local_stack.stack import LocalStack
+from sensors.alerts import AlertWebhookResource, alert_failed_runs, error_text
+from tests.capture_support import CaptureEnv, capture_changes, new_env, run_sql
+from tests.conftest import Receiver
+from tests.test_loader import DDL, _loader, assert_current_state_equals_source, insert_accounts
+
+
+def _keys(env: CaptureEnv, table: str) -> set[str]:
+    prefix = layout.table_prefix(env.prefix, env.schema, table)
+    pages = (
+        env.s3().get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
+    )
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def _other_rows(bq: Any, env: CaptureEnv) -> set[tuple[int, str]]:
+    rows = bq.query(f"SELECT id, v FROM `{env.schema}.other`").result()
+    return {(int(r.id), str(r.v)) for r in rows}
+
+
+def _source_other(env: CaptureEnv) -> set[tuple[int, str]]:
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute(f"SELECT id, v FROM `{env.schema}`.other")
+        return {(int(i), str(v)) for i, v in cursor.fetchall()}
+
+
+def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resumes_it(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> None:
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "slots_accounts")
+    run_sql(
+        env,
+        DDL,
+        "CREATE TABLE `{schema}`.other (id INT PRIMARY KEY, v VARCHAR(10))",
+        "INSERT INTO `{schema}`.other VALUES (1, 'a'), (2, 'b')",
+    )
+    insert_accounts(env, range(1, 4))
+    accounts = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
+    other = env.table("other", ["id"])
+    cluster = env.mapping(accounts, other)
+    capture_changes(env, cluster)
+
+    landing = LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix)
+    resources = {
+        "landing": landing,
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+        ),
+        "mysql": MySqlSourceResource(),
+    }
+    assets = {name: build_table_asset(cluster, t) for name, t in (("accounts", accounts), ("other", other))}
+    instance = dg.DagsterInstance.ephemeral()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+
+    def load(keys: dict[str, list[str]]) -> dg.ExecuteInProcessResult:
+        """One run for both tables, as the sensor requests it."""
+        return dg.materialize(
+            list(assets.values()),
+            partition_key=today,
+            resources=resources,
+            instance=instance,
+            run_config={"ops": {assets[t].op.name: {"config": {"keys": k}} for t, k in keys.items()}},
+            raise_on_error=False,
+        )
+
+    loaded = {t: _keys(env, t) for t in assets}
+    assert load({t: sorted(k) for t, k in loaded.items()}).success
+    loader = _loader(local_stack, env, env.schema)
+    assert_current_state_equals_source(loader, env)
+
+    # the source changes a column's type; both tables change in the same run
+    capture_changes(
+        env,
+        cluster,
+        "ALTER TABLE `{schema}`.accounts MODIFY n VARCHAR(20) NULL",
+        "UPDATE `{schema}`.accounts SET n = 'seven' WHERE id = 1",
+        "UPDATE `{schema}`.other SET v = 'c' WHERE id = 2",
+        "INSERT INTO `{schema}`.other VALUES (3, 'd')",
+    )
+    new = {t: sorted(_keys(env, t) - loaded[t]) for t in assets}
+    body = env.s3().get_object(Bucket=local_stack.settings.bucket, Key=new["accounts"][-1])["Body"].read()
+    assert pq.read_schema(io.BytesIO(body)).field("n").type == pa.string()  # the capture followed the MODIFY
+    before = sorted(
+        tuple(map(str, r.values())) for r in loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}")
+    )
+
+    result = load(new)
+    assert not result.success
+    failure = result.failure_data_for_node(assets["accounts"].op.name)
+    assert failure is not None
+    message = error_text(failure.error)
+    for expected in ("incompatible type change", "column n is INTEGER", "but STRING", new["accounts"][0]):
+        assert expected in message, message
+    assert "resnapshot_table job for " + accounts.target in message
+    # ... the other table went on in the same run, and the stopped one is untouched
+    assert result.asset_materializations_for_node(assets["other"].op.name)
+    assert _other_rows(loader.bq, env) == _source_other(env) == {(1, "a"), (2, "c"), (3, "d")}
+    after = sorted(
+        tuple(map(str, r.values())) for r in loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}")
+    )
+    assert after == before
+
+    # ... and the alert names the table and the change
+    context = dg.build_run_status_sensor_context(
+        sensor_name="alert_failed_runs",
+        dagster_event=result.get_run_failure_event(),
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+        resources={"alerts": AlertWebhookResource(url=receiver.url)},
+    ).for_run_failure()
+    alert_failed_runs(context)
+    assert "incompatible type change" in receiver.texts() and "column n" in receiver.texts()
+
+    # the remedy the error names: drop both tables, re-snapshot; then the retried files load
+    for name in ("accounts", "accounts_changelog"):
+        loader.bq.delete_table(f"{loader.project}.{env.schema}.{name}")
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
+    assert job.execute_in_process(
+        run_config={"ops": {"resnapshot_from_source": {"config": {"table": accounts.target}}}},
+        resources=resources,
+        instance=instance,
+    ).success
+    assert loader.bq.get_table(f"{loader.project}.{env.schema}.accounts").schema[2].field_type == "STRING"
+    assert_current_state_equals_source(loader, env)
+    retried = load({"accounts": new["accounts"], "other": new["other"]})  # the sensor's retry
+    assert retried.success, error_text(retried.failure_data_for_node(assets["accounts"].op.name).error)
+    assert_current_state_equals_source(loader, env)
