@@ -119,7 +119,7 @@ def alert_failed_runs(context: dg.RunFailureSensorContext, alerts: AlertWebhookR
 def error_text(error: Any) -> str:
     """A step error's message with its causes: the root cause (e.g. the loader's LoadError) is what names the
     table, the file and what to do; Dagster's own wrapper only names the step."""
-    parts = []
+    parts: list[str] = []
     while error is not None:
         message = error.message.strip()
         wrapper = message.startswith("dagster._core.errors.DagsterExecutionStepExecutionError")
