@@ -320,6 +320,42 @@ def dagster_stop() -> None:
     click.echo("dagster stopped" if _dagster_process().stop(timeout=60) else "dagster was not running")
 
 
+@main.command("resnapshot")
+@click.argument("table")
+def resnapshot(table: str) -> None:
+    """Re-snapshot TABLE (its BigQuery target or source name) from the source: the resnapshot_table job, run here.
+
+    The run is recorded in the Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs)."""
+    import os
+
+    import dagster as dg
+
+    from cdc_assets.definitions import build_definitions
+    from cdc_assets.resnapshot import RESNAPSHOT_JOB
+    from sensors.alerts import error_text
+
+    home = os.environ.get("DAGSTER_HOME") or str(environment.state_dir() / "dagster" / "home")
+    instance = dg.DagsterInstance.from_config(home) if Path(home, "dagster.yaml").is_file() else None
+    job = build_definitions().resolve_job_def(RESNAPSHOT_JOB)
+    result = job.execute_in_process(
+        run_config={"ops": {"resnapshot_from_source": {"config": {"table": table}}}},
+        instance=instance,
+        raise_on_error=False,
+    )
+    failure = result.failure_data_for_node("resnapshot_from_source")
+    if not result.success:
+        reason = failure.error if failure else None
+        raise click.ClickException(
+            f"re-snapshot of {table} failed: {error_text(reason) or 'see the run log'}"
+        )
+    [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
+    values = {name: entry.value for name, entry in materialization.metadata.items()}
+    click.echo(
+        f"{table}: re-snapshot loaded {values['rows']} row(s) from {values['files']} file(s) at binlog "
+        f"{values['snapshot_position']} (run {result.run_id})"
+    )
+
+
 @main.group()
 def bigquery() -> None:
     """Look at what has arrived in BigQuery."""

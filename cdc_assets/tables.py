@@ -88,6 +88,7 @@ def _latency_metadata(commit_times: Any) -> dict[str, float]:
     if not seconds:
         return {}
     return {
+        "lag_s": round(seconds[0], 3),  # how far behind the source the table is: its newest loaded commit
         "latency_p50_s": round(statistics.median(seconds), 3),
         "latency_p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 3),
         "latency_max_s": round(seconds[-1], 3),

@@ -16,6 +16,7 @@ from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSour
 from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
 from local_stack.stack import LocalStack
 from tests.capture_support import CaptureEnv, capture_changes, new_env, run_sql
+from tests.conftest import run_cdc
 from tests.test_loader import (
     DDL,
     _load,
@@ -134,3 +135,10 @@ def test_resnapshot_names_an_unknown_table_and_refuses_append_only_tables() -> N
     assert not result.success
     failure = result.failure_data_for_node("resnapshot_from_source")
     assert failure is not None and "append-only" in str(failure.user_failure_data.description)
+
+
+def test_cdc_resnapshot_names_an_unknown_table(tmp_path: Path) -> None:
+    result = run_cdc("resnapshot", "slots.nope", env={"CDC_STATE_DIR": str(tmp_path)}, check=False)
+    assert result.returncode == 1
+    assert "re-snapshot of slots.nope failed: " in result.stderr
+    assert "no mapped table is named 'slots.nope'" in result.stderr

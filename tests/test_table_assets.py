@@ -72,7 +72,12 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     assert result.success and again.success
     metadata = result.asset_materializations_for_node(asset.op.name)[0].metadata
     assert metadata["files"].value >= 2 and metadata["new_changes"].value == metadata["rows"].value
-    assert "latency_p50_s" in metadata
+    values = {name: entry.value for name, entry in metadata.items()}
+    assert (values["rows_I"], values["rows_U"], values["rows_D"]) == (3, 1, 1) and values["bytes"] > 0
+    assert (
+        0 <= values["lag_s"] <= values["latency_p50_s"] <= values["latency_p95_s"] <= values["latency_max_s"]
+    )
+    assert values["load_jobs_today"] >= 1 and values["projected_load_jobs_today"] >= values["load_jobs_today"]
     assert again.asset_materializations_for_node(asset.op.name)[0].metadata["new_changes"].value == 0
     [check] = result.get_asset_check_evaluations()
     assert check.passed and check.metadata["duplicated_changes"].value == 0
