@@ -274,3 +274,26 @@ def capture_changes(env: CaptureEnv, cluster: ClusterMapping, *statements: str) 
         if statements:
             run_sql(env, *statements)
             wait_caught_up(env)
+
+
+def landed_keys(env: CaptureEnv, table: str) -> set[str]:
+    """Every key landed for `table` under the env's prefix (full load and CDC)."""
+    prefix = layout.table_prefix(env.prefix, env.schema, table)
+    pages = (
+        env.s3().get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
+    )
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def pipeline_resources(env: CaptureEnv) -> dict[str, Any]:
+    """The Dagster resources of the pipeline, pointed at the env's landing prefix and the stack's servers."""
+    from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+
+    stack = env.stack
+    return {
+        "landing": LandingResource(bucket=stack.settings.bucket, prefix=env.prefix),
+        "bigquery": BigQueryCdcResource(
+            project=stack.settings.bigquery_project, endpoint=stack.bigquery.endpoint
+        ),
+        "mysql": MySqlSourceResource(),
+    }

@@ -15,7 +15,13 @@ from cdc_assets.resnapshot import build_resnapshot_job, find_table
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
 from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
 from local_stack.stack import LocalStack
-from tests.capture_support import CaptureEnv, capture_changes, new_env, run_sql
+from tests.capture_support import (
+    capture_changes,
+    landed_keys,
+    new_env,
+    pipeline_resources,
+    run_sql,
+)
 from tests.conftest import run_cdc
 from tests.test_loader import (
     DDL,
@@ -25,13 +31,6 @@ from tests.test_loader import (
     assert_current_state_equals_source,
     insert_accounts,
 )
-
-
-def _landed(env: CaptureEnv) -> set[str]:
-    s3 = env.s3()
-    prefix = layout.table_prefix(env.prefix, env.schema, "accounts")
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
-    return {item["Key"] for page in pages for item in page.get("Contents", [])}
 
 
 def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
@@ -46,7 +45,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     cluster = env.mapping(table)
     capture_changes(env, cluster)
     loader = _loader(local_stack, env, env.schema)
-    loaded = _landed(env)
+    loaded = landed_keys(env, "accounts")
     _load(loader, env, sorted(loaded))
     assert_current_state_equals_source(loader, env)
 
@@ -59,7 +58,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
         "UPDATE `{schema}`.accounts SET nick = 'lost 🎲', money = 9.5 WHERE id = 1",
         "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
     )
-    lost = sorted(_landed(env) - loaded)
+    lost = sorted(landed_keys(env, "accounts") - loaded)
     assert lost
     env.s3().delete_objects(
         Bucket=local_stack.settings.bucket, Delete={"Objects": [{"Key": k} for k in lost]}
@@ -67,14 +66,8 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     with pytest.raises(AssertionError):
         assert_current_state_equals_source(loader, env)  # BigQuery is behind and cannot catch up by itself
 
-    landing = LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix)
-    resources = {
-        "landing": landing,
-        "bigquery": BigQueryCdcResource(
-            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
-        ),
-        "mysql": MySqlSourceResource(),
-    }
+    resources = pipeline_resources(env)
+    landing = resources["landing"]
     job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
     result = job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
@@ -87,7 +80,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     assert materialization.metadata["rows"].value == 5  # 1, 4, 5, 7, 30
     assert_current_state_equals_source(loader, env)  # the delete, the update and the key move are there
     assert_changelog_has_no_duplicates(loader)
-    snapshot_files = sorted(_landed(env) - loaded)
+    snapshot_files = sorted(landed_keys(env, "accounts") - loaded)
     assert snapshot_files == [layout.load_file_key(env.prefix, env.schema, "accounts", 2)]  # beside LOAD1
 
     # the pipeline goes on from the snapshot: new changes load, and a late file from before the snapshot (the
@@ -98,7 +91,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
         "UPDATE `{schema}`.accounts SET n = 77 WHERE id = 1",
         "DELETE FROM `{schema}`.accounts WHERE id = 30",
     )
-    newer = sorted(_landed(env) - loaded - set(snapshot_files))
+    newer = sorted(landed_keys(env, "accounts") - loaded - set(snapshot_files))
     assert newer
     first_load = layout.load_file_key(env.prefix, env.schema, "accounts", 1)
     _load(loader, env, [first_load, *newer])

@@ -13,24 +13,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capture import layout
 from cdc.mappings import Mappings
 from cdc_assets.resnapshot import build_resnapshot_job
-from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
 from cdc_assets.tables import build_table_asset
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_runs, error_text
-from tests.capture_support import CaptureEnv, capture_changes, new_env, run_sql
+from tests.capture_support import (
+    CaptureEnv,
+    capture_changes,
+    landed_keys,
+    new_env,
+    pipeline_resources,
+    run_sql,
+)
 from tests.conftest import Receiver
 from tests.test_loader import DDL, _loader, assert_current_state_equals_source, insert_accounts
-
-
-def _keys(env: CaptureEnv, table: str) -> set[str]:
-    prefix = layout.table_prefix(env.prefix, env.schema, table)
-    pages = (
-        env.s3().get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
-    )
-    return {item["Key"] for page in pages for item in page.get("Contents", [])}
 
 
 def _other_rows(bq: Any, env: CaptureEnv) -> set[tuple[int, str]]:
@@ -62,14 +59,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     cluster = env.mapping(accounts, other)
     capture_changes(env, cluster)
 
-    landing = LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix)
-    resources = {
-        "landing": landing,
-        "bigquery": BigQueryCdcResource(
-            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
-        ),
-        "mysql": MySqlSourceResource(),
-    }
+    resources = pipeline_resources(env)
     assets = {name: build_table_asset(cluster, t) for name, t in (("accounts", accounts), ("other", other))}
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
@@ -85,7 +75,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
             raise_on_error=False,
         )
 
-    loaded = {t: _keys(env, t) for t in assets}
+    loaded = {t: landed_keys(env, t) for t in assets}
     assert load({t: sorted(k) for t, k in loaded.items()}).success
     loader = _loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
@@ -99,7 +89,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
         "UPDATE `{schema}`.other SET v = 'c' WHERE id = 2",
         "INSERT INTO `{schema}`.other VALUES (3, 'd')",
     )
-    new = {t: sorted(_keys(env, t) - loaded[t]) for t in assets}
+    new = {t: sorted(landed_keys(env, t) - loaded[t]) for t in assets}
     body = env.s3().get_object(Bucket=local_stack.settings.bucket, Key=new["accounts"][-1])["Body"].read()
     assert pq.read_schema(io.BytesIO(body)).field("n").type == pa.string()  # the capture followed the MODIFY
     before = sorted(
