@@ -47,7 +47,8 @@ OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT = (
     "_source_file",
     "_loaded_at",
 )
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # tries per load call
+MAX_JOB_IDS = 1000  # attempt ids per job family, over every retry of the batch
 
 
 class LoadError(RuntimeError):
@@ -172,16 +173,23 @@ class TableLoader:
     # -- exactly-once jobs ---------------------------------------------------------------------------------------
 
     def run_job(self, base_id: str, submit: Callable[[str], Any]) -> Any:
-        """Run a job under `base_id_a<attempt>`; a 409 is answered by the existing job's outcome."""
+        """Run a job under `base_id_a<n>`; a 409 is answered by the existing job's outcome: done = already run
+        (never twice); failed = that id is spent, try the next one. Ids spent by earlier runs (a batch that failed
+        before, e.g. while BigQuery was down) do not count against this call's MAX_ATTEMPTS tries."""
         last_error: Exception | None = None
-        for attempt in range(MAX_ATTEMPTS):
+        tries = 0
+        for attempt in range(MAX_JOB_IDS):
+            if tries >= MAX_ATTEMPTS:
+                break
             job_id = f"{base_id}_a{attempt}"
             try:
                 self.jobs += 1
+                tries += 1
                 job = submit(job_id)
                 job.result()
                 return job
             except exceptions.Conflict:
+                tries -= 1  # not a try of ours: the id was taken before
                 existing = self.bq.get_job(job_id)
                 if existing.state != "DONE":
                     existing.result()
@@ -329,7 +337,7 @@ class TableLoader:
 
     def _applied(self, base_id: str) -> bool:
         """Whether a job of this id family finished without error (the batch's commit marker)."""
-        for attempt in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_JOB_IDS):  # ids are used in order: the first unknown one ends the family
             try:
                 job = self.bq.get_job(f"{base_id}_a{attempt}")
             except exceptions.NotFound:

@@ -8,6 +8,7 @@ file landed on them, atomically, and re-derives the current state (running it tw
 """
 
 import datetime as dt
+import math
 import os
 import statistics
 from typing import Any
@@ -90,7 +91,7 @@ def _latency_metadata(commit_times: Any) -> dict[str, float]:
     return {
         "lag_s": round(seconds[0], 3),  # how far behind the source the table is: its newest loaded commit
         "latency_p50_s": round(statistics.median(seconds), 3),
-        "latency_p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 3),
+        "latency_p95_s": round(seconds[math.ceil(0.95 * len(seconds)) - 1], 3),  # nearest rank
         "latency_max_s": round(seconds[-1], 3),
     }
 

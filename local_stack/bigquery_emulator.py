@@ -366,6 +366,46 @@ def patch_no_table_copies() -> None:
     SnapshotManager.record_change = record_change  # type: ignore[method-assign]
 
 
+TABLE_ROUTE = "/projects/{project_id}/datasets/{dataset_id}/tables/{table_id}"
+
+
+def _adding_columns(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap tables.patch/update: fields the new schema adds are added to the stored table as well."""
+    from bqemulator.api.routes import tables
+    from bqemulator.storage.type_map import bq_schema_to_duckdb_columns
+
+    @functools.wraps(handler)
+    async def wrapper(**kwargs: Any) -> Any:
+        ctx, ids = kwargs["ctx"], (kwargs["project_id"], kwargs["dataset_id"], kwargs["table_id"])
+        before = ctx.catalog.get_table(*ids)
+        result = await handler(**kwargs)
+        if before is not None and before.table_type == "TABLE":
+            have = {field.name.lower() for field in before.schema_.fields}
+            added = [f for f in result.get("schema", {}).get("fields", []) if f["name"].lower() not in have]
+            async with ctx.engine.write_lock():
+                for entry in added:
+                    [(name, duck_type)] = bq_schema_to_duckdb_columns([entry])
+                    ctx.engine.execute(
+                        f'ALTER TABLE {tables.quoted_table_ref(*ids)} ADD COLUMN "{name}" {duck_type}'
+                    )
+        return result
+
+    return wrapper
+
+
+def patch_schema_updates() -> None:
+    """tables.patch/update adding a column adds it to the stored table (stock: only the catalog learns of it, and
+    the next statement naming the column fails). Must run before the app includes the router."""
+    from bqemulator.api.routes import tables
+
+    for route in tables.router.routes:
+        if str(getattr(route, "path", "")).endswith(TABLE_ROUTE) and set(getattr(route, "methods", ())) & {
+            "PATCH",
+            "PUT",
+        }:
+            route.endpoint = _adding_columns(route.endpoint)  # type: ignore[attr-defined]
+
+
 def apply_patches(*, stock: bool = False) -> None:
     import bqemulator
 
@@ -380,6 +420,7 @@ def apply_patches(*, stock: bool = False) -> None:
     patch_job_ids()
     patch_loads()
     patch_no_table_copies()
+    patch_schema_updates()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,6 +172,20 @@ def test_allow_field_addition_adds_the_new_column(bq: bigquery.Client, dataset: 
     assert rows(bq, destination) == [{"id": 1, "country": None}, {"id": 2, "country": "KR"}]
 
 
+def test_a_column_added_by_updating_the_schema_can_be_written_and_read(
+    bq: bigquery.Client, dataset: str
+) -> None:
+    # https://cloud.google.com/bigquery/docs/managing-table-schemas#add_an_empty_column (tables.patch)
+    destination = f"{bq.project}.{dataset}.wallets"
+    make_table(bq, destination, [bigquery.SchemaField("id", "INT64")])
+    load_parquet(bq, destination, pa.table({"id": [1]}))
+    table = bq.get_table(destination)
+    table.schema = [*table.schema, bigquery.SchemaField("note", "STRING")]
+    bq.update_table(table, ["schema"])
+    bq.query(f"INSERT INTO `{destination}` (id, note) VALUES (2, 'added')").result()
+    assert rows(bq, destination) == [{"id": 1, "note": None}, {"id": 2, "note": "added"}]
+
+
 # -- partition decorators --------------------------------------------------------------------------------------
 
 

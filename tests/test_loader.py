@@ -14,7 +14,7 @@ from google.cloud import bigquery
 from capture import layout
 from capture.service import ClusterCapture
 from cdc.clients import bigquery_client
-from cdc_assets.loader import CHANGE_SEQ, OP, TableLoader, batch_id, read_landed
+from cdc_assets.loader import CHANGE_SEQ, MAX_ATTEMPTS, OP, TableLoader, batch_id, read_landed
 from local_stack.stack import LocalStack
 from tests.capture_support import (
     FAST,
@@ -154,17 +154,20 @@ def test_a_failed_first_job_is_retried_under_a_new_id(
     env, keys = landed
     loader = _loader(local_stack, env, "loader_retry")
     loader.bq.create_dataset("loader_retry", exists_ok=True)
-    first_id = f"cdc_loader_retry_accounts_{batch_id(keys)}_stage_a0"
     broken = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET)
-    with pytest.raises(exceptions.GoogleAPIError):  # the id's first job fails (as a transient error would)
-        loader.bq.load_table_from_file(
-            io.BytesIO(b"not parquet"),
-            f"{loader.project}.loader_retry._broken",
-            job_config=broken,
-            job_id=first_id,
-        ).result()
-    assert loader.bq.get_job(first_id).error_result is not None
+    # The batch's first job ids fail - as often as one load call tries, as if earlier runs had met an outage
+    for attempt in range(MAX_ATTEMPTS):
+        failed_id = f"cdc_loader_retry_accounts_{batch_id(keys)}_stage_a{attempt}"
+        with pytest.raises(exceptions.GoogleAPIError):
+            loader.bq.load_table_from_file(
+                io.BytesIO(b"not parquet"),
+                f"{loader.project}.loader_retry._broken",
+                job_config=broken,
+                job_id=failed_id,
+            ).result()
+        assert loader.bq.get_job(failed_id).error_result is not None
     result = _load(loader, env, keys)
     assert result.inserted_changes == result.rows
     assert assert_changelog_has_no_duplicates(loader) == result.rows
     assert_current_state_equals_source(loader, env)
+    assert _load(loader, env, keys).skipped  # and the batch, once merged, is never merged again
