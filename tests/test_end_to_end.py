@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from cdc.clients import aws_client
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
-from tests.capture_support import new_env, run_sql
+from tests.capture_support import landed_keys, new_env, run_sql
 from tests.conftest import Receiver
 from tests.test_capture import _write_mapping
 from tests.test_loader import (
@@ -20,6 +23,24 @@ from tests.test_loader import (
     assert_current_state_equals_source,
     insert_accounts,
 )
+
+
+def _sqs(stack: LocalStack) -> Any:
+    return aws_client("sqs", stack.environment())
+
+
+def _s3_event(key: str) -> dict[str, Any]:
+    return {
+        "Records": [
+            {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "s3": {"object": {"key": key}}}
+        ]
+    }
+
+
+def _queued(sqs: Any, queue: str) -> int:
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[name]) for name in names)
 
 
 def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
@@ -72,7 +93,23 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
                         f"BigQuery did not reach the source state in time; dagster log:\n{log}"
                     ) from None
                 time.sleep(2)
-        assert_changelog_has_no_duplicates(loader)
+        changes = assert_changelog_has_no_duplicates(loader)
+
+        # S3 delivers events at least once: every landed file's event arrives twice more (one SNS-wrapped, one
+        # in a two-record message), and loads that ran already are not run again - nothing is doubled
+        sqs = _sqs(local_stack)
+        queue = local_stack.environment()["CDC_SQS_QUEUE_URL"]
+        landed = sorted(landed_keys(env, "accounts"))
+        for key in landed:
+            sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(_s3_event(key)))
+            wrapped = {"Type": "Notification", "Message": json.dumps(_s3_event(key))}
+            sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(wrapped))
+        deadline = time.monotonic() + 90
+        while _queued(sqs, queue):
+            assert time.monotonic() < deadline, "the sensor did not consume the redelivered events"
+            time.sleep(1)
+        assert assert_changelog_has_no_duplicates(loader) == changes
+        assert_current_state_equals_source(loader, env)
 
         # a poison file: the run dead-letters it and the webhook hears about it, naming the file
         day, stamp = time.strftime("%Y/%m/%d", time.gmtime()), time.strftime("%Y%m%d-%H%M%S", time.gmtime())
