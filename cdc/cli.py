@@ -320,22 +320,87 @@ def dagster_stop() -> None:
     click.echo("dagster stopped" if _dagster_process().stop(timeout=60) else "dagster was not running")
 
 
+def _dagster_instance() -> Any:
+    """The Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs), or None if there is none."""
+    import os
+
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME") or str(environment.state_dir() / "dagster" / "home")
+    return dg.DagsterInstance.from_config(home) if Path(home, "dagster.yaml").is_file() else None
+
+
+def _check_marks(checks: dict[str, dict[str, Any]]) -> str:
+    short = {
+        "no_duplicate_changes": "dup",
+        "row_count_matches_source": "rows",
+        "landed_files_loaded": "files",
+    }
+    marks = []
+    for name, label in short.items():
+        result = checks.get(name)
+        mark = "-" if not result or "passed" not in result else ("ok" if result["passed"] else "FAIL")
+        marks.append(f"{label}:{mark}")
+    return " ".join(marks)
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--table", default=None, help="Only this table (its target or source name).")
+def status(as_json: bool, table: str | None) -> None:
+    """Per mapped table: cluster, last source commit loaded, lag, rows changed today by op, last check results,
+    files waiting to load and dead-letter messages."""
+    from cdc.clients import bigquery_client
+    from cdc_assets import status as table_status
+    from cdc_assets.resources import LandingResource
+
+    values = environment.resolved()
+    landing = LandingResource(
+        bucket=environment.require(environment.LANDING_BUCKET),
+        prefix=values.get(environment.LANDING_PREFIX, environment.DEFAULT_LANDING_PREFIX),
+        queue_url=values.get(environment.SQS_QUEUE_URL, ""),
+        dead_letter_queue_url=values.get(environment.SQS_DLQ_URL, ""),
+    )
+    bq = bigquery_client(
+        environment.require(environment.BIGQUERY_PROJECT), values.get(environment.BIGQUERY_ENDPOINT) or None
+    )
+    mappings = _mappings()
+    if table and not any(table in (t.target, t.source) for _, t in mappings.tables()):
+        raise click.ClickException(f"no mapped table is named {table!r} (use its target or source name)")
+    statuses, unmapped = table_status.collect(mappings, landing, bq, _dagster_instance(), only=table)
+    if as_json:
+        report = {"tables": [s.to_json() for s in statuses], "dead_letters_unmapped": unmapped}
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(
+        f"{'table':<32} {'cluster':<18} {'last commit loaded (UTC)':<27} {'lag':>9} {'today I/U/D':>15} "
+        f"{'waiting':>7} {'dead':>5}  checks"
+    )
+    for s in statuses:
+        last = (s.last_commit_loaded or "-")[:26].replace("T", " ")
+        lag = f"{s.lag_s:.1f} s" if s.lag_s is not None else "-"
+        today = "/".join(str(s.rows_today.get(op, 0)) for op in "IUD")
+        click.echo(
+            f"{s.target:<32} {s.cluster:<18} {last:<27} {lag:>9} {today:>15} {s.files_waiting:>7} "
+            f"{s.dead_letters:>5}  {_check_marks(s.checks)}"
+        )
+    if unmapped:
+        click.echo(
+            f"{unmapped} dead-letter message(s) name no mapped table (cdc stack status shows the queue)"
+        )
+
+
 @main.command("resnapshot")
 @click.argument("table")
 def resnapshot(table: str) -> None:
     """Re-snapshot TABLE (its BigQuery target or source name) from the source: the resnapshot_table job, run here.
 
     The run is recorded in the Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs)."""
-    import os
-
-    import dagster as dg
-
     from cdc_assets.definitions import build_definitions
     from cdc_assets.resnapshot import RESNAPSHOT_JOB
     from sensors.alerts import error_text
 
-    home = os.environ.get("DAGSTER_HOME") or str(environment.state_dir() / "dagster" / "home")
-    instance = dg.DagsterInstance.from_config(home) if Path(home, "dagster.yaml").is_file() else None
+    instance = _dagster_instance()
     job = build_definitions().resolve_job_def(RESNAPSHOT_JOB)
     result = job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": table}}}},

@@ -58,7 +58,7 @@ def source_snapshot(
 ) -> SourceSnapshot:
     connection = mysql.connection(cluster).connect(connect_timeout=mysql.connect_timeout_s)
     ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
-    days = _check_days()
+    days = check_days()
     try:
         with connection.cursor() as cursor:
             position = begin_consistent_snapshot(cursor)
@@ -81,7 +81,7 @@ def source_snapshot(
     return SourceSnapshot(rows, per_day, position, taken_at)
 
 
-def _check_days() -> list[dt.date]:
+def check_days() -> list[dt.date]:
     today = dt.datetime.now(dt.UTC).date()
     return [today - dt.timedelta(days=1), today]
 
@@ -115,7 +115,7 @@ def completeness(
             f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
             f"{snapshot.position.file}:{snapshot.position.pos}"
         )
-    landed = [k for day in _check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
+    landed = [k for day in check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
     pending = sorted(set(landed) - loader.loaded_files(landed))
     for key in pending:
         body = s3.get_object(Bucket=landing.bucket, Key=key)["Body"].read()
@@ -132,7 +132,7 @@ def completeness(
 def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | None) -> dict[str, Any]:
     """BigQuery's current-state rows now, and rolled back to `boundary` (overall and per check day)."""
     q = quote_column
-    days = [d.isoformat() for d in _check_days()]
+    days = [d.isoformat() for d in check_days()]
     day_of = f"CAST(DATE({q(table.partition_column)}) AS STRING)" if table.partition_column else "NULL"
     params: list[Any] = [bigquery.ScalarQueryParameter("boundary", "STRING", boundary or "9" * 35)]
     try:
@@ -239,7 +239,7 @@ def files_loaded_result(
     grace = dt.timedelta(seconds=float(os.environ.get(LOAD_GRACE_SECONDS, "300")))
     now = dt.datetime.now(dt.UTC)
     s3 = landing.s3()
-    landed = [k for day in _check_days() for k in landed_keys_for_day(landing, table, day)]
+    landed = [k for day in check_days() for k in landed_keys_for_day(landing, table, day)]
     loaded = loader.loaded_files(landed)
     unloaded = sorted(set(landed) - loaded)
     overdue = [

@@ -48,6 +48,28 @@ class LandingResource(dg.ConfigurableResource):
         if receipt_handle:
             sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt_handle)
 
+    def dead_letters(self, hide_seconds: int = 10, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every message in the dead-letter queue (up to `limit`), left in the queue for a redrive. Paging hides each
+        seen message for `hide_seconds`, so a second reader within that time sees fewer."""
+        if not self.dead_letter_queue_url:
+            return []
+        sqs = self.sqs()
+        seen: dict[str, dict[str, Any]] = {}
+        while len(seen) < limit:
+            messages = sqs.receive_message(
+                QueueUrl=self.dead_letter_queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=0,
+                VisibilityTimeout=hide_seconds,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            fresh = [m for m in messages if m["MessageId"] not in seen]
+            if not fresh:
+                break
+            seen.update((m["MessageId"], m) for m in fresh)
+        return list(seen.values())
+
     def dead_letter_file(self, key: str, reason: str) -> None:
         """Dead-letter one landed file as an S3 event of it, so a redrive after fixing the file loads it."""
         record = {

@@ -5,14 +5,16 @@ Open-source Dagster has no alert policies, so three sensors do it:
   storage id), from load runs and from the `table_checks` job alike, and posts the failed ones with their numbers;
 - `alert_failed_runs` (a run-failure sensor) posts the run, its tables and the error;
 - `alert_dead_letters` reads the dead-letter queue without deleting anything (the messages stay there for a
-  redrive) and posts each message's S3 keys and reason; a posted message is hidden for 12 hours, so one left in
-  the queue is posted again twice a day.
+  redrive) and posts each new message's S3 keys and reason (cursor: the message ids posted); one left in the
+  queue is posted again twice a day.
 The webhook URL comes from CDC_ALERT_WEBHOOK_URL (a secret: environment only); unset, alerts are only logged.
 The JSON is Slack's incoming-webhook format (`text` plus `blocks`); Mattermost, Teams workflows and Google Chat
 accept `text` too.
 """
 
+import json
 import os
+import time
 from typing import Any
 
 import dagster as dg
@@ -22,7 +24,7 @@ from cdc import environment
 from cdc_assets.resources import LandingResource
 from sensors.sqs_sensor import PoisonMessage, parse_message
 
-DLQ_HIDE_SECONDS = 43_200
+DLQ_REMIND_SECONDS = 43_200
 MAX_EVENTS_PER_TICK = 200
 
 
@@ -141,26 +143,22 @@ def build_dead_letter_alert_sensor() -> dg.SensorDefinition:
     ) -> dg.SkipReason:
         if not landing.dead_letter_queue_url:
             return dg.SkipReason("no dead-letter queue configured (CDC_SQS_DLQ_URL)")
-        sqs = landing.sqs()
+        now = time.time()
+        alerted: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
+        messages = landing.dead_letters()
         lines: list[str] = []
-        for _ in range(10):
-            messages = sqs.receive_message(
-                QueueUrl=landing.dead_letter_queue_url,
-                MaxNumberOfMessages=10,
-                WaitTimeSeconds=0,
-                VisibilityTimeout=DLQ_HIDE_SECONDS,  # stays in the queue for a redrive; reminded twice a day
-                AttributeNames=["All"],
-                MessageAttributeNames=["All"],
-            ).get("Messages", [])
-            if not messages:
-                break
-            for message in messages:
-                reason = message.get("MessageAttributes", {}).get("cdc_reason", {}).get("StringValue")
-                count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
-                lines.append(
-                    f"message {message['MessageId']}: "
-                    + (reason or f"failed {count} time(s) to load: {_keys(message['Body'])}")
-                )
+        for message in messages:
+            if now - alerted.get(message["MessageId"], 0.0) < DLQ_REMIND_SECONDS:
+                continue  # posted already; reminded twice a day while it stays in the queue
+            alerted[message["MessageId"]] = now
+            reason = message.get("MessageAttributes", {}).get("cdc_reason", {}).get("StringValue")
+            count = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+            lines.append(
+                f"message {message['MessageId']}: "
+                + (reason or f"failed {count} time(s) to load: {_keys(message['Body'])}")
+            )
+        present = {m["MessageId"] for m in messages}
+        context.update_cursor(json.dumps({k: v for k, v in alerted.items() if k in present}))
         if lines:
             alerts.post(
                 f"{len(lines)} message(s) in the dead-letter queue",

@@ -121,6 +121,30 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             time.sleep(2)
         assert "not a readable Parquet file" in receiver.texts()
         assert_current_state_equals_source(loader, env)
+
+        # `cdc status` shows the table as it is: loaded changes today by op, the poison file waiting and dead-lettered,
+        # the inline check's last result from the instance
+        target = f"{env.schema}.accounts"
+        changelog = loader.ref("accounts_changelog")
+        by_op = {
+            r.op: r.n
+            for r in loader.bq.query(
+                f"SELECT _op AS op, COUNT(*) AS n FROM {changelog} WHERE DATE(_commit_ts) = CURRENT_DATE() GROUP BY 1"
+            ).result()
+        }
+        deadline = time.monotonic() + 60
+        while True:  # the alert sensor hides dead letters for a few seconds while it reads them
+            [status] = json.loads(cdc_run("status", "--json", "--table", target))["tables"]
+            if status["dead_letters"] >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert status["cluster"] == "poker_play" and status["dead_letters"] >= 1
+        assert status["rows_today"] == {op: by_op.get(op, 0) for op in "IUD"} and by_op["U"] >= 1
+        assert status["last_commit_loaded"] and 0 <= status["lag_s"] < 600
+        assert status["files_waiting"] == 1  # the poison file
+        assert status["checks"]["no_duplicate_changes"]["passed"] is True
+        table_line = cdc_run("status", "--table", target).splitlines()[1]
+        assert table_line.startswith(target) and "dup:ok" in table_line
     finally:
         cdc_run("dagster", "stop")
         cdc_run("capture", "stop")

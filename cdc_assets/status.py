@@ -1,0 +1,156 @@
+"""Table status: per mapped table, what an analyst needs to manage it without a data engineer.
+
+Cluster, the last source commit loaded into BigQuery and how long ago that was (lag), rows changed today by op,
+the last result of each asset check, files landed but not loaded yet, and dead-letter messages. Read from the
+same places the pipeline writes: the changelog and ledger in BigQuery, the landing bucket, the dead-letter queue
+and the Dagster instance's event log. `cdc status` prints it (or `--json`).
+"""
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dagster as dg
+from google.api_core import exceptions
+from google.cloud import bigquery
+
+from capture import layout
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets.checks import check_days
+from cdc_assets.loader import COMMIT_TS, OP, TableLoader, quote_column
+from cdc_assets.resources import LandingResource
+from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
+from sensors.sqs_sensor import PoisonMessage, parse_message
+
+RECENT_DAYS = 7  # how far back the changelog is read for the last loaded commit (bounds the bytes scanned)
+
+
+@dataclass
+class TableStatus:
+    cluster: str
+    source: str
+    target: str
+    last_commit_loaded: str | None = None  # UTC, of the newest change in the changelog (last RECENT_DAYS)
+    lag_s: float | None = None  # now - last_commit_loaded
+    rows_today: dict[str, int] = field(default_factory=dict)  # by op (I/U/D), by commit day UTC
+    files_waiting: int = 0  # landed yesterday or today, not loaded yet
+    dead_letters: int = 0
+    checks: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # name -> passed, severity, at, description
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _changelog_summary(loader: TableLoader, now: dt.datetime) -> tuple[dt.datetime | None, dict[str, int]]:
+    q = quote_column
+    sql = (
+        f"SELECT MAX({q(COMMIT_TS)}) AS last, "
+        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'I') AS i, "
+        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'U') AS u, "
+        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'D') AS d "
+        f"FROM {loader.ref(loader.changelog)} WHERE {q(COMMIT_TS)} >= @since"
+    )
+    config = bigquery.QueryJobConfig(
+        query_parameters=[
+            bigquery.ScalarQueryParameter("today", "DATE", now.date()),
+            bigquery.ScalarQueryParameter("since", "TIMESTAMP", now - dt.timedelta(days=RECENT_DAYS)),
+        ]
+    )
+    try:
+        row = next(iter(loader.bq.query(sql, job_config=config).result()))
+    except exceptions.NotFound:
+        return None, {}
+    return row.last, {"I": int(row.i or 0), "U": int(row.u or 0), "D": int(row.d or 0)}
+
+
+def dead_letters_by_table(landing: LandingResource, mappings: Mappings) -> tuple[dict[str, int], int]:
+    """Dead-letter messages per mapped source table, and how many name no mapped table."""
+    sources = {(t.source_schema, t.source_table): t.source for _, t in mappings.tables()}
+    counts: dict[str, int] = {}
+    other = 0
+    for message in landing.dead_letters(hide_seconds=2):
+        try:
+            keys = parse_message(message).keys
+        except PoisonMessage:
+            keys = []
+        tables = set()
+        for key in keys:
+            try:
+                landed = layout.parse_key(key, landing.prefix)
+            except layout.NotALandingFile:
+                continue
+            if (landed.schema, landed.table) in sources:
+                tables.add(sources[(landed.schema, landed.table)])
+        for table in tables:
+            counts[table] = counts.get(table, 0) + 1
+        other += not tables
+    return counts, other
+
+
+def last_checks(instance: dg.DagsterInstance | None, table: TableMapping) -> dict[str, dict[str, Any]]:
+    """The latest evaluation of each of the table's asset checks recorded in the Dagster instance."""
+    if instance is None:
+        return {}
+    from cdc_assets.checks import FILES_LOADED, ROW_COUNT
+    from cdc_assets.tables import NO_DUPLICATES
+
+    keys = [
+        dg.AssetCheckKey(bigquery_asset_key(table), name) for name in (NO_DUPLICATES, ROW_COUNT, FILES_LOADED)
+    ]
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    out: dict[str, dict[str, Any]] = {}
+    for key, record in records.items():
+        entry = record.event
+        evaluation: Any = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+        if entry is None or evaluation is None or not hasattr(evaluation, "passed"):
+            out[key.name] = {"status": str(record.status.value).lower()}
+            continue
+        out[key.name] = {
+            "passed": bool(evaluation.passed),
+            "severity": evaluation.severity.value,
+            "at": dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="seconds"),
+            "description": evaluation.description or "",
+        }
+    return out
+
+
+def table_status(
+    cluster: ClusterMapping,
+    table: TableMapping,
+    landing: LandingResource,
+    bq: bigquery.Client,
+    now: dt.datetime,
+) -> TableStatus:
+    loader = TableLoader(bq, table)
+    status = TableStatus(cluster.cluster, table.source, table.target)
+    last, status.rows_today = _changelog_summary(loader, now)
+    if last is not None:
+        status.last_commit_loaded = last.astimezone(dt.UTC).isoformat(timespec="microseconds")
+        status.lag_s = round((now - last).total_seconds(), 3)
+    landed = [key for day in check_days() for key in landed_keys_for_day(landing, table, day)]
+    status.files_waiting = len(set(landed) - loader.loaded_files(landed))
+    return status
+
+
+def collect(
+    mappings: Mappings,
+    landing: LandingResource,
+    bq: bigquery.Client,
+    instance: dg.DagsterInstance | None = None,
+    only: str | None = None,
+) -> tuple[list[TableStatus], int]:
+    """The status of every mapped table (or the one named by target or source), and the dead-letter messages that
+    name no mapped table."""
+    now = dt.datetime.now(dt.UTC)
+    dead, unmapped = dead_letters_by_table(landing, mappings)
+    statuses = []
+    for cluster, table in mappings.tables():
+        if only and only not in (table.target, table.source):
+            continue
+        status = table_status(cluster, table, landing, bq, now)
+        status.dead_letters = dead.get(table.source, 0)
+        status.checks = last_checks(instance, table)
+        statuses.append(status)
+    return statuses, unmapped
