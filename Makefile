@@ -9,11 +9,15 @@ STAMP := $(VENV)/.installed
 
 deps: system-packages $(STAMP)
 
-# Debian packages the local platform needs (MariaDB server). Only installs what is missing.
+# Debian packages the local platform and its tests need (MariaDB server, Chromium for the UI test). Only installs
+# what is missing.
 system-packages:
 	@command -v mariadbd >/dev/null 2>&1 || { \
 	  echo "installing mariadb-server (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt; the UI test drives a real browser)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 required"' 
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }

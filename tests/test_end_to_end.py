@@ -13,6 +13,7 @@ from typing import Any
 from cdc.clients import aws_client
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
+from tests.browser import look_at_table
 from tests.capture_support import landed_keys, new_env, run_sql
 from tests.conftest import Receiver
 from tests.test_capture import _write_mapping
@@ -67,7 +68,8 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
 
     cdc_run("capture", "start", "--flush-interval", "0.5")
     try:
-        cdc_run("dagster", "start", "--port", str(free_port()))
+        port = free_port()
+        cdc_run("dagster", "start", "--port", str(port))
         run_sql(
             env,
             "UPDATE `{schema}`.accounts SET nick = 'changed 🎉', money = 1.5 WHERE id = 1",
@@ -145,6 +147,24 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         assert status["checks"]["no_duplicate_changes"]["passed"] is True
         table_line = cdc_run("status", "--table", target).splitlines()[1]
         assert table_line.startswith(target) and "dup:ok" in table_line
+
+        # the Dagster UI in a real browser (headless Chromium): the cluster's lineage, the table's partitions and
+        # its checks are displayed; screenshots go to CDC_SCREENSHOT_DIR (or the test's folder)
+        screenshots = Path(os.environ.get("CDC_SCREENSHOT_DIR") or tmp_path / "screenshots")
+        texts = look_at_table(
+            f"http://127.0.0.1:{port}",
+            cluster="poker_play",
+            asset_path=["bigquery", env.schema, "accounts"],
+            check_names=["no_duplicate_changes", "row_count_matches_source", "landed_files_loaded"],
+            partition=time.strftime("%Y-%m-%d", time.gmtime()),
+            out=screenshots,
+        )
+        assert texts["asset-graph"].count("accounts") >= 3  # source, landing and BigQuery nodes
+        assert {p.name for p in screenshots.glob("*.png")} == {
+            "asset-graph.png",
+            "partitions.png",
+            "checks.png",
+        }
     finally:
         cdc_run("dagster", "stop")
         cdc_run("capture", "stop")
