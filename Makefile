@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 
 deps: system-packages $(STAMP)
 
-# Debian packages the local platform and its tests need (MariaDB server, Chromium for the UI test). Only installs
-# what is missing.
+# Debian packages the local platform and its tests need (MariaDB server; PostgreSQL for Dagster storage as in
+# production; Chromium for the UI test). Only installs what is missing.
 system-packages:
 	@command -v mariadbd >/dev/null 2>&1 || { \
 	  echo "installing mariadb-server (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  echo "installing postgresql (apt; Dagster instance storage in the production-configuration test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 	  echo "installing chromium and chromium-driver (apt; the UI test drives a real browser)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }

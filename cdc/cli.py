@@ -287,7 +287,10 @@ def dagster_start(port: int) -> None:
         return
     home = environment.state_dir() / "dagster" / "home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(environment.PROJECT_ROOT / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    instance_yaml = environment.resolved().get(
+        environment.DAGSTER_INSTANCE_YAML, str(environment.PROJECT_ROOT / "deploy" / "local" / "dagster.yaml")
+    )
+    shutil.copy(instance_yaml, home / "dagster.yaml")
     dagster_cli = str(Path(sys.executable).with_name("dagster"))
     argv = [
         dagster_cli,

@@ -41,6 +41,10 @@ MAX_LOAD_JOBS_PER_PROJECT_PER_DAY = "CDC_MAX_LOAD_JOBS_PER_PROJECT_PER_DAY"
 # Alerts: a Slack-compatible incoming-webhook URL (a secret: environment only). Unset = alerts are only logged.
 ALERT_WEBHOOK_URL = "CDC_ALERT_WEBHOOK_URL"
 
+# The Dagster instance file `cdc dagster start` runs with (default deploy/local/dagster.yaml: SQLite storage);
+# deploy/postgres/dagster.yaml stores in PostgreSQL and reads DAGSTER_PG_HOST/PORT/USERNAME/PASSWORD/DB.
+DAGSTER_INSTANCE_YAML = "CDC_DAGSTER_INSTANCE_YAML"
+
 DEFAULT_LANDING_PREFIX = "cdc"
 
 

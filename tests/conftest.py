@@ -20,6 +20,7 @@ from cdc.clients import bigquery_client
 from cdc.environment import STATE_DIR
 from cdc.mappings import load_mappings
 from local_stack.bigquery_emulator import BigQueryEmulatorServer
+from local_stack.postgres import PostgresServer
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
 
@@ -89,6 +90,20 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     stack = LocalStack(load_mappings(), state_dir=state)
     yield stack
     run_cdc("stack", "down", env=env)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL (Debian's package, run as its `postgres` user) for Dagster instance storage."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="cdc-test-postgres-"))  # under /tmp: the postgres user must reach it
+    server = PostgresServer(port=free_port(), root=root)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class Receiver:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cdc.clients import aws_client
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
@@ -24,6 +26,8 @@ from tests.test_loader import (
     assert_current_state_equals_source,
     insert_accounts,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sqs(stack: LocalStack) -> Any:
@@ -44,8 +48,13 @@ def _queued(sqs: Any, queue: str) -> int:
     return sum(int(attributes[name]) for name in names)
 
 
+@pytest.mark.parametrize("instance_storage", ["sqlite", "postgres"])
 def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
-    local_stack: LocalStack, tmp_path: Path, receiver: Receiver
+    local_stack: LocalStack,
+    tmp_path: Path,
+    receiver: Receiver,
+    request: pytest.FixtureRequest,
+    instance_storage: str,
 ) -> None:
     env = new_env(local_stack, "poker_play")
     env.prefix = local_stack.settings.prefix  # the prefix whose S3 events reach the queue
@@ -59,6 +68,9 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         "CDC_MAPPINGS_DIR": str(folder),
         "CDC_ALERT_WEBHOOK_URL": receiver.url,
     }
+    if instance_storage == "postgres":  # the production instance file, on Debian's PostgreSQL
+        variables.update(request.getfixturevalue("postgres").environment())
+        variables["CDC_DAGSTER_INSTANCE_YAML"] = str(ROOT / "deploy" / "postgres" / "dagster.yaml")
     cdc = str(Path(sys.executable).with_name("cdc"))
 
     def cdc_run(*args: str) -> str:
@@ -165,6 +177,13 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             "partitions.png",
             "checks.png",
         }
+        if instance_storage == "postgres":  # the runs and their events were stored in PostgreSQL
+            server = request.getfixturevalue("postgres")
+            assert int(server.scalar("SELECT COUNT(*) FROM runs")) >= 2
+            materializations = (
+                "SELECT COUNT(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
+            )
+            assert int(server.scalar(materializations)) >= 2
     finally:
         cdc_run("dagster", "stop")
         cdc_run("capture", "stop")
