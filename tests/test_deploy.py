@@ -1,0 +1,88 @@
+"""Deployment files: the production instance variants agree, validate against their launchers' config schemas,
+and the CI/CD workflow calls commands that exist."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+from dagster._config import process_config
+
+from cdc.cli import main as cdc_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SHARED = ("storage", "run_coordinator", "concurrency", "telemetry")
+ENV = {
+    "DAGSTER_PG_HOST": "db.internal",
+    "DAGSTER_PG_PORT": "5432",
+    "DAGSTER_PG_USERNAME": "dagster",
+    "DAGSTER_PG_PASSWORD": "not-a-real-one",
+    "DAGSTER_PG_DB": "dagster",
+    "DAGSTER_K8S_NAMESPACE": "cdc",
+}
+
+
+def _load(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((DEPLOY / name / "dagster.yaml").read_text()))
+
+
+def _validate(section: dict[str, Any]) -> None:
+    klass = getattr(importlib.import_module(section["module"]), section["class"])
+    result = process_config(klass.config_type(), section.get("config", {}))
+    assert result.success, [error.message for error in result.errors or []]
+
+
+@pytest.mark.parametrize("variant", ["k8s", "ecs"])
+def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launcher(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    base, instance = _load("postgres"), _load(variant)
+    assert {k: instance[k] for k in SHARED} == {k: base[k] for k in SHARED}
+    assert set(instance) == {*SHARED, "run_launcher"}
+    _validate(instance["run_launcher"])
+    from dagster_postgres import DagsterPostgresStorage
+
+    assert process_config(DagsterPostgresStorage.config_type(), instance["storage"]["postgres"]).success
+    assert instance["run_coordinator"]["config"]["dequeue_interval_seconds"] == 1
+    assert instance["concurrency"]["pools"]["default_limit"] == 1  # one writer per table
+    text = (DEPLOY / variant / "dagster.yaml").read_text()
+    assert "password: {env: DAGSTER_PG_PASSWORD}" in text and "not-a-real-one" not in text
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    found: set[tuple[str, ...]] = set()
+    for name, command in group.commands.items():
+        found.add((*prefix, name))
+        if isinstance(command, click.Group):
+            found |= _commands(command, (*prefix, name))
+    return found
+
+
+def test_the_ci_cd_workflow_validates_then_applies_dms_and_reloads_the_code_location() -> None:
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "deploy.yml").read_text())
+    jobs = workflow["jobs"]
+    scripts = {job: "\n".join(step.get("run", "") for step in spec["steps"]) for job, spec in jobs.items()}
+    assert "cdc mappings validate" in scripts["validate"] and "cdc mappings validate" not in scripts["deploy"]
+    assert jobs["deploy"]["needs"] == "validate" and "refs/heads/main" in jobs["deploy"]["if"]
+    assert "cdc dms apply" in scripts["deploy"] and "reloadRepositoryLocation" in scripts["deploy"]
+    location = yaml.safe_load((ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    assert f'\\"{location["location_name"]}\\"' in scripts["deploy"]
+    known = _commands(cdc_cli)
+    for script in scripts.values():
+        for words in re.findall(r"^\s*cdc ([a-z-]+(?: [a-z-]+)?)", script, re.MULTILINE):
+            assert tuple(words.split()) in known, f"the workflow calls `cdc {words}`, which does not exist"
+
+
+def test_the_image_holds_every_package_and_the_mappings() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE))
+    assert {"cdc", "capture", "cdc_assets", "sensors", "local_stack", "mappings", "workspace.yaml"} <= copied
+    assert '"-m", "cdc_assets.definitions"' in dockerfile
