@@ -22,6 +22,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from capture.columns import ColumnSpec, UnsupportedColumn, spec_from_table_map
 from capture.position import BinlogPosition
 from capture.sink import S3Store, TableBuffer, parquet_bytes
 from cdc.mappings import ClusterMapping, TableMapping, load_mappings
+from cdc.progress import Progress
 
 log = logging.getLogger("cdc.capture")
 
@@ -163,6 +165,7 @@ class ClusterCapture:
         self._last_status = 0.0
         self._last_mapping_check = time.monotonic()
         self._server_id = 100_000 + zlib.crc32(cluster.cluster.encode()) % 1_000_000
+        self.report_progress: Callable[[str], None] = log.info  # progress lines of full loads
 
     # -- schema ------------------------------------------------------------------------------------------------
 
@@ -268,6 +271,17 @@ class ClusterCapture:
         order = " ORDER BY " + ", ".join(f"`{k}`" for k in mapping.primary_key) if mapping.primary_key else ""
         stamp = layout.commit_timestamp_text(dt.datetime.now(dt.UTC))
         number, total = 0, 0
+        with (
+            connection.cursor() as cursor
+        ):  # InnoDB's row estimate, for progress (read before the stream opens)
+            cursor.execute(
+                "SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+                (mapping.source_schema, mapping.source_table),
+            )
+            estimate = cursor.fetchone()
+        progress = Progress(
+            f"full load of {mapping.source} (rows)", int(estimate[0] or 0) if estimate else None
+        )
         with connection.cursor() as cursor:
             cursor.execute(f"SELECT {select} FROM `{mapping.source_schema}`.`{mapping.source_table}`{order}")  # noqa: S608
             while True:
@@ -290,6 +304,7 @@ class ClusterCapture:
                     key, parquet_bytes(buffer.to_arrow(), self._file_metadata(position, position))
                 )
                 self.stats.files += 1
+                self.report_progress(progress.advance(len(batch)))
                 if not batch:
                     break
         self.stats.rows["load"] += total

@@ -92,10 +92,12 @@ def read_landed(
     keys: list[str],
     sizes: list[int] | None = None,
     unreadable: dict[str, str] | None = None,
+    on_file: Callable[[int], None] | None = None,
 ) -> pa.Table | None:
     """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types (None: no
     readable file). File sizes in bytes are appended to `sizes` when given. A file that is not a readable DMS
-    Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped."""
+    Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped.
+    `on_file` is called with each readable file's row count (progress of a backfill)."""
     parts = []
     for key in keys:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -109,6 +111,8 @@ def read_landed(
                     f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"
                 ) from exc
             parts.append(_with_metadata(table, key))
+            if on_file is not None:
+                on_file(table.num_rows)
         except LoadError as exc:
             if unreadable is None:
                 raise

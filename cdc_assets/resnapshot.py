@@ -66,6 +66,7 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
         started = time.monotonic()
         store = S3Store(landing.s3(), landing.bucket, landing.prefix)
         capture = ClusterCapture(cluster, mysql.connection(cluster), store)
+        capture.report_progress = context.log.info
         context.log.info(f"{table.source}: reading the source table in one consistent snapshot")
         try:
             position, _ = capture.snapshot([table], keep_previous_loads=True, strict=True)

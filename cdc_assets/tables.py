@@ -19,6 +19,7 @@ from pydantic import Field
 
 from capture import layout
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc.progress import Progress
 from cdc_assets import quota
 from cdc_assets.loader import COMMIT_TS, TableLoader, read_landed
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
@@ -185,7 +186,17 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
             )
         sizes: list[int] = []
         unreadable: dict[str, str] = {}
-        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable)
+        on_file = None
+        if rebuild_id:  # a backfill may read many files: log progress every ~10 % of them
+            progress = Progress(f"backfill of {table.source} {context.partition_keys} (files)", len(keys))
+            step = max(1, len(keys) // 10)
+
+            def on_file(rows: int) -> None:
+                line = progress.advance(1)
+                if progress.done % step == 0 or progress.done == len(keys):
+                    context.log.info(line)
+
+        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable, on_file)
         for key, reason in unreadable.items():
             context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
             landing.dead_letter_file(

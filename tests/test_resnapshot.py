@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -69,11 +70,17 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     resources = pipeline_resources(env)
     landing = resources["landing"]
     job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
+    instance = dg.DagsterInstance.ephemeral()
     result = job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
         resources=resources,
+        instance=instance,
     )
     assert result.success
+    logged = "\n".join(entry.user_message for entry in instance.all_logs(result.run_id))
+    assert re.search(rf"full load of {table.source} \(rows\): 5 (of ~\d+ \(\d+ %\).*ETA|done)", logged), (
+        logged
+    )
     [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
     assert materialization.asset_key == bigquery_asset_key(table)
     assert materialization.partition == dt.datetime.now(dt.UTC).date().isoformat()

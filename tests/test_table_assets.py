@@ -63,8 +63,9 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     with pytest.MonkeyPatch.context() as patch:
         for key in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             patch.setenv(key, environment[key])
+        instance = dg.DagsterInstance.ephemeral()
         result = dg.materialize(
-            [asset], partition_key=today, resources=resources
+            [asset], partition_key=today, resources=resources, instance=instance
         )  # a backfill: no files named
         again = dg.materialize(
             [asset], partition_key=today, resources=resources
@@ -73,6 +74,9 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     metadata = result.asset_materializations_for_node(asset.op.name)[0].metadata
     assert metadata["files"].value >= 2 and metadata["new_changes"].value == metadata["rows"].value
     values = {name: entry.value for name, entry in metadata.items()}
+    files = values["files"]
+    logged = "\n".join(entry.user_message for entry in instance.all_logs(result.run_id))
+    assert f"(files): {files} of ~{files} (100 %)" in logged, logged  # the backfill reports its progress
     assert (values["rows_I"], values["rows_U"], values["rows_D"]) == (3, 1, 1) and values["bytes"] > 0
     assert (
         0 <= values["lag_s"] <= values["latency_p50_s"] <= values["latency_p95_s"] <= values["latency_max_s"]
