@@ -45,6 +45,10 @@ demo: deps
 	$(BIN)/cdc dagster start
 	@echo "Waiting for the SQS sensor's first loads into BigQuery:"
 	$(BIN)/cdc bigquery ls --wait 90 | tail -12
+	@sleep 20
+	@echo
+	@echo "Table status (cdc status; --json for the report):"
+	$(BIN)/cdc status
 	@echo
 	@echo 'The local platform is up. Its configuration (load it with: eval "$$($(BIN)/cdc stack env)"):'
 	@$(BIN)/cdc stack env --redact

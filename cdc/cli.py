@@ -342,7 +342,12 @@ def _check_marks(checks: dict[str, dict[str, Any]]) -> str:
     marks = []
     for name, label in short.items():
         result = checks.get(name)
-        mark = "-" if not result or "passed" not in result else ("ok" if result["passed"] else "FAIL")
+        if not result:
+            mark = "-"
+        elif "passed" not in result:
+            mark = "running" if result.get("status") == "planned" else result.get("status", "?")
+        else:
+            mark = "ok" if result["passed"] else "FAIL"
         marks.append(f"{label}:{mark}")
     return " ".join(marks)
 

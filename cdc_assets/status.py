@@ -7,6 +7,7 @@ and the Dagster instance's event log. `cdc status` prints it (or `--json`).
 """
 
 import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from cdc_assets.resources import LandingResource
 from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
 from sensors.sqs_sensor import PoisonMessage, parse_message
 
+WORKERS = 8
 RECENT_DAYS = 7  # how far back the changelog is read for the last loaded commit (bounds the bytes scanned)
 
 
@@ -89,25 +91,29 @@ def dead_letters_by_table(landing: LandingResource, mappings: Mappings) -> tuple
     return counts, other
 
 
-def last_checks(instance: dg.DagsterInstance | None, table: TableMapping) -> dict[str, dict[str, Any]]:
-    """The latest evaluation of each of the table's asset checks recorded in the Dagster instance."""
+def last_checks(instance: dg.DagsterInstance | None, tables: list[TableMapping]) -> dict[str, dict[str, Any]]:
+    """Per table target: the latest evaluation of each of its asset checks recorded in the Dagster instance."""
     if instance is None:
         return {}
     from cdc_assets.checks import FILES_LOADED, ROW_COUNT
     from cdc_assets.tables import NO_DUPLICATES
 
+    target_of = {bigquery_asset_key(table): table.target for table in tables}
     keys = [
-        dg.AssetCheckKey(bigquery_asset_key(table), name) for name in (NO_DUPLICATES, ROW_COUNT, FILES_LOADED)
+        dg.AssetCheckKey(asset, name)
+        for asset in target_of
+        for name in (NO_DUPLICATES, ROW_COUNT, FILES_LOADED)
     ]
     records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     out: dict[str, dict[str, Any]] = {}
     for key, record in records.items():
+        checks = out.setdefault(target_of[key.asset_key], {})
         entry = record.event
         evaluation: Any = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
         if entry is None or evaluation is None or not hasattr(evaluation, "passed"):
-            out[key.name] = {"status": str(record.status.value).lower()}
+            checks[key.name] = {"status": str(record.status.value).lower()}  # e.g. planned: running now
             continue
-        out[key.name] = {
+        checks[key.name] = {
             "passed": bool(evaluation.passed),
             "severity": evaluation.severity.value,
             "at": dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="seconds"),
@@ -144,13 +150,12 @@ def collect(
     """The status of every mapped table (or the one named by target or source), and the dead-letter messages that
     name no mapped table."""
     now = dt.datetime.now(dt.UTC)
+    selected = [(c, t) for c, t in mappings.tables() if not only or only in (t.target, t.source)]
     dead, unmapped = dead_letters_by_table(landing, mappings)
-    statuses = []
-    for cluster, table in mappings.tables():
-        if only and only not in (table.target, table.source):
-            continue
-        status = table_status(cluster, table, landing, bq, now)
-        status.dead_letters = dead.get(table.source, 0)
-        status.checks = last_checks(instance, table)
-        statuses.append(status)
+    checks = last_checks(instance, [t for _, t in selected])
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:  # a few queries and listings per table, I/O-bound
+        statuses = list(pool.map(lambda ct: table_status(ct[0], ct[1], landing, bq, now), selected))
+    for status in statuses:
+        status.dead_letters = dead.get(status.source, 0)
+        status.checks = checks.get(status.target, {})
     return statuses, unmapped

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdc import environment as env_names
+from cdc.clients import bigquery_client
 from cdc.mappings import Mappings
 from local_stack.aws import ACCESS_KEY, REGION, SECRET_KEY, AwsNames, MotoServer
 from local_stack.bigquery_emulator import BigQueryEmulatorServer
@@ -167,11 +168,22 @@ class LocalStack:
         self.save()
         for cluster in self.clusters():
             self.mariadb(cluster).start()
+        fresh_landing = not self.moto.process.is_running()
         self.moto.start()
         self.moto.configure(self.settings.aws_names)
         self.bigquery.start()
+        if fresh_landing:
+            self._forget_loaded_data()
         self.save()
         return self.status()
+
+    def _forget_loaded_data(self) -> None:
+        """moto keeps no state across restarts: a new landing bucket has no files and no capture checkpoints, so the
+        capture starts over with a full load of every table. The local BigQuery tables are dropped with it - kept,
+        they would hold rows whose deletes were in the lost files (and append-only rows twice)."""
+        client = bigquery_client(self.settings.bigquery_project, endpoint=self.bigquery.endpoint)
+        for dataset in client.list_datasets():
+            client.delete_dataset(dataset.dataset_id, delete_contents=True, not_found_ok=True)
 
     def down(self) -> list[str]:
         stopped = []

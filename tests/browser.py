@@ -49,17 +49,14 @@ def wait_for_texts(driver: Any, texts: list[str], timeout: float = 60) -> str:
 
 
 def look_at_table(
-    url: str, cluster: str, asset_path: list[str], check_names: list[str], partition: str, out: Path
+    url: str, graph_texts: list[str], asset_path: list[str], check_names: list[str], partition: str, out: Path
 ) -> dict[str, str]:
-    """Screens a user opens for one table: the cluster's asset graph, the table's partitions, its checks."""
+    """Screens a user opens for one table: the asset lineage (showing `graph_texts`: with a few assets their nodes,
+    with many the per-cluster groups), the table's partitions, its checks."""
     out.mkdir(parents=True, exist_ok=True)
     asset_url = f"{url}/assets/{'/'.join(asset_path)}"
     screens = {
-        # the lineage of the cluster's group: source -> landing -> BigQuery
-        "asset-graph": (
-            f"{url}/asset-groups/{cluster}",
-            [asset_path[-1], "MySQL", "S3", "BigQuery"],
-        ),
+        "asset-graph": (f"{url}/asset-groups", graph_texts),  # the lineage: source -> landing -> BigQuery
         "partitions": (f"{asset_url}?view=partitions", [partition, "Materialized"]),
         "checks": (f"{asset_url}?view=checks", check_names),
     }

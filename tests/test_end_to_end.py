@@ -165,7 +165,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         screenshots = Path(os.environ.get("CDC_SCREENSHOT_DIR") or tmp_path / "screenshots")
         texts = look_at_table(
             f"http://127.0.0.1:{port}",
-            cluster="poker_play",
+            graph_texts=["accounts", "MySQL", "S3", "BigQuery"],  # the kinds of source, landing and table
             asset_path=["bigquery", env.schema, "accounts"],
             check_names=["no_duplicate_changes", "row_count_matches_source", "landed_files_loaded"],
             partition=time.strftime("%Y-%m-%d", time.gmtime()),

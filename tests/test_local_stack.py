@@ -167,6 +167,15 @@ def test_lifecycle_with_another_mappings_folder_and_a_taken_port(tmp_path: Path)
         run_cdc("stack", "up", "--free-ports", env=env)
         status = run_cdc("stack", "status", env=env)
         assert status.stdout.count("mariadb[") == 1 and "mariadb[poker_play]" in status.stdout
+
+        # moto keeps nothing across a restart (landed files, capture checkpoints): BigQuery's local tables, loaded
+        # from those files, are dropped with them, so the capture's new full loads rebuild them exactly
+        stack = LocalStack(load_mappings(mappings), tmp_path / "state")
+        bq = bigquery_client(stack.settings.bigquery_project, endpoint=stack.bigquery.endpoint)
+        bq.create_dataset("loaded_before_restart")
+        run_cdc("stack", "down", env=env)
+        run_cdc("stack", "up", env=env)
+        assert [d.dataset_id for d in bq.list_datasets()] == []
     finally:
         down = run_cdc(
             "stack", "down", env=env
