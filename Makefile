@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench down status deps system-packages clean
+.PHONY: demo test faults lint bench down status deps system-packages clean
 
 deps: system-packages $(STAMP)
 
@@ -61,6 +61,10 @@ demo: deps
 # Run the test suite; the tests start (and stop) the servers they need on free ports.
 test: deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Faults injected into the live platform under load; prints the fault table, writes bench/results/faults.json.
+faults: deps
+	CDC_FAULTS_JSON=bench/results/faults.json $(BIN)/pytest -m faults -p no:cacheprovider $(PYTEST_ARGS)
 
 # Benchmarks (not timed tests): a table on stdout, JSON under bench/results/.
 bench: deps

@@ -106,6 +106,35 @@ def postgres() -> Iterator[PostgresServer]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+FAULT_REPORT: list[dict[str, Any]] = []
+
+
+@pytest.fixture(scope="session")
+def fault_report() -> list[dict[str, Any]]:
+    """Rows of the fault table (tests/test_faults.py), printed at the end of the run and written as JSON to
+    $CDC_FAULTS_JSON when set."""
+    return FAULT_REPORT
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_REPORT:
+        return
+    columns = ["fault", "rows", "missing", "duplicated", "transactions", "recovered_s", "message"]
+    terminalreporter.section("faults: BigQuery vs source after each fault")
+    terminalreporter.write_line(
+        f"{'fault':<34} {'rows':>5} {'missing':>7} {'dupl.':>5} {'tx':>5} {'recovered':>9}  message"
+    )
+    for row in FAULT_REPORT:
+        terminalreporter.write_line(
+            f"{row['fault']:<34} {row['rows']:>5} {row['missing']:>7} {row['duplicated']:>5} "
+            f"{row['transactions']:>5} {row['recovered_s']:>8.1f}s  {row['message'][:80]}"
+        )
+    target = os.environ.get("CDC_FAULTS_JSON")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps([{k: r.get(k) for k in columns} for r in FAULT_REPORT], indent=2))
+
+
 class Receiver:
     """A local Slack-compatible webhook: records every JSON body posted to it."""
 

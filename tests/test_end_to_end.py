@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +11,11 @@ from typing import Any
 import pytest
 
 from cdc.clients import aws_client
-from local_stack.processes import free_port
 from local_stack.stack import LocalStack
 from tests.browser import look_at_table
 from tests.capture_support import landed_keys, new_env, run_sql
 from tests.conftest import Receiver
+from tests.pipeline_support import running_pipeline, wait_until_equal
 from tests.test_capture import _write_mapping
 from tests.test_loader import (
     DDL,
@@ -62,26 +60,12 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
     insert_accounts(env, range(1, 4))
     folder = tmp_path / "mappings"
     _write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
-    variables = {
-        **os.environ,
-        **local_stack.environment(),
-        "CDC_MAPPINGS_DIR": str(folder),
-        "CDC_ALERT_WEBHOOK_URL": receiver.url,
-    }
+    extra = {"CDC_ALERT_WEBHOOK_URL": receiver.url}
     if instance_storage == "postgres":  # the production instance file, on Debian's PostgreSQL
-        variables.update(request.getfixturevalue("postgres").environment())
-        variables["CDC_DAGSTER_INSTANCE_YAML"] = str(ROOT / "deploy" / "postgres" / "dagster.yaml")
-    cdc = str(Path(sys.executable).with_name("cdc"))
-
-    def cdc_run(*args: str) -> str:
-        return subprocess.run(
-            [cdc, *args], env=variables, capture_output=True, text=True, check=True, timeout=180
-        ).stdout
-
-    cdc_run("capture", "start", "--flush-interval", "0.5")
-    try:
-        port = free_port()
-        cdc_run("dagster", "start", "--port", str(port))
+        extra.update(request.getfixturevalue("postgres").environment())
+        extra["CDC_DAGSTER_INSTANCE_YAML"] = str(ROOT / "deploy" / "postgres" / "dagster.yaml")
+    with running_pipeline(local_stack, folder, extra) as pipeline:
+        cdc_run, port = pipeline.cdc, pipeline.port
         run_sql(
             env,
             "UPDATE `{schema}`.accounts SET nick = 'changed 🎉', money = 1.5 WHERE id = 1",
@@ -95,18 +79,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             "UPDATE `{schema}`.accounts SET note = 'added later' WHERE id = 1",
         )
         loader = _loader(local_stack, env, env.schema)
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                assert_current_state_equals_source(loader, env)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    log = (local_stack.state_dir / "dagster" / "dagster.log").read_text()[-3000:]
-                    raise AssertionError(
-                        f"BigQuery did not reach the source state in time; dagster log:\n{log}"
-                    ) from None
-                time.sleep(2)
+        wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
         changes = assert_changelog_has_no_duplicates(loader)
 
         # S3 delivers events at least once: every landed file's event arrives twice more (one SNS-wrapped, one
@@ -184,6 +157,3 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
                 "SELECT COUNT(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
             )
             assert int(server.scalar(materializations)) >= 2
-    finally:
-        cdc_run("dagster", "stop")
-        cdc_run("capture", "stop")
