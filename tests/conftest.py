@@ -120,13 +120,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not FAULT_REPORT:
         return
     columns = ["fault", "rows", "missing", "duplicated", "transactions", "recovered_s", "message"]
-    terminalreporter.section("faults: BigQuery vs source after each fault")
+    terminalreporter.section(
+        "faults: BigQuery vs source after each fault (recovered: from the end of fault and load)"
+    )
     terminalreporter.write_line(
-        f"{'fault':<34} {'rows':>5} {'missing':>7} {'dupl.':>5} {'tx':>5} {'recovered':>9}  message"
+        f"{'fault':<42} {'rows':>5} {'missing':>7} {'dupl.':>5} {'tx':>5} {'recovered':>9}  message"
     )
     for row in FAULT_REPORT:
         terminalreporter.write_line(
-            f"{row['fault']:<34} {row['rows']:>5} {row['missing']:>7} {row['duplicated']:>5} "
+            f"{row['fault']:<42} {row['rows']:>5} {row['missing']:>7} {row['duplicated']:>5} "
             f"{row['transactions']:>5} {row['recovered_s']:>8.1f}s  {row['message'][:80]}"
         )
     target = os.environ.get("CDC_FAULTS_JSON")
