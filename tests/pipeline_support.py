@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
@@ -22,6 +23,7 @@ class RunningPipeline:
     stack: LocalStack
     variables: dict[str, str]
     port: int
+    env: Any = None  # the test's capture surroundings (tables, prefix), when a helper needs them
 
     @property
     def url(self) -> str:

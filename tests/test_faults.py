@@ -4,6 +4,7 @@ equal the source row for row and the changelog hold no change twice. `make fault
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from cdc.clients import aws_client
 from local_stack.stack import LocalStack
-from tests.capture_support import CaptureEnv, new_env, run_sql, source_text_rows
+from tests.capture_support import CaptureEnv, landed_keys, new_env, run_sql, source_text_rows
 from tests.conftest import Receiver
 from tests.pipeline_support import RunningPipeline, running_pipeline, wait_until_equal
 from tests.test_capture import _write_mapping
@@ -137,10 +139,31 @@ def dagster_killed_and_restarted(pipeline: RunningPipeline) -> None:
     pipeline.cdc("dagster", "start", "--port", str(pipeline.port))
 
 
+def every_event_again_out_of_order(pipeline: RunningPipeline) -> None:
+    """S3 delivers at least once and in no order: every landed file's event arrives again, shuffled, three times
+    during the load (older files after newer ones)."""
+    sqs = aws_client("sqs", pipeline.stack.environment())
+    queue = pipeline.stack.environment()["CDC_SQS_QUEUE_URL"]
+    env = pipeline.env
+    rng = random.Random(11)
+    for _ in range(3):
+        keys = sorted(landed_keys(env, "accounts"))
+        rng.shuffle(keys)
+        for key in keys:
+            record = {
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {"object": {"key": key}},
+            }
+            sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": [record]}))
+        time.sleep(5)
+
+
 FAULTS: dict[str, Callable[[RunningPipeline], None]] = {
     "BigQuery server down 60 s": bigquery_down_60_s,
     "capture killed -9 under load, restarted": capture_killed_and_restarted,
     "Dagster killed -9 mid-load, restarted": dagster_killed_and_restarted,
+    "every S3 event again, out of order (x3)": every_event_again_out_of_order,
 }
 
 
@@ -154,6 +177,7 @@ def test_a_fault_under_load_loses_and_doubles_nothing(
 ) -> None:
     env, folder = _setup(local_stack, tmp_path, "roulette_play")
     with running_pipeline(local_stack, folder, {"CDC_ALERT_WEBHOOK_URL": receiver.url}) as pipeline:
+        pipeline.env = env
         loader = _loader(local_stack, env, env.schema)
         wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
         with workload(env, seconds=30) as written:
