@@ -81,6 +81,12 @@ def source_snapshot(
     return SourceSnapshot(rows, per_day, position, taken_at)
 
 
+def landed_and_unloaded(landing: LandingResource, loader: TableLoader) -> tuple[list[str], list[str]]:
+    """Files landed for the table on the check days (yesterday and today), and those of them not loaded yet."""
+    landed = [k for day in check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
+    return landed, sorted(set(landed) - loader.loaded_files(landed))
+
+
 def check_days() -> list[dt.date]:
     today = dt.datetime.now(dt.UTC).date()
     return [today - dt.timedelta(days=1), today]
@@ -115,8 +121,7 @@ def completeness(
             f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
             f"{snapshot.position.file}:{snapshot.position.pos}"
         )
-    landed = [k for day in check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
-    pending = sorted(set(landed) - loader.loaded_files(landed))
+    _, pending = landed_and_unloaded(landing, loader)
     for key in pending:
         body = s3.get_object(Bucket=landing.bucket, Key=key)["Body"].read()
         try:
@@ -239,9 +244,7 @@ def files_loaded_result(
     grace = dt.timedelta(seconds=float(os.environ.get(LOAD_GRACE_SECONDS, "300")))
     now = dt.datetime.now(dt.UTC)
     s3 = landing.s3()
-    landed = [k for day in check_days() for k in landed_keys_for_day(landing, table, day)]
-    loaded = loader.loaded_files(landed)
-    unloaded = sorted(set(landed) - loaded)
+    landed, unloaded = landed_and_unloaded(landing, loader)
     overdue = [
         k for k in unloaded if now - s3.head_object(Bucket=landing.bucket, Key=k)["LastModified"] > grace
     ]
@@ -258,7 +261,7 @@ def files_loaded_result(
         ),
         metadata={
             "landed_files": len(landed),
-            "loaded_files": len(set(landed) & loaded),
+            "loaded_files": len(landed) - len(unloaded),
             "in_flight_files": len(unloaded) - len(overdue),
             "overdue_files": len(overdue),
             "overdue": dg.MetadataValue.json(overdue[:20]),

@@ -17,10 +17,10 @@ from google.cloud import bigquery
 
 from capture import layout
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
-from cdc_assets.checks import check_days
+from cdc_assets.checks import landed_and_unloaded
 from cdc_assets.loader import COMMIT_TS, OP, TableLoader, quote_column
 from cdc_assets.resources import LandingResource
-from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
+from cdc_assets.tables import bigquery_asset_key
 from sensors.sqs_sensor import PoisonMessage, parse_message
 
 WORKERS = 8
@@ -135,8 +135,7 @@ def table_status(
     if last is not None:
         status.last_commit_loaded = last.astimezone(dt.UTC).isoformat(timespec="microseconds")
         status.lag_s = round((now - last).total_seconds(), 3)
-    landed = [key for day in check_days() for key in landed_keys_for_day(landing, table, day)]
-    status.files_waiting = len(set(landed) - loader.loaded_files(landed))
+    status.files_waiting = len(landed_and_unloaded(landing, loader)[1])
     return status
 
 
