@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -98,28 +98,36 @@ def new_env(stack: LocalStack, cluster: str) -> CaptureEnv:
 
 
 @contextmanager
-def running(capture: ClusterCapture) -> Iterator[ClusterCapture]:
+def in_thread(target: Callable[[], None], stop: Callable[[], None], join_timeout: float) -> Iterator[None]:
+    """Run `target` in a daemon thread for the block; on leaving, `stop()` it and join. A failure of the thread is
+    raised - also when the block failed, as its cause (a wait that timed out is usually its symptom)."""
     failure: list[BaseException] = []
 
-    def target() -> None:
+    def guarded() -> None:
         try:
-            capture.run()
+            target()
         except BaseException as exc:
             failure.append(exc)
 
-    thread = threading.Thread(target=target, daemon=True)
+    thread = threading.Thread(target=guarded, daemon=True)
     thread.start()
     try:
-        yield capture
+        yield
     except BaseException as exc:
-        if failure:  # the capture crashed: that is the cause, not the wait that timed out
+        if failure:
             raise failure[0] from exc
         raise
     finally:
-        capture.stop()
-        thread.join(timeout=60)
+        stop()
+        thread.join(timeout=join_timeout)
     if failure:
         raise failure[0]
+
+
+@contextmanager
+def running(capture: ClusterCapture) -> Iterator[ClusterCapture]:
+    with in_thread(capture.run, capture.stop, join_timeout=60):
+        yield capture
 
 
 def source_gtid(env: CaptureEnv) -> str:

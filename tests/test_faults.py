@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ import pytest
 
 from cdc.clients import aws_client
 from local_stack.stack import LocalStack
-from tests.capture_support import CaptureEnv, landed_keys, new_env, run_sql, source_text_rows
+from tests.capture_support import CaptureEnv, in_thread, landed_keys, new_env, run_sql, source_text_rows
 from tests.conftest import Receiver
 from tests.pipeline_support import RunningPipeline, running_pipeline, wait_until_equal
 from tests.test_capture import _write_mapping
@@ -36,53 +35,40 @@ pytestmark = pytest.mark.faults
 
 @contextmanager
 def workload(env: CaptureEnv, seconds: float, rate: float = 10.0) -> Iterator[dict[str, int]]:
-    """Inserts, updates, key changes and deletes on the accounts table, one transaction each, in a thread."""
+    """Inserts, updates, key changes and deletes on the accounts table, one transaction each, in a thread that
+    runs its full `seconds` (leaving the block waits for it)."""
     done = {"transactions": 0}
-    stop = threading.Event()
-    errors: list[BaseException] = []
 
     def write() -> None:
         rng = random.Random(7)
         next_id = 100
         deadline = time.monotonic() + seconds
-        try:
-            with env.admin() as connection, connection.cursor() as cursor:
-                while time.monotonic() < deadline and not stop.is_set():
-                    cursor.execute(f"SELECT id FROM `{env.schema}`.accounts")
-                    ids = [int(r[0]) for r in cursor.fetchall()]
-                    choice = rng.random()
-                    if choice < 0.45 or not ids:
-                        next_id += 1
-                        cursor.execute(f"INSERT INTO `{env.schema}`.accounts VALUES {_row(next_id)}")
-                    elif choice < 0.8:
-                        cursor.execute(
-                            f"UPDATE `{env.schema}`.accounts SET money = money + 1, n = n + 1 WHERE id = %s",
-                            (rng.choice(ids),),
-                        )
-                    elif choice < 0.9:
-                        next_id += 1
-                        cursor.execute(
-                            f"UPDATE `{env.schema}`.accounts SET id = %s WHERE id = %s",
-                            (next_id, rng.choice(ids)),
-                        )
-                    else:
-                        cursor.execute(
-                            f"DELETE FROM `{env.schema}`.accounts WHERE id = %s", (rng.choice(ids),)
-                        )
-                    done["transactions"] += 1
-                    time.sleep(1 / rate)
-        except BaseException as exc:
-            errors.append(exc)
+        with env.admin() as connection, connection.cursor() as cursor:
+            while time.monotonic() < deadline:
+                cursor.execute(f"SELECT id FROM `{env.schema}`.accounts")
+                ids = [int(r[0]) for r in cursor.fetchall()]
+                choice = rng.random()
+                if choice < 0.45 or not ids:
+                    next_id += 1
+                    cursor.execute(f"INSERT INTO `{env.schema}`.accounts VALUES {_row(next_id)}")
+                elif choice < 0.8:
+                    cursor.execute(
+                        f"UPDATE `{env.schema}`.accounts SET money = money + 1, n = n + 1 WHERE id = %s",
+                        (rng.choice(ids),),
+                    )
+                elif choice < 0.9:
+                    next_id += 1
+                    cursor.execute(
+                        f"UPDATE `{env.schema}`.accounts SET id = %s WHERE id = %s",
+                        (next_id, rng.choice(ids)),
+                    )
+                else:
+                    cursor.execute(f"DELETE FROM `{env.schema}`.accounts WHERE id = %s", (rng.choice(ids),))
+                done["transactions"] += 1
+                time.sleep(1 / rate)
 
-    thread = threading.Thread(target=write, daemon=True)
-    thread.start()
-    try:
+    with in_thread(write, stop=lambda: None, join_timeout=seconds + 60):
         yield done
-    finally:
-        thread.join(timeout=seconds + 60)
-        stop.set()
-    if errors:
-        raise errors[0]
 
 
 def _setup(local_stack: LocalStack, tmp_path: Path, cluster: str) -> tuple[CaptureEnv, Path]:
