@@ -102,7 +102,7 @@ def test_landing_objects_notify_the_queue_and_others_do_not(env: dict[str, str])
     s3.put_object(Bucket=bucket, Key="elsewhere/file.parquet", Body=b"x")
     keys = [
         unquote_plus(record["s3"]["object"]["key"])
-        for message in _receive(sqs, queue, wait_for=1)
+        for message in _receive(sqs, queue, wait_for=1, delete=True)
         for record in json.loads(message["Body"]).get("Records", [])
     ]
     assert keys == [landing_key]
@@ -123,7 +123,7 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(
             QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
         )
     assert _receive(sqs, queue, wait_for=0) == []
-    assert [m["Body"] for m in _receive(sqs, dlq, wait_for=1)] == ["poison"]
+    assert [m["Body"] for m in _receive(sqs, dlq, wait_for=1, delete=True)] == ["poison"]
 
 
 def test_bigquery_server_is_reachable_from_the_environment(local_stack: LocalStack) -> None:
@@ -210,13 +210,17 @@ def _pids(stack: LocalStack) -> list[int | None]:
     return [server.pid() for server in servers]
 
 
-def _receive(sqs: object, queue: str, wait_for: int) -> list[dict[str, str]]:
+def _receive(sqs: object, queue: str, wait_for: int, delete: bool = False) -> list[dict[str, str]]:
+    """Receive what arrives within `wait_for` s; with `delete`, the messages are consumed (otherwise they return to
+    the session-shared queue after the visibility timeout, in the middle of another test)."""
     deadline = time.monotonic() + wait_for
     messages: list[dict[str, str]] = []
     while True:
         batch = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0)  # type: ignore[attr-defined]
         messages += [m for m in batch.get("Messages", []) if "s3:TestEvent" not in m["Body"]]
         if messages or time.monotonic() >= deadline:
+            for message in batch.get("Messages", []) if delete else []:
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])  # type: ignore[attr-defined]
             return messages
         time.sleep(0.1)
 
