@@ -10,10 +10,15 @@ Guarantees:
   change flushed before the crash but after the checkpoint is written again with the same change sequence.
 - Schema changes are followed per table from the binlog's own column list (FULL row metadata).
 - SIGTERM flushes and checkpoints before exit. Status (lag, rows/s, last checkpoint) goes to S3 every few seconds.
+- A source or S3 that cannot be reached (a restart, a network cut) is waited out: the capture drops what it has
+  not flushed, says so in its status, and resumes from its checkpoint with backoff (1 s doubling to 30 s). Only a
+  condition it cannot continue from (`CaptureError`: the binlog purged past the checkpoint) stops it, with the
+  error in its status and, when CDC_ALERT_WEBHOOK_URL is set, an alert.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pymysql
+from botocore.exceptions import BotoCoreError, ClientError
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import (
     HeartbeatLogEvent,
@@ -92,6 +98,17 @@ class CaptureError(RuntimeError):
     """A condition the capture cannot continue from; the message says what to do."""
 
 
+# A source or S3 that cannot be reached for now: waited out, then the stream resumes from the checkpoint.
+TRANSIENT_ERRORS = (
+    pymysql.err.OperationalError,
+    pymysql.err.InterfaceError,
+    OSError,
+    BotoCoreError,
+    ClientError,
+)
+MAX_RETRY_DELAY_S = 30.0
+
+
 @dataclass
 class _Table:
     mapping: TableMapping
@@ -153,6 +170,7 @@ class ClusterCapture:
         self.buffers: dict[tuple[str, str], TableBuffer] = {}
         self.checkpoint: dict[str, Any] = {}
         self.errors: list[str] = []
+        self._passing_errors: set[str] = set()  # errors that clear once the capture writes to S3 again
         self.loaded_keys: dict[str, list[str]] = {}  # per source table, the LOAD files its snapshot wrote
         self.loaded_rows: dict[str, int] = {}
         self._buffered_rows = 0
@@ -345,15 +363,50 @@ class ClusterCapture:
     # -- streaming ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Snapshot if needed, then stream until stop() or SIGTERM."""
-        self.checkpoint = self.store.read_json("checkpoints", self.cluster.cluster) or {}
+        """Snapshot if needed, then stream until stop() or SIGTERM; wait out an unreachable source or S3."""
+        failures = 0
+        last_failure = 0.0
+        loaded = False
         while not self.stop_requested.is_set():
-            self._catch_up_snapshots()
-            restart = self._stream()
+            try:
+                if not loaded:  # S3 down at start must not look like "no checkpoint" (a new full load)
+                    self.checkpoint = self.store.read_json("checkpoints", self.cluster.cluster) or {}
+                    loaded = True
+                self._catch_up_snapshots()
+                restart = self._stream()
+            except CaptureError as exc:
+                self.state = "failed"
+                self._record_error(str(exc))
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    self._write_status(force=True)
+                raise
+            except TRANSIENT_ERRORS as exc:
+                failures = 1 if time.monotonic() - last_failure > 2 * MAX_RETRY_DELAY_S else failures + 1
+                last_failure = time.monotonic()
+                delay = min(MAX_RETRY_DELAY_S, 2.0 ** (failures - 1))
+                self._interrupted(exc, delay)
+                self.stop_requested.wait(delay)
+                continue
             if not restart:
                 break
         self.state = "stopped"
         self._write_status(force=True)
+
+    def _interrupted(self, exc: BaseException, delay: float) -> None:
+        """The source or S3 went away: forget everything not yet flushed (it is read again from the checkpoint)."""
+        self.state = "reconnecting"
+        self._pending.clear()
+        self.buffers.clear()
+        self._buffered_rows = 0
+        self._completed = None
+        detail = str(exc) or type(exc).__name__
+        self._record_error(
+            f"cluster {self.cluster.cluster}: source or S3 unreachable ({type(exc).__name__}: {detail}); "
+            f"resuming from the checkpoint {self.checkpoint.get('gtid', '(none)')} in {delay:.0f} s",
+            keep=False,
+        )
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            self._write_status(force=True)
 
     def _enabled(self) -> list[TableMapping]:
         return self.cluster.enabled_tables
@@ -422,9 +475,14 @@ class ClusterCapture:
         restart = False
         try:
             for event in stream:
+                if self._passing_errors:  # the source answers again
+                    self.errors = [e for e in self.errors if e not in self._passing_errors]
+                    self._passing_errors.clear()
                 if isinstance(event, RotateEvent):
                     current_file = event.next_binlog
                 elif isinstance(event, MariadbGtidEvent):
+                    # rows left pending here: the reader reconnected inside a transaction, which comes again whole
+                    self._pending.clear()
                     tx_gtid, in_transaction = event.gtid, True
                     self._tx_timestamp = event.timestamp
                 elif isinstance(event, (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)):
@@ -447,6 +505,9 @@ class ClusterCapture:
                             "pos": event.packet.log_pos,
                             "commit_time": dt.datetime.fromtimestamp(event.timestamp, dt.UTC).isoformat(),
                         }
+                        # where the reader reconnects by itself after a lost connection (it would otherwise start
+                        # again from the GTID it was opened with)
+                        stream.auto_position = self._completed["gtid"]
                     self._commit_pending()
                     self._maybe_flush()
                 elif isinstance(event, HeartbeatLogEvent):
@@ -462,10 +523,13 @@ class ClusterCapture:
                 self._write_status()
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] == 1236:
+                name = self.cluster.cluster
                 raise CaptureError(
-                    f"cluster {self.cluster.cluster}: the source no longer has the binlog at the checkpoint "
-                    f"({self.checkpoint.get('gtid')}); it was purged. Re-snapshot: `cdc capture reset --cluster "
-                    f"{self.cluster.cluster}` then start the capture again (a new full load). Source said: {exc.args[1]}"
+                    f"cluster {name}: the source no longer has the binlog at the capture's checkpoint "
+                    f"({self.checkpoint.get('gtid')}): it was purged, so the changes since cannot be read. "
+                    f"Re-snapshot the cluster: `cdc capture reset --cluster {name}`, start the capture again (a new "
+                    f"full load; streaming resumes from it), then `cdc resnapshot --cluster {name}` (each table is "
+                    f"re-derived from the source: rows deleted meanwhile disappear). Source said: {exc.args[1]}"
                 ) from exc
             raise
         finally:
@@ -632,11 +696,15 @@ class ClusterCapture:
         self.cluster = cluster
         return True
 
-    def _record_error(self, message: str) -> None:
+    def _record_error(self, message: str, keep: bool = True) -> None:
+        """Log an error and show it in the status; `keep=False` for a passing condition (shown until the source
+        answers again)."""
         log.error(message)
         if message not in self.errors:
             self.errors.append(message)
             self.errors = self.errors[-20:]
+        if not keep:
+            self._passing_errors.add(message)
 
     def _write_status(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -54,6 +54,73 @@ def mappings_validate(path: Path | None) -> None:
     click.echo(f"{directory}: {len(loaded.clusters)} clusters, {tables} tables ({enabled} enabled): valid")
 
 
+@mappings.command("deploy")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def mappings_deploy(path: Path | None) -> None:
+    """Validate the mapping files (or the folder PATH) and, only if every one is valid, publish them to the running
+    local platform: Dagster's code location is reloaded and the capture follows within seconds. A problem exits 1
+    naming file, table and field, and changes nothing. (Production deploys through CI/CD, which validates first.)"""
+    before = _deployed_tables()
+    deployed, _ = _deploy_mappings(path)
+    after = {t.source for _, t in deployed.tables()}
+    added, removed = sorted(after - before), sorted(before - after)
+    click.echo(
+        f"deployed {len(deployed.clusters)} clusters, {len(after)} enabled tables to "
+        f"{environment.deployed_mappings_dir()}"
+        + (f"; added: {', '.join(added)}" if added else "")
+        + (f"; removed: {', '.join(removed)}" if removed else "")
+    )
+    click.echo(_reload_dagster())
+
+
+def _deployed_tables() -> set[str]:
+    try:
+        return {t.source for _, t in load_mappings(environment.deployed_mappings_dir()).tables()}
+    except MappingError:
+        return set()
+
+
+def _deploy_mappings(path: Path | None = None) -> tuple[Mappings, bool]:
+    """Validate the working mappings and publish them for the running platform: (mappings, whether they changed).
+    Any problem exits 1 naming file, table and field; the running platform keeps what it has."""
+    from cdc.mappings import deploy_mappings
+
+    target = environment.deployed_mappings_dir()
+    previous = target.resolve() if target.is_symlink() else None
+    try:
+        deployed = deploy_mappings(path or environment.mappings_dir(), target)
+    except MappingError as exc:
+        click.echo(f"{exc}\nNothing was deployed: the running platform keeps the mappings it has.", err=True)
+        sys.exit(1)
+    return deployed, target.resolve() != previous
+
+
+def _platform_env() -> dict[str, str]:
+    """The environment of the platform's background services: they read the deployed mappings."""
+    return {**environment.resolved(), environment.MAPPINGS_DIR: str(environment.deployed_mappings_dir())}
+
+
+def _reload_dagster() -> str:
+    """Reload the running local Dagster's code location, whose definitions are built from the mappings."""
+    url_file = environment.state_dir() / "dagster" / "url"
+    if not _dagster_process().is_running() or not url_file.is_file():
+        return "Dagster is not running: it loads the deployed mappings when it starts"
+    from urllib.parse import urlparse
+
+    from dagster_graphql import DagsterGraphQLClient, ReloadRepositoryLocationStatus
+
+    url = urlparse(url_file.read_text().strip())
+    info = DagsterGraphQLClient(str(url.hostname), port_number=url.port).reload_repository_location(
+        DAGSTER_LOCATION
+    )
+    if info.status != ReloadRepositoryLocationStatus.SUCCESS:
+        raise click.ClickException(f"Dagster could not load the deployed mappings: {info.message}")
+    return f"Dagster code location {DAGSTER_LOCATION} reloaded"
+
+
+DAGSTER_LOCATION = "mysql_bigquery_cdc"  # workspace.yaml
+
+
 @mappings.command("schema")
 @click.option("--write", is_flag=True, help="Write mapping.schema.json into the mappings folder.")
 def mappings_schema(write: bool) -> None:
@@ -177,8 +244,9 @@ def capture() -> None:
 def capture_run(
     clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool
 ) -> None:
-    """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster)."""
-    from capture.runner import cdc_command, run_cluster, run_clusters
+    """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster, restarted if it
+    crashes; with one --cluster, in this process)."""
+    from capture.runner import CAPTURE_STOPPED, cdc_command, run_cluster, run_clusters
     from capture.service import CaptureError, CaptureSettings
 
     loaded = _mappings()
@@ -189,10 +257,13 @@ def capture_run(
     settings = CaptureSettings(
         flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders
     )
-    if len(chosen) == 1:
+    if clusters and len(chosen) == 1:  # one named cluster: run here; otherwise supervise one process each
         try:
             run_cluster(chosen[0], loaded, settings)
-        except (CaptureError, RuntimeError) as exc:
+        except CaptureError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(CAPTURE_STOPPED)
+        except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
         return
     options = ["--flush-interval", str(flush_interval), "--flush-rows", str(flush_rows)]
@@ -212,8 +283,11 @@ def capture_start(flush_interval: float) -> None:
     if process.is_running():
         click.echo(f"capture already running (pid {process.pid()}); log: {process.log_file}")
         return
+    _, changed = _deploy_mappings()
+    if changed and _dagster_process().is_running():
+        click.echo(_reload_dagster())
     argv = [cdc_command(), "capture", "run", "--flush-interval", str(flush_interval)]
-    process.start(argv, ready=lambda: True, env=environment.resolved())
+    process.start(argv, ready=lambda: True, env=_platform_env())
     click.echo(f"capture started (pid {process.pid()}); log: {process.log_file}")
 
 
@@ -285,8 +359,10 @@ def dagster_start(port: int) -> None:
     if process.is_running():
         click.echo(f"dagster already running (pid {process.pid()}): {url}")
         return
+    _deploy_mappings()
     home = environment.state_dir() / "dagster" / "home"
     home.mkdir(parents=True, exist_ok=True)
+    (home.parent / "url").write_text(url + "\n")
     instance_yaml = environment.resolved().get(
         environment.DAGSTER_INSTANCE_YAML, str(environment.PROJECT_ROOT / "deploy" / "local" / "dagster.yaml")
     )
@@ -310,7 +386,7 @@ def dagster_start(port: int) -> None:
     process.start(
         argv,
         ready=ready,
-        env={**environment.resolved(), "DAGSTER_HOME": str(home)},
+        env={**_platform_env(), "DAGSTER_HOME": str(home)},
         timeout=120,
         extra_ports=(port,),
     )
@@ -399,34 +475,48 @@ def status(as_json: bool, table: str | None) -> None:
 
 
 @main.command("resnapshot")
-@click.argument("table")
-def resnapshot(table: str) -> None:
-    """Re-snapshot TABLE (its BigQuery target or source name) from the source: the resnapshot_table job, run here.
+@click.argument("table", required=False)
+@click.option(
+    "--cluster", default=None, help="Every table of this cluster that has a primary key, one by one."
+)
+def resnapshot(table: str | None, cluster: str | None) -> None:
+    """Re-snapshot TABLE (its BigQuery target or source name), or every table of --cluster, from the source: the
+    resnapshot_table job, run here.
 
-    The run is recorded in the Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs)."""
+    The runs are recorded in the Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs)."""
     from cdc_assets.definitions import build_definitions
     from cdc_assets.resnapshot import RESNAPSHOT_JOB
     from sensors.alerts import error_text
 
+    if (table is None) == (cluster is None):
+        raise click.UsageError("name a TABLE or a --cluster (not both)")
+    if cluster is not None:
+        try:
+            tables = [t.target for t in _mappings().cluster(cluster).enabled_tables if t.primary_key]
+        except KeyError as exc:
+            raise click.ClickException(str(exc.args[0])) from exc
+    else:
+        tables = [str(table)]
     instance = _dagster_instance()
     job = build_definitions().resolve_job_def(RESNAPSHOT_JOB)
-    result = job.execute_in_process(
-        run_config={"ops": {"resnapshot_from_source": {"config": {"table": table}}}},
-        instance=instance,
-        raise_on_error=False,
-    )
-    failure = result.failure_data_for_node("resnapshot_from_source")
-    if not result.success:
-        reason = failure.error if failure else None
-        raise click.ClickException(
-            f"re-snapshot of {table} failed: {error_text(reason) or 'see the run log'}"
+    for name in tables:
+        result = job.execute_in_process(
+            run_config={"ops": {"resnapshot_from_source": {"config": {"table": name}}}},
+            instance=instance,
+            raise_on_error=False,
         )
-    [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
-    values = {name: entry.value for name, entry in materialization.metadata.items()}
-    click.echo(
-        f"{table}: re-snapshot loaded {values['rows']} row(s) from {values['files']} file(s) at binlog "
-        f"{values['snapshot_position']} (run {result.run_id})"
-    )
+        failure = result.failure_data_for_node("resnapshot_from_source")
+        if not result.success:
+            reason = failure.error if failure else None
+            raise click.ClickException(
+                f"re-snapshot of {name} failed: {error_text(reason) or 'see the run log'}"
+            )
+        [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
+        values = {key: entry.value for key, entry in materialization.metadata.items()}
+        click.echo(
+            f"{name}: re-snapshot loaded {values['rows']} row(s) from {values['files']} file(s) at binlog "
+            f"{values['snapshot_position']} (run {result.run_id})"
+        )
 
 
 @main.group()

@@ -52,6 +52,12 @@ def mappings_dir() -> Path:
     return Path(os.environ.get(MAPPINGS_DIR) or PROJECT_ROOT / "mappings")
 
 
+def deployed_mappings_dir() -> Path:
+    """The mappings the running local platform reads (capture and Dagster): published by `cdc mappings deploy`
+    (and by `cdc capture start` / `cdc dagster start`) only once every file is valid."""
+    return state_dir() / "mappings"
+
+
 def state_dir() -> Path:
     """The one git-ignored folder that holds all runtime state (server data, logs, DAGSTER_HOME)."""
     return Path(os.environ.get(STATE_DIR) or PROJECT_ROOT / ".state")

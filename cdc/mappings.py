@@ -7,8 +7,12 @@ editors use (``mappings/mapping.schema.json``) is generated from these models by
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +312,36 @@ def load_mappings(directory: Path | None = None) -> Mappings:
     if problems:
         raise MappingError(problems)
     return Mappings(directory=directory, clusters=tuple(cluster for _, cluster in parsed))
+
+
+def deploy_mappings(source: Path, target: Path) -> Mappings:
+    """Validate every mapping file in `source` and publish them at `target`, which the running capture and Dagster
+    read: a symlink swapped atomically to a complete copy, so they only ever see a whole, valid set. A folder with
+    any problem raises MappingError and changes nothing."""
+    load_mappings(source)
+    files = mapping_files(source)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    version = target.parent / f"{target.name}.{digest.hexdigest()[:12]}"
+    if not version.is_dir():
+        staging = target.parent / f".{version.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for path in files:
+            shutil.copy2(path, staging / path.name)
+        os.replace(staging, version)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)  # a plain folder from before: replaced by the link
+    link = target.parent / f".{target.name}.link"
+    link.unlink(missing_ok=True)
+    link.symlink_to(version.name)
+    os.replace(link, target)
+    for old in target.parent.glob(f"{target.name}.*"):  # earlier versions (a run may still read a recent one)
+        if old != version and old.is_dir() and time.time() - old.stat().st_mtime > 86_400:
+            shutil.rmtree(old, ignore_errors=True)
+    return load_mappings(target)
 
 
 def json_schema() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
+import pymysql
 from google.cloud import bigquery
 
 from capture.position import BinlogPosition
@@ -37,6 +38,7 @@ from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
 ROW_COUNT = "row_count_matches_source"
 FILES_LOADED = "landed_files_loaded"
 LOAD_GRACE_SECONDS = "CDC_LOAD_GRACE_SECONDS"
+NO_SUCH_TABLE = 1146  # MySQL/MariaDB ER_NO_SUCH_TABLE
 
 
 @dataclass
@@ -195,7 +197,20 @@ def row_count_result(
     loader: TableLoader,
     mysql: MySqlSourceResource,
 ) -> dg.AssetCheckResult:
-    snapshot = source_snapshot(mysql, cluster, table)
+    try:
+        snapshot = source_snapshot(mysql, cluster, table)
+    except pymysql.err.ProgrammingError as exc:
+        if not exc.args or exc.args[0] != NO_SUCH_TABLE:
+            raise
+        return dg.AssetCheckResult(
+            check_name=ROW_COUNT,
+            asset_key=bigquery_asset_key(table),
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{table.source} does not exist at the source (cluster {cluster.cluster}): create it "
+            "there, or remove it from (or disable it in) the cluster's mapping file and deploy the mappings",
+            metadata={"source_error": str(exc.args[-1])},
+        )
     state = completeness(landing, loader, cluster, snapshot)
     counts = _bigquery_counts(loader, table, snapshot.boundary())
     at_snapshot = counts["rows"] - counts["delta"]

@@ -93,14 +93,19 @@ def read_landed(
     sizes: list[int] | None = None,
     unreadable: dict[str, str] | None = None,
     on_file: Callable[[int], None] | None = None,
+    versions: dict[str, str] | None = None,
 ) -> pa.Table | None:
     """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types (None: no
     readable file). File sizes in bytes are appended to `sizes` when given. A file that is not a readable DMS
     Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped.
-    `on_file` is called with each readable file's row count (progress of a backfill)."""
+    `on_file` is called with each readable file's row count (progress of a backfill). `versions` receives each
+    file's ETag (its content identity: a key written again with other rows is another batch)."""
     parts = []
     for key in keys:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = s3.get_object(Bucket=bucket, Key=key)
+        body = response["Body"].read()
+        if versions is not None:
+            versions[key] = str(response.get("ETag", "")).strip('"')
         if sizes is not None:
             sizes.append(len(body))
         try:
@@ -149,8 +154,13 @@ def _with_metadata(table: pa.Table, key: str) -> pa.Table:
     return pa.table(columns)
 
 
-def batch_id(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:20]
+def batch_id(keys: list[str], versions: dict[str, str] | None = None) -> str:
+    """The batch's identity: its files, and with `versions` their contents (S3 ETags), so that a key written again
+    with other rows (a capture reset or a DMS table reload rewrites LOAD00000001.parquet) is a new batch."""
+    versions = versions or {}
+    return hashlib.sha256(
+        "\n".join(f"{key} {versions.get(key, '')}".rstrip() for key in sorted(keys)).encode()
+    ).hexdigest()[:20]
 
 
 class TableLoader:
@@ -280,8 +290,10 @@ class TableLoader:
         keys: list[str],
         rebuild_id: str | None = None,
         snapshot_horizon: str | None = None,
+        versions: dict[str, str] | None = None,
     ) -> LoadResult:
         """Load a batch of landed files exactly once; with `rebuild_id` (unique per backfill run), rebuild from them.
+        `versions` (key -> ETag, from read_landed) makes the batch's identity its files' contents, not only names.
 
         With `snapshot_horizon` the batch is a complete new full load of the table whose rows carry change
         sequences from that horizon on: the horizon is recorded, every change before it no longer counts for the
@@ -290,7 +302,7 @@ class TableLoader:
             raise LoadError(
                 f"{self.mapping.source}: snapshot horizon {snapshot_horizon!r} is not a change sequence"
             )
-        batch = batch_id(keys)
+        batch = batch_id(keys, versions)
         stage = f"_stage_{self.current}_{batch}"
         stage_id = f"{self.project}.{self.dataset}.{stage}"
         self.bq.create_dataset(self.dataset, exists_ok=True)

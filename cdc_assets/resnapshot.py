@@ -81,10 +81,13 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
             f"{table.source}: {rows} row(s) in {len(keys)} file(s) at binlog {position.file}:{position.pos}; "
             "loading them as the table's new snapshot"
         )
-        data = read_landed(landing.s3(), landing.bucket, keys)
+        versions: dict[str, str] = {}
+        data = read_landed(landing.s3(), landing.bucket, keys, versions=versions)
         assert data is not None  # a snapshot always writes at least one (possibly empty) file
         horizon = position.sequence(0)
-        result = TableLoader(bigquery.client(), table).load(data, keys, snapshot_horizon=horizon)
+        result = TableLoader(bigquery.client(), table).load(
+            data, keys, snapshot_horizon=horizon, versions=versions
+        )
         context.log.info(
             f"{table.source} -> {result.table}: current state re-derived from the snapshot "
             f"({result.inserted_changes} new change(s), {time.monotonic() - started:.1f} s)"

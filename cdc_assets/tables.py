@@ -196,7 +196,8 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
                 if progress.done % step == 0 or progress.done == len(keys):
                     context.log.info(line)
 
-        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable, on_file)
+        versions: dict[str, str] = {}
+        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable, on_file, versions)
         for key, reason in unreadable.items():
             context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
             landing.dead_letter_file(
@@ -209,7 +210,7 @@ def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.Assets
                 metadata={"files": 0, "rows": 0, "dead_lettered_files": len(unreadable)},
                 check_results=[_duplicate_check(loader)],
             )
-        result = loader.load(data, keys, rebuild_id=rebuild_id)
+        result = loader.load(data, keys, rebuild_id=rebuild_id, versions=versions)
         acknowledged = _acknowledge(landing, config.acknowledge, context)
         context.log.info(
             f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "

@@ -119,17 +119,18 @@ def fault_report() -> list[dict[str, Any]]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not FAULT_REPORT:
         return
-    columns = ["fault", "rows", "missing", "duplicated", "transactions", "recovered_s", "message"]
+    columns = ["fault", "rows", "missing", "duplicated", "transactions", "fault_s", "recovered_s", "message"]
     terminalreporter.section(
-        "faults: BigQuery vs source after each fault (recovered: from the end of fault and load)"
+        "faults: BigQuery vs source after each fault (fault: injection and any remedy; recovered: from its end "
+        "and the load's to equality)"
     )
     terminalreporter.write_line(
-        f"{'fault':<42} {'rows':>5} {'missing':>7} {'dupl.':>5} {'tx':>5} {'recovered':>9}  message"
+        f"{'fault':<44} {'rows':>6} {'missing':>7} {'dupl.':>5} {'tx':>4} {'fault':>6} {'recovered':>9}  message"
     )
     for row in FAULT_REPORT:
         terminalreporter.write_line(
-            f"{row['fault']:<42} {row['rows']:>5} {row['missing']:>7} {row['duplicated']:>5} "
-            f"{row['transactions']:>5} {row['recovered_s']:>8.1f}s  {row['message'][:80]}"
+            f"{row['fault']:<44} {row['rows']:>6} {row['missing']:>7} {row['duplicated']:>5} "
+            f"{row['transactions']:>4} {row['fault_s']:>5.1f}s {row['recovered_s']:>8.1f}s  {row['message'][:90]}"
         )
     target = os.environ.get("CDC_FAULTS_JSON")
     if target:

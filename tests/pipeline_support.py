@@ -30,10 +30,19 @@ class RunningPipeline:
         return f"http://127.0.0.1:{self.port}"
 
     def cdc(self, *args: str) -> str:
+        """Run a `cdc` command in the pipeline's environment; its output (a failure raises with its stderr)."""
+        result = self.cdc_result(*args)
+        if result.returncode != 0:
+            raise AssertionError(
+                f"cdc {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
+        return result.stdout
+
+    def cdc_result(self, *args: str) -> subprocess.CompletedProcess[str]:
         cdc = str(Path(sys.executable).with_name("cdc"))
         return subprocess.run(
-            [cdc, *args], env=self.variables, capture_output=True, text=True, check=True, timeout=180
-        ).stdout
+            [cdc, *args], env=self.variables, capture_output=True, text=True, check=False, timeout=300
+        )
 
     def dagster_log(self, chars: int = 3000) -> str:
         return (self.stack.state_dir / "dagster" / "dagster.log").read_text()[-chars:]

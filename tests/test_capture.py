@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -403,7 +404,15 @@ def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tm
         run_sql(env, "INSERT INTO `{schema}`.bg VALUES (2)")
         wait_caught_up(env)
         assert "streaming" in cdc_run("capture", "status")
+        # a cluster's capture that crashes is started again by its supervisor and resumes at its checkpoint
+        crashed = json.loads(cdc_run("capture", "status", "--json"))[0]["pid"]
+        os.kill(crashed, signal.SIGKILL)
+        run_sql(env, "INSERT INTO `{schema}`.bg VALUES (3)")
+        wait_caught_up(env, timeout=90)
+        assert json.loads(cdc_run("capture", "status", "--json"))[0]["pid"] != crashed
+        log = (local_stack.state_dir / "capture" / "capture.log").read_text()
+        assert "--cluster poker_accounts" in log and "exited with -9; starting it again in 5 s" in log
     finally:
         assert cdc_run("capture", "stop").strip() == "capture stopped"
     assert "stopped" in cdc_run("capture", "status")
-    assert compare_with_source(env, "bg", ["id"]) == 2
+    assert compare_with_source(env, "bg", ["id"]) == 3

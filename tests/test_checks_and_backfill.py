@@ -13,7 +13,7 @@ import pytest
 from capture.service import ClusterCapture
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import build_table_asset
+from cdc_assets.tables import bigquery_asset_key, build_table_asset
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
 from tests.capture_support import FAST, capture_changes, new_env, run_sql, running, wait_caught_up
@@ -164,3 +164,33 @@ def _pop(landing: LandingResource) -> dict[str, Any] | None:
     for message in messages or []:
         sqs.delete_message(QueueUrl=landing.dead_letter_queue_url, ReceiptHandle=message["ReceiptHandle"])
     return messages[0] if messages else None
+
+
+def test_a_table_missing_at_the_source_fails_its_row_count_check_naming_it(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "poker_accounts")
+    table = env.table("not_created_yet", ["id"])
+    cluster = env.mapping(table)
+    checks = build_table_checks(cluster, table)
+    resources = {
+        "landing": LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix),
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+        ),
+        "mysql": MySqlSourceResource(),
+    }
+    result = dg.materialize(
+        [build_table_asset(cluster, table), checks],
+        selection=dg.AssetSelection.checks(dg.AssetCheckKey(bigquery_asset_key(table), ROW_COUNT)),
+        resources=resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    [evaluation] = result.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert evaluation.description == (
+        f"{env.schema}.not_created_yet does not exist at the source (cluster poker_accounts): create it there, or "
+        "remove it from (or disable it in) the cluster's mapping file and deploy the mappings"
+    )

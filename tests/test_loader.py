@@ -20,6 +20,7 @@ from tests.capture_support import (
     FAST,
     CaptureEnv,
     as_text,
+    landed_keys,
     new_env,
     run_sql,
     running,
@@ -84,9 +85,11 @@ def _loader(local_stack: LocalStack, env: CaptureEnv, dataset: str) -> TableLoad
 
 
 def _load(loader: TableLoader, env: CaptureEnv, keys: list[str]) -> Any:
-    data = read_landed(env.s3(), env.stack.settings.bucket, keys)
+    """Load the files as the table asset does (their ETags in the batch's identity)."""
+    versions: dict[str, str] = {}
+    data = read_landed(env.s3(), env.stack.settings.bucket, keys, versions=versions)
     assert data is not None
-    return loader.load(data, keys)
+    return loader.load(data, keys, versions=versions)
 
 
 def _same(expected: Any, actual: Any) -> bool:
@@ -157,7 +160,8 @@ def test_a_failed_first_job_is_retried_under_a_new_id(
     broken = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET)
     # The batch's first job ids fail - as often as one load call tries, as if earlier runs had met an outage
     for attempt in range(MAX_ATTEMPTS):
-        failed_id = f"cdc_loader_retry_accounts_{batch_id(keys)}_stage_a{attempt}"
+        versions = {k: env.s3().head_object(Bucket=env.stack.settings.bucket, Key=k)["ETag"] for k in keys}
+        failed_id = f"cdc_loader_retry_accounts_{batch_id(keys, {k: v.strip(chr(34)) for k, v in versions.items()})}_stage_a{attempt}"
         with pytest.raises(exceptions.GoogleAPIError):
             loader.bq.load_table_from_file(
                 io.BytesIO(b"not parquet"),
@@ -171,3 +175,24 @@ def test_a_failed_first_job_is_retried_under_a_new_id(
     assert assert_changelog_has_no_duplicates(loader) == result.rows
     assert_current_state_equals_source(loader, env)
     assert _load(loader, env, keys).skipped  # and the batch, once merged, is never merged again
+
+
+def test_a_file_written_again_with_other_rows_is_loaded_not_skipped(local_stack: LocalStack) -> None:
+    """A capture reset or a DMS table reload writes LOAD00000001.parquet again, with the rows of a new snapshot:
+    the same key, other content. It must load (a batch is its files' contents); the first version stays merged."""
+    env = new_env(local_stack, "slots_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 4))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
+    ClusterCapture(env.mapping(table), env.replication(), env.store()).snapshot([table])
+    [full_load] = [k for k in landed_keys(env, "accounts") if k.rsplit("/", 1)[-1].startswith("LOAD")]
+    loader = _loader(local_stack, env, f"{env.schema}_rewritten")
+    first = _load(loader, env, [full_load])
+    assert first.inserted_changes == first.rows == 3
+    assert _load(loader, env, [full_load]).skipped
+    insert_accounts(env, [4])
+    ClusterCapture(env.mapping(table), env.replication(), env.store()).snapshot([table])  # same key, new rows
+    rewritten = _load(loader, env, [full_load])
+    assert not rewritten.skipped and rewritten.inserted_changes == rewritten.rows == 4
+    assert assert_changelog_has_no_duplicates(loader) == 7
+    assert_current_state_equals_source(loader, env)
