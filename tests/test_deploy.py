@@ -17,7 +17,7 @@ from cdc.cli import main as cdc_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-SHARED = ("storage", "run_coordinator", "concurrency", "telemetry")
+SHARED = ("storage", "run_coordinator", "run_monitoring", "concurrency", "telemetry")
 ENV = {
     "DAGSTER_PG_HOST": "db.internal",
     "DAGSTER_PG_PORT": "5432",
@@ -53,6 +53,11 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
     assert process_config(DagsterPostgresStorage.config_type(), instance["storage"]["postgres"]).success
     assert instance["run_coordinator"]["config"]["dequeue_interval_seconds"] == 1
     assert instance["concurrency"]["pools"]["default_limit"] == 1  # one writer per table
+    from dagster._core.instance.config import dagster_instance_config_schema
+
+    monitoring = {"run_monitoring": instance["run_monitoring"]}
+    assert process_config(dagster_instance_config_schema(), monitoring).success
+    assert instance["run_monitoring"]["enabled"] and instance["run_monitoring"]["free_slots_after_run_end_seconds"]
     text = (DEPLOY / variant / "dagster.yaml").read_text()
     assert "password: {env: DAGSTER_PG_PASSWORD}" in text and "not-a-real-one" not in text
 
