@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import io
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -68,6 +69,11 @@ class LoadResult:
     jobs: int
     load_jobs: int = 0
     skipped: bool = False  # this exact file set had been merged before
+    batch_changes: int = 0  # changelog rows holding one of the batch's changes, after the merge
+    duplicated_changes: int = 0  # ... of which repeat a change (sequence + Op) already there: must be 0
+    load_jobs_today: int = 0  # load jobs this table's batches used today (UTC), this one included
+    stage_s: float = 0.0  # seconds of the staging load job
+    merge_s: float = 0.0  # seconds of the merge transaction
 
 
 def bigquery_type(arrow_type: pa.DataType) -> pa.DataType:
@@ -221,7 +227,8 @@ class TableLoader:
     # -- tables --------------------------------------------------------------------------------------------------
 
     def ensure_tables(self, staged: list[bigquery.SchemaField]) -> None:
-        self.bq.create_dataset(self.dataset, exists_ok=True)
+        """Create or widen the changelog, current-state and ledger tables for the staged columns (the dataset
+        exists: the stage table is in it)."""
         data_fields = [f for f in staged if f.name not in (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)]
         meta = {f.name: f for f in staged}
         changelog_fields = [
@@ -305,7 +312,9 @@ class TableLoader:
         batch = batch_id(keys, versions)
         stage = f"_stage_{self.current}_{batch}"
         stage_id = f"{self.project}.{self.dataset}.{stage}"
-        self.bq.create_dataset(self.dataset, exists_ok=True)
+        self.bq.create_dataset(
+            self.dataset, exists_ok=True
+        )  # the stage table's home (ensure_tables: the rest)
         buffer = io.BytesIO()
         pq.write_table(data, buffer)
         config = bigquery.LoadJobConfig(
@@ -328,7 +337,9 @@ class TableLoader:
         result = LoadResult(f"{self.dataset}.{self.current}", len(keys), data.num_rows, ops, 0, 0)
         if self._applied(f"{base}_merge"):
             return replace(result, skipped=True)  # this exact file set was merged before: nothing twice
+        stage_started = time.monotonic()
         self.run_job(f"{base}_stage", submit_load)
+        stage_s = time.monotonic() - stage_started
         # A failed batch keeps its stage table: the retry finds its load job done and merges without a new one.
         staged = self.bq.get_table(stage_id).schema
         try:
@@ -345,11 +356,49 @@ class TableLoader:
         if snapshot_horizon:
             ledger += "\n" + self._horizon_statement(batch, snapshot_horizon, data.num_rows)
         script = script.replace("COMMIT TRANSACTION;", ledger + "\nCOMMIT TRANSACTION;")
-        before = self._count(self.changelog)
-        self.run_job(f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None))
-        inserted = self._count(self.changelog) - before
+        script = f"DECLARE changes_before INT64 DEFAULT (SELECT COUNT(*) FROM {self.ref(self.changelog)});\n{script}"
+        script += "\n" + self._statistics_query(stage)
+        merge_started = time.monotonic()
+        job = self.run_job(
+            f"{base}_merge", lambda job_id: self.bq.query(script, job_id=job_id, job_retry=None)
+        )
+        merge_s = time.monotonic() - merge_started
+        rows = list(job.result())  # the script's last statement: what the batch did (empty: merged before)
         self.bq.delete_table(stage_id, not_found_ok=True)
-        return replace(result, inserted_changes=inserted, jobs=self.jobs, load_jobs=self.load_jobs)
+        stats = dict(rows[0].items()) if rows else {}
+        return replace(
+            result,
+            inserted_changes=int(stats.get("inserted", 0)),
+            batch_changes=int(stats.get("batch_changes", 0)),
+            duplicated_changes=int(stats.get("duplicated", 0)),
+            load_jobs_today=int(stats.get("load_jobs_today", 0)),
+            jobs=self.jobs,
+            load_jobs=self.load_jobs,
+            stage_s=round(stage_s, 3),
+            merge_s=round(merge_s, 3),
+        )
+
+    def _statistics_query(self, stage: str) -> str:
+        """What the batch did, read back in the same script after its transaction: changes added to the changelog;
+        changelog rows holding one of the batch's changes and how many of them repeat one (a change is its sequence
+        and Op; the batch's commit-time range prunes the changelog's partitions); load jobs of the table today."""
+        q = quote_column
+        batch_range = (
+            f"c.{q(COMMIT_TS)} BETWEEN (SELECT MIN({q(COMMIT_TS)}) FROM {self.ref(stage)}) "
+            f"AND (SELECT MAX({q(COMMIT_TS)}) FROM {self.ref(stage)})"
+        )
+        in_batch = (
+            f"EXISTS (SELECT 1 FROM {self.ref(stage)} AS s WHERE s.{q(CHANGE_SEQ)} = c.{q(CHANGE_SEQ)} "
+            f"AND s.{q(OP)} = c.{q(OP)})"
+        )
+        return (
+            f"SELECT (SELECT COUNT(*) FROM {self.ref(self.changelog)}) - changes_before AS inserted, "
+            f"COUNT(*) AS batch_changes, "
+            f"COUNT(*) - COUNT(DISTINCT CONCAT(c.{q(CHANGE_SEQ)}, c.{q(OP)})) AS duplicated, "
+            f"(SELECT COALESCE(SUM(jobs), 0) FROM (SELECT batch, MAX(load_jobs) AS jobs FROM {self.ref(self.ledger)} "
+            f"WHERE DATE(loaded_at) = CURRENT_DATE() GROUP BY batch)) AS load_jobs_today "
+            f"FROM {self.ref(self.changelog)} AS c WHERE {batch_range} AND {in_batch};"
+        )
 
     def _applied(self, base_id: str) -> bool:
         """Whether a job of this id family finished without error (the batch's commit marker)."""
@@ -374,10 +423,6 @@ class TableLoader:
         )
         row = next(iter(self.bq.query(sql).result()))
         return int(row.n), int(row.d)
-
-    def _count(self, table: str) -> int:
-        rows = self.bq.query(f"SELECT COUNT(*) AS n FROM {self.ref(table)}").result()
-        return int(next(iter(rows)).n)
 
     def _merge_script(
         self, stage: str, staged_columns: list[str], snapshot_horizon: str | None = None

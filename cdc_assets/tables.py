@@ -1,16 +1,25 @@
 """The asset factory: per mapped table, its S3 landing prefix (external) and its BigQuery tables (materialized).
 
 Lineage: `mysql/<cluster>/<schema>/<table>` -> `s3_landing/<cluster>/<schema>/<table>` ->
-`bigquery/<dataset>/<table>` (current state + changelog), grouped per cluster. The BigQuery asset is
-partitioned by UTC day (today included). A run loads the landed files named in its config (what the SQS sensor
-sends) exactly once; with none named (a backfill from the UI or CLI) it rebuilds the partition's days from every
-file landed on them, atomically, and re-derives the current state (running it twice changes nothing).
+`bigquery/<dataset>/<table>` (current state + changelog), grouped per cluster. Every BigQuery asset is
+partitioned by UTC day (today included) and has its own materializations, checks and freshness policy.
+
+All of them are materialized by one subsettable loader step (`load_landed_files`): a run loads the tables it
+selects in parallel threads (a load is mostly waiting on BigQuery), each table exactly once from the landed files
+named in the run config (what the SQS sensor sends). A table with no files named (a backfill from the UI or CLI)
+is rebuilt from every file landed on the partition's days, atomically, and its current state re-derived (running
+it twice changes nothing). A table that fails does not stop the others: they are materialized and acknowledged,
+and the step then fails naming each failed table and its error (its messages are retried, then dead-lettered).
 """
 
 import datetime as dt
 import math
 import os
+import queue
 import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -21,7 +30,7 @@ from capture import layout
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc.progress import Progress
 from cdc_assets import quota
-from cdc_assets.loader import COMMIT_TS, TableLoader, read_landed
+from cdc_assets.loader import COMMIT_TS, LoadResult, TableLoader, read_landed
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.sources import source_asset_key
 
@@ -39,15 +48,34 @@ FRESHNESS = dg.FreshnessPolicy.time_window(
 )
 
 
-class LoadFiles(dg.Config):
-    keys: list[str] = Field(
-        default_factory=list,
-        description="Landed S3 keys to load; empty = every file landed on the partition's days.",
-    )
+LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
+LOADER_POOL = "cdc_loader"  # one slot: one loader run at a time, so one writer per table
+MAX_PARALLEL_LOADS = "CDC_MAX_PARALLEL_LOADS"  # tables loaded at once in a run (default 8)
+
+
+class TableFiles(dg.Config):
+    keys: list[str] = Field(default_factory=list, description="Landed S3 keys to load.")
     acknowledge: list[str] = Field(
         default_factory=list,
         description="SQS receipt handles to delete once the files are loaded (set by the sensor).",
     )
+
+
+class LoadFiles(dg.Config):
+    tables: dict[str, TableFiles] = Field(
+        default_factory=dict,
+        description="Per BigQuery target `dataset.table`: the files to load (set by the SQS sensor). A selected "
+        "table not named here is rebuilt from every file landed on the partition's days (a backfill).",
+    )
+
+
+def load_run_config(files: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, Any]:
+    """Run config of a load run: per target `dataset.table`, (S3 keys, SQS receipt handles)."""
+    tables = {
+        target: {"keys": sorted(keys), "acknowledge": sorted(receipts)}
+        for target, (keys, receipts) in sorted(files.items())
+    }
+    return {"ops": {LOADER: {"config": {"tables": tables}}}}
 
 
 def landing_asset_key(cluster: ClusterMapping, table: TableMapping) -> dg.AssetKey:
@@ -71,9 +99,11 @@ def landing_asset_specs(mappings: Mappings) -> list[dg.AssetSpec]:
     ]
 
 
-def landed_keys_for_day(landing: LandingResource, table: TableMapping, day: dt.date) -> list[str]:
+def landed_keys_for_day(
+    landing: LandingResource, table: TableMapping, day: dt.date, s3: Any = None
+) -> list[str]:
     """CDC files in the day's folder, and full-load files written that day."""
-    s3 = landing.s3()
+    s3 = s3 or landing.s3()
     base = layout.table_prefix(landing.prefix, table.source_schema, table.source_table)
     keys: list[str] = []
     paginator = s3.get_paginator("list_objects_v2")
@@ -97,30 +127,26 @@ def _latency_metadata(commit_times: Any) -> dict[str, float]:
     }
 
 
-def _acknowledge(landing: LandingResource, receipts: list[str], context: dg.AssetExecutionContext) -> int:
+def _acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
     """Delete the SQS messages of loaded files. An expired handle is harmless: the message comes back, and its
     rerun finds the batch already merged and only deletes it."""
     done = 0
-    sqs = landing.sqs()
     for receipt in receipts:
         try:
-            sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
             done += 1
         except sqs.exceptions.ReceiptHandleIsInvalid:
-            context.log.warning(
-                "an SQS receipt handle expired before the load finished; the message will return"
-            )
+            log.warning("an SQS receipt handle expired before the load finished; the message will return")
     return done
 
 
-def _quota_metadata(loader: TableLoader) -> dict[str, Any]:
+def _quota_metadata(load_jobs_today: int) -> dict[str, Any]:
     """Load jobs used today by this table, and where that projects to by the end of the UTC day."""
     now = dt.datetime.now(dt.UTC)
-    used = loader.load_jobs_on(now.date())
     elapsed = (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
     return {
-        "load_jobs_today": used,
-        "projected_load_jobs_today": round(used * 86400 / max(elapsed, 600)),
+        "load_jobs_today": load_jobs_today,
+        "projected_load_jobs_today": round(load_jobs_today * 86400 / max(elapsed, 600)),
         "load_job_cap_per_table_day": quota.table_cap(),
     }
 
@@ -128,116 +154,242 @@ def _quota_metadata(loader: TableLoader) -> dict[str, Any]:
 NO_DUPLICATES = "no_duplicate_changes"
 
 
-def _duplicate_check(loader: TableLoader) -> dg.AssetCheckResult:
-    changes, duplicates = loader.duplicate_changes()
+def _duplicate_check(table: TableMapping, changes: int, duplicates: int, scope: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
+        asset_key=bigquery_asset_key(table),
         check_name=NO_DUPLICATES,
         passed=duplicates == 0,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"changes": changes, "duplicated_changes": duplicates, "changelog": loader.changelog},
+        metadata={
+            "changes": changes,
+            "duplicated_changes": duplicates,
+            "scope": scope,
+            "changelog": f"{table.target_dataset}.{table.changelog_table if table.primary_key else table.target_table}",
+        },
     )
 
 
-def build_table_asset(cluster: ClusterMapping, table: TableMapping) -> dg.AssetsDefinition:
-    key = bigquery_asset_key(table)
+@dataclass
+class TableLoad:
+    """One table's part of a load run, done in a worker thread: S3 and BigQuery only (SQS, logging and Dagster
+    events stay on the step's thread)."""
 
-    @dg.asset(
-        check_specs=[
-            dg.AssetCheckSpec(
-                NO_DUPLICATES,
-                asset=key,
-                blocking=True,
-                description="Every change is in the changelog exactly once (by change sequence and Op).",
-            )
-        ],
-        key=key,
-        deps=[landing_asset_key(cluster, table)],
-        partitions_def=DAILY,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name=cluster.cluster,
-        kinds={"bigquery"},
-        pool=f"cdc_table_{table.target_dataset}_{table.target_table}",  # one writer per table
-        description=(
-            f"{table.target} (current state, equal to {table.source}) and {table.target_dataset}."
-            f"{table.changelog_table} (every change), loaded exactly once from the landed files."
-        ),
-        metadata={"source": table.source, "primary_key": ", ".join(table.primary_key) or "(append-only)"},
-        freshness_policy=FRESHNESS,
-        tags={"cdc/cluster": cluster.cluster},
-    )
-    def load_table(
-        context: dg.AssetExecutionContext,
-        config: LoadFiles,
-        landing: LandingResource,
-        bigquery: BigQueryCdcResource,
-    ) -> dg.MaterializeResult:
-        keys = list(config.keys)
-        rebuild_id = None
-        if not keys:  # a backfill (UI or CLI): rebuild the partition's days from every file landed on them
-            for partition in context.partition_keys:
-                keys += landed_keys_for_day(landing, table, dt.date.fromisoformat(partition))
-            rebuild_id = context.run_id
-        loader = TableLoader(bigquery.client(), table)
-        if not keys:
-            context.log.info(f"{table.source}: no landed files for {context.partition_keys}")
-            return dg.MaterializeResult(
-                metadata={"files": 0, "rows": 0, **_quota_metadata(loader)},
-                check_results=[_duplicate_check(loader)],
-            )
-        sizes: list[int] = []
-        unreadable: dict[str, str] = {}
+    table: TableMapping
+    keys: list[str]
+    receipts: list[str]
+    rebuild_id: str | None
+    log: Callable[[str, str], None]  # (level, message), shown in the run's log by the step's thread
+    result: LoadResult | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+    commit_times: list[Any] = field(default_factory=list)
+    duplicates: tuple[int, int] = (0, 0)  # (changes, duplicated) when no batch was merged
+    load_jobs_today: int = 0
+
+    def run(self, landing: LandingResource, s3: Any, bq: Any, partition_keys: Sequence[str]) -> "TableLoad":
+        table = self.table
+        if not self.keys and self.rebuild_id:  # a backfill: rebuild the partition's days from their files
+            for partition in partition_keys:
+                self.keys += landed_keys_for_day(landing, table, dt.date.fromisoformat(partition), s3)
+        loader = TableLoader(bq, table)
         on_file = None
-        if rebuild_id:  # a backfill may read many files: log progress every ~10 % of them
-            progress = Progress(f"backfill of {table.source} {context.partition_keys} (files)", len(keys))
-            step = max(1, len(keys) // 10)
+        if self.rebuild_id and self.keys:  # a backfill may read many files: progress every ~10 % of them
+            progress = Progress(f"backfill of {table.source} {list(partition_keys)} (files)", len(self.keys))
+            step = max(1, len(self.keys) // 10)
 
             def on_file(rows: int) -> None:
                 line = progress.advance(1)
-                if progress.done % step == 0 or progress.done == len(keys):
-                    context.log.info(line)
+                if progress.done % step == 0 or progress.done == len(self.keys):
+                    self.log("info", line)
 
         versions: dict[str, str] = {}
-        data = read_landed(landing.s3(), landing.bucket, keys, sizes, unreadable, on_file, versions)
-        for key, reason in unreadable.items():
-            context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
-            landing.dead_letter_file(
-                key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
-            )
-        keys = [key for key in keys if key not in unreadable]
+        data = None
+        if self.keys:
+            data = read_landed(s3, landing.bucket, self.keys, self.sizes, self.unreadable, on_file, versions)
+        self.keys = [key for key in self.keys if key not in self.unreadable]
         if data is None:
-            acknowledged = _acknowledge(landing, config.acknowledge, context)
+            self.duplicates = loader.duplicate_changes()
+            self.load_jobs_today = loader.load_jobs_on(dt.datetime.now(dt.UTC).date())
+            return self
+        self.commit_times = pc.unique(data[COMMIT_TS]).to_pylist()
+        self.result = loader.load(data, self.keys, rebuild_id=self.rebuild_id, versions=versions)
+        if self.result.skipped:
+            self.load_jobs_today = loader.load_jobs_on(dt.datetime.now(dt.UTC).date())
+        else:
+            self.load_jobs_today = self.result.load_jobs_today
+        return self
+
+    def materialization(self, acknowledged: int) -> dg.MaterializeResult:
+        table, result = self.table, self.result
+        key = bigquery_asset_key(table)
+        if result is None:
             return dg.MaterializeResult(
-                metadata={"files": 0, "rows": 0, "dead_lettered_files": len(unreadable)},
-                check_results=[_duplicate_check(loader)],
+                asset_key=key,
+                metadata={
+                    "files": 0,
+                    "rows": 0,
+                    "dead_lettered_files": len(self.unreadable),
+                    "messages_acknowledged": acknowledged,
+                    **_quota_metadata(self.load_jobs_today),
+                },
+                check_results=[_duplicate_check(table, *self.duplicates, scope="whole changelog")],
             )
-        result = loader.load(data, keys, rebuild_id=rebuild_id, versions=versions)
-        acknowledged = _acknowledge(landing, config.acknowledge, context)
-        context.log.info(
-            f"{table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
-            f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
-            + (" (rebuild)" if rebuild_id else "")
-            + (" - this file set was loaded before, nothing to do" if result.skipped else "")
-        )
+        if result.skipped:
+            check = _duplicate_check(table, 0, 0, scope="batch merged before: nothing added")
+        else:
+            check = _duplicate_check(
+                table, result.batch_changes, result.duplicated_changes, scope="this batch"
+            )
         return dg.MaterializeResult(
+            asset_key=key,
             metadata={
                 "files": result.files,
-                "bytes": sum(sizes),
+                "bytes": sum(self.sizes),
                 "rows": result.rows,
                 "new_changes": result.inserted_changes,
                 **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
                 "bigquery_jobs": result.jobs,
                 "load_jobs": result.load_jobs,
-                "rebuild": rebuild_id is not None,
+                "stage_s": result.stage_s,
+                "merge_s": result.merge_s,
+                "rebuild": self.rebuild_id is not None,
                 "messages_acknowledged": acknowledged,
-                "dead_lettered_files": len(unreadable),
-                **_latency_metadata(pc.unique(data[COMMIT_TS]).to_pylist()),
-                **_quota_metadata(loader),
+                "dead_lettered_files": len(self.unreadable),
+                **_latency_metadata(self.commit_times),
+                **_quota_metadata(self.load_jobs_today),
             },
-            check_results=[_duplicate_check(loader)],
+            check_results=[check],
         )
 
-    return load_table
+    def summary(self) -> str:
+        result = self.result
+        if result is None:
+            return f"{self.table.source}: no readable landed files"
+        return (
+            f"{self.table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
+            f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
+            + (" (rebuild)" if self.rebuild_id else "")
+            + (" - this file set was loaded before, nothing to do" if result.skipped else "")
+        )
+
+
+def _parallel_loads() -> int:
+    return max(1, int(os.environ.get(MAX_PARALLEL_LOADS, "8")))
+
+
+def build_table_assets(tables: Sequence[tuple[ClusterMapping, TableMapping]]) -> dg.AssetsDefinition:
+    """The BigQuery asset of every mapped table, materialized by one subsettable loader step."""
+    by_key = {bigquery_asset_key(table): table for _, table in tables}
+    specs = [
+        dg.AssetSpec(
+            key=bigquery_asset_key(table),
+            deps=[landing_asset_key(cluster, table)],
+            description=(
+                f"{table.target} (current state, equal to {table.source}) and {table.target_dataset}."
+                f"{table.changelog_table} (every change), loaded exactly once from the landed files."
+            ),
+            metadata={"source": table.source, "primary_key": ", ".join(table.primary_key) or "(append-only)"},
+            group_name=cluster.cluster,
+            kinds={"bigquery"},
+            tags={"cdc/cluster": cluster.cluster},
+            partitions_def=DAILY,
+            freshness_policy=FRESHNESS,
+            skippable=True,  # a table that fails to load is not materialized; the others are
+        )
+        for cluster, table in tables
+    ]
+    check_specs = [
+        dg.AssetCheckSpec(
+            NO_DUPLICATES,
+            asset=bigquery_asset_key(table),
+            blocking=True,
+            description="Every change of each load is in the changelog exactly once (by change sequence and Op).",
+        )
+        for _, table in tables
+    ]
+
+    @dg.multi_asset(
+        name=LOADER,
+        specs=specs,
+        check_specs=check_specs,
+        can_subset=True,
+        partitions_def=DAILY,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=LOADER_POOL,
+        description="Loads the landed files of the selected tables into BigQuery, tables in parallel.",
+    )
+    def load_landed_files(
+        context: dg.AssetExecutionContext,
+        config: LoadFiles,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+    ) -> Iterator[dg.MaterializeResult]:
+        selected = [by_key[key] for key in sorted(context.selected_asset_keys, key=lambda k: k.path)]
+        named = {target for target in config.tables if target not in {t.target for t in selected}}
+        if named:
+            raise dg.Failure(description=f"run config names tables this run does not select: {sorted(named)}")
+        lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        # one client each for the run's threads: clients are thread-safe, creating them concurrently is not
+        s3, sqs, bq = landing.s3(), landing.sqs(), bigquery.client()
+        loads = []
+        for table in selected:
+            files = config.tables.get(table.target)
+            rebuild_id = None if files else context.run.run_id  # not named: a backfill rebuilds its days
+            loads.append(
+                TableLoad(
+                    table,
+                    list(files.keys) if files else [],
+                    list(files.acknowledge) if files else [],
+                    rebuild_id,
+                    lambda level, message: lines.put((level, message)),
+                )
+            )
+        failures: list[str] = []
+
+        def drain() -> None:
+            while not lines.empty():
+                level, message = lines.get()
+                getattr(context.log, level)(message)
+
+        with ThreadPoolExecutor(max_workers=min(_parallel_loads(), len(loads)) or 1) as pool:
+            pending: dict[Future[TableLoad], TableLoad] = {
+                pool.submit(load.run, landing, s3, bq, context.partition_keys): load for load in loads
+            }
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                drain()
+                for future in done:
+                    load = pending.pop(future)
+                    try:
+                        future.result()
+                    except Exception as exc:  # this table stops; the others go on
+                        failures.append(f"{load.table.target}: {exc}")
+                        context.log.error(f"{load.table.source}: {exc}")
+                        continue
+                    for key, reason in load.unreadable.items():
+                        context.log.error(
+                            f"{reason}; moved to the dead-letter queue, the other files are loaded"
+                        )
+                        landing.dead_letter_file(
+                            key,
+                            f"{reason}. Replace or delete the file, then redrive this message or backfill its day",
+                        )
+                    acknowledged = _acknowledge(sqs, landing.queue_url, load.receipts, context.log)
+                    context.log.info(load.summary())
+                    asset_key = bigquery_asset_key(load.table)
+                    result = load.materialization(acknowledged)
+                    if dg.AssetCheckKey(asset_key, NO_DUPLICATES) not in context.selected_asset_check_keys:
+                        result = dg.MaterializeResult(asset_key=asset_key, metadata=result.metadata)
+                    yield result
+        drain()
+        if failures:
+            raise dg.Failure(
+                description=f"{len(failures)} of {len(loads)} table(s) failed to load (the others were loaded): "
+                + " | ".join(failures)
+            )
+
+    return load_landed_files
 
 
 def table_assets(mappings: Mappings) -> list[dg.AssetsDefinition]:
-    return [build_table_asset(cluster, table) for cluster, table in mappings.tables()]
+    return [build_table_assets(list(mappings.tables()))]

@@ -123,7 +123,7 @@ def error_text(error: Any) -> str:
     table, the file and what to do; Dagster's own wrapper only names the step."""
     parts: list[str] = []
     while error is not None:
-        message = error.message.strip()
+        message = error.message.strip().removeprefix("dagster._core.definitions.events.Failure: ")
         wrapper = message.startswith("dagster._core.errors.DagsterExecutionStepExecutionError")
         if not wrapper and not any(message in part for part in parts):
             parts.append(message)

@@ -3,8 +3,11 @@
 Per tick it long-polls the queue in bounded batches (well under the sensor time limit) and:
 - parses S3 event messages, plain or SNS-wrapped; S3 TestEvents are deleted; keys are URL-decoded;
 - maps each key to its mapped table and UTC day; duplicate events for one object collapse into one file;
-- yields a RunRequest per (table, day) with the files and the messages' receipt handles in run config, and a
-  run_key from the files and the messages' receive counts (a redelivery after a failed run gets a new run);
+- yields one RunRequest per day for the tick's tables, with each table's files and its messages' receipt handles
+  in run config, and a run_key from the files and the messages' receive counts (a redelivery after a failed run
+  gets a new run); the run loads its tables in parallel;
+- while its previous load run is still queued or running, receives nothing: what lands meanwhile waits in the
+  queue and goes into the next run together (fewer, larger loads under load instead of a growing run queue);
 - deletes nothing itself for loadable files: the run deletes its messages after the load succeeded. A failed run
   leaves them to reappear after the visibility timeout; after the queue's max receive count SQS moves them to
   the dead-letter queue;
@@ -30,7 +33,7 @@ from capture import layout
 from cdc.mappings import Mappings, TableMapping
 from cdc_assets import quota
 from cdc_assets.resources import LandingResource
-from cdc_assets.tables import bigquery_asset_key
+from cdc_assets.tables import bigquery_asset_key, load_run_config
 
 MAX_POLL_SECONDS = 20.0  # per tick; Dagster's sensor timeout is 60 s
 MAX_MESSAGES_PER_TICK = 500
@@ -167,6 +170,16 @@ def message_day(message: dict[str, Any]) -> dt.date:
     return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
 
 
+LOAD_RUN_TAG = "cdc/load"  # on the sensor's runs: while one is queued or running, the next tick waits for it
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+ACTIVE_RUN_MAX_AGE_S = 600  # an older "active" run is taken for dead (its worker gone); the sensor goes on
+
+
 def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
     """One run per day for all of the tick's tables of that day (they share the daily partitions), each table
     with its own files and messages; the run key covers every file and receive count in it."""
@@ -175,23 +188,33 @@ def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
         by_day[batch.day].append(batch)
     requests = []
     for day, group in sorted(by_day.items()):
-        ops = {}
-        for batch in group:
-            op_name = "__".join(bigquery_asset_key(batch.table).path)
-            ops[op_name] = {
-                "config": {"keys": sorted(batch.keys), "acknowledge": sorted(batch.receipts.values())}
-            }
+        files = {b.table.target: (sorted(b.keys), sorted(b.receipts.values())) for b in group}
         run_key = hashlib.sha256("|".join(sorted(b.run_key() for b in group)).encode()).hexdigest()[:32]
         requests.append(
             dg.RunRequest(
                 run_key=f"{day}:{run_key}",
                 asset_selection=[bigquery_asset_key(b.table) for b in group],
                 partition_key=day,
-                run_config={"ops": ops},
-                tags={"cdc/tables": str(len(group)), "cdc/files": str(sum(len(b.keys) for b in group))},
+                run_config=load_run_config(files),
+                tags={
+                    LOAD_RUN_TAG: "sensor",
+                    "cdc/tables": str(len(group)),
+                    "cdc/files": str(sum(len(b.keys) for b in group)),
+                },
             )
         )
     return requests
+
+
+def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
+    """The id of the sensor's load run still queued or running (younger than ACTIVE_RUN_MAX_AGE_S), if any."""
+    records = instance.get_run_records(
+        dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, tags={LOAD_RUN_TAG: "sensor"}), limit=5
+    )
+    for record in records:
+        if now - record.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S:
+            return record.dagster_run.run_id
+    return None
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
@@ -251,7 +274,12 @@ def build_sqs_sensor(mappings: Mappings, asset_keys: list[dg.AssetKey]) -> dg.Se
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Turns S3 events of landed files into one load run per table and day, within the load-job quota.",
     )
-    def landed_files_sqs(context: dg.SensorEvaluationContext, landing: LandingResource) -> dg.SensorResult:
+    def landed_files_sqs(
+        context: dg.SensorEvaluationContext, landing: LandingResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        active = active_load_run(context.instance, time.time())
+        if active:  # its files are loading; what landed since waits in the queue and goes into the next run
+            return dg.SkipReason(f"load run {active} is still queued or running; new files wait in the queue")
         cursor = json.loads(context.cursor) if context.cursor else {}
         batches = collect(landing, mappings, context.log)
         ready, held, new_cursor = apply_budget(batches, cursor, mappings, time.time())

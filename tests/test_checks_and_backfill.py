@@ -13,7 +13,7 @@ import pytest
 from capture.service import ClusterCapture
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import bigquery_asset_key, build_table_asset
+from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
 from tests.capture_support import FAST, capture_changes, new_env, run_sql, running, wait_caught_up
@@ -71,7 +71,7 @@ def test_row_count_check_backfill_and_alerts(
         ),
         "mysql": MySqlSourceResource(),
     }
-    asset = build_table_asset(cluster, table)
+    asset = build_table_assets([(cluster, table)])
     checks = build_table_checks(cluster, table)
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
@@ -79,9 +79,7 @@ def test_row_count_check_backfill_and_alerts(
     def backfill() -> dict[str, Any]:
         result = dg.materialize([asset], partition_key=today, resources=resources, instance=instance)
         assert result.success
-        return {
-            k: v.value for k, v in result.asset_materializations_for_node(asset.op.name)[0].metadata.items()
-        }
+        return {k: v.value for k, v in result.asset_materializations_for_node(LOADER)[0].metadata.items()}
 
     def check() -> dict[str, dg.AssetCheckEvaluation]:
         result = dg.materialize(
@@ -183,7 +181,7 @@ def test_a_table_missing_at_the_source_fails_its_row_count_check_naming_it(
         "mysql": MySqlSourceResource(),
     }
     result = dg.materialize(
-        [build_table_asset(cluster, table), checks],
+        [build_table_assets([(cluster, table)]), checks],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(bigquery_asset_key(table), ROW_COUNT)),
         resources=resources,
         instance=dg.DagsterInstance.ephemeral(),

@@ -57,7 +57,10 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
 
     monitoring = {"run_monitoring": instance["run_monitoring"]}
     assert process_config(dagster_instance_config_schema(), monitoring).success
-    assert instance["run_monitoring"]["enabled"] and instance["run_monitoring"]["free_slots_after_run_end_seconds"]
+    assert (
+        instance["run_monitoring"]["enabled"]
+        and instance["run_monitoring"]["free_slots_after_run_end_seconds"]
+    )
     text = (DEPLOY / variant / "dagster.yaml").read_text()
     assert "password: {env: DAGSTER_PG_PASSWORD}" in text and "not-a-real-one" not in text
 

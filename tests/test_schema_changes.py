@@ -15,7 +15,7 @@ import pytest
 
 from cdc.mappings import Mappings
 from cdc_assets.resnapshot import build_resnapshot_job
-from cdc_assets.tables import build_table_asset
+from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets, load_run_config
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_runs, error_text
 from tests.capture_support import (
@@ -60,22 +60,23 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     capture_changes(env, cluster)
 
     resources = pipeline_resources(env)
-    assets = {name: build_table_asset(cluster, t) for name, t in (("accounts", accounts), ("other", other))}
+    tables = {"accounts": accounts, "other": other}
+    loader_asset = build_table_assets([(cluster, accounts), (cluster, other)])
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
     def load(keys: dict[str, list[str]]) -> dg.ExecuteInProcessResult:
         """One run for both tables, as the sensor requests it."""
         return dg.materialize(
-            list(assets.values()),
+            [loader_asset],
             partition_key=today,
             resources=resources,
             instance=instance,
-            run_config={"ops": {assets[t].op.name: {"config": {"keys": k}} for t, k in keys.items()}},
+            run_config=load_run_config({tables[t].target: (k, []) for t, k in keys.items()}),
             raise_on_error=False,
         )
 
-    loaded = {t: landed_keys(env, t) for t in assets}
+    loaded = {t: landed_keys(env, t) for t in tables}
     assert load({t: sorted(k) for t, k in loaded.items()}).success
     loader = _loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
@@ -89,7 +90,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
         "UPDATE `{schema}`.other SET v = 'c' WHERE id = 2",
         "INSERT INTO `{schema}`.other VALUES (3, 'd')",
     )
-    new = {t: sorted(landed_keys(env, t) - loaded[t]) for t in assets}
+    new = {t: sorted(landed_keys(env, t) - loaded[t]) for t in tables}
     body = env.s3().get_object(Bucket=local_stack.settings.bucket, Key=new["accounts"][-1])["Body"].read()
     assert pq.read_schema(io.BytesIO(body)).field("n").type == pa.string()  # the capture followed the MODIFY
     before = sorted(
@@ -98,14 +99,16 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
 
     result = load(new)
     assert not result.success
-    failure = result.failure_data_for_node(assets["accounts"].op.name)
+    failure = result.failure_data_for_node(LOADER)
     assert failure is not None
     message = error_text(failure.error)
     for expected in ("incompatible type change", "column n is INTEGER", "but STRING", new["accounts"][0]):
         assert expected in message, message
     assert "resnapshot_table job for " + accounts.target in message
     # ... the other table went on in the same run, and the stopped one is untouched
-    assert result.asset_materializations_for_node(assets["other"].op.name)
+    assert [m.asset_key for m in result.asset_materializations_for_node(LOADER)] == [
+        bigquery_asset_key(other)
+    ]
     assert _other_rows(loader.bq, env) == _source_other(env) == {(1, "a"), (2, "c"), (3, "d")}
     after = sorted(
         tuple(map(str, r.values())) for r in loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}")
@@ -135,5 +138,5 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     assert loader.bq.get_table(f"{loader.project}.{env.schema}.accounts").schema[2].field_type == "STRING"
     assert_current_state_equals_source(loader, env)
     retried = load({"accounts": new["accounts"], "other": new["other"]})  # the sensor's retry
-    assert retried.success, error_text(retried.failure_data_for_node(assets["accounts"].op.name).error)
+    assert retried.success, error_text(retried.failure_data_for_node(LOADER).error)
     assert_current_state_equals_source(loader, env)

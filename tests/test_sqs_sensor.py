@@ -11,7 +11,7 @@ import pytest
 
 from cdc.mappings import Mappings
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
-from cdc_assets.tables import bigquery_asset_key, build_table_asset
+from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import PoisonMessage, build_sqs_sensor, parse_message
 from tests.capture_support import capture_changes, new_env, run_sql
@@ -102,7 +102,7 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
 
     mappings = Mappings(directory=env.stack.mappings.directory, clusters=(cluster,))
     sensor = build_sqs_sensor(mappings, [bigquery_asset_key(mapping)])
-    asset = build_table_asset(cluster, mapping)
+    asset = build_table_assets([(cluster, mapping)])
     bigquery = BigQueryCdcResource(
         project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
     )
@@ -123,15 +123,18 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
                 resources={"landing": landing, "bigquery": bigquery},
             )
             assert outcome.success
-            new.append(
-                outcome.asset_materializations_for_node(asset.op.name)[0].metadata["new_changes"].value
-            )
+            new.append(outcome.asset_materializations_for_node(LOADER)[0].metadata["new_changes"].value)
         return new
 
     requests = tick()
     assert requests, "the sensor saw no landed files"
     assert all(r.run_key and r.partition_key for r in requests)
-    files = [k for r in requests for k in next(iter(r.run_config["ops"].values()))["config"]["keys"]]
+    files = [
+        k
+        for r in requests
+        for t in r.run_config["ops"][LOADER]["config"]["tables"].values()
+        for k in t["keys"]
+    ]
     assert len(files) == len(set(files)) >= 2
     assert sum(run(requests)) > 0
     assert (

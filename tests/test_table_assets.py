@@ -9,7 +9,7 @@ import pytest
 
 from cdc_assets.definitions import build_definitions
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
-from cdc_assets.tables import DAILY, build_table_asset
+from cdc_assets.tables import DAILY, LOADER, build_table_assets
 from local_stack.stack import LocalStack
 from tests.capture_support import capture_changes, new_env, run_sql
 from tests.test_loader import (
@@ -51,7 +51,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     )
     target = mapping.model_copy(update={"target": "asset_test.accounts"})
     cluster = env.mapping(target)
-    asset = build_table_asset(cluster, target)
+    asset = build_table_assets([(cluster, target)])
     resources = {
         "landing": LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix),
         "bigquery": BigQueryCdcResource(
@@ -71,7 +71,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
             [asset], partition_key=today, resources=resources
         )  # running it twice changes nothing
     assert result.success and again.success
-    metadata = result.asset_materializations_for_node(asset.op.name)[0].metadata
+    metadata = result.asset_materializations_for_node(LOADER)[0].metadata
     assert metadata["files"].value >= 2 and metadata["new_changes"].value == metadata["rows"].value
     values = {name: entry.value for name, entry in metadata.items()}
     files = values["files"]
@@ -82,7 +82,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
         0 <= values["lag_s"] <= values["latency_p50_s"] <= values["latency_p95_s"] <= values["latency_max_s"]
     )
     assert values["load_jobs_today"] >= 1 and values["projected_load_jobs_today"] >= values["load_jobs_today"]
-    assert again.asset_materializations_for_node(asset.op.name)[0].metadata["new_changes"].value == 0
+    assert again.asset_materializations_for_node(LOADER)[0].metadata["new_changes"].value == 0
     [check] = result.get_asset_check_evaluations()
     assert check.passed and check.metadata["duplicated_changes"].value == 0
     loader = _loader(local_stack, env, "asset_test")
