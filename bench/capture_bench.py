@@ -81,8 +81,38 @@ def _generate(stack: Any, rows: int) -> tuple[str, str, int]:
     return start, end, inserts + updates + deletes
 
 
-def _measure(role: str, env: dict[str, str], start: str, end: str, rows: int) -> dict[str, float]:
-    """Run one measurement in its own process; wall time from its own report, peak RSS from the kernel."""
+def measure_range(env: dict[str, str], start: str, end: str, repeats: int) -> dict[str, Any]:
+    """Raw decode and the capture over the binlog range (start, end] of the cluster CDC_BENCH_CLUSTER names in
+    `env` (default `bench`), alternating `repeats` times; each run in its own process."""
+    pairs: list[dict[str, Any]] = []
+    rows = 0
+    for _ in range(repeats):
+        raw = _measure("raw", env, start, end)
+        rows = int(raw["rows"])
+        cap = _measure("capture", env, start, end, rows)
+        pairs.append({"raw": raw, "capture": cap, "ratio": cap["rows_per_s"] / raw["rows_per_s"]})
+    return {
+        "rows": rows,
+        "repeats": repeats,
+        "raw_decode_rows_per_s_median": statistics.median(p["raw"]["rows_per_s"] for p in pairs),
+        "capture_rows_per_s_median": statistics.median(p["capture"]["rows_per_s"] for p in pairs),
+        "capture_vs_raw_ratio_median": statistics.median(p["ratio"] for p in pairs),
+        "ratios": [round(p["ratio"], 3) for p in pairs],
+        "raw_peak_rss_mb_median": statistics.median(p["raw"]["peak_rss_mb"] for p in pairs),
+        "capture_peak_rss_mb_median": statistics.median(p["capture"]["peak_rss_mb"] for p in pairs),
+        "pairs": pairs,
+    }
+
+
+def _cluster() -> Any:
+    from cdc.mappings import load_mappings
+
+    return load_mappings().cluster(os.environ.get("CDC_BENCH_CLUSTER", "bench"))
+
+
+def _measure(role: str, env: dict[str, str], start: str, end: str, rows: int = 0) -> dict[str, float]:
+    """Run one measurement in its own process; wall time from its own report, peak RSS from the kernel. The raw
+    decode counts the row changes in the range; the capture is given that count."""
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     process = subprocess.Popen(
         [
@@ -106,40 +136,39 @@ def _measure(role: str, env: dict[str, str], start: str, end: str, rows: int) ->
         raise SystemExit(f"{role} run failed with status {status}")
     report = json.loads(out.read_text())
     out.unlink()
+    rows = int(report.get("rows", rows))
     return {
         "seconds": report["seconds"],
+        "rows": rows,
         "rows_per_s": rows / report["seconds"],
         "peak_rss_mb": usage.ru_maxrss / 1024,
     }
 
 
-def _raw_decode(start: str, end: str) -> float:
-    """Decode the range and touch every value; stop at the commit of the range's last transaction."""
+def _raw_decode(start: str, end: str) -> tuple[float, int]:
+    """Decode the range and touch every value; stop at the commit of the range's last transaction. Returns the
+    seconds and the row changes decoded."""
     from pymysqlreplication import BinLogStreamReader
     from pymysqlreplication.event import MariadbGtidEvent, XidEvent
     from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-    from cdc import environment
+    from capture.runner import mysql_connection
 
+    cluster = _cluster()
     last = set(end.split(","))
-    values = environment.resolved()
     began = time.perf_counter()
     stream = BinLogStreamReader(
-        connection_settings={
-            "host": values["CDC_MYSQL_BENCH_HOST"],
-            "port": int(values["CDC_MYSQL_BENCH_PORT"]),
-            "user": values["CDC_MYSQL_BENCH_USER"],
-            "passwd": values["CDC_MYSQL_BENCH_PASSWORD"],
-        },
+        connection_settings=mysql_connection(cluster).settings(),
         server_id=424242,
         blocking=True,
         auto_position=start,
         is_mariadb=True,
         only_events=[WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent, MariadbGtidEvent, XidEvent],
-        only_schemas=["bench"],
+        only_schemas=sorted({t.source_schema for t in cluster.enabled_tables}),
         enable_logging=False,
     )
     touched = 0
+    changes = 0
     gtid = ""
     for event in stream:
         if isinstance(event, MariadbGtidEvent):
@@ -148,25 +177,24 @@ def _raw_decode(start: str, end: str) -> float:
             if gtid in last:
                 break
         else:
+            changes += len(event.rows)
             for row in event.rows:
                 for image in row.values():
                     touched += len(image)
     stream.close()
-    return time.perf_counter() - began
+    return time.perf_counter() - began, changes
 
 
-def _capture(start: str, end: str) -> float:
+def _capture(start: str, end: str) -> tuple[float, int]:
     import threading
 
     from capture.runner import mysql_connection, s3_store
     from capture.service import CaptureSettings, ClusterCapture
-    from cdc.mappings import load_mappings
 
-    cluster = load_mappings().cluster("bench")
+    cluster = _cluster()
     store = s3_store()
-    store.write_json(
-        "checkpoints", "bench", {"gtid": start, "tables": {"bench.bets": {"snapshot_position": "bench"}}}
-    )
+    snapshotted = {t.source: {"snapshot_position": "bench"} for t in cluster.enabled_tables}
+    store.write_json("checkpoints", cluster.cluster, {"gtid": start, "tables": snapshotted})
     capture = ClusterCapture(cluster, mysql_connection(cluster), store, CaptureSettings(flush_interval_s=0.5))
     wanted = set(end.split(","))
 
@@ -182,7 +210,7 @@ def _capture(start: str, end: str) -> float:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     capture.run()
-    return time.perf_counter() - began
+    return time.perf_counter() - began, 0
 
 
 def main() -> None:
@@ -200,11 +228,11 @@ def main() -> None:
             import cProfile
 
             profiler = cProfile.Profile()
-            seconds = profiler.runcall(run, args.start, args.end)
+            seconds, rows = profiler.runcall(run, args.start, args.end)
             profiler.dump_stats(str(RESULTS / f"profile-{args.role}.prof"))
         else:
-            seconds = run(args.start, args.end)
-        Path(args.out).write_text(json.dumps({"seconds": seconds}))
+            seconds, rows = run(args.start, args.end)
+        Path(args.out).write_text(json.dumps({"seconds": seconds, **({"rows": rows} if rows else {})}))
         return
 
     from cdc.mappings import load_mappings
@@ -217,25 +245,20 @@ def main() -> None:
         stack.up()
         try:
             start, end, rows = _generate(stack, args.rows)
-            env = {**os.environ, **stack.environment(), "CDC_LANDING_PREFIX": "bench"}
-            pairs = []
-            for _ in range(args.repeats):
-                raw = _measure("raw", env, start, end, rows)
-                cap = _measure("capture", env, start, end, rows)
-                pairs.append({"raw": raw, "capture": cap, "ratio": cap["rows_per_s"] / raw["rows_per_s"]})
+            env = {
+                **os.environ,
+                **stack.environment(),
+                "CDC_LANDING_PREFIX": "bench",
+                "CDC_MAPPINGS_DIR": str(work / "mappings"),
+            }
+            measured = measure_range(env, start, end, args.repeats)
         finally:
             stack.down()
     result = {
         "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
-        "rows": rows,
-        "repeats": args.repeats,
-        "raw_decode_rows_per_s_median": statistics.median(p["raw"]["rows_per_s"] for p in pairs),
-        "capture_rows_per_s_median": statistics.median(p["capture"]["rows_per_s"] for p in pairs),
-        "capture_vs_raw_ratio_median": statistics.median(p["ratio"] for p in pairs),
-        "raw_peak_rss_mb_median": statistics.median(p["raw"]["peak_rss_mb"] for p in pairs),
-        "capture_peak_rss_mb_median": statistics.median(p["capture"]["peak_rss_mb"] for p in pairs),
-        "pairs": pairs,
+        **measured,
     }
+    pairs = measured["pairs"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "capture.json").write_text(json.dumps(result, indent=2))
     print(f"\ncapture benchmark: {rows} row changes, {args.repeats} alternating pairs ({result['machine']})")

@@ -1,8 +1,9 @@
 """Alerts: failed asset checks (WARN and ERROR), failed runs and dead-letter messages -> a Slack-compatible webhook.
 
 Open-source Dagster has no alert policies, so three sensors do it:
-- `alert_failed_checks` reads new ASSET_CHECK_EVALUATION events from the instance's event log (cursor: the last
-  storage id), from load runs and from the `table_checks` job alike, and posts the failed ones with their numbers;
+- `alert_failed_checks` reads the new ASSET_CHECK_EVALUATION events of the runs updated since it last looked
+  (cursor: per run, the evaluations read), from load runs and the `table_checks` job alike, and posts the failed
+  ones with their numbers;
 - `alert_failed_runs` (a run-failure sensor) posts the run, its tables and the error;
 - `alert_dead_letters` reads the dead-letter queue without deleting anything (the messages stay there for a
   redrive) and posts each new message's S3 keys and reason (cursor: the message ids posted); one left in the
@@ -12,6 +13,7 @@ The JSON is Slack's incoming-webhook format (`text` plus `blocks`); Mattermost, 
 accept `text` too.
 """
 
+import datetime as dt
 import json
 import os
 import time
@@ -26,6 +28,7 @@ from sensors.sqs_sensor import PoisonMessage, parse_message
 
 DLQ_REMIND_SECONDS = 43_200
 MAX_EVENTS_PER_TICK = 200
+CHECK_CURSOR_MARGIN_S = 300
 
 
 class AlertWebhookResource(dg.ConfigurableResource):
@@ -57,8 +60,8 @@ def webhook_from_env() -> AlertWebhookResource:
     return AlertWebhookResource()
 
 
-def _check_line(record: Any) -> str | None:
-    evaluation = record.event_log_entry.dagster_event.event_specific_data
+def _check_line(entry: Any) -> str | None:
+    evaluation = entry.dagster_event.event_specific_data
     if evaluation.passed:
         return None
     key = evaluation.asset_key.to_user_string()
@@ -69,7 +72,9 @@ def _check_line(record: Any) -> str | None:
     )
     severity = evaluation.severity.value if evaluation.severity else "ERROR"
     description = f" - {evaluation.description}" if evaluation.description else ""
-    return f"[{severity}] {key} `{evaluation.check_name}` failed{description} ({numbers}) run {record.run_id[:8]}"
+    return (
+        f"[{severity}] {key} `{evaluation.check_name}` failed{description} ({numbers}) run {entry.run_id[:8]}"
+    )
 
 
 @dg.sensor(
@@ -79,20 +84,30 @@ def _check_line(record: Any) -> str | None:
     description="Posts failed asset checks (WARN and ERROR) to the alert webhook.",
 )
 def alert_failed_checks(context: dg.SensorEvaluationContext, alerts: AlertWebhookResource) -> dg.SkipReason:
-    after = int(context.cursor) if context.cursor else None
-    records = context.instance.get_event_records(
-        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after),
-        ascending=True,
-        limit=MAX_EVENTS_PER_TICK,
+    # Read per run (SQLite, the local storage, keeps a separate event log per run whose ids mean nothing across
+    # runs): the runs updated since the last look (with a margin), and of each the check evaluations not yet seen.
+    # cursor: {"at": when this sensor last looked, "seen": {run id: evaluations already read}}
+    state = json.loads(context.cursor) if context.cursor and context.cursor.startswith("{") else {}
+    now = time.time()
+    since = float(state.get("at", now - CHECK_CURSOR_MARGIN_S)) - CHECK_CURSOR_MARGIN_S
+    seen: dict[str, int] = dict(state.get("seen", {}))
+    runs = context.instance.get_run_records(
+        dg.RunsFilter(updated_after=dt.datetime.fromtimestamp(since, dt.UTC)), limit=MAX_EVENTS_PER_TICK
     )
-    if after is None and not records:
-        context.update_cursor("0")
-    lines = [line for record in records if (line := _check_line(record))]
+    lines: list[str] = []
+    evaluated = 0
+    for record in runs:
+        run_id = record.dagster_run.run_id
+        events = context.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        new = events[seen.get(run_id, 0) :]
+        seen[run_id] = len(events)
+        evaluated += len(new)
+        lines += [line for event in new if (line := _check_line(event))]
     if lines:
         alerts.post(f"{len(lines)} failed CDC check(s)", lines, context.log)
-    if records:
-        context.update_cursor(str(records[-1].storage_id))
-    return dg.SkipReason(f"{len(records)} check evaluation(s), {len(lines)} failed")
+    recent = {record.dagster_run.run_id for record in runs}
+    context.update_cursor(json.dumps({"at": now, "seen": {k: v for k, v in seen.items() if k in recent}}))
+    return dg.SkipReason(f"{evaluated} check evaluation(s), {len(lines)} failed")
 
 
 @dg.run_failure_sensor(

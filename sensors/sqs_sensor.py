@@ -33,7 +33,7 @@ from capture import layout
 from cdc.mappings import Mappings, TableMapping
 from cdc_assets import quota
 from cdc_assets.resources import LandingResource
-from cdc_assets.tables import bigquery_asset_key, load_run_config
+from cdc_assets.tables import NO_DUPLICATES, bigquery_asset_key, load_run_config
 
 MAX_POLL_SECONDS = 20.0  # per tick; Dagster's sensor timeout is 60 s
 MAX_MESSAGES_PER_TICK = 500
@@ -194,6 +194,11 @@ def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
             dg.RunRequest(
                 run_key=f"{day}:{run_key}",
                 asset_selection=[bigquery_asset_key(b.table) for b in group],
+                # only the load's own inline check: the source-vs-BigQuery checks of these assets run in the
+                # table_checks job (a selection's default would run them all, for seconds per table, every load)
+                asset_check_keys=[
+                    dg.AssetCheckKey(bigquery_asset_key(b.table), NO_DUPLICATES) for b in group
+                ],
                 partition_key=day,
                 run_config=load_run_config(files),
                 tags={

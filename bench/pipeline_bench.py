@@ -1,0 +1,707 @@
+"""The whole pipeline at the seed's scale and beyond, on this machine, side by side with its peers in one run.
+
+The local platform (6 MariaDB clusters with the 70 demo tables, moto, the BigQuery server, the capture, Dagster) is
+brought up in `.state/bench` as a user brings it up. Then the seed-shaped workload (inserts, updates, key changes,
+deletes over all 70 tables, one load process per cluster) runs in phases: 1x the seed's rate (40M changed rows a
+day = 463 rows/s), 10x, and a burst. Beside it, in the same run and on the same data: the daily batch (copied once
+before the phases - last night's copy - and once after) and a scheduled incremental copy on a cursor column
+(`bench/peers.py`). Measured:
+
+- end-to-end latency of every change, from its commit in MariaDB to the commit of the BigQuery transaction that
+  made it visible in the current-state table (the ledger's `loaded_at`, written in that transaction); MariaDB's
+  binlog gives commit times to the second, so the middle of the second is used (+-0.5 s);
+- where the time goes, per change: capture (commit -> file written, from the file's DMS name), pickup (-> the
+  sensor's run request), queue (-> run started), worker start (-> the loader step started), load (-> visible), and
+  the staging load job and merge transaction inside the load (from the materialization metadata);
+- rows/s: the workload's, the capture's, the pipeline's; capture against raw binlog decoding of the same binlog
+  (one cluster's range of the 10x phase, decoded again both ways after the run, alternating);
+- peak RSS and CPU seconds of every component (sampled from /proc every 0.5 s);
+- load jobs per table per day projected from the run, against BigQuery's 1,500 per table and 100,000 per project;
+- the peers' latency, cost (jobs, bytes) and correctness (missed inserts, updates, deletes), and ours.
+
+Prints one table, writes `bench/results/pipeline.json` and `bench/results/latency_cdf.png`.
+
+    python -m bench.pipeline_bench [--phase-seconds 90] [--burst-seconds 15] [--peer-interval 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.platform import ROOT, BenchPlatform, Sampler, wait_for
+
+RESULTS = ROOT / "bench" / "results"
+SEED_ROWS_PER_S = 40_000_000 / 86_400  # the seed: 40M changed rows a day
+TABLE_LIMIT, PROJECT_LIMIT = 1_500, 100_000  # BigQuery load jobs per day
+
+
+@dataclass
+class Phase:
+    name: str
+    multiple: float  # of the seed's rate
+    seconds: float
+    start: float = 0.0
+    end: float = 0.0
+    changes: int = 0
+    capture_rows: int = 0
+
+    @property
+    def rate(self) -> float:
+        return SEED_ROWS_PER_S * self.multiple
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile of `values` (sorted here)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 2),
+        "p95": round(percentile(values, 95), 2),
+        "max": round(max(values), 2),
+    }
+
+
+# -- the load -----------------------------------------------------------------------------------------------------
+
+
+def workload_role(args: argparse.Namespace) -> None:
+    """One cluster's share of a phase, in its own process (its CPU and memory are measured apart)."""
+    from cdc.mappings import load_mappings
+    from local_stack.demo_schema import demo_clusters
+    from local_stack.stack import LocalStack
+    from local_stack.workload import Workload
+
+    stack = LocalStack(load_mappings())
+    [cluster] = [c for c in demo_clusters() if c.name == args.cluster]
+
+    def connect(demo: Any) -> Any:
+        user, password = stack.admin_credentials(demo.name)
+        return stack.mariadb(demo.name).connect(user, password)
+
+    driver = Workload(connect, [cluster], seed=args.seed)
+    driver.ensure_schemas()
+    time.sleep(max(0.0, args.start_at - time.time()))
+    report = driver.run(rate=args.rate, duration=args.duration)
+    driver.close()
+    Path(args.out).write_text(json.dumps({"changes": report.total, "seconds": report.seconds}))
+
+
+def run_phase(platform: BenchPlatform, sampler: Sampler, phase: Phase, seed: int) -> None:
+    clusters = [c.cluster for c in load_platform_mappings(platform).clusters]
+    start_at = time.time() + 8  # every process connected and ready (schemas, keys) before the phase starts
+    processes = []
+    outputs = []
+    for index, cluster in enumerate(clusters):
+        out = platform.state / f"workload-{phase.name}-{cluster}.json"
+        outputs.append(out)
+        argv = [
+            sys.executable, "-m", "bench.pipeline_bench", "--role", "workload", "--cluster", cluster,
+            "--rate", str(phase.rate / len(clusters)), "--duration", str(phase.seconds),
+            "--seed", str(seed * 100 + index), "--start-at", str(start_at), "--out", str(out),
+        ]  # fmt: skip
+        process = subprocess.Popen(argv, env=platform.env, cwd=ROOT, start_new_session=True)
+        sampler.register(process.pid, "workload (6 processes; the game servers)")
+        processes.append(process)
+    before = capture_rows(platform)
+    time.sleep(max(0.0, start_at - time.time()))
+    phase.start = start_at
+    for process in processes:
+        if process.wait() != 0:
+            raise RuntimeError(f"the workload of phase {phase.name} failed")
+    phase.end = phase.start + phase.seconds
+    phase.changes = sum(json.loads(out.read_text())["changes"] for out in outputs)
+    phase.capture_rows = capture_rows(platform) - before
+    print(
+        f"  {phase.name}: {phase.changes:,} changes in {phase.seconds:.0f} s "
+        f"({phase.changes / phase.seconds:,.0f}/s; asked {phase.rate:,.0f}/s)",
+        flush=True,
+    )
+
+
+def load_platform_mappings(platform: BenchPlatform) -> Any:
+    from cdc.mappings import load_mappings
+
+    return load_mappings()
+
+
+def capture_rows(platform: BenchPlatform) -> int:
+    statuses = json.loads(platform.cdc("capture", "status", "--json"))
+    return sum(sum(v for k, v in s.get("rows", {}).items() if k in ("I", "U", "D")) for s in statuses)
+
+
+# -- measuring what BigQuery holds --------------------------------------------------------------------------------
+
+
+def bigquery(platform: BenchPlatform) -> Any:
+    from cdc.clients import bigquery_client
+
+    values = platform.stack_env()
+    return bigquery_client(values["CDC_BIGQUERY_PROJECT"], endpoint=values["CDC_BIGQUERY_ENDPOINT"])
+
+
+def changes_and_files(
+    platform: BenchPlatform, since: float
+) -> tuple[list[tuple[str, float, str, float]], dict[str, Any]]:
+    """Every change committed after `since`: (table, commit time, file, visible time); and per table the ledger's
+    batches (batch -> first loaded_at) for load-job counts."""
+    from cdc_assets.loader import TableLoader
+
+    client = bigquery(platform)
+    changes = []
+    batches: dict[str, dict[str, float]] = {}
+    for _, table in load_platform_mappings(platform).tables():
+        loader = TableLoader(client, table)
+        sql = (
+            f"SELECT UNIX_MICROS(c._commit_ts) AS commit_us, c._source_file AS file, UNIX_MICROS(l.loaded_at) AS "
+            f"loaded_us FROM {loader.ref(loader.changelog)} AS c JOIN {loader.ref(loader.ledger)} AS l "
+            f"ON l.source_file = c._source_file WHERE c._commit_ts >= TIMESTAMP_MICROS({int(since * 1e6)})"
+        )
+        for row in client.query(sql).result():
+            # MariaDB's binlog has whole seconds: the commit was somewhere in that second, on average its middle
+            changes.append((table.target, row.commit_us / 1e6 + 0.5, row.file, row.loaded_us / 1e6))
+        sql = (
+            f"SELECT batch, MIN(UNIX_MICROS(loaded_at)) AS at FROM {loader.ref(loader.ledger)} "
+            f"WHERE loaded_at >= TIMESTAMP_MICROS({int(since * 1e6)}) GROUP BY batch"
+        )
+        batches[table.target] = {row.batch: row.at / 1e6 for row in client.query(sql).result()}
+    return changes, batches
+
+
+def file_written_at(key: str) -> float | None:
+    """The write time a CDC file's DMS name carries (yyyyMMdd-HHmmss + 4 sub-second digits)."""
+    name = key.rsplit("/", 1)[-1].split(".")[0].split("-")
+    if len(name) < 2 or not name[0].isdigit():
+        return None
+    stamp = dt.datetime.strptime(name[0] + name[1][:6], "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
+    return stamp.timestamp() + int(name[1][6:10]) / 10_000
+
+
+def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
+    """For each file, the sensor run that loaded it: created, started, loader step started; and every run's
+    materialization timings (stage and merge seconds)."""
+    os.environ["DAGSTER_HOME"] = str(platform.state / "dagster" / "home")
+    import dagster as dg
+
+    from cdc_assets.tables import LOADER
+
+    instance = dg.DagsterInstance.get()
+    per_file: dict[str, dict[str, float]] = {}
+    timings: list[dict[str, float]] = []
+    records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100_000)
+    for record in sorted(records, key=lambda r: r.create_timestamp):
+        run = record.dagster_run
+        config: dict[str, Any] = dict(run.run_config or {})
+        tables = (config.get("ops", {}).get(LOADER, {}).get("config", {}) or {}).get("tables", {})
+        if not tables or record.start_time is None:
+            continue
+        step_start = record.start_time
+        for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
+            step_start = event.timestamp
+        for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+            metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+            if "stage_s" in metadata:
+                timings.append(
+                    {"stage_s": float(metadata["stage_s"].value), "merge_s": float(metadata["merge_s"].value)}  # type: ignore[arg-type]
+                )
+        info = {
+            "created": record.create_timestamp.timestamp(),
+            "started": record.start_time,
+            "step_started": step_start,
+        }
+        for files in tables.values():
+            for key in files.get("keys", []):
+                per_file.setdefault(key, info)
+    return per_file, timings
+
+
+# -- capture against raw decoding of the same binlog --------------------------------------------------------------
+
+
+def capture_vs_raw(
+    platform: BenchPlatform, cluster: str, start: str, end: str, repeats: int
+) -> dict[str, Any]:
+    """Decode one cluster's binlog range of the 10x phase again, raw and through the capture, alternating."""
+    from bench.capture_bench import measure_range
+
+    values = platform.stack_env()
+    prefix = f"CDC_MYSQL_{cluster.upper()}_"
+    env = {
+        **platform.env,
+        "CDC_MYSQL_BENCH_HOST": values[prefix + "HOST"],
+        "CDC_MYSQL_BENCH_PORT": values[prefix + "PORT"],
+        "CDC_MYSQL_BENCH_USER": values[prefix + "USER"],
+        "CDC_MYSQL_BENCH_PASSWORD": values[prefix + "PASSWORD"],
+        "CDC_BENCH_CLUSTER": cluster,
+        "CDC_LANDING_PREFIX": "bench-replay",
+    }
+    return measure_range(env, start, end, repeats)
+
+
+def gtid(platform: BenchPlatform, cluster: str) -> str:
+    from cdc.mappings import load_mappings
+    from local_stack.stack import LocalStack
+
+    stack = LocalStack(load_mappings(), state_dir=platform.state)
+    user, password = stack.admin_credentials(cluster)
+    with stack.mariadb(cluster).connect(user, password) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT @@gtid_binlog_pos")
+        return str(cursor.fetchone()[0])
+
+
+# -- our correctness ----------------------------------------------------------------------------------------------
+
+
+def our_correctness(platform: BenchPlatform) -> dict[str, int]:
+    """Every table's BigQuery current state against its source, value for value (the test suite's oracle)."""
+    from decimal import Decimal, InvalidOperation
+
+    from cdc.mappings import quote_mysql
+    from cdc_assets.loader import TableLoader
+    from local_stack.stack import LocalStack
+    from tests.capture_support import as_text, json_canonical, oracle_expression
+
+    client = bigquery(platform)
+    mappings = load_platform_mappings(platform)
+    stack = LocalStack(mappings, state_dir=platform.state)
+    totals = {"tables": 0, "rows": 0, "missing": 0, "extra": 0, "different": 0, "duplicated_changes": 0}
+
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        try:
+            return Decimal(str(a)) == Decimal(str(b))
+        except (InvalidOperation, TypeError):
+            return False
+
+    for cluster, table in mappings.tables():
+        user, password = stack.admin_credentials(cluster.cluster)
+        with (
+            stack.mariadb(cluster.cluster).connect(user, password) as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute("SET SESSION time_zone = '+00:00'")
+            cursor.execute(
+                "SELECT COLUMN_NAME, LOWER(COLUMN_TYPE) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+                "AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+                (table.source_schema, table.source_table),
+            )
+            types = dict(cursor.fetchall())
+            cursor.execute(
+                "SELECT "
+                + ", ".join(oracle_expression(n, t) for n, t in types.items())
+                + f" FROM {quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
+            )
+            source_rows = [dict(zip(types, row, strict=True)) for row in cursor.fetchall()]
+        loader = TableLoader(client, table)
+        changes, duplicated = loader.duplicate_changes()
+        totals["duplicated_changes"] += duplicated
+        totals["tables"] += 1
+        if not table.primary_key:  # append-only: every source row is a change in the table
+            totals["rows"] += len(source_rows)
+            totals["missing"] += max(0, len(source_rows) - (changes - duplicated))
+            continue
+        key = list(table.primary_key)
+        source = {}
+        for row in source_rows:
+            for name, value in row.items():
+                if isinstance(value, str):
+                    row[name] = json_canonical(value)
+                if value is not None and types[name].split("(")[0] in ("double", "float"):
+                    row[name] = repr(float(value))
+            source[tuple(str(row[k]) for k in key)] = row
+        loaded = {}
+        for row in client.query(f"SELECT * FROM {loader.ref(loader.current)}").result():
+            values = {n: as_text(row[n], t) for n, t in types.items()}
+            loaded[tuple(str(values[k]) for k in key)] = values
+        totals["rows"] += len(source)
+        totals["missing"] += len(source.keys() - loaded.keys())
+        totals["extra"] += len(loaded.keys() - source.keys())
+        totals["different"] += sum(
+            1
+            for k in source.keys() & loaded.keys()
+            if not all(same(source[k][n], loaded[k][n]) for n in types)
+        )
+    return totals
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+
+
+def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, until: float, interval: float) -> Any:
+    out = platform.state / f"peer-{mode}.json"
+    argv = [
+        sys.executable, "-m", "bench.peers", mode, "--prefix", f"peer_{mode}", "--out", str(out),
+        "--interval", str(interval), "--until", str(until),
+    ]  # fmt: skip
+    process = subprocess.Popen(argv, env=platform.env, cwd=ROOT, start_new_session=True)
+    sampler.register(process.pid, f"peer: {mode} copy")
+    return process, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--phase-seconds", type=float, default=90.0, help="length of the 1x and 10x phases")
+    parser.add_argument("--burst-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--burst-multiple", type=float, default=20.0, help="the burst, in multiples of the seed"
+    )
+    parser.add_argument(
+        "--multiples", default="1,10", help="the steady phases, in multiples of the seed's rate"
+    )
+    parser.add_argument("--flush-interval", type=float, default=1.0, help="the capture's flush interval (s)")
+    parser.add_argument(
+        "--peer-interval", type=float, default=120.0, help="the incremental copy's schedule (s)"
+    )
+    parser.add_argument("--replay-repeats", type=int, default=3, help="pairs of raw decode vs capture")
+    parser.add_argument("--keep", action="store_true", help="leave the platform running afterwards")
+    parser.add_argument("--role", choices=["workload"])
+    parser.add_argument("--cluster")
+    parser.add_argument("--rate", type=float)
+    parser.add_argument("--duration", type=float)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--start-at", type=float, default=0.0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.role == "workload":
+        workload_role(args)
+        return
+    report = run(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2, default=str))
+    print_report(report)
+    plot(report, RESULTS / "latency_cdf.png")
+    print(f"written: {RESULTS / 'pipeline.json'}, {RESULTS / 'latency_cdf.png'}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.monotonic()
+    state = ROOT / ".state" / "bench"
+    platform = BenchPlatform(state)
+    if state.exists():
+        subprocess.run([sys.executable, "-m", "cdc.cli", "stack", "down"], env=platform.env, check=False)
+        shutil.rmtree(state)
+    os.environ["CDC_STATE_DIR"] = str(state)
+    print(f"platform: {state}", flush=True)
+    platform.cdc("stack", "up", "--free-ports")
+    try:
+        return measure(args, platform, began)
+    finally:
+        if not args.keep:
+            platform.cdc("stack", "down")
+
+
+def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> dict[str, Any]:
+    phases = [Phase(f"{float(m):g}x", float(m), args.phase_seconds) for m in args.multiples.split(",")]
+    phases.append(Phase(f"burst {args.burst_multiple:g}x", args.burst_multiple, args.burst_seconds))
+    sampler = Sampler(platform)
+    # the source tables with some rows, captured by the full load
+    seeding = Phase("seed", 5.0, 10.0)
+    run_phase(platform, sampler, seeding, seed=0)
+    platform.cdc("capture", "start", "--flush-interval", str(args.flush_interval))
+    port = str(free_port())
+    platform.cdc("dagster", "start", "--port", port)
+    client = bigquery(platform)
+    drain(platform, client)  # the full loads of the 70 tables are in BigQuery
+    # last night's copy of the daily batch: what the day's queries see until the next one
+    daily_before = subprocess.run(
+        [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily", "--out",
+         str(platform.state / "peer-daily-before.json")], env=platform.env, cwd=ROOT, check=True,
+    )  # fmt: skip
+    del daily_before
+    sampler.start()
+    total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
+    incremental, incremental_out = start_peer(
+        platform, sampler, "incremental", time.time() + total_seconds, args.peer_interval
+    )
+    replay_cluster = "slots_play"
+    gtids: dict[str, str] = {}
+    for index, phase in enumerate(phases, 1):
+        if phase.multiple == 10:
+            gtids["start"] = gtid(platform, replay_cluster)
+        run_phase(platform, sampler, phase, seed=index)
+        if phase.multiple == 10:
+            gtids["end"] = gtid(platform, replay_cluster)
+    if incremental.wait() != 0:
+        raise RuntimeError("the incremental copy failed")
+    drained_at = drain(platform, client)
+    sampler.stop()
+    print(
+        f"  drained: every landed file loaded {drained_at - phases[-1].end:.0f} s after the last phase",
+        flush=True,
+    )
+    # measurements from what the pipeline wrote
+    changes, batches = changes_and_files(platform, phases[0].start)
+    per_file, timings = runs_by_file(platform)
+    report: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "settings": vars(args),
+        "phases": [],
+    }
+    for phase in phases:
+        report["phases"].append(phase_report(phase, changes, batches, per_file, timings, sampler))
+    report["memory_mb"] = {
+        "peak_per_component": sampler.peak_rss_mb(),
+        "peak_platform_total": sampler.peak_total_rss_mb(
+            exclude=("workload (6 processes; the game servers)", "peer: incremental copy")
+        ),
+    }
+    daily_out = platform.state / "peer-daily.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
+        env=platform.env, cwd=ROOT, check=True,
+    )  # fmt: skip
+    report["peers"] = peers_report(phases, incremental_out, daily_out)
+    report["ours_correctness"] = our_correctness(platform)
+    if gtids.get("start") and gtids.get("end"):
+        platform.cdc("capture", "stop")
+        report["capture_vs_raw"] = capture_vs_raw(
+            platform, replay_cluster, gtids["start"], gtids["end"], args.replay_repeats
+        )
+    report["wall_seconds"] = round(time.monotonic() - began, 1)
+    return report
+
+
+def free_port() -> int:
+    from local_stack.processes import free_port as pick
+
+    return pick()
+
+
+def drain(platform: BenchPlatform, client: Any, timeout: float = 300) -> float:
+    """Wait until the capture has caught up and every file landed today and yesterday is in its table's ledger."""
+    from cdc_assets.checks import landed_and_unloaded
+    from cdc_assets.loader import TableLoader
+    from cdc_assets.resources import LandingResource
+
+    values = platform.stack_env()
+    landing = LandingResource(bucket=values["CDC_LANDING_BUCKET"], prefix=values["CDC_LANDING_PREFIX"])
+    mappings = load_platform_mappings(platform)
+
+    def drained() -> bool:
+        statuses = json.loads(platform.cdc("capture", "status", "--json"))
+        if any(float(s.get("lag_seconds", 0)) > 5 for s in statuses):
+            return False
+        return all(not landed_and_unloaded(landing, TableLoader(client, t))[1] for _, t in mappings.tables())
+
+    wait_for(drained, "every landed file to be loaded", timeout=timeout, interval=5)
+    return time.time()
+
+
+def phase_report(
+    phase: Phase,
+    changes: list[tuple[str, float, str, float]],
+    batches: dict[str, dict[str, float]],
+    per_file: dict[str, dict[str, float]],
+    timings: list[dict[str, float]],
+    sampler: Sampler,
+) -> dict[str, Any]:
+    mine = [c for c in changes if phase.start <= c[1] < phase.end + 1]
+    latency = [visible - commit for _, commit, _, visible in mine]
+    per_table: dict[str, list[float]] = defaultdict(list)
+    stages: dict[str, list[float]] = defaultdict(list)
+    for table, commit, key, visible in mine:
+        per_table[table].append(visible - commit)
+        written = file_written_at(key)
+        run = per_file.get(key)
+        if written is None or run is None:
+            continue
+        stages["capture (commit -> file in S3)"].append(written - commit)
+        stages["pickup (file -> sensor's run request)"].append(run["created"] - written)
+        stages["queue (-> run started)"].append(run["started"] - run["created"])
+        stages["worker start (-> loader step)"].append(run["step_started"] - run["started"])
+        stages["load (-> visible in BigQuery)"].append(visible - run["step_started"])
+    seconds = phase.end - phase.start
+    loads = {t: sum(1 for at in b.values() if phase.start <= at < phase.end + 30) for t, b in batches.items()}
+    projected = {t: round(n / seconds * 86_400) for t, n in loads.items()}
+    busiest = max(projected.values(), default=0)
+    return {
+        "phase": phase.name,
+        "seconds": seconds,
+        "asked_rows_per_s": round(phase.rate),
+        "workload_rows_per_s": round(phase.changes / seconds),
+        "capture_rows_per_s": round(phase.capture_rows / seconds),
+        "loaded_rows_per_s": round(len(mine) / seconds),
+        "latency_s": summary(latency),
+        "latency_s_per_table": {t: summary(v) for t, v in sorted(per_table.items())},
+        "stages_p50_s": {k: round(statistics.median(v), 2) for k, v in stages.items()},
+        "stage_job_p50_s": round(statistics.median([t["stage_s"] for t in timings]), 3) if timings else None,
+        "merge_job_p50_s": round(statistics.median([t["merge_s"] for t in timings]), 3) if timings else None,
+        "cpu_seconds": sampler.cpu_seconds(phase.start, phase.end),
+        "load_jobs": {
+            "in_phase_total": sum(loads.values()),
+            "projected_per_table_per_day_max": busiest,
+            "projected_per_table_per_day_median": statistics.median(projected.values()) if projected else 0,
+            "projected_project_per_day": sum(projected.values()),
+            "tables_over_1500_unthrottled": sum(1 for v in projected.values() if v > TABLE_LIMIT),
+        },
+        "latency_values": [round(v, 3) for v in latency],
+    }
+
+
+def peers_report(phases: list[Phase], incremental_out: Path, daily_out: Path) -> dict[str, Any]:
+    from bench.peers import compare_with_source, latencies
+
+    incremental = json.loads(incremental_out.read_text())
+    daily = json.loads(daily_out.read_text())
+    daily_run = daily["runs"][0]
+    start, end = phases[0].start, phases[-1].end
+    increments = latencies("peer_incremental", start)
+    runs = incremental["runs"]
+    gaps = [b["started"] - a["started"] for a, b in itertools.pairwise(runs)]
+    interval = round(statistics.median(gaps), 1) if gaps else None
+    day = 86_400.0
+    duration = daily_run["ended"] - daily_run["started"]
+    return {
+        "daily_batch": {
+            "latency_s": {
+                "p50": round(day / 2 + duration),
+                "p95": round(0.95 * day + duration),
+                "max": round(day + duration),
+            },
+            "latency_note": "a change waits for the next nightly copy: uniform over the day, plus the copy's duration",
+            "copy_seconds": round(duration, 1),
+            "load_jobs_per_day": daily["load_jobs"],
+            "bytes_per_day": daily["bytes_loaded"],
+            "rows_per_copy": daily["rows_copied"],
+            "correctness_before_the_next_copy": compare_with_source("peer_daily")["total"],
+            "correctness_right_after_a_copy": compare_with_source("peer_daily_after")["total"],
+        },
+        "incremental_copy": {
+            "interval_s": interval,
+            "latency_s_of_rows_it_holds": summary(increments),
+            "latency_values": [round(v, 3) for v in increments],
+            "runs": len(incremental["runs"]),
+            "load_jobs": incremental["load_jobs"],
+            "query_jobs": incremental["query_jobs"],
+            "bytes_loaded": incremental["bytes_loaded"],
+            "load_jobs_per_day_projected": round(incremental["load_jobs"] / max(end - start, 1) * day),
+            "cursor_columns": incremental["cursor_columns"],
+            "correctness": compare_with_source("peer_incremental")["total"],
+        },
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\npipeline benchmark ({report['machine']}, {report['date']}, {report['wall_seconds']} s)")
+    header = f"{'':34}" + "".join(f"{p['phase']:>14}" for p in report["phases"])
+    print(header)
+
+    def row(label: str, values: list[Any]) -> None:
+        print(f"{label:34}" + "".join(f"{v:>14}" for v in values))
+
+    phases = report["phases"]
+    row("rows/s asked", [f"{p['asked_rows_per_s']:,}" for p in phases])
+    row("rows/s written (workload)", [f"{p['workload_rows_per_s']:,}" for p in phases])
+    row("rows/s captured", [f"{p['capture_rows_per_s']:,}" for p in phases])
+    row("rows/s visible in BigQuery", [f"{p['loaded_rows_per_s']:,}" for p in phases])
+    for key in ("p50", "p95", "max"):
+        row(f"latency {key} (s)", [p["latency_s"].get(key, "-") for p in phases])
+    stages = list(phases[0]["stages_p50_s"])
+    for stage in stages:
+        row(f"  {stage[:32]}", [p["stages_p50_s"].get(stage, "-") for p in phases])
+    row("  staging load job p50 (s)", [p["stage_job_p50_s"] for p in phases])
+    row("  merge transaction p50 (s)", [p["merge_job_p50_s"] for p in phases])
+    row(
+        "load jobs/table/day (max, proj.)",
+        [f"{p['load_jobs']['projected_per_table_per_day_max']:,}" for p in phases],
+    )
+    row("load jobs/project/day (proj.)", [f"{p['load_jobs']['projected_project_per_day']:,}" for p in phases])
+    components = sorted({c for p in phases for c in p["cpu_seconds"]})
+    for component in components:
+        row(
+            f"CPU % {component[:28]}",
+            [f"{100 * p['cpu_seconds'].get(component, 0) / p['seconds']:.0f}" for p in phases],
+        )
+    print(
+        "\npeak RSS (MB): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in report["memory_mb"]["peak_per_component"].items())
+    )
+    print(
+        f"peak RSS of the platform (all but workload and peers): {report['memory_mb']['peak_platform_total']:,.0f} MB"
+    )
+    ours = report["ours_correctness"]
+    print(
+        f"\nours: {ours['rows']:,} rows in {ours['tables']} tables compared value for value: {ours['missing']} missing, "
+        f"{ours['extra']} extra, {ours['different']} different, {ours['duplicated_changes']} duplicated changes"
+    )
+    peers = report["peers"]
+    daily, incremental = peers["daily_batch"], peers["incremental_copy"]
+    stale = daily["correctness_before_the_next_copy"]
+    print(
+        f"daily batch: latency p50 {daily['latency_s']['p50']:,} s (schedule); copy {daily['copy_seconds']} s, "
+        f"{daily['load_jobs_per_day']} load jobs/day, {daily['bytes_per_day']:,} bytes/day; before its next copy it "
+        f"lacks {stale['missing']:,} rows, holds {stale['missed_deletes']:,} deleted and {stale['missed_updates']:,} stale"
+    )
+    inc = incremental["correctness"]
+    lat = incremental["latency_s_of_rows_it_holds"]
+    print(
+        f"incremental copy every {incremental['interval_s']} s: latency of rows it holds p50 {lat.get('p50')} s, "
+        f"p95 {lat.get('p95')} s; {incremental['load_jobs']} load + {incremental['query_jobs']} query jobs "
+        f"({incremental['load_jobs_per_day_projected']:,} load jobs/day projected); at the end it lacks "
+        f"{inc['missing']:,} rows, holds {inc['missed_deletes']:,} deleted and {inc['missed_updates']:,} stale"
+    )
+    if "capture_vs_raw" in report:
+        replay = report["capture_vs_raw"]
+        print(
+            f"capture vs raw binlog decode of the 10x phase's binlog (slots_play, {replay['rows']:,} row changes): "
+            f"raw {replay['raw_decode_rows_per_s_median']:,.0f}/s, capture {replay['capture_rows_per_s_median']:,.0f}/s, "
+            f"ratio {replay['capture_vs_raw_ratio_median']:.2f} (pairs: {', '.join(f'{p:.2f}' for p in replay['ratios'])})"
+        )
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    series = [(f"ours, {p['phase']}", p["latency_values"]) for p in report["phases"]]
+    series.append(("incremental copy (rows it holds)", report["peers"]["incremental_copy"]["latency_values"]))
+    for label, values in series:
+        if not values:
+            continue
+        ordered = sorted(values)
+        axis.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
+    daily = report["peers"]["daily_batch"]["copy_seconds"]
+    day = [daily + s for s in range(0, 86_400, 60)]
+    axis.plot(
+        day, [(i + 1) / len(day) for i in range(len(day))], label="daily batch (schedule)", linestyle="--"
+    )
+    axis.set_xscale("log")
+    axis.set_xlabel("seconds from commit in MariaDB to visible in BigQuery (log scale)")
+    axis.set_ylabel("share of changes")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower right")
+    axis.set_title(f"Latency CDF - {report['machine']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
