@@ -128,15 +128,18 @@ def _latency_metadata(commit_times: Any) -> dict[str, float]:
 
 
 def _acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
-    """Delete the SQS messages of loaded files. An expired handle is harmless: the message comes back, and its
-    rerun finds the batch already merged and only deletes it."""
+    """Delete the SQS messages of loaded files, ten per call. An expired handle is harmless: the message comes back,
+    and its rerun finds the batch already merged and only deletes it."""
     done = 0
-    for receipt in receipts:
-        try:
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
-            done += 1
-        except sqs.exceptions.ReceiptHandleIsInvalid:
-            log.warning("an SQS receipt handle expired before the load finished; the message will return")
+    for start in range(0, len(receipts), 10):
+        entries = [{"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[start : start + 10])]
+        answer = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+        done += len(answer.get("Successful", []))
+        for failed in answer.get("Failed", []):
+            log.warning(
+                f"SQS did not delete a loaded file's message ({failed.get('Code')}: {failed.get('Message')}); it "
+                "will return and its rerun only deletes it"
+            )
     return done
 
 
