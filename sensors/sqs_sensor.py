@@ -36,7 +36,7 @@ from cdc_assets.resources import LandingResource
 from cdc_assets.tables import NO_DUPLICATES, bigquery_asset_key, load_run_config
 
 MAX_POLL_SECONDS = 20.0  # per tick; Dagster's sensor timeout is 60 s
-MAX_MESSAGES_PER_TICK = 500
+MAX_MESSAGES_PER_TICK = 1000  # a run takes what landed while the previous one loaded
 
 
 @dataclass

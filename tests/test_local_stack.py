@@ -230,3 +230,29 @@ def _drain(sqs: object, queue: str) -> None:
     while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages"):  # type: ignore[attr-defined]
         for message in batch:
             sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])  # type: ignore[attr-defined]
+
+
+def test_moto_runs_with_a_clock_that_gives_moto_s_own_values(local_stack: LocalStack) -> None:
+    """The local SQS stays fast as the queue fills (local_stack/moto_server.py): the launcher runs, and its clock
+    gives the values moto's would, for now and for a given time."""
+    import datetime as dt
+
+    from moto.core import utils
+
+    from local_stack import moto_server
+
+    pid = local_stack.moto.process.pid()
+    assert pid is not None
+    assert "local_stack.moto_server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")
+    when = dt.datetime(2026, 11, 25, 12, 30, 15, 250_000)
+    assert moto_server.unix_time_millis(when) == utils.unix_time_millis(when)
+    assert abs(moto_server.unix_time_millis() - utils.unix_time_millis()) < 50
+    # and its queues work as SQS's: a message sent is received once, then is invisible until it times out
+    sqs = aws_client("sqs", local_stack.environment())
+    queue = sqs.create_queue(QueueName="clock-check", Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody="m")
+    assert len(sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1).get("Messages", [])) == 1
+    assert sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=0).get("Messages") is None
+    time.sleep(1.5)
+    assert len(sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1).get("Messages", [])) == 1
+    sqs.delete_queue(QueueUrl=queue)
