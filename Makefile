@@ -66,9 +66,10 @@ test: deps
 faults: deps
 	CDC_FAULTS_JSON=bench/results/faults.json $(BIN)/pytest -m faults -p no:cacheprovider $(PYTEST_ARGS)
 
-# Benchmarks (not timed tests): a table on stdout, JSON under bench/results/.
+# Benchmarks (not timed tests): the whole pipeline at 1x, 10x and a burst of the seed's rate beside its peers; a table
+# on stdout, JSON and a latency plot under bench/results/. (python -m bench.capture_bench: the capture alone.)
 bench: deps
-	$(BIN)/python -m bench.capture_bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.pipeline_bench $(BENCH_ARGS)
 
 lint: deps
 	$(BIN)/ruff check .

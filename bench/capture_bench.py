@@ -145,6 +145,15 @@ def _measure(role: str, env: dict[str, str], start: str, end: str, rows: int = 0
     }
 
 
+def _gtid_numbers(state: str) -> dict[str, int]:
+    """'0-1-10,1-2-5' -> {'0': 10, '1': 5}: each replication domain's sequence number."""
+    numbers = {}
+    for gtid in filter(None, (g.strip() for g in state.split(","))):
+        domain, _, sequence = gtid.split("-")
+        numbers[domain] = int(sequence)
+    return numbers
+
+
 def _raw_decode(start: str, end: str) -> tuple[float, int]:
     """Decode the range and touch every value; stop at the commit of the range's last transaction. Returns the
     seconds and the row changes decoded."""
@@ -196,12 +205,14 @@ def _capture(start: str, end: str) -> tuple[float, int]:
     snapshotted = {t.source: {"snapshot_position": "bench"} for t in cluster.enabled_tables}
     store.write_json("checkpoints", cluster.cluster, {"gtid": start, "tables": snapshotted})
     capture = ClusterCapture(cluster, mysql_connection(cluster), store, CaptureSettings(flush_interval_s=0.5))
-    wanted = set(end.split(","))
+    wanted = _gtid_numbers(end)
 
     def watch() -> None:
-        # The in-memory checkpoint is updated only after it was written to S3; polling S3 would load moto.
+        # The in-memory checkpoint is updated only after it was written to S3; polling S3 would load moto. The
+        # binlog may go on past the range: stop once every domain's checkpoint has reached the range's end.
         while not capture.stop_requested.is_set():
-            if set(str(capture.checkpoint.get("gtid", "")).split(",")) >= wanted:
+            reached = _gtid_numbers(str(capture.checkpoint.get("gtid", "")))
+            if all(reached.get(domain, -1) >= number for domain, number in wanted.items()):
                 capture.stop()
                 return
             time.sleep(0.05)

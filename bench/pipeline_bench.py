@@ -287,6 +287,14 @@ def our_correctness(platform: BenchPlatform) -> dict[str, int]:
     stack = LocalStack(mappings, state_dir=platform.state)
     totals = {"tables": 0, "rows": 0, "missing": 0, "extra": 0, "different": 0, "duplicated_changes": 0}
 
+    def key_text(value: Any) -> str:
+        """A key value as text, whichever side it comes from (NUMERIC 7.000000000 and '7' are the same key)."""
+        try:
+            number = Decimal(str(value))
+        except (InvalidOperation, TypeError):
+            return str(value)
+        return str(int(number)) if number == number.to_integral_value() else str(number.normalize())
+
     def same(a: Any, b: Any) -> bool:
         if a == b:
             return True
@@ -330,11 +338,11 @@ def our_correctness(platform: BenchPlatform) -> dict[str, int]:
                     row[name] = json_canonical(value)
                 if value is not None and types[name].split("(")[0] in ("double", "float"):
                     row[name] = repr(float(value))
-            source[tuple(str(row[k]) for k in key)] = row
+            source[tuple(key_text(row[k]) for k in key)] = row
         loaded = {}
         for row in client.query(f"SELECT * FROM {loader.ref(loader.current)}").result():
             values = {n: as_text(row[n], t) for n, t in types.items()}
-            loaded[tuple(str(values[k]) for k in key)] = values
+            loaded[tuple(key_text(values[k]) for k in key)] = values
         totals["rows"] += len(source)
         totals["missing"] += len(source.keys() - loaded.keys())
         totals["extra"] += len(loaded.keys() - source.keys())
@@ -364,7 +372,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--phase-seconds", type=float, default=90.0, help="length of the 1x and 10x phases")
+    parser.add_argument("--phase-seconds", type=float, default=60.0, help="length of the 1x and 10x phases")
     parser.add_argument("--burst-seconds", type=float, default=15.0)
     parser.add_argument(
         "--burst-multiple", type=float, default=20.0, help="the burst, in multiples of the seed"
@@ -372,7 +380,7 @@ def main() -> None:
     parser.add_argument(
         "--multiples", default="1,10", help="the steady phases, in multiples of the seed's rate"
     )
-    parser.add_argument("--flush-interval", type=float, default=1.0, help="the capture's flush interval (s)")
+    parser.add_argument("--flush-interval", type=float, default=2.0, help="the capture's flush interval (s)")
     parser.add_argument(
         "--peer-interval", type=float, default=120.0, help="the incremental copy's schedule (s)"
     )

@@ -54,7 +54,9 @@ class MotoServer:
 
     def start(self) -> None:
         if importlib.util.find_spec("moto.server") is None:
-            raise StackError("moto[server] is not installed: pip install -e '.[local]' (make demo does this).")
+            raise StackError(
+                "moto[server] is not installed: pip install -e '.[local]' (make demo does this)."
+            )
         self.process.start(  # moto_server, with its SQS clock made cheap (local_stack/moto_server.py)
             [sys.executable, "-m", "local_stack.moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
             ready=self._ready,

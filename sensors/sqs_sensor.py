@@ -1,6 +1,6 @@
 """The SQS sensor: S3 events of landed files -> one run per table and day, naming the files to load.
 
-Per tick it long-polls the queue in bounded batches (well under the sensor time limit) and:
+Per tick it receives what is waiting in the queue (at most MAX_MESSAGES_PER_TICK, for at most MAX_POLL_SECONDS) and:
 - parses S3 event messages, plain or SNS-wrapped; S3 TestEvents are deleted; keys are URL-decoded;
 - maps each key to its mapped table and UTC day; duplicate events for one object collapse into one file;
 - yields one RunRequest per day for the tick's tables, with each table's files and its messages' receipt handles
@@ -35,7 +35,9 @@ from cdc_assets import quota
 from cdc_assets.resources import LandingResource
 from cdc_assets.tables import NO_DUPLICATES, bigquery_asset_key, load_run_config
 
-MAX_POLL_SECONDS = 20.0  # per tick; Dagster's sensor timeout is 60 s
+MAX_POLL_SECONDS = (
+    5.0  # per tick (Dagster's sensor timeout is 60 s): a run takes what waited, not what keeps coming
+)
 MAX_MESSAGES_PER_TICK = 1000  # a run takes what landed while the previous one loaded
 
 
@@ -124,8 +126,13 @@ def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[Batc
     deadline = time.monotonic() + MAX_POLL_SECONDS
     received = 0
     while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
+        # the first call waits a second for a message; then take what is there and go: files that land while the
+        # tick receives would otherwise keep it receiving (the capture writes a file per table every few seconds)
         messages = sqs.receive_message(
-            QueueUrl=landing.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
+            QueueUrl=landing.queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0 if received else 1,
+            AttributeNames=["All"],
         ).get("Messages", [])
         if not messages:
             break
