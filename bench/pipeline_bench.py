@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.platform import ROOT, BenchPlatform, Sampler, wait_for
+from bench.platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
 
 RESULTS = ROOT / "bench" / "results"
 SEED_ROWS_PER_S = 40_000_000 / 86_400  # the seed: 40M changed rows a day
@@ -409,17 +410,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     state = ROOT / ".state" / "bench"
     platform = BenchPlatform(state)
-    if state.exists():
-        subprocess.run([sys.executable, "-m", "cdc.cli", "stack", "down"], env=platform.env, check=False)
+    if state.exists():  # an earlier run's platform: stopped whole before its folder goes
+        subprocess.run([CDC, "stack", "down"], env=platform.env, check=False, capture_output=True)
+        stopped = stop_leftovers(state)
+        if stopped:
+            print(f"stopped {len(stopped)} leftover process(es) of an earlier run", flush=True)
         shutil.rmtree(state)
     os.environ["CDC_STATE_DIR"] = str(state)
     print(f"platform: {state}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the platform below
     platform.cdc("stack", "up", "--free-ports")
     try:
         return measure(args, platform, began)
     finally:
         if not args.keep:
-            platform.cdc("stack", "down")
+            subprocess.run([CDC, "stack", "down"], env=platform.env, check=False, capture_output=True)
+            stop_leftovers(state)
 
 
 def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> dict[str, Any]:

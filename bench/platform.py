@@ -172,6 +172,36 @@ class Sampler(threading.Thread):
         return {k: round(v, 1) for k, v in sorted(used.items())}
 
 
+def stop_leftovers(state: Path) -> list[int]:
+    """Stop (SIGTERM, then SIGKILL) every process started for the platform in `state` - found by the CDC_STATE_DIR
+    in its environment, so a run whose pid files are gone (a killed benchmark) is stopped too."""
+    import signal
+
+    marker = f"CDC_STATE_DIR={state}".encode()
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGTERM:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in found):
+                time.sleep(0.2)
+    return found
+
+
 def wait_for(condition: Any, what: str, timeout: float, interval: float = 2.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
