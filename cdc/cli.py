@@ -367,6 +367,7 @@ def dagster_start(port: int) -> None:
         environment.DAGSTER_INSTANCE_YAML, str(environment.PROJECT_ROOT / "deploy" / "local" / "dagster.yaml")
     )
     shutil.copy(instance_yaml, home / "dagster.yaml")
+    _fail_orphaned_runs(home)
     dagster_cli = str(Path(sys.executable).with_name("dagster"))
     argv = [
         dagster_cli,
@@ -397,6 +398,50 @@ def dagster_start(port: int) -> None:
 def dagster_stop() -> None:
     """Stop the background Dagster instance."""
     click.echo("dagster stopped" if _dagster_process().stop(timeout=60) else "dagster was not running")
+
+
+def _live_run_ids() -> set[str]:
+    """Ids of the runs whose worker process (`dagster api execute_run <args with the run id>`) is alive here."""
+    import re
+
+    alive: set[str] = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # ended while we looked
+        if "execute_run" in text:
+            alive.update(re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text))
+    return alive
+
+
+def _fail_orphaned_runs(home: Path) -> None:
+    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED with no worker alive.
+
+    Locally a run's worker is a child of `dagster dev`, so it dies with it, and the default run launcher has no
+    worker health check: such a run would stay "started" forever, holding its pool slots and making the SQS
+    sensor wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never
+    acknowledged in SQS) load in the next run."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        records = instance.get_run_records(
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
+        )
+        alive = _live_run_ids() if records else set()
+        for record in records:
+            run = record.dagster_run
+            if run.run_id in alive:
+                continue
+            instance.report_run_failed(
+                run,
+                "its run worker is gone: Dagster was stopped or killed while the run was in progress (found by "
+                "`cdc dagster start`); files it did not load were never acknowledged in SQS and load in a later run",
+            )
+            click.echo(f"run {run.run_id} left in progress by the previous Dagster: marked failed")
+    finally:
+        instance.dispose()
 
 
 def _dagster_instance() -> Any:

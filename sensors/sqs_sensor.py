@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import dagster as dg
+from dagster import MAX_RUNTIME_SECONDS_TAG
 
 from capture import layout
 from cdc.mappings import Mappings, TableMapping
@@ -185,6 +186,9 @@ ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.STARTED,
 ]
 ACTIVE_RUN_MAX_AGE_S = 600  # an older "active" run is taken for dead (its worker gone); the sensor goes on
+# run monitoring fails a load run still in progress after this long (a worker that died where no health check sees
+# it, as with the local default run launcher): its pool slots are freed and its unacknowledged files load again
+LOAD_RUN_MAX_RUNTIME_S = 1800
 
 
 def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
@@ -210,6 +214,7 @@ def run_requests(batches: list[Batch]) -> list[dg.RunRequest]:
                 run_config=load_run_config(files),
                 tags={
                     LOAD_RUN_TAG: "sensor",
+                    MAX_RUNTIME_SECONDS_TAG: str(LOAD_RUN_MAX_RUNTIME_S),
                     "cdc/tables": str(len(group)),
                     "cdc/files": str(sum(len(b.keys) for b in group)),
                 },

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pymysql
 import pytest
 
 from cdc.clients import aws_client
 from local_stack.stack import LocalStack
+from sensors.sqs_sensor import LOAD_RUN_TAG
 from tests.capture_support import CaptureEnv, in_thread, landed_keys, new_env, run_sql, source_text_rows
 from tests.conftest import Receiver
 from tests.fault_support import TcpProxy, tcp_proxy
@@ -185,12 +187,27 @@ def capture_killed_mid_transaction(run: FaultRun) -> str:
     return "none needed: the capture resumed at its checkpoint"
 
 
+def _wait_for_a_load_in_progress(run: FaultRun, timeout: float = 60) -> None:
+    """Return once one of the sensor's load runs is in progress (the workload keeps the sensor busy)."""
+    instance = dg.DagsterInstance.from_config(str(run.pipeline.stack.state_dir / "dagster" / "home"))
+    deadline = time.monotonic() + timeout
+    try:
+        while not instance.get_run_records(
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={LOAD_RUN_TAG: "sensor"}), limit=1
+        ):
+            assert time.monotonic() < deadline, f"no load run started in {timeout:.0f} s"
+            time.sleep(0.2)
+    finally:
+        instance.dispose()
+
+
 def dagster_killed_and_restarted(run: FaultRun) -> str:
-    time.sleep(2)  # a load is likely in flight: the workload keeps the sensor busy
+    _wait_for_a_load_in_progress(run)
     _kill_9(run, "dagster")  # webserver, daemon and the runs in progress
     time.sleep(10)
-    run.pipeline.cdc("dagster", "start", "--port", str(run.pipeline.port))
-    return "none needed: the killed run's messages came back after SQS's visibility timeout"
+    said = run.pipeline.cdc("dagster", "start", "--port", str(run.pipeline.port))
+    orphaned = [line for line in said.splitlines() if "marked failed" in line]
+    return (orphaned[0] if orphaned else "none needed") + "; unacknowledged files loaded again"
 
 
 def bigquery_down_60_s(run: FaultRun) -> str:

@@ -1,0 +1,89 @@
+"""A load run whose worker died never blocks loading: the sensor waits only for live, recent load runs, every load
+run carries a maximum runtime for run monitoring, and `cdc dagster start` fails the runs a killed Dagster left
+in progress (locally nothing else would: the default run launcher has no worker health check)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+
+from cdc.cli import _fail_orphaned_runs
+from cdc.mappings import TableMapping
+from sensors.sqs_sensor import (
+    ACTIVE_RUN_MAX_AGE_S,
+    LOAD_RUN_MAX_RUNTIME_S,
+    LOAD_RUN_TAG,
+    Batch,
+    active_load_run,
+    run_requests,
+)
+
+
+def _add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus, tags: dict[str, str]) -> str:
+    run = dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=status, tags=tags)
+    instance.add_run(run)
+    return run.run_id
+
+
+def test_the_sensor_waits_only_for_its_own_recent_load_runs() -> None:
+    with dg.instance_for_test() as instance:
+        _add_run(instance, dg.DagsterRunStatus.STARTED, {"other": "job"})
+        _add_run(instance, dg.DagsterRunStatus.SUCCESS, {LOAD_RUN_TAG: "sensor"})
+        assert active_load_run(instance, time.time()) is None
+        running = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+        assert active_load_run(instance, time.time()) == running
+        # a run "in progress" for longer than any load takes is taken for dead: the sensor goes on
+        assert active_load_run(instance, time.time() + ACTIVE_RUN_MAX_AGE_S + 1) is None
+
+
+def test_load_runs_carry_a_maximum_runtime_for_run_monitoring() -> None:
+    table = TableMapping(source="game_db.hot", target="game.hot", primary_key=["id"])
+    batch = Batch(table, "2026-11-26", {"cdc/game_db/hot/2026/11/26/a.parquet"}, {"m1": "r1"}, {"m1": 1})
+    (request,) = run_requests([batch])
+    assert request.tags[LOAD_RUN_TAG] == "sensor"
+    assert request.tags["dagster/max_runtime"] == str(LOAD_RUN_MAX_RUNTIME_S)
+    assert ACTIVE_RUN_MAX_AGE_S < LOAD_RUN_MAX_RUNTIME_S  # the sensor stops waiting before monitoring ends it
+
+
+def test_dagster_start_fails_runs_a_killed_dagster_left_in_progress(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    instance = dg.DagsterInstance.from_config(str(home))
+    orphaned = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+    starting = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"})
+    alive = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+    instance.dispose()
+    # a worker still running (its command line holds the run id, as `dagster api execute_run` does) is left alone
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            "api",
+            "execute_run",
+            f'{{"run_id": "{alive}"}}',
+        ]
+    )
+    try:
+        _fail_orphaned_runs(home)
+    finally:
+        worker.kill()
+        worker.wait()
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        runs = {run_id: instance.get_run_by_id(run_id) for run_id in (orphaned, starting, alive)}
+        status = {run_id: run.status if run else None for run_id, run in runs.items()}
+        assert status == {
+            orphaned: dg.DagsterRunStatus.FAILURE,
+            starting: dg.DagsterRunStatus.FAILURE,
+            alive: dg.DagsterRunStatus.STARTED,
+        }
+        failure = instance.all_logs(orphaned, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert "its run worker is gone" in str(failure[0].message)
+    finally:
+        instance.dispose()
