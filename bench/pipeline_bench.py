@@ -559,6 +559,7 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
     report["peers"] = peers_report(phases, incremental_out, daily_out)
     report["ours_correctness"] = our_correctness(platform, caught_up(platform, client)[1])
     if gtids.get("start") and gtids.get("end"):
+        platform.cdc("dagster", "stop")  # the replay pair runs on a quiet machine, as the raw decode does
         platform.cdc("capture", "stop")
         report["capture_vs_raw"] = capture_vs_raw(
             platform, replay_cluster, gtids["start"], gtids["end"], args.replay_repeats
