@@ -97,7 +97,8 @@ def component_of(name: str, command: str) -> str:
     if name == "dagster":
         return (
             "Dagster run workers"
-            if "execute_run" in command or "api execute" in command
+            # a run worker: `dagster api execute_run`, or the code server's multiprocessing child
+            if "execute_run" in command or "api execute" in command or "spawn_main" in command
             else "Dagster services"
         )
     return {"moto": "moto (S3+SQS)", "bigquery": "BigQuery server", "capture": "capture (6 clusters)"}.get(

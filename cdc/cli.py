@@ -400,23 +400,28 @@ def dagster_stop() -> None:
     click.echo("dagster stopped" if _dagster_process().stop(timeout=60) else "dagster was not running")
 
 
-def _live_run_ids() -> set[str]:
-    """Ids of the runs whose worker process (`dagster api execute_run <args with the run id>`) is alive here."""
-    import re
+def _processes_of_instance(home: Path) -> list[int]:
+    """The processes still running with DAGSTER_HOME=home: what is left of an earlier Dagster of this instance
+    (its run workers are spawned by the code server and inherit its environment)."""
+    import os
 
-    alive: set[str] = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    wanted = f"DAGSTER_HOME={home}".encode()
+    ours = os.getsid(
+        0
+    )  # this command and whoever started it (the earlier Dagster ran in a session of its own)
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            text = cmdline.read_bytes().decode(errors="replace")
+            pid = int(environ.parent.name)
+            if wanted in environ.read_bytes().split(b"\0") and os.getsid(pid) != ours:
+                found.append(pid)
         except OSError:
-            continue  # ended while we looked
-        if "execute_run" in text:
-            alive.update(re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text))
-    return alive
+            continue  # ended while we looked, or not ours to read
+    return found
 
 
 def _fail_orphaned_runs(home: Path) -> None:
-    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED with no worker alive.
+    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED, when no process of it is left.
 
     Locally a run's worker is a child of `dagster dev`, so it dies with it, and the default run launcher has no
     worker health check: such a run would stay "started" forever, holding its pool slots and making the SQS
@@ -424,16 +429,19 @@ def _fail_orphaned_runs(home: Path) -> None:
     acknowledged in SQS) load in the next run."""
     import dagster as dg
 
+    leftovers = _processes_of_instance(home)
+    if leftovers:  # a worker of the earlier Dagster may still be running its run: leave the runs to it
+        click.echo(
+            f"processes of an earlier Dagster still run ({len(leftovers)}); its runs in progress are left alone"
+        )
+        return
     instance = dg.DagsterInstance.from_config(str(home))
     try:
         records = instance.get_run_records(
             dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
         )
-        alive = _live_run_ids() if records else set()
         for record in records:
             run = record.dagster_run
-            if run.run_id in alive:
-                continue
             instance.report_run_failed(
                 run,
                 "its run worker is gone: Dagster was stopped or killed while the run was in progress (found by "

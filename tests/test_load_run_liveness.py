@@ -1,9 +1,10 @@
-"""A load run whose worker died never blocks loading: the sensor waits only for live, recent load runs, every load
-run carries a maximum runtime for run monitoring, and `cdc dagster start` fails the runs a killed Dagster left
-in progress (locally nothing else would: the default run launcher has no worker health check)."""
+"""A load run whose worker died never blocks loading: the sensor waits only for recent load runs, every load run
+carries a maximum runtime for run monitoring, and `cdc dagster start` fails the runs a killed Dagster left in
+progress (locally nothing else would: the default run launcher has no worker health check)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -56,34 +57,40 @@ def test_dagster_start_fails_runs_a_killed_dagster_left_in_progress(tmp_path: Pa
     instance = dg.DagsterInstance.from_config(str(home))
     orphaned = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
     starting = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"})
-    alive = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+    finished = _add_run(instance, dg.DagsterRunStatus.SUCCESS, {LOAD_RUN_TAG: "sensor"})
     instance.dispose()
-    # a worker still running (its command line holds the run id, as `dagster api execute_run` does) is left alone
+    # while a process of the earlier Dagster is left (a run worker inherits DAGSTER_HOME), its runs are left alone
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; time.sleep(60)",
-            "api",
-            "execute_run",
-            f'{{"run_id": "{alive}"}}',
-        ]
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        start_new_session=True,
     )
     try:
+        time.sleep(0.5)
         _fail_orphaned_runs(home)
+        assert _statuses(home, orphaned, starting) == [
+            dg.DagsterRunStatus.STARTED,
+            dg.DagsterRunStatus.STARTING,
+        ]
     finally:
         worker.kill()
         worker.wait()
+    # once none is left, they are orphans
+    _fail_orphaned_runs(home)
+    assert _statuses(home, orphaned, starting) == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.FAILURE]
+    assert _statuses(home, finished) == [dg.DagsterRunStatus.SUCCESS]
     instance = dg.DagsterInstance.from_config(str(home))
     try:
-        runs = {run_id: instance.get_run_by_id(run_id) for run_id in (orphaned, starting, alive)}
-        status = {run_id: run.status if run else None for run_id, run in runs.items()}
-        assert status == {
-            orphaned: dg.DagsterRunStatus.FAILURE,
-            starting: dg.DagsterRunStatus.FAILURE,
-            alive: dg.DagsterRunStatus.STARTED,
-        }
         failure = instance.all_logs(orphaned, of_type=dg.DagsterEventType.RUN_FAILURE)
         assert "its run worker is gone" in str(failure[0].message)
+    finally:
+        instance.dispose()
+
+
+def _statuses(home: Path, *run_ids: str) -> list[dg.DagsterRunStatus | None]:
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        runs = [instance.get_run_by_id(run_id) for run_id in run_ids]
+        return [run.status if run else None for run in runs]
     finally:
         instance.dispose()
