@@ -273,16 +273,32 @@ def main() -> None:
     parser.add_argument("--prefix", required=True, help="BigQuery dataset prefix of this copy")
     parser.add_argument("--interval", type=float, default=120.0, help="incremental: seconds between runs")
     parser.add_argument("--until", type=float, default=0.0, help="incremental: stop after this epoch time")
+    parser.add_argument(
+        "--ready-file",
+        help="incremental: make the first (full) copy, write this file, then copy every interval for --duration "
+        "seconds; the first copy is set up, not counted",
+    )
+    parser.add_argument("--duration", type=float, default=0.0, help="incremental: with --ready-file")
     parser.add_argument("--out", required=True, help="JSON summary")
     args = parser.parse_args()
     peer = Peer(args.prefix)
     if args.mode == "daily":
         peer.run_once(incremental=False)
     else:
+        until = args.until
+        if (
+            args.ready_file
+        ):  # the initial sync, done before the measurement as a copy in service did it long ago
+            peer.run_once(incremental=True)
+            peer.stats = CopyStats()
+            until = time.time() + args.duration
+            with open(args.ready_file, "w", encoding="utf-8") as handle:
+                handle.write("ready\n")
+            time.sleep(args.interval)
         while True:
             started = time.time()
             peer.run_once(incremental=True)
-            if started + args.interval >= args.until:
+            if started + args.interval >= until:
                 break
             time.sleep(max(0.0, started + args.interval - time.time()))
     with open(args.out, "w", encoding="utf-8") as handle:

@@ -406,14 +406,17 @@ def our_correctness(platform: BenchPlatform, tables: set[str]) -> dict[str, int]
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
-def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, until: float, interval: float) -> Any:
+def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, duration: float, interval: float) -> Any:
+    """The incremental copy: its first (full) copy now, then one every `interval` for `duration` seconds."""
     out = platform.state / f"peer-{mode}.json"
+    ready = platform.state / f"peer-{mode}.ready"
     argv = [
         sys.executable, "-m", "bench.peers", mode, "--prefix", f"peer_{mode}", "--out", str(out),
-        "--interval", str(interval), "--until", str(until),
+        "--interval", str(interval), "--duration", str(duration), "--ready-file", str(ready),
     ]  # fmt: skip
     process = subprocess.Popen(argv, env=platform.env, cwd=ROOT, start_new_session=True)
     sampler.register(process.pid, f"peer: {mode} copy")
+    wait_for(ready.exists, "the incremental copy's initial full copy", timeout=300, interval=1)
     return process, out
 
 
@@ -505,11 +508,11 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
          str(platform.state / "peer-daily-before.json")], env=platform.env, cwd=ROOT, check=True,
     )  # fmt: skip
     del daily_before
-    sampler.start()
     total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
     incremental, incremental_out = start_peer(
-        platform, sampler, "incremental", time.time() + total_seconds, args.peer_interval
+        platform, sampler, "incremental", total_seconds, args.peer_interval
     )
+    sampler.start()
     replay_cluster = "slots_play"
     gtids: dict[str, str] = {}
     for index, phase in enumerate(phases, 1):

@@ -36,9 +36,9 @@ from cdc_assets import quota
 from cdc_assets.resources import LandingResource
 from cdc_assets.tables import NO_DUPLICATES, bigquery_asset_key, load_run_config
 
-MAX_POLL_SECONDS = (
-    5.0  # per tick (Dagster's sensor timeout is 60 s): a run takes what waited, not what keeps coming
-)
+# per tick (Dagster's sensor timeout is 60 s): a run takes what was waiting when the tick began, not what keeps
+# coming; receiving 1,000 messages from a busy queue takes seconds
+MAX_POLL_SECONDS = 20.0
 MAX_MESSAGES_PER_TICK = 1000  # a run takes what landed while the previous one loaded
 
 
@@ -126,9 +126,16 @@ def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[Batc
     sqs = landing.sqs()
     deadline = time.monotonic() + MAX_POLL_SECONDS
     received = 0
-    while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
-        # the first call waits a second for a message; then take what is there and go: files that land while the
-        # tick receives would otherwise keep it receiving (the capture writes a file per table every few seconds)
+    # what is waiting now (approximate, as SQS counts): received whole; files that land meanwhile are left for the
+    # next run, or the tick would keep receiving (the capture writes a file per table every few seconds)
+    waiting = int(
+        sqs.get_queue_attributes(QueueUrl=landing.queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+        .get("Attributes", {})
+        .get("ApproximateNumberOfMessages", 0)
+    )
+    wanted = min(MAX_MESSAGES_PER_TICK, max(waiting, 1))
+    while received < wanted and time.monotonic() < deadline:
+        # the first call waits a second for a message; then take what is there and go
         messages = sqs.receive_message(
             QueueUrl=landing.queue_url,
             MaxNumberOfMessages=10,
