@@ -449,6 +449,12 @@ def main() -> None:
         help="the whole run's wall time the catch-up wait fits into",
     )
     parser.add_argument("--keep", action="store_true", help="leave the platform running afterwards")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample the BigQuery server and one cluster's capture with py-spy during the 10x phase (20/s)",
+    )
     parser.add_argument("--role", choices=["workload"])
     parser.add_argument("--cluster")
     parser.add_argument("--rate", type=float)
@@ -515,9 +521,12 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
     sampler.start()
     replay_cluster = "slots_play"
     gtids: dict[str, str] = {}
+    profiles: list[tuple[str, Any, Path]] = []
     for index, phase in enumerate(phases, 1):
         if phase.multiple == 10:
             gtids["start"] = gtid(platform, replay_cluster)
+            if args.profile:
+                profiles = start_profiles(platform, replay_cluster, phase.seconds + 8)
         run_phase(platform, sampler, phase, seed=index)
         if phase.multiple == 10:
             gtids["end"] = gtid(platform, replay_cluster)
@@ -559,6 +568,10 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
         [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
         env=platform.env, cwd=ROOT, check=True,
     )  # fmt: skip
+    if profiles:
+        report["profiles_self_time_share"] = {
+            name: profile_summary(process, out) for name, process, out in profiles
+        }
     report["peers"] = peers_report(phases, incremental_out, daily_out)
     report["ours_correctness"] = our_correctness(platform, caught_up(platform, client)[1])
     if gtids.get("start") and gtids.get("end"):
@@ -569,6 +582,42 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
         )
     report["wall_seconds"] = round(time.monotonic() - began, 1)
     return report
+
+
+def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> list[tuple[str, Any, Path]]:
+    """py-spy (20 samples/s, without pausing the process) on the BigQuery server and on `cluster`'s capture."""
+    from bench.platform import _processes
+
+    targets = {"BigQuery server": platform.service_pids()["bigquery"]}
+    for pid, (_, command, _, _) in _processes().items():
+        if "capture run" in command and f"--cluster {cluster}" in command:
+            targets[f"capture ({cluster})"] = pid
+    started = []
+    for name, pid in targets.items():
+        out = RESULTS / f"profile-{name.split()[0].lower()}.txt"
+        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "20",
+                "--duration", str(int(seconds)), "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
+        started.append(
+            (name, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+        )
+    return started
+
+
+def profile_summary(process: Any, out: Path, top: int = 6) -> dict[str, float]:
+    """Share of the samples whose innermost frame is in each package or module (self time), the largest first."""
+    process.wait(timeout=120)
+    counts: dict[str, int] = defaultdict(int)
+    for line in out.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        where = leaf[leaf.rfind("(") + 1 : leaf.rfind(":")]
+        if "site-packages/" in where:
+            where = where.split("site-packages/", 1)[1]
+            where = "/".join(where.split("/")[:2]) if where.startswith("bqemulator") else where.split("/")[0]
+        counts[where] += int(number)
+    total = sum(counts.values()) or 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    return {where: round(100 * n / total, 1) for where, n in ranked}
 
 
 TAIL_SECONDS = 240  # after the catch-up: the daily copy, the comparison, the capture replay
@@ -783,6 +832,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"({incremental['load_jobs_per_day_projected']:,} load jobs/day projected); at the end it lacks "
         f"{inc['missing']:,} rows, holds {inc['missed_deletes']:,} deleted and {inc['missed_updates']:,} stale"
     )
+    for name, shares in report.get("profiles_self_time_share", {}).items():
+        print(
+            f"profile of the {name} in the 10x phase (self time): "
+            + ", ".join(f"{k} {v}%" for k, v in shares.items())
+        )
     if "capture_vs_raw" in report:
         replay = report["capture_vs_raw"]
         print(
