@@ -579,7 +579,7 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
         report["profiles_self_time_share"] = {
             name: profile_summary(process, out) for name, process, out in profiles
         }
-    report["peers"] = peers_report(phases, incremental_out, daily_out)
+    report["peers"] = peers_report(phases, incremental_out, daily_out, args.peer_interval)
     report["ours_correctness"] = our_correctness(platform, caught_up(platform, client)[1])
     if gtids.get("start") and gtids.get("end"):
         platform.cdc("dagster", "stop")  # the replay pair runs on a quiet machine, as the raw decode does
@@ -721,7 +721,9 @@ def phase_report(
     }
 
 
-def peers_report(phases: list[Phase], incremental_out: Path, daily_out: Path) -> dict[str, Any]:
+def peers_report(
+    phases: list[Phase], incremental_out: Path, daily_out: Path, schedule: float
+) -> dict[str, Any]:
     from bench.peers import compare_with_source, latencies
 
     incremental = json.loads(incremental_out.read_text())
@@ -731,7 +733,7 @@ def peers_report(phases: list[Phase], incremental_out: Path, daily_out: Path) ->
     increments = latencies("peer_incremental", start)
     runs = incremental["runs"]
     gaps = [b["started"] - a["started"] for a, b in itertools.pairwise(runs)]
-    interval = round(statistics.median(gaps), 1) if gaps else None
+    interval = round(statistics.median(gaps), 1) if gaps else schedule
     day = 86_400.0
     duration = daily_run["ended"] - daily_run["started"]
     return {
