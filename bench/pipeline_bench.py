@@ -794,22 +794,13 @@ def print_report(report: dict[str, Any]) -> None:
         row(f"  {stage[:32]}", [p["stages_p50_s"].get(stage, "-") for p in phases])
     row("  staging load job p50 (s)", [p["stage_job_p50_s"] for p in phases])
     row("  merge transaction p50 (s)", [p["merge_job_p50_s"] for p in phases])
-    row(
-        "load jobs/table/day (max, this pace)",
-        [f"{p['load_jobs']['projected_per_table_per_day_max']:,}" for p in phases],
-    )
-    row(
-        "load jobs/project/day (this pace)",
-        [f"{p['load_jobs']['projected_project_per_day']:,}" for p in phases],
-    )
-    row(
-        "  under the caps: per table (max)",
-        [f"{p['load_jobs']['production_caps_per_table_per_day_max']:,}" for p in phases],
-    )
-    row(
-        "  under the caps: project",
-        [f"{p['load_jobs']['production_caps_project_per_day']:,}" for p in phases],
-    )
+    for label, key in (
+        ("load jobs/table/day (max, this pace)", "projected_per_table_per_day_max"),
+        ("load jobs/project/day (this pace)", "projected_project_per_day"),
+        ("  under the caps: per table (max)", "production_caps_per_table_per_day_max"),
+        ("  under the caps: project", "production_caps_project_per_day"),
+    ):
+        row(label, [f"{p['load_jobs'][key]:,}" for p in phases])
     components = sorted({c for p in phases for c in p["cpu_seconds"]})
     for component in components:
         row(
