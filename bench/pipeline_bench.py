@@ -595,6 +595,9 @@ def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> lis
     """py-spy (20 samples/s, without pausing the process) on the BigQuery server and on `cluster`'s capture."""
     from bench.platform import _processes
 
+    RESULTS.mkdir(
+        parents=True, exist_ok=True
+    )  # py-spy writes there (a fresh clone has no results folder yet)
     targets = {"BigQuery server": platform.service_pids()["bigquery"]}
     for pid, (_, command, _, _) in _processes().items():
         if "capture run" in command and f"--cluster {cluster}" in command:
@@ -613,6 +616,8 @@ def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> lis
 def profile_summary(process: Any, out: Path, top: int = 6) -> dict[str, float]:
     """Share of the samples whose innermost frame is in each package or module (self time), the largest first."""
     process.wait(timeout=120)
+    if not out.exists():  # the measurements stand without it
+        return {f"(no profile: py-spy exited {process.returncode})": 0.0}
     counts: dict[str, int] = defaultdict(int)
     for line in out.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
