@@ -614,7 +614,7 @@ def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> lis
 
 
 def profile_summary(process: Any, out: Path, top: int = 6) -> dict[str, float]:
-    """Share of the samples whose innermost frame is in each package or module (self time), the largest first."""
+    """Share of the samples whose innermost frame is in each module (self time), the largest first."""
     process.wait(timeout=120)
     if not out.exists():  # the measurements stand without it
         return {f"(no profile: py-spy exited {process.returncode})": 0.0}
@@ -622,11 +622,7 @@ def profile_summary(process: Any, out: Path, top: int = 6) -> dict[str, float]:
     for line in out.read_text().splitlines():
         stack, _, number = line.rpartition(" ")
         leaf = stack.rsplit(";", 1)[-1]
-        where = leaf[leaf.rfind("(") + 1 : leaf.rfind(":")]
-        if "site-packages/" in where:
-            where = where.split("site-packages/", 1)[1]
-            where = "/".join(where.split("/")[:2]) if where.startswith("bqemulator") else where.split("/")[0]
-        counts[where] += int(number)
+        counts[leaf[leaf.rfind("(") + 1 : leaf.rfind(":")]] += int(number)  # py-spy's short module path
     total = sum(counts.values()) or 1
     ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
     return {where: round(100 * n / total, 1) for where, n in ranked}
