@@ -145,7 +145,7 @@ def _measure(role: str, env: dict[str, str], start: str, end: str, rows: int = 0
     }
 
 
-def _gtid_numbers(state: str) -> dict[str, int]:
+def gtid_numbers(state: str) -> dict[str, int]:
     """'0-1-10,1-2-5' -> {'0': 10, '1': 5}: each replication domain's sequence number."""
     numbers = {}
     for gtid in filter(None, (g.strip() for g in state.split(","))):
@@ -205,13 +205,13 @@ def _capture(start: str, end: str) -> tuple[float, int]:
     snapshotted = {t.source: {"snapshot_position": "bench"} for t in cluster.enabled_tables}
     store.write_json("checkpoints", cluster.cluster, {"gtid": start, "tables": snapshotted})
     capture = ClusterCapture(cluster, mysql_connection(cluster), store, CaptureSettings(flush_interval_s=0.5))
-    wanted = _gtid_numbers(end)
+    wanted = gtid_numbers(end)
 
     def watch() -> None:
         # The in-memory checkpoint is updated only after it was written to S3; polling S3 would load moto. The
         # binlog may go on past the range: stop once every domain's checkpoint has reached the range's end.
         while not capture.stop_requested.is_set():
-            reached = _gtid_numbers(str(capture.checkpoint.get("gtid", "")))
+            reached = gtid_numbers(str(capture.checkpoint.get("gtid", "")))
             if all(reached.get(domain, -1) >= number for domain, number in wanted.items()):
                 capture.stop()
                 return

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.capture_bench import gtid_numbers
 from bench.platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
 from cdc_assets import quota
 
@@ -274,21 +275,12 @@ def gtid(platform: BenchPlatform, cluster: str) -> str:
         return str(cursor.fetchone()[0])
 
 
-def _gtid_numbers(position: str) -> dict[str, int]:
-    """'0-1-120,1-1-7' -> {'0': 120, '1': 7}: the last transaction per replication domain."""
-    numbers = {}
-    for part in filter(None, (p.strip() for p in position.split(","))):
-        domain, _, sequence = part.split("-")
-        numbers[domain] = int(sequence)
-    return numbers
-
-
 def captured_clusters(platform: BenchPlatform) -> set[str]:
     """The clusters whose capture checkpoint has reached the source's last transaction."""
     clusters = set()
     for status in json.loads(platform.cdc("capture", "status", "--json")):
-        captured = _gtid_numbers(str(status.get("checkpoint", {}).get("gtid", "")))
-        source = _gtid_numbers(gtid(platform, status["cluster"]))
+        captured = gtid_numbers(str(status.get("checkpoint", {}).get("gtid", "")))
+        source = gtid_numbers(gtid(platform, status["cluster"]))
         if all(captured.get(domain, -1) >= number for domain, number in source.items()):
             clusters.add(status["cluster"])
     return clusters

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline_bench import _gtid_numbers, profile_summary
+from bench.capture_bench import gtid_numbers
+from bench.pipeline_bench import profile_summary
 
 
 class _Finished:
@@ -16,9 +17,9 @@ class _Finished:
 
 
 def test_gtid_positions_are_compared_per_domain() -> None:
-    assert _gtid_numbers("0-1-120,1-1-7") == {"0": 120, "1": 7}
-    assert _gtid_numbers("") == {}
-    assert _gtid_numbers(" 0-596811218-8382 ") == {"0": 8382}
+    assert gtid_numbers("0-1-120,1-1-7") == {"0": 120, "1": 7}
+    assert gtid_numbers("") == {}
+    assert gtid_numbers(" 0-596811218-8382 ") == {"0": 8382}
 
 
 def test_profile_self_time_is_shared_per_module(tmp_path: Path) -> None:
