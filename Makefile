@@ -71,10 +71,12 @@ faults: deps
 bench: deps
 	$(BIN)/python -m bench.pipeline_bench $(BENCH_ARGS)
 
+# ruff, mypy, and the dependency rules: each stage imports only the stages before it (pyproject.toml, importlinter)
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 status: deps
 	$(BIN)/cdc stack status

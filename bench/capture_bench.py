@@ -161,13 +161,14 @@ def _raw_decode(start: str, end: str) -> tuple[float, int]:
     from pymysqlreplication.event import MariadbGtidEvent, XidEvent
     from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-    from capture.runner import mysql_connection
+    from cdc.settings import Settings
+    from cdc.source import cluster_connection
 
     cluster = _cluster()
     last = set(end.split(","))
     began = time.perf_counter()
     stream = BinLogStreamReader(
-        connection_settings=mysql_connection(cluster).settings(),
+        connection_settings=cluster_connection(cluster, Settings.load()).settings(),
         server_id=424242,
         blocking=True,
         auto_position=start,
@@ -197,14 +198,19 @@ def _raw_decode(start: str, end: str) -> tuple[float, int]:
 def _capture(start: str, end: str) -> tuple[float, int]:
     import threading
 
-    from capture.runner import mysql_connection, s3_store
+    from capture.runner import s3_store
     from capture.service import CaptureSettings, ClusterCapture
+    from cdc.settings import Settings
+    from cdc.source import cluster_connection
 
     cluster = _cluster()
-    store = s3_store()
+    config = Settings.load()
+    store = s3_store(config)
     snapshotted = {t.source: {"snapshot_position": "bench"} for t in cluster.enabled_tables}
     store.write_json("checkpoints", cluster.cluster, {"gtid": start, "tables": snapshotted})
-    capture = ClusterCapture(cluster, mysql_connection(cluster), store, CaptureSettings(flush_interval_s=0.5))
+    capture = ClusterCapture(
+        cluster, cluster_connection(cluster, config), store, CaptureSettings(flush_interval_s=0.5)
+    )
     wanted = gtid_numbers(end)
 
     def watch() -> None:

@@ -31,11 +31,11 @@ import pyarrow.parquet as pq
 from google.api_core import exceptions
 from google.cloud import bigquery
 
-from capture.runner import mysql_connection
-from cdc import environment
-from cdc.clients import bigquery_client
+from cdc.clients import bigquery_client_from
 from cdc.mappings import ClusterMapping, TableMapping, load_mappings, quote_bigquery, quote_mysql
-from tests.capture_support import oracle_expression
+from cdc.settings import Settings
+from cdc.source import cluster_connection
+from cdc_testing.oracle import oracle_expression
 
 CURSOR_COLUMNS = ("updated_at", "created_at", "id")
 
@@ -97,13 +97,11 @@ class Peer:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.mappings = load_mappings()
-        values = environment.resolved()
-        self.bq = bigquery_client(
-            values[environment.BIGQUERY_PROJECT], endpoint=values.get(environment.BIGQUERY_ENDPOINT) or None
-        )
+        config = Settings.load()
+        self.bq = bigquery_client_from(config)
         self.tables: list[PeerTable] = []
         for cluster in self.mappings.clusters:
-            connection = mysql_connection(cluster).connect()
+            connection = cluster_connection(cluster, config).connect()
             try:
                 self.tables += [describe(connection, cluster, t) for t in cluster.enabled_tables]
             finally:
@@ -117,7 +115,7 @@ class Peer:
         return quote_bigquery(self.bq.project, self.dataset(table), table.target_table + suffix)
 
     def _rows(self, peer: PeerTable, where: str = "", params: tuple[Any, ...] = ()) -> pa.Table:
-        connection = mysql_connection(peer.cluster).connect()
+        connection = cluster_connection(peer.cluster, Settings.load()).connect()
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SET SESSION time_zone = '+00:00'")
@@ -220,7 +218,7 @@ def compare_with_source(prefix: str) -> dict[str, Any]:
     per_table = {}
     for table in peer.tables:
         key_sql = ", ".join(f"CAST({quote_mysql(k)} AS CHAR)" for k in table.primary_key)
-        connection = mysql_connection(table.cluster).connect()
+        connection = cluster_connection(table.cluster, Settings.load()).connect()
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SET SESSION time_zone = '+00:00'")

@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.bench_platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
 from bench.capture_bench import gtid_numbers
-from bench.platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
-from cdc_assets import quota
+from cdc.settings import Settings
+from cdc_testing import oracle
 
 RESULTS = ROOT / "bench" / "results"
 SEED_ROWS_PER_S = 40_000_000 / 86_400  # the seed: 40M changed rows a day
@@ -171,13 +172,13 @@ def changes_and_files(
 ) -> tuple[list[tuple[str, float, str, float]], dict[str, Any]]:
     """Every change committed after `since`: (table, commit time, file, visible time); and per table the ledger's
     batches (batch -> first loaded_at) for load-job counts."""
-    from cdc_assets.loader import TableLoader
+    from cdc_assets.targets import TableTargets
 
     client = bigquery(platform)
     changes = []
     batches: dict[str, dict[str, float]] = {}
     for _, table in load_platform_mappings(platform).tables():
-        loader = TableLoader(client, table)
+        loader = TableTargets(client, table)
         sql = (
             f"SELECT UNIX_MICROS(c._commit_ts) AS commit_us, c._source_file AS file, UNIX_MICROS(l.loaded_at) AS "
             f"loaded_us FROM {loader.ref(loader.changelog)} AS c JOIN {loader.ref(loader.ledger)} AS l "
@@ -291,16 +292,15 @@ def caught_up(platform: BenchPlatform, client: Any) -> tuple[set[str], set[str]]
     with no landed file left unloaded: (clusters, tables by target). The workload has stopped, so a table in both
     holds in BigQuery exactly what its source holds."""
     from cdc_assets.checks import landed_and_unloaded
-    from cdc_assets.loader import TableLoader
     from cdc_assets.resources import LandingResource
+    from cdc_assets.targets import TableTargets
 
     clusters = captured_clusters(platform)
-    values = platform.stack_env()
-    landing = LandingResource(bucket=values["CDC_LANDING_BUCKET"], prefix=values["CDC_LANDING_PREFIX"])
+    landing = LandingResource.from_settings(Settings.load(platform.stack_env()))
     tables = {
         table.target
         for cluster, table in load_platform_mappings(platform).tables()
-        if cluster.cluster in clusters and not landed_and_unloaded(landing, TableLoader(client, table))[1]
+        if cluster.cluster in clusters and not landed_and_unloaded(landing, TableTargets(client, table))[1]
     }
     return clusters, tables
 
@@ -309,90 +309,53 @@ def caught_up(platform: BenchPlatform, client: Any) -> tuple[set[str], set[str]]
 
 
 def our_correctness(platform: BenchPlatform, tables: set[str]) -> dict[str, int]:
-    """The caught-up tables' BigQuery current state against their source, value for value (the test suite's
-    oracle); the tables still catching up are counted, not compared (their missing changes are in flight)."""
-    from decimal import Decimal, InvalidOperation
-
-    from cdc.mappings import quote_mysql
-    from cdc_assets.loader import TableLoader
+    """The caught-up tables' BigQuery current state against their source, value for value (cdc_testing.oracle,
+    as the tests judge it); the tables still catching up are counted, not compared (their changes are in flight).
+    Duplicated changes are counted in every table: a change in the changelog twice is never in flight."""
+    from cdc_assets.targets import TableTargets
     from local_stack.stack import LocalStack
-    from tests.capture_support import as_text, json_canonical, oracle_expression
 
     client = bigquery(platform)
     mappings = load_platform_mappings(platform)
     stack = LocalStack(mappings, state_dir=platform.state)
     totals = {"tables": 0, "rows": 0, "missing": 0, "extra": 0, "different": 0, "duplicated_changes": 0}
     totals["tables_still_catching_up"] = sum(1 for _, t in mappings.tables() if t.target not in tables)
-
-    def key_text(value: Any) -> str:
-        """A key value as text, whichever side it comes from (NUMERIC 7.000000000 and '7' are the same key)."""
-        try:
-            number = Decimal(str(value))
-        except (InvalidOperation, TypeError):
-            return str(value)
-        return str(int(number)) if number == number.to_integral_value() else str(number.normalize())
-
-    def same(a: Any, b: Any) -> bool:
-        if a == b:
-            return True
-        try:
-            return Decimal(str(a)) == Decimal(str(b))
-        except (InvalidOperation, TypeError):
-            return False
-
     for cluster, table in mappings.tables():
-        loader = TableLoader(client, table)
-        changes, duplicated = (
-            loader.duplicate_changes()
-        )  # every table: a change in it twice is never in flight
+        targets = TableTargets(client, table)
+        changes, duplicated = targets.duplicate_changes()
         totals["duplicated_changes"] += duplicated
         if table.target not in tables:
             continue
-        user, password = stack.admin_credentials(cluster.cluster)
-        with (
-            stack.mariadb(cluster.cluster).connect(user, password) as connection,
-            connection.cursor() as cursor,
-        ):
-            cursor.execute("SET SESSION time_zone = '+00:00'")
-            cursor.execute(
-                "SELECT COLUMN_NAME, LOWER(COLUMN_TYPE) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
-                "AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
-                (table.source_schema, table.source_table),
-            )
-            types = dict(cursor.fetchall())
-            cursor.execute(
-                "SELECT "
-                + ", ".join(oracle_expression(n, t) for n, t in types.items())
-                + f" FROM {quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
-            )
-            source_rows = [dict(zip(types, row, strict=True)) for row in cursor.fetchall()]
+        source, types = source_table(stack, cluster.cluster, table)
         totals["tables"] += 1
-        if not table.primary_key:  # append-only: every source row is a change in the table
-            totals["rows"] += len(source_rows)
-            totals["missing"] += max(0, len(source_rows) - (changes - duplicated))
-            continue
-        key = list(table.primary_key)
-        source = {}
-        for row in source_rows:
-            for name, value in row.items():
-                if isinstance(value, str):
-                    row[name] = json_canonical(value)
-                if value is not None and types[name].split("(")[0] in ("double", "float"):
-                    row[name] = repr(float(value))
-            source[tuple(key_text(row[k]) for k in key)] = row
-        loaded = {}
-        for row in client.query(f"SELECT * FROM {loader.ref(loader.current)}").result():
-            values = {n: as_text(row[n], t) for n, t in types.items()}
-            loaded[tuple(key_text(values[k]) for k in key)] = values
         totals["rows"] += len(source)
-        totals["missing"] += len(source.keys() - loaded.keys())
-        totals["extra"] += len(loaded.keys() - source.keys())
-        totals["different"] += sum(
-            1
-            for k in source.keys() & loaded.keys()
-            if not all(same(source[k][n], loaded[k][n]) for n in types)
+        if not table.primary_key:  # append-only: every source row is a change in the table
+            totals["missing"] += max(0, len(source) - (changes - duplicated))
+            continue
+        loaded = oracle.rendered_rows(
+            client.query(f"SELECT * FROM {targets.ref(targets.current)}").result(),
+            types,
+            list(table.primary_key),
         )
+        found = oracle.differences(source, loaded)
+        totals["missing"] += len(found["missing"])
+        totals["extra"] += len(found["extra"])
+        totals["different"] += found["different_rows"]
     return totals
+
+
+def source_table(
+    stack: Any, cluster: str, table: Any
+) -> tuple[dict[tuple[str, ...], dict[str, Any]], dict[str, str]]:
+    """A source table as the oracle renders it (by primary key; append-only tables by their whole row)."""
+    user, password = stack.admin_credentials(cluster)
+    with stack.mariadb(cluster).connect(user, password) as connection, connection.cursor() as cursor:
+        cursor.execute("SET SESSION time_zone = '+00:00'")
+        key = list(table.primary_key)
+        if key:
+            return oracle.source_rows(cursor, table.source_schema, table.source_table, key)
+        types = oracle.source_columns(cursor, table.source_schema, table.source_table)
+        return oracle.source_rows(cursor, table.source_schema, table.source_table, list(types))
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -585,7 +548,7 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
 
 def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> list[tuple[str, Any, Path]]:
     """py-spy (20 samples/s, without pausing the process) on the BigQuery server and on `cluster`'s capture."""
-    from bench.platform import _processes
+    from bench.bench_platform import _processes
 
     RESULTS.mkdir(
         parents=True, exist_ok=True
@@ -654,6 +617,7 @@ def phase_report(
     cutoff: float,
     drained: bool,
 ) -> dict[str, Any]:
+    caps = Settings.load()
     mine = [c for c in changes if phase.start <= c[1] < phase.end + 1]
     latency = [visible - commit for _, commit, _, visible in mine]
     # changes written but not visible when the run ended: their latency is at least cutoff - commit (censored;
@@ -705,9 +669,10 @@ def phase_report(
             "tables_over_1500_unthrottled": sum(1 for v in projected.values() if v > TABLE_LIMIT),
             # the sensor's token buckets (cdc_assets/quota.py) admit at most the caps in any 24 hours: this run's
             # cadence held for a day, once the burst is spent, is cut to them
-            "production_caps_per_table_per_day_max": min(busiest, quota.table_cap()),
+            "production_caps_per_table_per_day_max": min(busiest, caps.max_load_jobs_per_table_per_day),
             "production_caps_project_per_day": min(
-                sum(min(v, quota.table_cap()) for v in projected.values()), quota.project_cap()
+                sum(min(v, caps.max_load_jobs_per_table_per_day) for v in projected.values()),
+                caps.max_load_jobs_per_project_per_day,
             ),
         },
         "latency_values": [round(v, 3) for v in latency],

@@ -19,8 +19,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from capture import layout
-from cdc import environment
+from cdc import settings
+from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN
 from cdc.mappings import ClusterMapping, Mappings
 
 log = logging.getLogger("cdc.dms")
@@ -74,7 +74,7 @@ def table_mappings(cluster: ClusterMapping) -> dict[str, Any]:
                 "rule-target": "column",
                 "object-locator": dict(locator),
                 "rule-action": "add-column",
-                "value": layout.CHANGE_SEQUENCE_COLUMN,
+                "value": CHANGE_SEQUENCE_COLUMN,
                 "expression": "$AR_H_CHANGE_SEQ",
                 "data-type": {"type": "string", "length": 50},
             }
@@ -94,14 +94,14 @@ def table_mappings(cluster: ClusterMapping) -> dict[str, Any]:
 
 
 def s3_settings(values: Mapping[str, str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "BucketName": values.get(environment.LANDING_BUCKET, "<CDC_LANDING_BUCKET>"),
-        "BucketFolder": values.get(environment.LANDING_PREFIX, environment.DEFAULT_LANDING_PREFIX),
+    endpoint: dict[str, Any] = {
+        "BucketName": values.get(settings.LANDING_BUCKET, "<CDC_LANDING_BUCKET>"),
+        "BucketFolder": values.get(settings.LANDING_PREFIX, settings.DEFAULT_LANDING_PREFIX),
         "DataFormat": "parquet",
         "ParquetVersion": "parquet-2-0",
         "ParquetTimestampInMillisecond": False,
         "IncludeOpForFullLoad": True,
-        "TimestampColumnName": layout.COMMIT_TIMESTAMP_COLUMN,
+        "TimestampColumnName": COMMIT_TIMESTAMP_COLUMN,
         "DatePartitionEnabled": True,
         "DatePartitionSequence": "YYYYMMDD",
         "DatePartitionDelimiter": "SLASH",
@@ -110,8 +110,8 @@ def s3_settings(values: Mapping[str, str]) -> dict[str, Any]:
         "EnableStatistics": True,
     }
     if values.get(S3_ROLE_ARN):
-        settings["ServiceAccessRoleArn"] = values[S3_ROLE_ARN]
-    return settings
+        endpoint["ServiceAccessRoleArn"] = values[S3_ROLE_ARN]
+    return endpoint
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class RenderedTask:
 
 
 def render(mappings: Mappings, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    values = environment.resolved(environ)
+    values = settings.resolved(environ)
     tasks = [
         RenderedTask(c.cluster, task_identifier(c.cluster), table_mappings(c)) for c in mappings.clusters
     ]
@@ -152,7 +152,7 @@ class DmsApplier:
     def __init__(self, dms: Any, mappings: Mappings, environ: Mapping[str, str] | None = None):
         self.dms = dms
         self.mappings = mappings
-        self.values = environment.resolved(environ)
+        self.values = settings.resolved(environ)
         self.rendered = render(mappings, environ)
 
     def apply(self) -> list[str]:
@@ -168,7 +168,7 @@ class DmsApplier:
         configured = self.values.get(REPLICATION_INSTANCE_ARN)
         if configured:
             return configured
-        if not self.values.get(environment.AWS_ENDPOINT_URL):
+        if not self.values.get(settings.AWS_ENDPOINT_URL):
             raise RuntimeError(
                 f"set {REPLICATION_INSTANCE_ARN} to the DMS replication instance that runs the tasks"
             )
@@ -190,10 +190,10 @@ class DmsApplier:
         return {
             "EndpointIdentifier": task["SourceEndpointIdentifier"],
             "EngineName": "mysql",
-            "ServerName": environment.require(c.host_env, self.values),
-            "Port": int(environment.require(c.port_env, self.values)),
-            "Username": environment.require(c.user_env, self.values),
-            "Password": environment.require(c.password_env, self.values),
+            "ServerName": settings.require(c.host_env, self.values),
+            "Port": int(settings.require(c.port_env, self.values)),
+            "Username": settings.require(c.user_env, self.values),
+            "Password": settings.require(c.password_env, self.values),
         }
 
     def _endpoint(self, spec: dict[str, Any], actions: list[str]) -> str:

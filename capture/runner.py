@@ -1,42 +1,23 @@
-"""Running the capture: configuration from the environment, one process per cluster, status and reset."""
+"""Running the capture: a process per cluster under a supervisor that restarts crashed ones, the stopped-capture
+alert, and reading or resetting a cluster's status and checkpoint. Configuration comes from `cdc.settings`."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from capture.service import CaptureError, CaptureSettings, ClusterCapture, MySQLConnection
+from capture.service import CaptureError, CaptureSettings, ClusterCapture
 from capture.sink import S3Store
-from cdc import environment
+from cdc import settings
+from cdc.alerts import Webhook
 from cdc.clients import aws_client
 from cdc.mappings import ClusterMapping, Mappings
-
-
-def mysql_connection(cluster: ClusterMapping, environ: Mapping[str, str] | None = None) -> MySQLConnection:
-    """The cluster's connection, from the environment variables its mapping names (never from the file)."""
-    c = cluster.connection
-    return MySQLConnection(
-        host=environment.require(c.host_env, environ),
-        port=int(environment.require(c.port_env, environ)),
-        user=environment.require(c.user_env, environ),
-        password=environment.require(c.password_env, environ),
-    )
-
-
-def s3_store(environ: Mapping[str, str] | None = None) -> S3Store:
-    values = environment.resolved(environ)
-    return S3Store(
-        aws_client("s3", environ),
-        bucket=environment.require(environment.LANDING_BUCKET, environ),
-        prefix=values.get(environment.LANDING_PREFIX, environment.DEFAULT_LANDING_PREFIX),
-    )
-
+from cdc.settings import Settings
+from cdc.source import cluster_connection
 
 # Exit code of a cluster's capture that stopped on a CaptureError (needs an operator: e.g. a purged binlog). The
 # supervisor restarts a capture that exited any other way (a crash); this one it leaves stopped.
@@ -46,28 +27,38 @@ RESTART_DELAY_S = 5.0
 log = logging.getLogger("cdc.capture")
 
 
-def run_cluster(cluster: ClusterMapping, mappings: Mappings, settings: CaptureSettings) -> None:
+def s3_store(config: Settings) -> S3Store:
+    return S3Store(
+        aws_client("s3", config.values),
+        bucket=config.require(settings.LANDING_BUCKET),
+        prefix=config.landing_prefix,
+    )
+
+
+def run_cluster(
+    cluster: ClusterMapping, mappings: Mappings, capture_settings: CaptureSettings, config: Settings
+) -> None:
+    """Capture one cluster in this process until SIGTERM; a CaptureError is alerted, then raised."""
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s capture[{cluster.cluster}] %(levelname)s %(message)s",
         force=True,
     )
-    capture = ClusterCapture(cluster, mysql_connection(cluster), s3_store(), settings, mappings.directory)
+    capture = ClusterCapture(
+        cluster, cluster_connection(cluster, config), s3_store(config), capture_settings, mappings.directory
+    )
     capture.install_signal_handlers()
     try:
         capture.run()
     except CaptureError as exc:
-        alert_capture_stopped(cluster.cluster, str(exc))
+        alert_capture_stopped(cluster.cluster, str(exc), config)
         raise
 
 
-def alert_capture_stopped(cluster: str, reason: str) -> None:
-    """Post a stopped capture to the alert webhook (CDC_ALERT_WEBHOOK_URL), like the pipeline's own alerts."""
-    from sensors.alerts import AlertWebhookResource  # only on this path: it imports Dagster
-
-    url = environment.resolved().get(environment.ALERT_WEBHOOK_URL, "")
+def alert_capture_stopped(cluster: str, reason: str, config: Settings) -> None:
+    """Post a stopped capture to the alert webhook, like the pipeline's own alerts."""
     try:
-        AlertWebhookResource(url=url).post(f"CDC capture of {cluster} stopped", [reason], log)
+        Webhook(config.alert_webhook_url).post(f"CDC capture of {cluster} stopped", [reason], log)
     except Exception as exc:  # the capture's own error is what matters; the status keeps it too
         log.error("could not post the alert (%s)", exc)
 
@@ -114,20 +105,15 @@ def run_clusters(argv_for: Sequence[list[str]], restart_delay_s: float = RESTART
     return max(child.returncode or 0 for child in children)
 
 
-def cdc_command() -> str:
-    return str(Path(sys.executable).with_name("cdc"))
-
-
-def background_process() -> Any:
-    """The capture as a background service of the local platform (pid and log under the state folder)."""
-    from local_stack.processes import background_service
-
-    return background_service("capture")
-
-
-def capture_status(mappings: Mappings) -> list[dict[str, Any]]:
-    store = s3_store()
+def capture_status(mappings: Mappings, config: Settings) -> list[dict[str, Any]]:
+    """Each cluster's status document (state, lag, rows, checkpoint, errors), as the capture last wrote it."""
+    store = s3_store(config)
     return [
         store.read_json("status", cluster.cluster) or {"cluster": cluster.cluster, "state": "never run"}
         for cluster in mappings.clusters
     ]
+
+
+def forget_checkpoint(cluster: str, config: Settings) -> None:
+    """The cluster's next capture run starts with a new full load (a re-snapshot of the cluster)."""
+    s3_store(config).delete_json("checkpoints", cluster)

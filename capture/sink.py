@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capture import layout
 from capture.columns import ColumnSpec
+from cdc.landing import (
+    CHANGE_SEQUENCE_COLUMN,
+    COMMIT_TIMESTAMP_COLUMN,
+    OP_COLUMN,
+    ControlDocuments,
+    cdc_file_key,
+    load_file_number,
+    table_prefix,
+)
 
 
 @dataclass
@@ -28,11 +35,11 @@ class TableBuffer:
     first_buffered: float | None = None  # monotonic time of the oldest buffered row
 
     def arrow_schema(self) -> pa.Schema:
-        fields = [pa.field(layout.OP_COLUMN, pa.string(), nullable=False)]
-        fields.append(pa.field(layout.COMMIT_TIMESTAMP_COLUMN, pa.string()))
+        fields = [pa.field(OP_COLUMN, pa.string(), nullable=False)]
+        fields.append(pa.field(COMMIT_TIMESTAMP_COLUMN, pa.string()))
         # Every source column is nullable in the file, as DMS writes it: a zero date in a NOT NULL column is NULL.
         fields += [pa.field(c.name, c.arrow_type()) for c in self.columns]
-        fields.append(pa.field(layout.CHANGE_SEQUENCE_COLUMN, pa.string(), nullable=False))
+        fields.append(pa.field(CHANGE_SEQUENCE_COLUMN, pa.string(), nullable=False))
         return pa.schema(fields)
 
     def to_arrow(self) -> pa.Table:
@@ -61,12 +68,12 @@ def parquet_bytes(table: pa.Table, metadata: dict[str, str]) -> bytes:
 class S3Store:
     """The capture's only output: data files under the landing prefix, checkpoints and status beside it."""
 
-    def __init__(self, s3: Any, bucket: str, prefix: str, control_prefix: str | None = None):
+    def __init__(self, s3: Any, bucket: str, prefix: str):
         self.s3 = s3
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         # Checkpoints and status live outside the landing prefix (no S3 event), one folder per landing prefix.
-        self.control_prefix = (control_prefix or f"_cdc_capture/{self.prefix or 'root'}").strip("/")
+        self.control = ControlDocuments(s3, bucket, self.prefix)
         self._last_cdc_key: dict[tuple[str, str], str] = {}
 
     def put_file(self, key: str, body: bytes) -> None:
@@ -74,10 +81,10 @@ class S3Store:
 
     def cdc_key(self, schema: str, table: str, written: dt.datetime, date_folders: bool) -> str:
         suffix = 0
-        key = layout.cdc_file_key(self.prefix, schema, table, written, date_folders)
+        key = cdc_file_key(self.prefix, schema, table, written, date_folders)
         while key == self._last_cdc_key.get((schema, table)) or (suffix and self._exists(key)):
             suffix += 1
-            key = layout.cdc_file_key(self.prefix, schema, table, written, date_folders, suffix)
+            key = cdc_file_key(self.prefix, schema, table, written, date_folders, suffix)
         self._last_cdc_key[(schema, table)] = key
         return key
 
@@ -86,7 +93,7 @@ class S3Store:
 
     def delete_load_files(self, schema: str, table: str) -> int:
         """Remove an earlier (possibly partial) full load of a table before a new one."""
-        prefix = layout.table_prefix(self.prefix, schema, table) + "LOAD"
+        prefix = table_prefix(self.prefix, schema, table) + "LOAD"
         deleted = 0
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
@@ -97,32 +104,20 @@ class S3Store:
 
     def last_load_number(self, schema: str, table: str) -> int:
         """The highest LOAD file counter of a table (0: none)."""
-        prefix = layout.table_prefix(self.prefix, schema, table) + "LOAD"
+        prefix = table_prefix(self.prefix, schema, table) + "LOAD"
         numbers = [0]
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                number = layout.load_file_number(item["Key"].rsplit("/", 1)[-1])
+                number = load_file_number(item["Key"].rsplit("/", 1)[-1])
                 if number is not None:
                     numbers.append(number)
         return max(numbers)
 
-    def _control_key(self, kind: str, cluster: str) -> str:
-        return f"{self.control_prefix}/{kind}/{cluster}.json"
-
     def read_json(self, kind: str, cluster: str) -> dict[str, Any] | None:
-        try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=self._control_key(kind, cluster))["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            return None
-        return dict(json.loads(body))
+        return self.control.read(kind, cluster)
 
     def write_json(self, kind: str, cluster: str, document: dict[str, Any]) -> None:
-        self.s3.put_object(
-            Bucket=self.bucket,
-            Key=self._control_key(kind, cluster),
-            Body=json.dumps(document, indent=2, default=str).encode(),
-            ContentType="application/json",
-        )
+        self.control.write(kind, cluster, document)
 
     def delete_json(self, kind: str, cluster: str) -> None:
-        self.s3.delete_object(Bucket=self.bucket, Key=self._control_key(kind, cluster))
+        self.control.delete(kind, cluster)

@@ -1,7 +1,7 @@
 """Clients for the platform's external services, built from configuration only.
 
-The same code talks to the local servers (an endpoint is configured) and to real AWS/GCP (no endpoint:
-boto3 and google-cloud-bigquery use their default endpoints and credentials chains).
+The same code talks to the local servers (an endpoint is configured) and to real AWS/GCP (no endpoint: boto3 and
+the Google clients use their default endpoints and credential chains).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from cdc import environment
+from cdc import settings
+from cdc.settings import Settings
 
 
 def bigquery_client(
@@ -31,17 +32,26 @@ def bigquery_client(
     return bigquery.Client(project=project, location=location)
 
 
+def bigquery_client_from(config: Settings) -> bigquery.Client:
+    """The BigQuery client of the configured project (CDC_BIGQUERY_PROJECT, _ENDPOINT, _LOCATION)."""
+    return bigquery_client(
+        config.require(settings.BIGQUERY_PROJECT),
+        config.bigquery_endpoint or None,
+        config.bigquery_location or None,
+    )
+
+
 def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:
-    """A boto3 client from the platform's configuration (see cdc.environment).
+    """A boto3 client from the platform's configuration (see cdc.settings).
 
     Endpoint and keys are passed only when configured (locally); otherwise boto3 uses its own chain
     (instance/task role, profile) and AWS's endpoints.
     """
-    values = environment.resolved(environ)
+    values = settings.resolved(environ)
     return boto3.client(  # type: ignore[call-overload]
         service,
-        endpoint_url=values.get(environment.AWS_ENDPOINT_URL) or None,
-        region_name=values.get(environment.AWS_REGION) or None,
-        aws_access_key_id=values.get(environment.AWS_ACCESS_KEY_ID) or None,
-        aws_secret_access_key=values.get(environment.AWS_SECRET_ACCESS_KEY) or None,
+        endpoint_url=values.get(settings.AWS_ENDPOINT_URL) or None,
+        region_name=values.get(settings.AWS_REGION) or None,
+        aws_access_key_id=values.get(settings.AWS_ACCESS_KEY_ID) or None,
+        aws_secret_access_key=values.get(settings.AWS_SECRET_ACCESS_KEY) or None,
     )

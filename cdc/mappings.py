@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from cdc import environment
+from cdc import settings
 
 SCHEMA_FILE_NAME = "mapping.schema.json"
 CHANGELOG_SUFFIX = "_changelog"
@@ -293,7 +293,7 @@ def mapping_files(directory: Path) -> list[Path]:
 
 def load_mappings(directory: Path | None = None) -> Mappings:
     """Load and validate every mapping file; raise :class:`MappingError` listing every problem found."""
-    directory = directory or environment.mappings_dir()
+    directory = directory or settings.mappings_dir()
     if not directory.is_dir():
         raise MappingError(
             [MappingProblem(directory, "", "mappings folder does not exist (see CDC_MAPPINGS_DIR)")]

@@ -1,24 +1,13 @@
-"""Asset checks on every table, comparing the source with BigQuery: rows, and landed files vs loaded files.
-
-`row_count_matches_source` (ERROR): the source table's row count (and, with a partition column, its count per day
-for yesterday and today) read in one consistent snapshot, against the BigQuery current state *at that same
-snapshot*. With our capture the snapshot's binlog position is exact: every change at or before it has a change
-sequence `<= boundary`. The current-state count is rolled back to the snapshot by undoing the effect of the loaded
-changes after it (from the changelog), so a steady load never raises a false alarm. The comparison is exact once
-the capture's checkpoint has passed the snapshot and every landed file holding a change before it is loaded;
-until then the check passes with `exact: false` and says what it is waiting for. A row deleted, added or moved
-behind the pipeline's back makes it fail.
-
-`landed_files_loaded` (WARN): every file landed yesterday or today (S3 listing) is in the table's ledger of
-loaded files, except files younger than the grace period (CDC_LOAD_GRACE_SECONDS, default 300) still on their way.
-
-Both run as one multi-check per table, in the `table_checks` job (every 10 minutes, and from the UI). Every result
-carries the numbers it compared.
+"""Asset checks comparing the source with BigQuery, per table: `row_count_matches_source` (ERROR; exact at a
+consistent snapshot's binlog position, BigQuery rolled back to it) and `landed_files_loaded` (WARN). Both run as one
+multi-check per table in the `table_checks` job and from the UI; every result carries the numbers it compared.
+How the row count stays exact under a steady load: docs/design.md, "Checks".
 """
+
+from __future__ import annotations
 
 import datetime as dt
 import io
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,17 +16,18 @@ import pyarrow.parquet as pq
 import pymysql
 from google.cloud import bigquery
 
-from capture.position import BinlogPosition
-from capture.service import begin_consistent_snapshot
-from capture.sink import S3Store
+from cdc.landing import ControlDocuments
 from cdc.mappings import ClusterMapping, TableMapping, quote_mysql
-from cdc_assets.loader import CHANGE_SEQ, OP, TableLoader, quote_column
+from cdc.sequence import BinlogPosition
+from cdc.settings import Settings
+from cdc.source import begin_consistent_snapshot
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import landed_keys_for_day
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
+from cdc_assets.targets import Q_CHANGE_SEQ, Q_OP, TableTargets, quote_column
 
 ROW_COUNT = "row_count_matches_source"
 FILES_LOADED = "landed_files_loaded"
-LOAD_GRACE_SECONDS = "CDC_LOAD_GRACE_SECONDS"
 NO_SUCH_TABLE = 1146  # MySQL/MariaDB ER_NO_SUCH_TABLE
 
 
@@ -83,10 +73,10 @@ def source_snapshot(
     return SourceSnapshot(rows, per_day, position, taken_at)
 
 
-def landed_and_unloaded(landing: LandingResource, loader: TableLoader) -> tuple[list[str], list[str]]:
+def landed_and_unloaded(landing: LandingResource, targets: TableTargets) -> tuple[list[str], list[str]]:
     """Files landed for the table on the check days (yesterday and today), and those of them not loaded yet."""
-    landed = [k for day in check_days() for k in landed_keys_for_day(landing, loader.mapping, day)]
-    return landed, sorted(set(landed) - loader.loaded_files(landed))
+    landed = [k for day in check_days() for k in landed_keys_for_day(landing, targets.mapping, day)]
+    return landed, sorted(set(landed) - targets.loaded_files(landed))
 
 
 def check_days() -> list[dt.date]:
@@ -102,7 +92,7 @@ class Completeness:
 
 
 def completeness(
-    landing: LandingResource, loader: TableLoader, cluster: ClusterMapping, snapshot: SourceSnapshot
+    landing: LandingResource, targets: TableTargets, cluster: ClusterMapping, snapshot: SourceSnapshot
 ) -> Completeness:
     """Whether BigQuery holds every change up to the snapshot: the capture has checkpointed past it, and every
     landed file with a change at or before it is loaded."""
@@ -110,7 +100,7 @@ def completeness(
     if boundary is None or snapshot.position is None:
         return Completeness(False, ["the source reports no binlog snapshot position (MariaDB does)"])
     s3 = landing.s3()
-    checkpoint = S3Store(s3, landing.bucket, landing.prefix).read_json("checkpoints", cluster.cluster)
+    checkpoint = ControlDocuments(s3, landing.bucket, landing.prefix).read("checkpoints", cluster.cluster)
     if not checkpoint or "file" not in checkpoint:
         return Completeness(
             False, [f"no capture checkpoint for cluster {cluster.cluster} in the landing bucket"]
@@ -123,7 +113,7 @@ def completeness(
             f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
             f"{snapshot.position.file}:{snapshot.position.pos}"
         )
-    _, pending = landed_and_unloaded(landing, loader)
+    _, pending = landed_and_unloaded(landing, targets)
     for key in pending:
         body = s3.get_object(Bucket=landing.bucket, Key=key)["Body"].read()
         try:
@@ -136,14 +126,15 @@ def completeness(
     return result
 
 
-def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | None) -> dict[str, Any]:
+def _bigquery_counts(targets: TableTargets, table: TableMapping, boundary: str | None) -> dict[str, Any]:
     """BigQuery's current-state rows now, and rolled back to `boundary` (overall and per check day)."""
-    q = quote_column
     days = [d.isoformat() for d in check_days()]
-    day_of = f"CAST(DATE({q(table.partition_column)}) AS STRING)" if table.partition_column else "NULL"
+    day_of = (
+        f"CAST(DATE({quote_column(table.partition_column)}) AS STRING)" if table.partition_column else "NULL"
+    )
     params: list[Any] = [bigquery.ScalarQueryParameter("boundary", "STRING", boundary or "9" * 35)]
     try:
-        loader.bq.get_table(f"{loader.project}.{loader.dataset}.{loader.current}")
+        targets.bq.get_table(f"{targets.project}.{targets.dataset}.{targets.current}")
     except Exception:
         return {
             "rows": 0,
@@ -151,8 +142,8 @@ def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | N
             "per_day": dict.fromkeys(days, 0),
             "delta_per_day": dict.fromkeys(days, 0),
         }
-    current_rows = loader.bq.query(
-        f"SELECT {day_of} AS day, COUNT(*) AS n FROM {loader.ref(loader.current)} GROUP BY 1"
+    current_rows = targets.bq.query(
+        f"SELECT {day_of} AS day, COUNT(*) AS n FROM {targets.ref(targets.current)} GROUP BY 1"
     ).result()
     per_day: dict[str, int] = dict.fromkeys(days, 0)
     total = 0
@@ -161,25 +152,25 @@ def _bigquery_counts(loader: TableLoader, table: TableMapping, boundary: str | N
         if row.day in per_day:
             per_day[row.day] = int(row.n)
     if table.primary_key:
-        keys = ", ".join(q(k) for k in table.primary_key)
-        changelog = loader.ref(loader.changelog)
-        latest = f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {q(CHANGE_SEQ)} DESC) = 1"
-        same_key = " AND ".join(f"a.{q(k)} = c.{q(k)}" for k in table.primary_key)
+        keys = ", ".join(quote_column(k) for k in table.primary_key)
+        changelog = targets.ref(targets.changelog)
+        latest = f"QUALIFY ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {Q_CHANGE_SEQ} DESC) = 1"
+        same_key = " AND ".join(f"a.{quote_column(k)} = c.{quote_column(k)}" for k in table.primary_key)
         touched = (
-            f"SELECT * FROM {changelog} AS c WHERE c.{q(CHANGE_SEQ)} >= {loader.horizon_sql()} AND EXISTS "
-            f"(SELECT 1 FROM {changelog} AS a WHERE a.{q(CHANGE_SEQ)} > @boundary AND {same_key})"
+            f"SELECT * FROM {changelog} AS c WHERE c.{Q_CHANGE_SEQ} >= {targets.horizon_sql()} AND EXISTS "
+            f"(SELECT 1 FROM {changelog} AS a WHERE a.{Q_CHANGE_SEQ} > @boundary AND {same_key})"
         )
         sql = (
-            f"SELECT 'now' AS side, {day_of} AS day, COUNTIF({q(OP)} != 'D') AS n FROM ({touched} {latest}) GROUP BY 1, 2 "
-            f"UNION ALL SELECT 'then' AS side, {day_of} AS day, COUNTIF({q(OP)} != 'D') AS n FROM "
-            f"(SELECT * FROM ({touched}) WHERE {q(CHANGE_SEQ)} <= @boundary {latest}) GROUP BY 1, 2"
+            f"SELECT 'now' AS side, {day_of} AS day, COUNTIF({Q_OP} != 'D') AS n FROM ({touched} {latest}) GROUP BY 1, 2 "
+            f"UNION ALL SELECT 'then' AS side, {day_of} AS day, COUNTIF({Q_OP} != 'D') AS n FROM "
+            f"(SELECT * FROM ({touched}) WHERE {Q_CHANGE_SEQ} <= @boundary {latest}) GROUP BY 1, 2"
         )
     else:  # append-only: the rows after the boundary are the whole difference
         sql = (
-            f"SELECT 'now' AS side, {day_of} AS day, COUNT(*) AS n FROM {loader.ref(loader.changelog)} "
-            f"WHERE {q(CHANGE_SEQ)} > @boundary GROUP BY 1, 2"
+            f"SELECT 'now' AS side, {day_of} AS day, COUNT(*) AS n FROM {targets.ref(targets.changelog)} "
+            f"WHERE {Q_CHANGE_SEQ} > @boundary GROUP BY 1, 2"
         )
-    job = loader.bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+    job = targets.bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
     delta = 0
     delta_per_day: dict[str, int] = dict.fromkeys(days, 0)
     for row in job.result():
@@ -194,7 +185,7 @@ def row_count_result(
     cluster: ClusterMapping,
     table: TableMapping,
     landing: LandingResource,
-    loader: TableLoader,
+    targets: TableTargets,
     mysql: MySqlSourceResource,
 ) -> dg.AssetCheckResult:
     try:
@@ -211,8 +202,8 @@ def row_count_result(
             "there, or remove it from (or disable it in) the cluster's mapping file and deploy the mappings",
             metadata={"source_error": str(exc.args[-1])},
         )
-    state = completeness(landing, loader, cluster, snapshot)
-    counts = _bigquery_counts(loader, table, snapshot.boundary())
+    state = completeness(landing, targets, cluster, snapshot)
+    counts = _bigquery_counts(targets, table, snapshot.boundary())
     at_snapshot = counts["rows"] - counts["delta"]
     mismatches = []
     if at_snapshot != snapshot.rows:
@@ -254,12 +245,12 @@ def row_count_result(
 
 
 def files_loaded_result(
-    table: TableMapping, landing: LandingResource, loader: TableLoader
+    table: TableMapping, landing: LandingResource, targets: TableTargets, grace_seconds: float
 ) -> dg.AssetCheckResult:
-    grace = dt.timedelta(seconds=float(os.environ.get(LOAD_GRACE_SECONDS, "300")))
+    grace = dt.timedelta(seconds=grace_seconds)
     now = dt.datetime.now(dt.UTC)
     s3 = landing.s3()
-    landed, unloaded = landed_and_unloaded(landing, loader)
+    landed, unloaded = landed_and_unloaded(landing, targets)
     overdue = [
         k for k in unloaded if now - s3.head_object(Bucket=landing.bucket, Key=k)["LastModified"] > grace
     ]
@@ -284,7 +275,9 @@ def files_loaded_result(
     )
 
 
-def build_table_checks(cluster: ClusterMapping, table: TableMapping) -> dg.AssetChecksDefinition:
+def build_table_checks(
+    cluster: ClusterMapping, table: TableMapping, settings: Settings
+) -> dg.AssetChecksDefinition:
     key = bigquery_asset_key(table)
 
     @dg.multi_asset_check(
@@ -305,11 +298,11 @@ def build_table_checks(cluster: ClusterMapping, table: TableMapping) -> dg.Asset
         bigquery: BigQueryCdcResource,
         mysql: MySqlSourceResource,
     ) -> Any:
-        loader = TableLoader(bigquery.client(), table)
+        targets = TableTargets(bigquery.client(), table)
         selected = {check.name for check in context.selected_asset_check_keys}
         if ROW_COUNT in selected:
-            yield row_count_result(cluster, table, landing, loader, mysql)
+            yield row_count_result(cluster, table, landing, targets, mysql)
         if FILES_LOADED in selected:
-            yield files_loaded_result(table, landing, loader)
+            yield files_loaded_result(table, landing, targets, settings.load_grace_seconds)
 
     return table_checks

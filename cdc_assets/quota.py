@@ -5,46 +5,18 @@ are fixed. Every landed batch of a table costs one load job (its files are coale
 kept as token buckets: per table and for the project, refilled evenly over the day at `(cap - burst) / 86,400`
 per second, holding at most `burst` tokens. A quiet table loads each batch at once; a hot one loads at the rate the
 cap allows and its files wait to be batched into the next load. No 24-hour window ever starts more than `cap`
-load jobs. The caps come from the environment (CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY, default 1,200, and
-CDC_MAX_LOAD_JOBS_PER_PROJECT_PER_DAY, default 90,000), leaving room for retries and backfills.
+load jobs. The caps are settings (`cdc.settings`: CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY and _PER_PROJECT_), below
+BigQuery's limits to leave room for retries and backfills.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
-
-from cdc import environment
 
 BIGQUERY_TABLE_LIMIT = 1_500
 BIGQUERY_PROJECT_LIMIT = 100_000
 DAY_SECONDS = 86_400.0
-
-
-class QuotaSettingError(ValueError):
-    """A load-job cap set to something BigQuery would not honour."""
-
-
-def _cap(name: str, default: int, limit: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise QuotaSettingError(f"{name}={text!r} is not a whole number; set 1..{limit}") from None
-    if not 1 <= value <= limit:
-        raise QuotaSettingError(f"{name}={value} is outside 1..{limit} (BigQuery's fixed limit is {limit})")
-    return value
-
-
-def table_cap() -> int:
-    return _cap(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, 1_200, BIGQUERY_TABLE_LIMIT)
-
-
-def project_cap() -> int:
-    return _cap(environment.MAX_LOAD_JOBS_PER_PROJECT_PER_DAY, 90_000, BIGQUERY_PROJECT_LIMIT)
 
 
 @dataclass

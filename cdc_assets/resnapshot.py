@@ -1,16 +1,9 @@
-"""Re-snapshot one table from the source: a new full load, for when its landing files are gone.
-
-The `resnapshot_table` job reads the table inside one consistent snapshot (the capture's own full-load code),
-writes its rows as new DMS full-load files beside the earlier ones (`LOAD<n+1>...`), and loads them as a
-*snapshot*: the changelog gains the snapshot's rows, the table's snapshot horizon (recorded in its ledger) moves
-to the snapshot's binlog position, and the current state is re-derived from the changes at or after that horizon
-only. Whatever the pipeline missed before it - lost files, a binlog purged past the capture - is healed: rows
-deleted at the source disappear, changed rows take the source's values. Changes after the snapshot keep arriving
-through the sensor; a late file from before the snapshot can no longer change the current state.
-
-It needs the source's binlog position of the snapshot (MariaDB reports it). Append-only tables are refused: a new
-full load would add every source row again; backfill their days instead.
+"""The `resnapshot_table` job: a new full load of one table from its source (the capture's own full-load code),
+loaded as the table's new snapshot horizon, so whatever the pipeline missed before it is healed. For lost landing
+files or a purged binlog; docs/design.md, "Re-snapshot".
 """
+
+from __future__ import annotations
 
 import datetime as dt
 import time
@@ -18,12 +11,14 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from capture.service import CaptureError, ClusterCapture
+from capture.full_load import full_load
 from capture.sink import S3Store
+from capture.source_tables import CaptureError
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
-from cdc_assets.loader import TableLoader, read_landed
+from cdc_assets.batch_loader import MergeLoader
+from cdc_assets.landed_files import read_landed
+from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import bigquery_asset_key
 
 RESNAPSHOT_JOB = "resnapshot_table"
 
@@ -65,18 +60,24 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
             )
         started = time.monotonic()
         store = S3Store(landing.s3(), landing.bucket, landing.prefix)
-        capture = ClusterCapture(cluster, mysql.connection(cluster), store)
-        capture.report_progress = context.log.info
         context.log.info(f"{table.source}: reading the source table in one consistent snapshot")
         try:
-            position, _ = capture.snapshot([table], keep_previous_loads=True, strict=True)
+            snapshot = full_load(
+                cluster.cluster,
+                mysql.connection(cluster),
+                store,
+                [table],
+                keep_previous_loads=True,
+                strict=True,
+                report_progress=context.log.info,
+            )
         except CaptureError as exc:
             raise dg.Failure(
                 description=f"{table.source}: {exc}. On MySQL/Aurora captured by DMS, reload the table in its DMS "
                 "task instead (aws dms reload-tables) and backfill the day"
             ) from exc
-        keys = capture.loaded_keys[table.source]
-        rows = capture.loaded_rows[table.source]
+        position = snapshot.position
+        keys, rows = snapshot.files[table.source], snapshot.rows[table.source]
         context.log.info(
             f"{table.source}: {rows} row(s) in {len(keys)} file(s) at binlog {position.file}:{position.pos}; "
             "loading them as the table's new snapshot"
@@ -85,7 +86,7 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
         data = read_landed(landing.s3(), landing.bucket, keys, versions=versions)
         assert data is not None  # a snapshot always writes at least one (possibly empty) file
         horizon = position.sequence(0)
-        result = TableLoader(bigquery.client(), table).load(
+        result = MergeLoader(bigquery.client(), table).load(
             data, keys, snapshot_horizon=horizon, versions=versions
         )
         context.log.info(

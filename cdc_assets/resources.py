@@ -1,8 +1,10 @@
-"""Dagster resources: the landing bucket (S3), BigQuery and the MySQL sources, configured only from the environment.
+"""Dagster resources: the landing bucket and its queues (S3 + SQS), BigQuery, and the MySQL sources, configured from
+the environment (`EnvVar` where a variable is set, so no value is stored; the running local stack's values
+otherwise).
 
-dagster-gcp's BigQueryResource cannot point at another API endpoint, and dagster-aws' S3Resource has no SQS;
-these two small resources wrap the shared client factories in `cdc.clients`, so the same definitions run on the
-local servers (endpoints set) and on real AWS/GCP (endpoints unset).
+`LandingResource` is dagster-aws's `S3Resource` (its boto3 configuration, endpoint included) with the landing
+bucket, prefix and queues added. dagster-gcp's `BigQueryResource` is not used: it builds its client from Google's
+default credentials only, which a local BigQuery API server cannot supply (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -12,29 +14,58 @@ import os
 from typing import Any
 from urllib.parse import quote_plus
 
+import boto3
+import botocore.config
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from google.cloud import bigquery
 
-from capture.runner import mysql_connection
-from capture.service import MySQLConnection
-from cdc import environment
-from cdc.clients import aws_client, bigquery_client
+from cdc import settings
+from cdc.clients import bigquery_client
 from cdc.mappings import ClusterMapping
+from cdc.settings import Settings
+from cdc.source import MySQLConnection, cluster_connection
 
 
-class LandingResource(dg.ConfigurableResource):
+class LandingResource(S3Resource):
     """Where the capture or DMS lands Parquet files, and the queue their S3 events arrive on."""
 
     bucket: str
-    prefix: str = environment.DEFAULT_LANDING_PREFIX
+    prefix: str = settings.DEFAULT_LANDING_PREFIX
     queue_url: str = ""
     dead_letter_queue_url: str = ""
 
+    @classmethod
+    def from_settings(cls, config: Settings) -> LandingResource:
+        """The resource outside Dagster (the CLI, the benchmark), with the values themselves."""
+        values = config.values
+        return cls(
+            bucket=config.require(settings.LANDING_BUCKET),
+            prefix=config.landing_prefix,
+            queue_url=config.sqs_queue_url,
+            dead_letter_queue_url=config.sqs_dlq_url,
+            endpoint_url=config.aws_endpoint_url or None,
+            region_name=values.get(settings.AWS_REGION) or None,
+            aws_access_key_id=values.get(settings.AWS_ACCESS_KEY_ID) or None,
+            aws_secret_access_key=values.get(settings.AWS_SECRET_ACCESS_KEY) or None,
+        )
+
     def s3(self) -> Any:
-        return aws_client("s3")
+        return self.get_client()
 
     def sqs(self) -> Any:
-        return aws_client("sqs")
+        session = boto3.session.Session(profile_name=self.profile_name)
+        return session.client(
+            "sqs",
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            config=botocore.config.Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+        )
 
     def dead_letter(self, body: str, reason: str, receipt_handle: str | None = None) -> None:
         """Put a message on the dead-letter queue with the reason as its `cdc_reason` attribute (then delete the
@@ -90,35 +121,45 @@ class BigQueryCdcResource(dg.ConfigurableResource):
 
 
 class MySqlSourceResource(dg.ConfigurableResource):
-    """Read access to the source clusters, for the row-count checks. A cluster's host, port, user and password
-    come from the environment variables its mapping file names, read when a check runs (never stored or logged)."""
+    """Read access to the source clusters, for the source-vs-BigQuery checks and the re-snapshot. A cluster's host,
+    port, user and password come from the environment variables its mapping file names, read when they are
+    needed (never stored or logged)."""
 
     connect_timeout_s: int = 10
 
     def connection(self, cluster: ClusterMapping) -> MySQLConnection:
-        return mysql_connection(cluster)
+        return cluster_connection(cluster, Settings.load())
 
 
-def _setting(name: str, default: str = "") -> Any:
+def _from_env(config: Settings, name: str, default: str = "") -> Any:
     """An EnvVar (resolved by Dagster at run time, never stored) when set in the environment; otherwise the local
     stack's value, if one is running (these are endpoints and names, not secrets); otherwise the default."""
     if os.environ.get(name):
         return dg.EnvVar(name)
-    return environment.local_stack_values().get(name, default)
+    return config.values.get(name) or default
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+def _optional_from_env(config: Settings, name: str) -> Any:
+    value = _from_env(config, name)
+    return value or None
+
+
+def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "landing": LandingResource(
-            bucket=_setting(environment.LANDING_BUCKET),
-            prefix=_setting(environment.LANDING_PREFIX, environment.DEFAULT_LANDING_PREFIX),
-            queue_url=_setting(environment.SQS_QUEUE_URL),
-            dead_letter_queue_url=_setting(environment.SQS_DLQ_URL),
+            bucket=_from_env(config, settings.LANDING_BUCKET),
+            prefix=_from_env(config, settings.LANDING_PREFIX, settings.DEFAULT_LANDING_PREFIX),
+            queue_url=_from_env(config, settings.SQS_QUEUE_URL),
+            dead_letter_queue_url=_from_env(config, settings.SQS_DLQ_URL),
+            endpoint_url=_optional_from_env(config, settings.AWS_ENDPOINT_URL),
+            region_name=_optional_from_env(config, settings.AWS_REGION),
+            aws_access_key_id=_optional_from_env(config, settings.AWS_ACCESS_KEY_ID),
+            aws_secret_access_key=_optional_from_env(config, settings.AWS_SECRET_ACCESS_KEY),
         ),
         "bigquery": BigQueryCdcResource(
-            project=_setting(environment.BIGQUERY_PROJECT),
-            endpoint=_setting(environment.BIGQUERY_ENDPOINT),
-            location=_setting(environment.BIGQUERY_LOCATION),
+            project=_from_env(config, settings.BIGQUERY_PROJECT),
+            endpoint=_from_env(config, settings.BIGQUERY_ENDPOINT),
+            location=_from_env(config, settings.BIGQUERY_LOCATION),
         ),
         "mysql": MySqlSourceResource(),
     }

@@ -6,6 +6,8 @@ same places the pipeline writes: the changelog and ledger in BigQuery, the landi
 and the Dagster instance's event log. `cdc status` prints it (or `--json`).
 """
 
+from __future__ import annotations
+
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -15,13 +17,13 @@ import dagster as dg
 from google.api_core import exceptions
 from google.cloud import bigquery
 
-from capture import layout
+from cdc.landing import NotALandingFile, PoisonMessage, parse_key, parse_message
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
-from cdc_assets.checks import landed_and_unloaded
-from cdc_assets.loader import COMMIT_TS, OP, TableLoader, quote_column
+from cdc_assets.checks import FILES_LOADED, ROW_COUNT, landed_and_unloaded
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import NO_DUPLICATES
 from cdc_assets.resources import LandingResource
-from cdc_assets.tables import bigquery_asset_key
-from sensors.sqs_sensor import PoisonMessage, parse_message
+from cdc_assets.targets import Q_COMMIT_TS, Q_OP, TableTargets
 
 WORKERS = 8
 RECENT_DAYS = 7  # how far back the changelog is read for the last loaded commit (bounds the bytes scanned)
@@ -45,14 +47,14 @@ class TableStatus:
         return asdict(self)
 
 
-def _changelog_summary(loader: TableLoader, now: dt.datetime) -> tuple[dt.datetime | None, dict[str, int]]:
-    q = quote_column
+def _changelog_summary(targets: TableTargets, now: dt.datetime) -> tuple[dt.datetime | None, dict[str, int]]:
+    today = f"DATE({Q_COMMIT_TS}) = @today"
     sql = (
-        f"SELECT MAX({q(COMMIT_TS)}) AS last, "
-        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'I') AS i, "
-        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'U') AS u, "
-        f"COUNTIF(DATE({q(COMMIT_TS)}) = @today AND {q(OP)} = 'D') AS d "
-        f"FROM {loader.ref(loader.changelog)} WHERE {q(COMMIT_TS)} >= @since"
+        f"SELECT MAX({Q_COMMIT_TS}) AS last, "
+        f"COUNTIF({today} AND {Q_OP} = 'I') AS i, "
+        f"COUNTIF({today} AND {Q_OP} = 'U') AS u, "
+        f"COUNTIF({today} AND {Q_OP} = 'D') AS d "
+        f"FROM {targets.ref(targets.changelog)} WHERE {Q_COMMIT_TS} >= @since"
     )
     config = bigquery.QueryJobConfig(
         query_parameters=[
@@ -61,7 +63,7 @@ def _changelog_summary(loader: TableLoader, now: dt.datetime) -> tuple[dt.dateti
         ]
     )
     try:
-        row = next(iter(loader.bq.query(sql, job_config=config).result()))
+        row = next(iter(targets.bq.query(sql, job_config=config).result()))
     except exceptions.NotFound:
         return None, {}
     return row.last, {"I": int(row.i or 0), "U": int(row.u or 0), "D": int(row.d or 0)}
@@ -80,8 +82,8 @@ def dead_letters_by_table(landing: LandingResource, mappings: Mappings) -> tuple
         tables = set()
         for key in keys:
             try:
-                landed = layout.parse_key(key, landing.prefix)
-            except layout.NotALandingFile:
+                landed = parse_key(key, landing.prefix)
+            except NotALandingFile:
                 continue
             if (landed.schema, landed.table) in sources:
                 tables.add(sources[(landed.schema, landed.table)])
@@ -95,9 +97,6 @@ def last_checks(instance: dg.DagsterInstance | None, tables: list[TableMapping])
     """Per table target: the latest evaluation of each of its asset checks recorded in the Dagster instance."""
     if instance is None:
         return {}
-    from cdc_assets.checks import FILES_LOADED, ROW_COUNT
-    from cdc_assets.tables import NO_DUPLICATES
-
     target_of = {bigquery_asset_key(table): table.target for table in tables}
     keys = [
         dg.AssetCheckKey(asset, name)
@@ -129,13 +128,13 @@ def table_status(
     bq: bigquery.Client,
     now: dt.datetime,
 ) -> TableStatus:
-    loader = TableLoader(bq, table)
+    targets = TableTargets(bq, table)
     status = TableStatus(cluster.cluster, table.source, table.target)
-    last, status.rows_today = _changelog_summary(loader, now)
+    last, status.rows_today = _changelog_summary(targets, now)
     if last is not None:
         status.last_commit_loaded = last.astimezone(dt.UTC).isoformat(timespec="microseconds")
         status.lag_s = round((now - last).total_seconds(), 3)
-    status.files_waiting = len(landed_and_unloaded(landing, loader)[1])
+    status.files_waiting = len(landed_and_unloaded(landing, targets)[1])
     return status
 
 
@@ -158,3 +157,17 @@ def collect(
         status.dead_letters = dead.get(status.source, 0)
         status.checks = checks.get(status.target, {})
     return statuses, unmapped
+
+
+def row_counts(mappings: Mappings, bq: bigquery.Client) -> list[tuple[str, int]]:
+    """Every mapped table's current-state and changelog row counts (tables not created yet are left out)."""
+    counts = []
+    for _, table in mappings.tables():
+        targets = TableTargets(bq, table)
+        for name in dict.fromkeys((targets.current, targets.changelog)):
+            try:
+                row = next(iter(bq.query(f"SELECT COUNT(*) AS n FROM {targets.ref(name)}").result()))
+            except exceptions.NotFound:
+                continue
+            counts.append((f"{targets.dataset}.{name}", int(row.n)))
+    return counts

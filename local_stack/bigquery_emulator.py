@@ -1,7 +1,7 @@
 """Launcher of the local BigQuery API server: bqemulator 1.4.0 made to start offline and behave like BigQuery.
 
 Stock bqemulator 1.4.0 deviates from real BigQuery in ways that would hide exactly the bugs this platform must
-not have (FIELD-NOTES section 4). This launcher replaces a handful of its internal functions at start-up, then
+not have (docs/local-stack.md). This launcher replaces a handful of its internal functions at start-up, then
 runs its normal `start` command. Each patch restores one documented BigQuery behaviour:
 
 - offline start: DuckDB's spatial extension is loaded from the `duckdb-extension-spatial` wheel (no download);

@@ -1,6 +1,6 @@
 """One private MariaDB server per mapped cluster: the local stand-in for a production MySQL/Aurora cluster.
 
-Each server has its own data folder and binlog, configured as the capture needs it (FIELD-NOTES section 1):
+Each server has its own data folder and binlog, configured as the capture needs it (docs/local-stack.md):
 ROW format, FULL row image, FULL row metadata, GTID, utf8mb4, UTC. Two accounts are created: a replication
 account with only the grants CDC capture needs, and an admin account that the demo workload writes with.
 """

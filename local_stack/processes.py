@@ -97,7 +97,7 @@ class ServerProcess:
 
 def background_service(name: str) -> ServerProcess:
     """A platform service (capture, dagster) run in the background: pid and log in <state>/<name>/."""
-    from cdc.environment import state_dir
+    from cdc.settings import state_dir
 
     root = state_dir() / name
     return ServerProcess(name, 0, root / f"{name}.pid", root / f"{name}.log")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdc import environment as env_names
+from cdc import settings as env_names
 from cdc.clients import bigquery_client
 from cdc.mappings import Mappings
 from local_stack.aws import ACCESS_KEY, REGION, SECRET_KEY, AwsNames, MotoServer

@@ -290,3 +290,30 @@ class Workload:
     def close(self) -> None:
         for connection in self.connections.values():
             connection.close()
+
+
+def run_on_stack(
+    stack: Any, rate: float, duration: float, clusters: tuple[str, ...] = (), seed: int | None = None
+) -> WorkloadReport:
+    """Create the demo schemas where needed and drive the workload on the local stack's clusters (as their admin
+    account). Unknown cluster names raise ValueError; an unreachable server raises ConnectionError."""
+    chosen = [c for c in demo_clusters() if not clusters or c.name in clusters]
+    unknown = set(clusters) - {c.name for c in chosen}
+    if unknown:
+        raise ValueError(f"unknown cluster(s): {', '.join(sorted(unknown))}")
+
+    def connect(cluster: DemoCluster) -> pymysql.connections.Connection:
+        user, password = stack.admin_credentials(cluster.name)
+        return stack.mariadb(cluster.name).connect(user, password)
+
+    try:
+        driver = Workload(connect, chosen, seed=seed)
+    except Exception as exc:
+        raise ConnectionError(
+            f"cannot connect to the local MariaDB servers ({exc}); run `cdc stack up`"
+        ) from exc
+    try:
+        driver.ensure_schemas()
+        return driver.run(rate=rate, duration=duration)
+    finally:
+        driver.close()

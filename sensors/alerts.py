@@ -1,17 +1,9 @@
-"""Alerts: failed asset checks (WARN and ERROR), failed runs and dead-letter messages -> a Slack-compatible webhook.
-
-Open-source Dagster has no alert policies, so three sensors do it:
-- `alert_failed_checks` reads the new ASSET_CHECK_EVALUATION events of the runs updated since it last looked
-  (cursor: per run, the evaluations read), from load runs and the `table_checks` job alike, and posts the failed
-  ones with their numbers;
-- `alert_failed_runs` (a run-failure sensor) posts the run, its tables and the error;
-- `alert_dead_letters` reads the dead-letter queue without deleting anything (the messages stay there for a
-  redrive) and posts each new message's S3 keys and reason (cursor: the message ids posted); one left in the
-  queue is posted again twice a day.
-The webhook URL comes from CDC_ALERT_WEBHOOK_URL (a secret: environment only); unset, alerts are only logged.
-The JSON is Slack's incoming-webhook format (`text` plus `blocks`); Mattermost, Teams workflows and Google Chat
-accept `text` too.
+"""Alerts: three sensors post failed asset checks (WARN and ERROR), failed runs and dead-letter messages to the
+Slack-compatible webhook of CDC_ALERT_WEBHOOK_URL (`cdc.alerts`); open-source Dagster has no alert policies.
+docs/design.md, "Checks and alerts".
 """
+
+from __future__ import annotations
 
 import datetime as dt
 import json
@@ -20,11 +12,11 @@ import time
 from typing import Any
 
 import dagster as dg
-import requests
 
-from cdc import environment
+from cdc import settings
+from cdc.alerts import Webhook
+from cdc.landing import PoisonMessage, parse_message
 from cdc_assets.resources import LandingResource
-from sensors.sqs_sensor import PoisonMessage, parse_message
 
 DLQ_REMIND_SECONDS = 43_200
 MAX_EVENTS_PER_TICK = 200
@@ -38,25 +30,13 @@ class AlertWebhookResource(dg.ConfigurableResource):
     timeout_s: float = 10.0
 
     def post(self, title: str, lines: list[str], log: Any) -> bool:
-        text = f"*{title}*\n" + "\n".join(f"• {line}" for line in lines)
-        log.warning(f"alert: {title}: {' | '.join(lines)}")
-        if not self.url:
-            return False
-        payload: dict[str, Any] = {
-            "text": text,
-            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}}],
-        }
-        response = requests.post(self.url, json=payload, timeout=self.timeout_s)
-        if response.status_code >= 300:
-            raise RuntimeError(
-                f"alert webhook answered {response.status_code}: {response.text[:200]}; check {environment.ALERT_WEBHOOK_URL}"
-            )
-        return True
+        return Webhook(self.url, self.timeout_s).post(title, lines, log)
 
 
-def webhook_from_env() -> AlertWebhookResource:
-    if os.environ.get(environment.ALERT_WEBHOOK_URL):
-        return AlertWebhookResource(url=dg.EnvVar(environment.ALERT_WEBHOOK_URL))
+def build_alert_webhook() -> AlertWebhookResource:
+    """The webhook from CDC_ALERT_WEBHOOK_URL, as an EnvVar: a secret is never stored in Dagster."""
+    if os.environ.get(settings.ALERT_WEBHOOK_URL):
+        return AlertWebhookResource(url=dg.EnvVar(settings.ALERT_WEBHOOK_URL))
     return AlertWebhookResource()
 
 

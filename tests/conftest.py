@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +13,14 @@ import pytest
 from google.cloud import bigquery
 
 from cdc.clients import bigquery_client
-from cdc.environment import STATE_DIR
 from cdc.mappings import load_mappings
+from cdc.settings import STATE_DIR
 from local_stack.bigquery_emulator import BigQueryEmulatorServer
 from local_stack.postgres import PostgresServer
 from local_stack.processes import free_port
 from local_stack.stack import LocalStack
+from tests.support.commands import run_cdc
+from tests.support.webhook import Receiver
 
 # Set by the meta-test that proves each conformance test fails on the unpatched emulator.
 STOCK_EMULATOR = os.environ.get("CDC_TEST_BIGQUERY_STOCK") == "1"
@@ -59,26 +57,6 @@ def dataset(bq: bigquery.Client) -> Iterator[str]:
 @pytest.fixture
 def work_dir(tmp_path: Path) -> Path:
     return tmp_path
-
-
-def run_cdc(
-    *args: str, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run the real `cdc` console command, as a user would."""
-    cdc = Path(sys.executable).with_name("cdc")
-    result = subprocess.run(
-        [str(cdc), *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"cdc {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-        )
-    return result
 
 
 @pytest.fixture(scope="session")
@@ -136,31 +114,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(json.dumps([{k: r.get(k) for k in columns} for r in FAULT_REPORT], indent=2))
-
-
-class Receiver:
-    """A local Slack-compatible webhook: records every JSON body posted to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []  # type: list[dict[str, Any]]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/cdc"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def texts(self) -> str:
-        return "\n".join(str(body["text"]) for body in self.received)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from sensors.alerts import AlertWebhookResource, alert_failed_checks
-from tests.conftest import Receiver
+from tests.support.webhook import Receiver
 
 
 @dg.asset

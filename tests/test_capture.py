@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capture import layout
 from capture.service import ClusterCapture
+from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, NotALandingFile, parse_key
 from local_stack.stack import LocalStack
-from tests.capture_support import (
+from tests.support.capture import (
     FAST,
     CaptureEnv,
     compare_with_source,
@@ -26,6 +26,7 @@ from tests.capture_support import (
     run_sql,
     running,
     wait_caught_up,
+    write_mapping,
 )
 
 EVERY_TYPE = """
@@ -101,11 +102,11 @@ def test_full_load_and_cdc_of_every_type_equal_the_source(local_stack: LocalStac
     files = {row["_key"] for row in rows}
     assert any(key.endswith("/LOAD00000001.parquet") for key in files)
     cdc_files = [k for k in files if "LOAD" not in k]
-    assert cdc_files and all(layout.parse_key(k, env.prefix).kind == "cdc" for k in cdc_files)
+    assert cdc_files and all(parse_key(k, env.prefix).kind == "cdc" for k in cdc_files)
     # the primary-key change is a delete of the old key and an insert of the new one, in that order
     pk_change = sorted(
         (r for r in rows if r["id"] in (102, 1000) and r["Op"] in "DI" and "LOAD" not in r["_key"]),
-        key=lambda r: r[layout.CHANGE_SEQUENCE_COLUMN],
+        key=lambda r: r[CHANGE_SEQUENCE_COLUMN],
     )
     assert [(r["Op"], r["id"]) for r in pk_change][-2:] == [("D", 102), ("I", 1000)]
     # the file schema comes from the column definitions, with the mapping's override applied
@@ -123,7 +124,7 @@ def test_full_load_and_cdc_of_every_type_equal_the_source(local_stack: LocalStac
         and str(schema.field("dt6").type) == "timestamp[us]"
     )
     assert str(schema.field("t6").type) == "string" and str(schema.field("opts").type) == "string"
-    sequences = [r[layout.CHANGE_SEQUENCE_COLUMN] for r in rows if "LOAD" not in r["_key"]]
+    sequences = [r[CHANGE_SEQUENCE_COLUMN] for r in rows if "LOAD" not in r["_key"]]
     assert all(len(s) == 35 and s.isdigit() for s in sequences) and len(set(sequences)) == len(sequences)
 
 
@@ -157,8 +158,8 @@ def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStac
         wait_caught_up(env, timeout=180)
     rows = landed_rows(env, "big")
     assert len(rows) == 100_000 and {r["Op"] for r in rows} == {"I"}
-    assert len({r[layout.COMMIT_TIMESTAMP_COLUMN] for r in rows}) == 1  # one transaction, one commit time
-    ordered = sorted(rows, key=lambda r: r[layout.CHANGE_SEQUENCE_COLUMN])
+    assert len({r[COMMIT_TIMESTAMP_COLUMN] for r in rows}) == 1  # one transaction, one commit time
+    ordered = sorted(rows, key=lambda r: r[CHANGE_SEQUENCE_COLUMN])
     assert [r["id"] for r in ordered] == list(range(1, 100_001))
     assert compare_with_source(env, "big", ["id"]) == 100_000
 
@@ -236,7 +237,7 @@ def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
     )
     run_sql(env, "INSERT INTO `{schema}`.later VALUES (1, 1), (2, 2)")  # exists before it is mapped
     folder = tmp_path / "mappings"
-    _write_mapping(env, folder, "roulette_accounts", ["first"])
+    write_mapping(env, folder, "roulette_accounts", ["first"])
     capture = ClusterCapture(
         env.mapping(env.table("first", ["id"])), env.replication(), env.store(), FAST, folder
     )
@@ -249,7 +250,7 @@ def test_a_table_added_to_the_mapping_file_is_captured_without_restart(
         )
         wait_caught_up(env)
         assert landed_rows(env, "later") == []  # not mapped yet: ignored
-        _write_mapping(env, folder, "roulette_accounts", ["first", "later"])  # an analyst adds the table
+        write_mapping(env, folder, "roulette_accounts", ["first", "later"])  # an analyst adds the table
         deadline = time.monotonic() + 30
         while not landed_rows(env, "later") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -275,16 +276,10 @@ def _capture_process(env: CaptureEnv, mappings_dir: Path, clusters: list[str]) -
     return subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _write_mapping(env: CaptureEnv, folder: Path, cluster: str, tables: list[str]) -> None:
-    folder.mkdir(exist_ok=True)
-    mapping = env.mapping(*[env.table(t, ["id"]) for t in tables]).model_copy(update={"cluster": cluster})
-    (folder / f"{cluster}.json").write_text(mapping.model_dump_json(by_alias=True, exclude_none=True))
-
-
 def test_kill_9_during_a_busy_stream_loses_nothing(local_stack: LocalStack, tmp_path: Path) -> None:
     env = new_env(local_stack, "slots_play")
     run_sql(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v BIGINT, note VARCHAR(40))")
-    _write_mapping(env, tmp_path / "mappings", "slots_play", ["busy"])
+    write_mapping(env, tmp_path / "mappings", "slots_play", ["busy"])
     process = _capture_process(env, tmp_path / "mappings", ["slots_play"])
     try:
         wait_caught_up(env)
@@ -319,7 +314,7 @@ def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path:
     for env in envs:
         run_sql(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v VARCHAR(10))")
         run_sql(env, "INSERT INTO `{schema}`.t VALUES (1, 'snap')")
-        _write_mapping(env, tmp_path / "mappings", env.cluster_name, ["t"])
+        write_mapping(env, tmp_path / "mappings", env.cluster_name, ["t"])
     process = _capture_process(envs[0], tmp_path / "mappings", [e.cluster_name for e in envs])
     try:
         for env in envs:
@@ -364,7 +359,7 @@ def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path:
     ],
 )
 def test_landing_keys_parse(key: str, kind: str, table: str) -> None:
-    parsed = layout.parse_key(key, "cdc")
+    parsed = parse_key(key, "cdc")
     assert (parsed.kind, parsed.schema, parsed.table) == (kind, "slots_play", table)
 
 
@@ -378,14 +373,14 @@ def test_landing_keys_parse(key: str, kind: str, table: str) -> None:
     ],
 )
 def test_keys_that_are_not_landing_files_are_named(key: str) -> None:
-    with pytest.raises(layout.NotALandingFile, match=key.split("/")[-1].split(".")[0][:6]):
-        layout.parse_key(key, "cdc")
+    with pytest.raises(NotALandingFile, match=key.split("/")[-1].split(".")[0][:6]):
+        parse_key(key, "cdc")
 
 
 def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tmp_path: Path) -> None:
     env = new_env(local_stack, "poker_accounts")
     run_sql(env, "CREATE TABLE `{schema}`.bg (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.bg VALUES (1)")
-    _write_mapping(env, tmp_path / "mappings", "poker_accounts", ["bg"])
+    write_mapping(env, tmp_path / "mappings", "poker_accounts", ["bg"])
     cdc = str(Path(sys.executable).with_name("cdc"))
     variables = {
         **os.environ,

@@ -11,20 +11,31 @@ import dagster as dg
 import pytest
 
 from capture.service import ClusterCapture
+from cdc.settings import Settings
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import LOADER
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets
+from cdc_assets.tables import build_table_assets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
-from tests.capture_support import FAST, capture_changes, new_env, run_sql, running, wait_caught_up
-from tests.conftest import Receiver
-from tests.test_loader import (
+from tests.support.accounts import (
     DDL,
-    _loader,
+    accounts_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
 )
+from tests.support.capture import (
+    FAST,
+    capture_changes,
+    landing_resource,
+    new_env,
+    run_sql,
+    running,
+    wait_caught_up,
+)
+from tests.support.webhook import Receiver
 
 
 def _tables(loader: Any) -> dict[str, list[tuple[Any, ...]]]:
@@ -58,9 +69,9 @@ def test_row_count_check_backfill_and_alerts(
         "UPDATE `{schema}`.accounts SET id = 60 WHERE id = 5",
     )
 
-    landing = LandingResource(
-        bucket=local_stack.settings.bucket,
-        prefix=env.prefix,
+    landing = landing_resource(
+        local_stack,
+        env.prefix,
         queue_url=local_stack.environment()["CDC_SQS_QUEUE_URL"],
         dead_letter_queue_url=local_stack.environment()["CDC_SQS_DLQ_URL"],
     )
@@ -71,8 +82,8 @@ def test_row_count_check_backfill_and_alerts(
         ),
         "mysql": MySqlSourceResource(),
     }
-    asset = build_table_assets([(cluster, table)])
-    checks = build_table_checks(cluster, table)
+    asset = build_table_assets([(cluster, table)], Settings.load())
+    checks = build_table_checks(cluster, table, Settings.load())
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
@@ -93,7 +104,7 @@ def test_row_count_check_backfill_and_alerts(
     loaded = backfill()
     assert loaded["rebuild"] is True and loaded["files"] >= 2 and loaded["load_jobs"] == 1
     assert loaded["load_jobs_today"] >= 1 and loaded["projected_load_jobs_today"] >= loaded["load_jobs_today"]
-    loader = _loader(local_stack, env, env.schema)
+    loader = accounts_loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
 
     results = check()
@@ -172,16 +183,16 @@ def test_a_table_missing_at_the_source_fails_its_row_count_check_naming_it(
     env = new_env(local_stack, "poker_accounts")
     table = env.table("not_created_yet", ["id"])
     cluster = env.mapping(table)
-    checks = build_table_checks(cluster, table)
+    checks = build_table_checks(cluster, table, Settings.load())
     resources = {
-        "landing": LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix),
+        "landing": landing_resource(local_stack, env.prefix),
         "bigquery": BigQueryCdcResource(
             project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
         ),
         "mysql": MySqlSourceResource(),
     }
     result = dg.materialize(
-        [build_table_assets([(cluster, table)]), checks],
+        [build_table_assets([(cluster, table)], Settings.load()), checks],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(bigquery_asset_key(table), ROW_COUNT)),
         resources=resources,
         instance=dg.DagsterInstance.ephemeral(),

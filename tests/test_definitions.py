@@ -10,8 +10,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from cdc.environment import MAPPINGS_DIR
-from cdc_assets.definitions import build_definitions
+from cdc.settings import MAPPINGS_DIR
+from definitions import build_definitions
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dagster._config import process_config
 
-from cdc.cli import main as cdc_cli
+from cli import main as cdc_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -28,7 +28,7 @@ ENV = {
 }
 
 
-def _load(name: str) -> dict[str, Any]:
+def load_files(name: str) -> dict[str, Any]:
     return dict(yaml.safe_load((DEPLOY / name / "dagster.yaml").read_text()))
 
 
@@ -44,7 +44,7 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
 ) -> None:
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
-    base, instance = _load("postgres"), _load(variant)
+    base, instance = load_files("postgres"), load_files(variant)
     assert {k: instance[k] for k in SHARED} == {k: base[k] for k in SHARED}
     assert set(instance) == {*SHARED, "run_launcher"}
     _validate(instance["run_launcher"])

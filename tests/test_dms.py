@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from capture.dms import DMS_TYPES, render
-from cdc.cli import main
 from cdc.clients import aws_client
 from cdc.mappings import load_mappings
+from cli import main
 from local_stack.stack import LocalStack
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mappings"

@@ -12,18 +12,17 @@ import pytest
 
 from cdc.clients import aws_client
 from local_stack.stack import LocalStack
-from tests.browser import look_at_table
-from tests.capture_support import landed_keys, new_env, run_sql
-from tests.conftest import Receiver
-from tests.pipeline_support import running_pipeline, wait_until_equal
-from tests.test_capture import _write_mapping
-from tests.test_loader import (
+from tests.support.accounts import (
     DDL,
-    _loader,
+    accounts_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
 )
+from tests.support.browser import look_at_table
+from tests.support.capture import landed_keys, new_env, run_sql, write_mapping
+from tests.support.pipeline import running_pipeline, wait_until_equal
+from tests.support.webhook import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +58,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
     run_sql(env, DDL)
     insert_accounts(env, range(1, 4))
     folder = tmp_path / "mappings"
-    _write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
+    write_mapping(env, folder, "poker_play", ["accounts"])  # target: <schema>.accounts
     extra = {"CDC_ALERT_WEBHOOK_URL": receiver.url}
     if instance_storage == "postgres":  # the production instance file, on Debian's PostgreSQL
         extra.update(request.getfixturevalue("postgres").environment())
@@ -78,7 +77,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
             "ALTER TABLE `{schema}`.accounts ADD COLUMN note VARCHAR(20) NULL",
             "UPDATE `{schema}`.accounts SET note = 'added later' WHERE id = 1",
         )
-        loader = _loader(local_stack, env, env.schema)
+        loader = accounts_loader(local_stack, env, env.schema)
         wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
         changes = assert_changelog_has_no_duplicates(loader)
 

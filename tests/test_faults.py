@@ -30,18 +30,25 @@ import pytest
 from cdc.clients import aws_client
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import LOAD_RUN_TAG
-from tests.capture_support import CaptureEnv, in_thread, landed_keys, new_env, run_sql, source_text_rows
-from tests.conftest import Receiver
-from tests.fault_support import TcpProxy, tcp_proxy
-from tests.pipeline_support import RunningPipeline, running_pipeline, wait_until_equal
-from tests.test_capture import _write_mapping
-from tests.test_loader import (
+from tests.support.accounts import (
     DDL,
-    _loader,
-    _row,
+    account_row,
+    accounts_loader,
     assert_current_state_equals_source,
     insert_accounts,
 )
+from tests.support.capture import (
+    CaptureEnv,
+    in_thread,
+    landed_keys,
+    new_env,
+    run_sql,
+    source_text_rows,
+    write_mapping,
+)
+from tests.support.faults import TcpProxy, tcp_proxy
+from tests.support.pipeline import RunningPipeline, running_pipeline, wait_until_equal
+from tests.support.webhook import Receiver
 
 pytestmark = pytest.mark.faults
 
@@ -149,7 +156,7 @@ def _one_change(cursor: Any, env: CaptureEnv, rng: random.Random, next_id: int) 
     choice = rng.random()
     if choice < 0.45 or not ids:
         next_id += 1
-        cursor.execute(f"INSERT INTO `{env.schema}`.accounts VALUES {_row(next_id)}")
+        cursor.execute(f"INSERT INTO `{env.schema}`.accounts VALUES {account_row(next_id)}")
     elif choice < 0.8:
         cursor.execute(
             f"UPDATE `{env.schema}`.accounts SET money = money + 1, n = n + 1 WHERE id = %s",
@@ -178,7 +185,9 @@ def _kill_9(run: FaultRun, service: str) -> None:
 
 def capture_killed_mid_transaction(run: FaultRun) -> str:
     """A 10,000-row transaction commits; the capture is killed -9 while it reads it, and restarted."""
-    rows = ", ".join(_row(i) for i in range(1_000_000, 1_010_000)).replace("{", "{{").replace("}", "}}")
+    rows = (
+        ", ".join(account_row(i) for i in range(1_000_000, 1_010_000)).replace("{", "{{").replace("}", "}}")
+    )
     run_sql(run.env, f"INSERT INTO `{run.env.schema}`.accounts VALUES {rows}")
     time.sleep(0.7)
     _kill_9(run, "capture")
@@ -265,7 +274,7 @@ def incompatible_type_change(run: FaultRun) -> str:
     remedy it names (drop both BigQuery tables, re-snapshot) is applied and the table resumes."""
     run_sql(run.env, "ALTER TABLE `{schema}`.accounts MODIFY n VARCHAR(20) NULL")
     message = run.alert_naming(run.env.schema, "incompatible type change", "column n")
-    loader = _loader(run.pipeline.stack, run.env, run.env.schema)
+    loader = accounts_loader(run.pipeline.stack, run.env, run.env.schema)
     for name in ("accounts", "accounts_changelog"):
         loader.bq.delete_table(f"{loader.project}.{run.env.schema}.{name}")
     run.pipeline.cdc("resnapshot", f"{run.env.schema}.accounts")
@@ -385,7 +394,7 @@ def _setup(local_stack: LocalStack, tmp_path: Path) -> tuple[CaptureEnv, Path]:
     run_sql(env, DDL)
     insert_accounts(env, range(1, 21))
     folder = tmp_path / "mappings"
-    _write_mapping(env, folder, CLUSTER, ["accounts"])
+    write_mapping(env, folder, CLUSTER, ["accounts"])
     return env, folder
 
 
@@ -450,7 +459,7 @@ def test_a_fault_under_load_loses_and_doubles_nothing(
         with running_pipeline(local_stack, folder, variables) as pipeline:
             pipeline.env = env
             run = FaultRun(pipeline, env, proxy, receiver, folder)
-            loader = _loader(local_stack, env, env.schema)
+            loader = accounts_loader(local_stack, env, env.schema)
             wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
             with workload(env, seconds=WORKLOAD_SECONDS) as written:
                 time.sleep(5)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from cdc.cli import _fail_orphaned_runs
 from cdc.mappings import TableMapping
+from local_stack.dagster import fail_orphaned_runs
 from sensors.sqs_sensor import (
     ACTIVE_RUN_MAX_AGE_S,
     LOAD_RUN_MAX_RUNTIME_S,
     LOAD_RUN_TAG,
-    Batch,
+    QueuedFiles,
     active_load_run,
     run_requests,
 )
@@ -44,7 +44,9 @@ def test_the_sensor_waits_only_for_its_own_recent_load_runs() -> None:
 
 def test_load_runs_carry_a_maximum_runtime_for_run_monitoring() -> None:
     table = TableMapping(source="game_db.hot", target="game.hot", primary_key=["id"])
-    batch = Batch(table, "2026-11-26", {"cdc/game_db/hot/2026/11/26/a.parquet"}, {"m1": "r1"}, {"m1": 1})
+    batch = QueuedFiles(
+        table, "2026-11-26", {"cdc/game_db/hot/2026/11/26/a.parquet"}, {"m1": "r1"}, {"m1": 1}
+    )
     (request,) = run_requests([batch])
     assert request.tags[LOAD_RUN_TAG] == "sensor"
     assert request.tags["dagster/max_runtime"] == str(LOAD_RUN_MAX_RUNTIME_S)
@@ -67,7 +69,7 @@ def test_dagster_start_fails_runs_a_killed_dagster_left_in_progress(tmp_path: Pa
     )
     try:
         time.sleep(0.5)
-        _fail_orphaned_runs(home)
+        fail_orphaned_runs(home)
         assert _statuses(home, orphaned, starting) == [
             dg.DagsterRunStatus.STARTED,
             dg.DagsterRunStatus.STARTING,
@@ -76,7 +78,7 @@ def test_dagster_start_fails_runs_a_killed_dagster_left_in_progress(tmp_path: Pa
         worker.kill()
         worker.wait()
     # once none is left, they are orphans
-    _fail_orphaned_runs(home)
+    fail_orphaned_runs(home)
     assert _statuses(home, orphaned, starting) == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.FAILURE]
     assert _statuses(home, finished) == [dg.DagsterRunStatus.SUCCESS]
     instance = dg.DagsterInstance.from_config(str(home))

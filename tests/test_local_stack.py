@@ -14,10 +14,10 @@ import pymysql
 import pytest
 
 from cdc.clients import aws_client, bigquery_client
-from cdc.environment import MAPPINGS_DIR, STATE_DIR
 from cdc.mappings import load_mappings
+from cdc.settings import MAPPINGS_DIR, STATE_DIR
 from local_stack.stack import LocalStack
-from tests.conftest import run_cdc
+from tests.support.commands import run_cdc
 
 
 def stack_env(stack: LocalStack) -> dict[str, str]:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from cdc.cli import main
-from cdc.environment import MAPPINGS_DIR
 from cdc.mappings import SCHEMA_FILE_NAME, json_schema, load_mappings, quote_bigquery, quote_mysql
+from cdc.settings import MAPPINGS_DIR
+from cli import main
 from local_stack.demo_schema import demo_clusters
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mappings"

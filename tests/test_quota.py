@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from cdc import environment
+from cdc import settings
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
-from cdc_assets.quota import LoadBudget, QuotaSettingError, table_cap
-from cdc_assets.resources import LandingResource
+from cdc.settings import SettingError, Settings
+from cdc_assets.quota import LoadBudget
 from local_stack.stack import LocalStack
-from sensors.sqs_sensor import Batch, apply_budget, hold
+from sensors.sqs_sensor import QueuedFiles, apply_budget, hold
+from tests.support.capture import landing_resource
 
 
 def test_a_busy_table_never_exceeds_its_daily_cap() -> None:
@@ -35,14 +36,12 @@ def test_the_project_cap_holds_across_tables() -> None:
 
 
 def test_caps_outside_bigquerys_limits_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "2000")
-    with pytest.raises(
-        QuotaSettingError, match=r"CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY=2000 is outside 1\.\.1500"
-    ):
-        table_cap()
-    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "many")
-    with pytest.raises(QuotaSettingError, match="not a whole number"):
-        table_cap()
+    monkeypatch.setenv(settings.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "2000")
+    with pytest.raises(SettingError, match=r"CDC_MAX_LOAD_JOBS_PER_TABLE_PER_DAY=2000 is outside 1\.\.1500"):
+        Settings.load()
+    monkeypatch.setenv(settings.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "many")
+    with pytest.raises(SettingError, match="not a whole number"):
+        Settings.load()
 
 
 def test_held_files_wait_invisible_and_join_the_next_load(
@@ -51,10 +50,8 @@ def test_held_files_wait_invisible_and_join_the_next_load(
     environ = local_stack.environment()
     for key, value in environ.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv(environment.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "40")  # burst 2, then one per ~38 min
-    landing = LandingResource(
-        bucket=local_stack.settings.bucket, queue_url=environ["CDC_SQS_QUEUE_URL"], dead_letter_queue_url=""
-    )
+    monkeypatch.setenv(settings.MAX_LOAD_JOBS_PER_TABLE_PER_DAY, "40")  # burst 2, then one per ~38 min
+    landing = landing_resource(local_stack, "cdc", queue_url=environ["CDC_SQS_QUEUE_URL"])
     sqs = landing.sqs()
     table = TableMapping(source="quota_db.hot", target="quota.hot", primary_key=["id"])
     cluster = ClusterMapping.model_validate(
@@ -72,11 +69,11 @@ def test_held_files_wait_invisible_and_join_the_next_load(
         for message in leftovers:  # S3 events of other tests' files: not this test's business
             sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
-    def batch(n: int) -> Batch:
+    def batch(n: int) -> QueuedFiles:
         sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps({"n": n}))
         [message] = sqs.receive_message(QueueUrl=landing.queue_url, AttributeNames=["All"])["Messages"]
         assert message["Body"] == json.dumps({"n": n})
-        return Batch(
+        return QueuedFiles(
             table,
             "2026-11-25",
             {f"cdc/quota_db/hot/f{n}.parquet"},
@@ -84,11 +81,13 @@ def test_held_files_wait_invisible_and_join_the_next_load(
             {message["MessageId"]: 1},
         )
 
+    config = Settings.load()
+    caps = (config.max_load_jobs_per_table_per_day, config.max_load_jobs_per_project_per_day)
     cursor: dict[str, Any] = {}
     now = 5_000_000.0
     loaded = []
     for n in range(3):
-        ready, held, cursor = apply_budget([batch(n)], cursor, mappings, now)
+        ready, held, cursor = apply_budget([batch(n)], cursor, mappings, now, caps)
         loaded += ready
     assert [sorted(b.keys) for b in loaded] == [
         ["cdc/quota_db/hot/f0.parquet"],
@@ -99,7 +98,7 @@ def test_held_files_wait_invisible_and_join_the_next_load(
     assert not sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=0).get("Messages")  # invisible
 
     later = now + cursor["next_load_in_s"]["quota.hot"] + 1
-    ready, held, cursor = apply_budget([batch(3)], json.loads(json.dumps(cursor)), mappings, later)
+    ready, held, cursor = apply_budget([batch(3)], json.loads(json.dumps(cursor)), mappings, later, caps)
     assert not held and cursor["held"] == []
     [merged] = ready
     assert merged.keys == {"cdc/quota_db/hot/f2.parquet", "cdc/quota_db/hot/f3.parquet"}  # one load job

@@ -9,29 +9,30 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from capture import layout
+from cdc.landing import load_file_key
 from cdc.mappings import Mappings, load_mappings
-from cdc_assets.loader import read_landed
+from cdc_assets.landed_files import read_landed
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import landed_keys_for_day
 from cdc_assets.resnapshot import build_resnapshot_job, find_table
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.tables import bigquery_asset_key, landed_keys_for_day
 from local_stack.stack import LocalStack
-from tests.capture_support import (
+from tests.support.accounts import (
+    DDL,
+    accounts_loader,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+    insert_accounts,
+    load_files,
+)
+from tests.support.capture import (
     capture_changes,
     landed_keys,
     new_env,
     pipeline_resources,
     run_sql,
 )
-from tests.conftest import run_cdc
-from tests.test_loader import (
-    DDL,
-    _load,
-    _loader,
-    assert_changelog_has_no_duplicates,
-    assert_current_state_equals_source,
-    insert_accounts,
-)
+from tests.support.commands import run_cdc
 
 
 def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
@@ -45,9 +46,9 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})  # target: <schema>.accounts
     cluster = env.mapping(table)
     capture_changes(env, cluster)
-    loader = _loader(local_stack, env, env.schema)
+    loader = accounts_loader(local_stack, env, env.schema)
     loaded = landed_keys(env, "accounts")
-    _load(loader, env, sorted(loaded))
+    load_files(loader, env, sorted(loaded))
     assert_current_state_equals_source(loader, env)
 
     # changes whose files are lost before they are loaded: an insert, a delete, an update and a key change
@@ -88,7 +89,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     assert_current_state_equals_source(loader, env)  # the delete, the update and the key move are there
     assert_changelog_has_no_duplicates(loader)
     snapshot_files = sorted(landed_keys(env, "accounts") - loaded)
-    assert snapshot_files == [layout.load_file_key(env.prefix, env.schema, "accounts", 2)]  # beside LOAD1
+    assert snapshot_files == [load_file_key(env.prefix, env.schema, "accounts", 2)]  # beside LOAD1
 
     # the pipeline goes on from the snapshot: new changes load, and a late file from before the snapshot (the
     # first full load, which still holds id 2 and the old id 3) cannot bring a deleted row back
@@ -100,8 +101,8 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     )
     newer = sorted(landed_keys(env, "accounts") - loaded - set(snapshot_files))
     assert newer
-    first_load = layout.load_file_key(env.prefix, env.schema, "accounts", 1)
-    _load(loader, env, [first_load, *newer])
+    first_load = load_file_key(env.prefix, env.schema, "accounts", 1)
+    load_files(loader, env, [first_load, *newer])
     assert_current_state_equals_source(loader, env)
 
     # a backfill of the day (a rebuild from every file landed today) keeps the snapshot's horizon

@@ -14,11 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from cdc.mappings import Mappings
+from cdc.settings import Settings
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import LOADER, load_run_config
 from cdc_assets.resnapshot import build_resnapshot_job
-from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets, load_run_config
+from cdc_assets.tables import build_table_assets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_runs, error_text
-from tests.capture_support import (
+from tests.support.accounts import DDL, accounts_loader, assert_current_state_equals_source, insert_accounts
+from tests.support.capture import (
     CaptureEnv,
     capture_changes,
     landed_keys,
@@ -26,8 +30,7 @@ from tests.capture_support import (
     pipeline_resources,
     run_sql,
 )
-from tests.conftest import Receiver
-from tests.test_loader import DDL, _loader, assert_current_state_equals_source, insert_accounts
+from tests.support.webhook import Receiver
 
 
 def _other_rows(bq: Any, env: CaptureEnv) -> set[tuple[int, str]]:
@@ -61,7 +64,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
 
     resources = pipeline_resources(env)
     tables = {"accounts": accounts, "other": other}
-    loader_asset = build_table_assets([(cluster, accounts), (cluster, other)])
+    loader_asset = build_table_assets([(cluster, accounts), (cluster, other)], Settings.load())
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
@@ -78,7 +81,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
 
     loaded = {t: landed_keys(env, t) for t in tables}
     assert load({t: sorted(k) for t, k in loaded.items()}).success
-    loader = _loader(local_stack, env, env.schema)
+    loader = accounts_loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
 
     # the source changes a column's type; both tables change in the same run

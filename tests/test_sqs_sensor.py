@@ -9,19 +9,23 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from cdc.landing import PoisonMessage, parse_message
 from cdc.mappings import Mappings
-from cdc_assets.resources import BigQueryCdcResource, LandingResource
-from cdc_assets.tables import LOADER, bigquery_asset_key, build_table_assets
+from cdc.settings import Settings
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import LOADER
+from cdc_assets.resources import BigQueryCdcResource
+from cdc_assets.tables import build_table_assets
 from local_stack.stack import LocalStack
-from sensors.sqs_sensor import PoisonMessage, build_sqs_sensor, parse_message
-from tests.capture_support import capture_changes, new_env, run_sql
-from tests.test_loader import (
+from sensors.sqs_sensor import build_sqs_sensor
+from tests.support.accounts import (
     DDL,
-    _loader,
+    accounts_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
 )
+from tests.support.capture import capture_changes, landing_resource, new_env, run_sql
 
 
 def _message(body: Any, receive_count: int = 1) -> dict[str, Any]:
@@ -71,9 +75,9 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     for key, value in environment.items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    landing = LandingResource(
-        bucket=local_stack.settings.bucket,
-        prefix=local_stack.settings.prefix,
+    landing = landing_resource(
+        local_stack,
+        local_stack.settings.prefix,
         queue_url=environment["CDC_SQS_QUEUE_URL"],
         dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
     )
@@ -101,8 +105,8 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     time.sleep(0.5)
 
     mappings = Mappings(directory=env.stack.mappings.directory, clusters=(cluster,))
-    sensor = build_sqs_sensor(mappings, [bigquery_asset_key(mapping)])
-    asset = build_table_assets([(cluster, mapping)])
+    sensor = build_sqs_sensor(mappings, [bigquery_asset_key(mapping)], Settings.load())
+    asset = build_table_assets([(cluster, mapping)], Settings.load())
     bigquery = BigQueryCdcResource(
         project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
     )
@@ -151,6 +155,6 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     assert "notes.txt is neither a DMS full-load nor a CDC Parquet file name" in reasons
     assert f"table {env.schema}.unmapped is not in the mappings" in reasons
 
-    loader = _loader(local_stack, env, "sensor_test")
+    loader = accounts_loader(local_stack, env, "sensor_test")
     assert_changelog_has_no_duplicates(loader)
     assert_current_state_equals_source(loader, env)

@@ -7,18 +7,20 @@ import datetime as dt
 import dagster as dg
 import pytest
 
-from cdc_assets.definitions import build_definitions
-from cdc_assets.resources import BigQueryCdcResource, LandingResource
-from cdc_assets.tables import DAILY, LOADER, build_table_assets
+from cdc.settings import Settings
+from cdc_assets.load_run import LOADER
+from cdc_assets.resources import BigQueryCdcResource
+from cdc_assets.tables import build_table_assets, daily_partitions
+from definitions import build_definitions
 from local_stack.stack import LocalStack
-from tests.capture_support import capture_changes, new_env, run_sql
-from tests.test_loader import (
+from tests.support.accounts import (
     DDL,
-    _loader,
+    accounts_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
 )
+from tests.support.capture import capture_changes, landing_resource, new_env, run_sql
 
 
 def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
@@ -28,14 +30,15 @@ def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
     assert len(bigquery) == 70 and len([k for k in specs if k.path[0] == "s3_landing"]) == 70
     bets = specs[dg.AssetKey(["bigquery", "slots", "bets"])]
     assert bets.group_name == "slots_play" and "bigquery" in bets.kinds
-    assert bets.partitions_def == DAILY
+    daily = daily_partitions(Settings.load())
+    assert bets.partitions_def == daily
     assert {d.asset_key for d in bets.deps} == {
         dg.AssetKey(["s3_landing", "slots_play", "slots_play", "bets"])
     }
     landing = specs[dg.AssetKey(["s3_landing", "slots_play", "slots_play", "bets"])]
     assert {d.asset_key for d in landing.deps} == {dg.AssetKey(["mysql", "slots_play", "slots_play", "bets"])}
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert today in DAILY.get_partition_keys()  # today's partition exists (end_offset=1)
+    assert today in daily.get_partition_keys()  # today's partition exists (end_offset=1)
 
 
 def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStack) -> None:
@@ -51,9 +54,9 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     )
     target = mapping.model_copy(update={"target": "asset_test.accounts"})
     cluster = env.mapping(target)
-    asset = build_table_assets([(cluster, target)])
+    asset = build_table_assets([(cluster, target)], Settings.load())
     resources = {
-        "landing": LandingResource(bucket=local_stack.settings.bucket, prefix=env.prefix),
+        "landing": landing_resource(local_stack, env.prefix),
         "bigquery": BigQueryCdcResource(
             project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
         ),
@@ -85,7 +88,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     assert again.asset_materializations_for_node(LOADER)[0].metadata["new_changes"].value == 0
     [check] = result.get_asset_check_evaluations()
     assert check.passed and check.metadata["duplicated_changes"].value == 0
-    loader = _loader(local_stack, env, "asset_test")
+    loader = accounts_loader(local_stack, env, "asset_test")
     assert_changelog_has_no_duplicates(loader)
     assert_current_state_equals_source(loader, env)
 

@@ -8,11 +8,11 @@ import re
 import pymysql
 import pytest
 
-from cdc.environment import STATE_DIR
+from cdc.settings import STATE_DIR
 from local_stack.demo_schema import demo_clusters
 from local_stack.stack import LocalStack
 from local_stack.workload import UINT64_MAX, value_generator
-from tests.conftest import run_cdc
+from tests.support.commands import run_cdc
 
 
 def _admin(stack: LocalStack, cluster: str) -> pymysql.connections.Connection:

@@ -1,4 +1,4 @@
-"""Binlog positions and the change sequence derived from them.
+"""Binlog positions and the change sequence derived from them (part of the landing contract: `cdc_change_seq`).
 
 The change sequence models DMS's `$AR_H_CHANGE_SEQ`: 35 digits, strictly increasing in binlog order. Ours is
 computed from where the change sits in the binlog - file number (10 digits), end position of its rows event

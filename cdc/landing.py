@@ -1,4 +1,7 @@
-"""Where DMS puts files in S3, and what the columns it adds are called: shared by the capture and the sensor.
+"""The landing contract between the producer (our capture or AWS DMS) and the loader: where files land in S3, the
+columns added to them, the S3 event messages that announce them, and the control documents kept beside them.
+
+Layout:
 
 `[prefix/]schema/table/LOAD0000000A.parquet`  - full load, hexadecimal counter (DMS: LOAD00000001 ... 0000000A)
 `[prefix/]schema/table/[YYYY/MM/DD/]20261125-1134010000.parquet` - CDC file named by its write time (DMS format
@@ -11,8 +14,10 @@ transformation of `$AR_H_CHANGE_SEQ`).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote_plus
 
 OP_COLUMN = "Op"
@@ -99,3 +104,85 @@ def parse_key(raw_key: str, prefix: str) -> LandedFile:
     if len(parts) == 6 and (parts[2], parts[3], parts[4]) != (f"{day:%Y}", f"{day:%m}", f"{day:%d}"):
         raise NotALandingFile(f"{key}: date folders {'/'.join(parts[2:5])} do not match the file name {name}")
     return LandedFile(key, schema, table, "cdc", day)
+
+
+# -- S3 event messages ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedMessage:
+    """An SQS message announcing landed files: its id, receipt handle and receive count, and the S3 keys in it."""
+
+    message_id: str
+    receipt_handle: str
+    receive_count: int
+    keys: list[str] = field(default_factory=list)
+    test_event: bool = False
+
+
+class PoisonMessage(ValueError):
+    """A message that is not an S3 event notification; the text says why."""
+
+
+def parse_message(message: dict[str, Any]) -> ParsedMessage:
+    """An SQS message of an S3 event notification: plain, SNS-wrapped, or S3's TestEvent. Keys are URL-decoded."""
+    parsed = ParsedMessage(
+        message_id=message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+    )
+    try:
+        body = json.loads(message["Body"])
+        if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
+            body = json.loads(body["Message"])  # SNS-wrapped
+    except (ValueError, TypeError) as exc:
+        raise PoisonMessage(f"message {parsed.message_id}: body is not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise PoisonMessage(f"message {parsed.message_id}: body is not an S3 event object")
+    if body.get("Event") == "s3:TestEvent":
+        parsed.test_event = True
+        return parsed
+    records = body.get("Records")
+    if not isinstance(records, list):
+        raise PoisonMessage(f"message {parsed.message_id}: no S3 event Records")
+    for record in records:
+        try:
+            if str(record["eventName"]).startswith("ObjectCreated"):
+                parsed.keys.append(unquote_plus(record["s3"]["object"]["key"]))
+        except (KeyError, TypeError) as exc:
+            raise PoisonMessage(f"message {parsed.message_id}: malformed S3 event record ({exc})") from exc
+    return parsed
+
+
+# -- control documents -----------------------------------------------------------------------------------------
+
+
+class ControlDocuments:
+    """Small JSON documents kept beside the landing prefix (outside it: no S3 event), e.g. the capture's checkpoint
+    and status per cluster: `_cdc_capture/<prefix>/<kind>/<name>.json`."""
+
+    def __init__(self, s3: Any, bucket: str, prefix: str, root: str = "_cdc_capture"):
+        self.s3 = s3
+        self.bucket = bucket
+        self.folder = f"{root}/{prefix.strip('/') or 'root'}"
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self.folder}/{kind}/{name}.json"
+
+    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self.key(kind, name))["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        return dict(json.loads(body))
+
+    def write(self, kind: str, name: str, document: dict[str, Any]) -> None:
+        self.s3.put_object(
+            Bucket=self.bucket,
+            Key=self.key(kind, name),
+            Body=json.dumps(document, indent=2, default=str).encode(),
+            ContentType="application/json",
+        )
+
+    def delete(self, kind: str, name: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self.key(kind, name))

@@ -1,27 +1,28 @@
-"""Helpers for capture tests: run a capture in a thread, read its Parquet back, and the source's own text oracle."""
+"""A test's capture surroundings: a private schema on a cluster of the session's stack and a private landing
+prefix; running a capture in a thread; reading its Parquet back; comparing it with the source (cdc_testing.oracle)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
-import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pymysql
 
-from capture import layout
-from capture.service import CaptureSettings, ClusterCapture, MySQLConnection
+from capture.service import CaptureSettings, ClusterCapture
 from capture.sink import S3Store
 from cdc.clients import aws_client
+from cdc.landing import table_prefix
 from cdc.mappings import ClusterMapping, TableMapping
+from cdc.source import MySQLConnection
+from cdc_testing import oracle
 from local_stack.stack import LocalStack
 
 FAST = CaptureSettings(
@@ -153,7 +154,7 @@ def wait_caught_up(env: CaptureEnv, timeout: float = 60) -> dict[str, Any]:
 def landed_rows(env: CaptureEnv, table: str) -> list[dict[str, Any]]:
     """Every row of every file of ``table`` (full load and CDC), with the file key, in file order."""
     s3 = env.s3()
-    prefix = layout.table_prefix(env.prefix, env.schema, table)
+    prefix = table_prefix(env.prefix, env.schema, table)
     rows: list[dict[str, Any]] = []
     paginator = s3.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=env.stack.settings.bucket, Prefix=prefix):
@@ -164,107 +165,20 @@ def landed_rows(env: CaptureEnv, table: str) -> list[dict[str, Any]]:
     return rows
 
 
-def final_state(rows: list[dict[str, Any]], key: list[str]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Apply changes in change-sequence order (duplicates collapse), as the loader will."""
-    state: dict[tuple[Any, ...], dict[str, Any]] = {}
-    seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: (r[layout.CHANGE_SEQUENCE_COLUMN], r[layout.OP_COLUMN] != "D")):
-        identity = (row[layout.CHANGE_SEQUENCE_COLUMN], row[layout.OP_COLUMN])
-        payload = {k: v for k, v in row.items() if k not in ("_key", layout.COMMIT_TIMESTAMP_COLUMN)}
-        if identity in seen:
-            assert seen[identity] == payload, f"replayed change differs: {seen[identity]} vs {payload}"
-            continue
-        seen[identity] = payload
-        pk = tuple(row[c] for c in key)
-        if row[layout.OP_COLUMN] == "D":
-            state.pop(pk, None)
-        else:
-            state[pk] = {k: v for k, v in payload.items() if k not in layout.ADDED_COLUMNS}
-    return state
-
-
-def as_text(value: Any, column_type: str) -> str | None:
-    """A Parquet value rendered the way MySQL renders the source value (the oracle's side of the comparison)."""
-    if value is None:
-        return None
-    column_type.split("(")[0].split()[0]
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, bytes):
-        return value.hex().upper()
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, dt.datetime):
-        fsp = int(column_type.split("(")[1].rstrip(")")) if "(" in column_type else 0
-        text = value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
-        rendered = text.strftime("%Y-%m-%d %H:%M:%S")
-        return rendered + ("." + f"{text.microsecond:06d}"[:fsp] if fsp else "")
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return json_canonical(str(value))
-
-
-def json_canonical(text: str) -> str:
-    """JSON documents compare by content (MariaDB keeps the text as written); other text is left alone."""
-    if text[:1] in ("{", "["):
-        try:
-            return json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
-        except ValueError:
-            return text
-    return text
-
-
-def oracle_expression(name: str, column_type: str) -> str:
-    """SQL that renders a source column as text comparable with `as_text` (zero dates become NULL, as DMS does)."""
-    kind = column_type.split("(")[0].split()[0]
-    col = f"`{name}`"
-    if kind == "bit":
-        width = int(column_type.split("(")[1].rstrip(")"))
-        return (
-            f"CAST({col} + 0 AS CHAR)" if width == 1 else f"LPAD(HEX({col}), {2 * ((width + 7) // 8)}, '0')"
-        )
-    if kind in ("binary", "varbinary", "blob", "tinyblob", "mediumblob", "longblob"):
-        return f"HEX({col})"
-    if kind in ("date", "datetime", "timestamp"):
-        return f"IF(CAST({col} AS CHAR) LIKE '0000%' OR CAST({col} AS CHAR) LIKE '%-00%', NULL, CAST({col} AS CHAR))"
-    return f"CAST({col} AS CHAR)"
-
-
 def source_text_rows(
     env: CaptureEnv, table: str, key: list[str]
 ) -> tuple[dict[tuple[str, ...], dict[str, Any]], dict[str, str]]:
+    """The source table as the oracle renders it: (rows by key text, column types)."""
     with env.admin() as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT COLUMN_NAME, LOWER(COLUMN_TYPE) FROM information_schema.COLUMNS "
-            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
-            (env.schema, table),
-        )
-        types = dict(cursor.fetchall())
-        cursor.execute(
-            "SELECT "
-            + ", ".join(oracle_expression(n, t) for n, t in types.items())
-            + f" FROM `{env.schema}`.`{table}`"
-        )
-        rows = [dict(zip(types, row, strict=True)) for row in cursor.fetchall()]
-    normalised = {}
-    for row in rows:
-        for name, column_type in types.items():
-            if isinstance(row[name], str):
-                row[name] = json_canonical(row[name])
-            if row[name] is not None and column_type.split("(")[0] in ("double", "float"):
-                row[name] = repr(float(row[name]))
-        normalised[tuple(str(row[k]) for k in key)] = row
-    return normalised, types
+        return oracle.source_rows(cursor, env.schema, table, key)
 
 
 def compare_with_source(env: CaptureEnv, table: str, key: list[str]) -> int:
     """Assert the state rebuilt from the landed files equals the source table value for value; return rows."""
     expected, types = source_text_rows(env, table, key)
-    state = final_state(landed_rows(env, table), key)
+    state = oracle.final_state(landed_rows(env, table), key)
     actual = {
-        tuple(str(v) for v in pk): {n: as_text(row.get(n), t) for n, t in types.items()}
+        tuple(oracle.key_text(v) for v in pk): {n: oracle.as_text(row.get(n), t) for n, t in types.items()}
         for pk, row in state.items()
     }
     assert set(actual) == set(expected), (
@@ -286,20 +200,43 @@ def capture_changes(env: CaptureEnv, cluster: ClusterMapping, *statements: str) 
 
 def landed_keys(env: CaptureEnv, table: str) -> set[str]:
     """Every key landed for `table` under the env's prefix (full load and CDC)."""
-    prefix = layout.table_prefix(env.prefix, env.schema, table)
+    prefix = table_prefix(env.prefix, env.schema, table)
     pages = (
         env.s3().get_paginator("list_objects_v2").paginate(Bucket=env.stack.settings.bucket, Prefix=prefix)
     )
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
 
 
+def write_mapping(env: CaptureEnv, folder: Path, cluster: str, tables: list[str]) -> None:
+    """A mapping file of the env's `tables` (primary key `id`) for `cluster` in `folder`."""
+    folder.mkdir(exist_ok=True)
+    mapping = env.mapping(*[env.table(t, ["id"]) for t in tables]).model_copy(update={"cluster": cluster})
+    (folder / f"{cluster}.json").write_text(mapping.model_dump_json(by_alias=True, exclude_none=True))
+
+
+def landing_resource(stack: LocalStack, prefix: str, **queues: str) -> Any:
+    """The landing resource on the stack's moto server, for a test's own prefix (and queues, when given)."""
+    from cdc_assets.resources import LandingResource
+
+    environ = stack.environment()
+    return LandingResource(
+        bucket=stack.settings.bucket,
+        prefix=prefix,
+        endpoint_url=environ["AWS_ENDPOINT_URL"],
+        region_name=environ["AWS_REGION"],
+        aws_access_key_id=environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=environ["AWS_SECRET_ACCESS_KEY"],
+        **queues,
+    )
+
+
 def pipeline_resources(env: CaptureEnv) -> dict[str, Any]:
     """The Dagster resources of the pipeline, pointed at the env's landing prefix and the stack's servers."""
-    from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+    from cdc_assets.resources import BigQueryCdcResource, MySqlSourceResource
 
     stack = env.stack
     return {
-        "landing": LandingResource(bucket=stack.settings.bucket, prefix=env.prefix),
+        "landing": landing_resource(stack, env.prefix),
         "bigquery": BigQueryCdcResource(
             project=stack.settings.bigquery_project, endpoint=stack.bigquery.endpoint
         ),

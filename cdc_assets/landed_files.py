@@ -1,0 +1,108 @@
+"""A batch of landed files read from S3 into one Arrow table, with the changelog's metadata columns, in the types
+BigQuery holds the source values in exactly (uint64 -> NUMERIC, decimal > 38 digits -> BIGNUMERIC, ints -> INT64).
+Shared by both load modes; a file that is not a readable DMS Parquet file is named with what to do."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cdc.landing import ADDED_COLUMNS, CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, OP_COLUMN
+from cdc_assets.targets import CHANGE_SEQ, COMMIT_TS, LOADED_AT, OP, SOURCE_FILE, LoadError
+
+
+def bigquery_type(arrow_type: pa.DataType) -> pa.DataType:
+    """The Arrow type a column is loaded as, so that BigQuery holds the source value exactly."""
+    if pa.types.is_uint64(arrow_type):
+        return pa.decimal128(20, 0)  # NUMERIC: BIGINT UNSIGNED does not fit INT64
+    if pa.types.is_integer(arrow_type):
+        return pa.int64()
+    if pa.types.is_floating(arrow_type):
+        return pa.float64()
+    if pa.types.is_decimal(arrow_type):
+        precision, scale = arrow_type.precision, arrow_type.scale
+        if precision - scale <= 29 and scale <= 9:
+            return pa.decimal128(38, 9)  # NUMERIC
+        return pa.decimal256(76, 38)  # BIGNUMERIC
+    return arrow_type
+
+
+def read_landed(
+    s3: Any,
+    bucket: str,
+    keys: list[str],
+    sizes: list[int] | None = None,
+    unreadable: dict[str, str] | None = None,
+    on_file: Callable[[int], None] | None = None,
+    versions: dict[str, str] | None = None,
+) -> pa.Table | None:
+    """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types (None: no
+    readable file). File sizes in bytes are appended to `sizes` when given. A file that is not a readable DMS
+    Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped.
+    `on_file` is called with each readable file's row count (progress of a backfill). `versions` receives each
+    file's ETag (its content identity: a key written again with other rows is another batch)."""
+    parts = []
+    for key in keys:
+        response = s3.get_object(Bucket=bucket, Key=key)
+        body = response["Body"].read()
+        if versions is not None:
+            versions[key] = str(response.get("ETag", "")).strip('"')
+        if sizes is not None:
+            sizes.append(len(body))
+        try:
+            try:
+                table = pq.read_table(io.BytesIO(body))
+            except Exception as exc:
+                raise LoadError(
+                    f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"
+                ) from exc
+            parts.append(with_metadata(table, key))
+            if on_file is not None:
+                on_file(table.num_rows)
+        except LoadError as exc:
+            if unreadable is None:
+                raise
+            unreadable[key] = str(exc)
+    if not parts:
+        return None
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def with_metadata(table: pa.Table, key: str) -> pa.Table:
+    """One landed file's rows as changelog rows: Op, commit time (UTC), change sequence, file, load time, data."""
+    names = table.column_names
+    op = table[OP_COLUMN] if OP_COLUMN in names else pa.array(["I"] * table.num_rows)  # DMS full load
+    if COMMIT_TIMESTAMP_COLUMN not in names or CHANGE_SEQUENCE_COLUMN not in names:
+        raise LoadError(
+            f"{key}: missing {COMMIT_TIMESTAMP_COLUMN} or {CHANGE_SEQUENCE_COLUMN}; render the DMS task with "
+            "`cdc dms render` (it adds both)"
+        )
+    commit = table[COMMIT_TIMESTAMP_COLUMN].cast(pa.timestamp("us"))  # "yyyy-MM-dd HH:mm:ss.SSSSSS", UTC
+    columns = {
+        OP: op,
+        COMMIT_TS: pc.assume_timezone(commit, "UTC"),
+        CHANGE_SEQ: table[CHANGE_SEQUENCE_COLUMN],
+        SOURCE_FILE: pa.array([key] * table.num_rows, pa.string()),
+        LOADED_AT: pa.array([dt.datetime.now(dt.UTC)] * table.num_rows, pa.timestamp("us", tz="UTC")),
+    }
+    for name in names:
+        if name not in ADDED_COLUMNS:
+            column = table[name]
+            columns[name] = column.cast(bigquery_type(column.type))
+    return pa.table(columns)
+
+
+def batch_id(keys: list[str], versions: dict[str, str] | None = None) -> str:
+    """The batch's identity: its files, and with `versions` their contents (S3 ETags), so that a key written again
+    with other rows (a capture reset or a DMS table reload rewrites LOAD00000001.parquet) is a new batch."""
+    versions = versions or {}
+    return hashlib.sha256(
+        "\n".join(f"{key} {versions.get(key, '')}".rstrip() for key in sorted(keys)).encode()
+    ).hexdigest()[:20]

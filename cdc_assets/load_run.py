@@ -1,0 +1,327 @@
+"""One load step: the landed files the run config names, per table, loaded in parallel threads; one
+materialization (with its inline duplicate check) per table loaded, and the SQS messages of its files
+acknowledged only after its load. A table that fails does not stop the others: the step fails at the end naming
+each failed table and its error (its messages come back and are retried, then dead-lettered). A table with no
+files named is a backfill: it is rebuilt from every file landed on the run's days.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import queue
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+import pyarrow.compute as pc
+from pydantic import Field
+
+from cdc.landing import table_prefix
+from cdc.mappings import TableMapping
+from cdc.progress import Progress
+from cdc_assets.batch_loader import LoadResult, MergeLoader
+from cdc_assets.landed_files import read_landed
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.targets import COMMIT_TS
+
+LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
+NO_DUPLICATES = "no_duplicate_changes"
+
+
+class TableFilesConfig(dg.Config):
+    keys: list[str] = Field(default_factory=list, description="Landed S3 keys to load.")
+    acknowledge: list[str] = Field(
+        default_factory=list,
+        description="SQS receipt handles to delete once the files are loaded (set by the sensor).",
+    )
+
+
+class LoadFilesConfig(dg.Config):
+    tables: dict[str, TableFilesConfig] = Field(
+        default_factory=dict,
+        description="Per BigQuery target `dataset.table`: the files to load (set by the SQS sensor). A selected "
+        "table not named here is rebuilt from every file landed on the partition's days (a backfill).",
+    )
+
+
+def load_run_config(files: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, Any]:
+    """Run config of a load run: per target `dataset.table`, (S3 keys, SQS receipt handles)."""
+    tables = {
+        target: {"keys": sorted(keys), "acknowledge": sorted(receipts)}
+        for target, (keys, receipts) in sorted(files.items())
+    }
+    return {"ops": {LOADER: {"config": {"tables": tables}}}}
+
+
+def landed_keys_for_day(
+    landing: LandingResource, table: TableMapping, day: dt.date, s3: Any = None
+) -> list[str]:
+    """CDC files in the day's folder, and full-load files written that day."""
+    s3 = s3 or landing.s3()
+    base = table_prefix(landing.prefix, table.source_schema, table.source_table)
+    keys: list[str] = []
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=landing.bucket, Prefix=f"{base}{day:%Y/%m/%d}/"):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    for page in paginator.paginate(Bucket=landing.bucket, Prefix=f"{base}LOAD"):
+        keys += [item["Key"] for item in page.get("Contents", []) if item["LastModified"].date() == day]
+    return sorted(keys)
+
+
+# -- materialization metadata ----------------------------------------------------------------------------------
+
+
+def latency_metadata(commit_times: Sequence[dt.datetime | None], now: dt.datetime) -> dict[str, float]:
+    """How far behind the source the table is (its newest loaded commit) and commit -> load latency of the batch."""
+    seconds = sorted((now - t).total_seconds() for t in commit_times if t is not None)
+    if not seconds:
+        return {}
+    return {
+        "lag_s": round(seconds[0], 3),
+        "latency_p50_s": round(statistics.median(seconds), 3),
+        "latency_p95_s": round(seconds[math.ceil(0.95 * len(seconds)) - 1], 3),  # nearest rank
+        "latency_max_s": round(seconds[-1], 3),
+    }
+
+
+def quota_metadata(load_jobs_today: int, cap_per_table_day: int, now: dt.datetime) -> dict[str, Any]:
+    """Load jobs used today by this table, and where that projects to by the end of the UTC day."""
+    elapsed = (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    return {
+        "load_jobs_today": load_jobs_today,
+        "projected_load_jobs_today": round(load_jobs_today * 86400 / max(elapsed, 600)),
+        "load_job_cap_per_table_day": cap_per_table_day,
+    }
+
+
+def duplicate_check(table: TableMapping, changes: int, duplicates: int, scope: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        asset_key=bigquery_asset_key(table),
+        check_name=NO_DUPLICATES,
+        passed=duplicates == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "changes": changes,
+            "duplicated_changes": duplicates,
+            "scope": scope,
+            "changelog": f"{table.target_dataset}.{table.changelog_table if table.primary_key else table.target_table}",
+        },
+    )
+
+
+def acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
+    """Delete the SQS messages of loaded files, ten per call. An expired handle is harmless: the message comes back,
+    and its rerun finds the batch already merged and only deletes it."""
+    done = 0
+    for start in range(0, len(receipts), 10):
+        entries = [{"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[start : start + 10])]
+        answer = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+        done += len(answer.get("Successful", []))
+        for failed in answer.get("Failed", []):
+            log.warning(
+                f"SQS did not delete a loaded file's message ({failed.get('Code')}: {failed.get('Message')}); it "
+                "will return and its rerun only deletes it"
+            )
+    return done
+
+
+# -- one table's part of a run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TableTask:
+    """One table's part of a load run, done in a worker thread: S3 and BigQuery only (SQS, logging and Dagster
+    events stay on the step's thread)."""
+
+    table: TableMapping
+    keys: list[str]
+    receipts: list[str]
+    rebuild_id: str | None  # set for a backfill: the run's id
+    log: Callable[[str, str], None]  # (level, message), shown in the run's log by the step's thread
+    result: LoadResult | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+    commit_times: list[Any] = field(default_factory=list)
+    duplicates: tuple[int, int] = (0, 0)  # (changes, duplicated) when no batch was merged
+    load_jobs_today: int = 0
+
+    def run(self, landing: LandingResource, s3: Any, bq: Any, partition_keys: Sequence[str]) -> TableTask:
+        if not self.keys and self.rebuild_id:  # a backfill: rebuild the partition's days from their files
+            for partition in partition_keys:
+                self.keys += landed_keys_for_day(landing, self.table, dt.date.fromisoformat(partition), s3)
+        loader = MergeLoader(bq, self.table)
+        versions: dict[str, str] = {}
+        data = None
+        if self.keys:
+            on_file = self._backfill_progress(partition_keys) if self.rebuild_id else None
+            data = read_landed(s3, landing.bucket, self.keys, self.sizes, self.unreadable, on_file, versions)
+        self.keys = [key for key in self.keys if key not in self.unreadable]
+        if data is None:
+            self.duplicates = loader.duplicate_changes()
+            self.load_jobs_today = loader.load_jobs_on(dt.datetime.now(dt.UTC).date())
+            return self
+        self.commit_times = pc.unique(data[COMMIT_TS]).to_pylist()
+        self.result = loader.load(data, self.keys, rebuild_id=self.rebuild_id, versions=versions)
+        if self.result.skipped:
+            self.load_jobs_today = loader.load_jobs_on(dt.datetime.now(dt.UTC).date())
+        else:
+            self.load_jobs_today = self.result.load_jobs_today
+        return self
+
+    def _backfill_progress(self, partition_keys: Sequence[str]) -> Callable[[int], None]:
+        """A backfill may read many files: a progress line every ~10 % of them."""
+        progress = Progress(f"backfill of {self.table.source} {list(partition_keys)} (files)", len(self.keys))
+        step = max(1, len(self.keys) // 10)
+
+        def on_file(_rows: int) -> None:
+            line = progress.advance(1)
+            if progress.done % step == 0 or progress.done == len(self.keys):
+                self.log("info", line)
+
+        return on_file
+
+    def materialization(self, acknowledged: int, cap_per_table_day: int) -> dg.MaterializeResult:
+        table, result = self.table, self.result
+        now = dt.datetime.now(dt.UTC)
+        metadata: dict[str, Any] = {
+            "messages_acknowledged": acknowledged,
+            "dead_lettered_files": len(self.unreadable),
+            **quota_metadata(self.load_jobs_today, cap_per_table_day, now),
+        }
+        if result is None:
+            check = duplicate_check(table, *self.duplicates, scope="whole changelog")
+            metadata.update(files=0, rows=0)
+        else:
+            if result.skipped:
+                check = duplicate_check(table, 0, 0, scope="batch merged before: nothing added")
+            else:
+                check = duplicate_check(
+                    table, result.batch_changes, result.duplicated_changes, scope="this batch"
+                )
+            metadata.update(
+                files=result.files,
+                bytes=sum(self.sizes),
+                rows=result.rows,
+                new_changes=result.inserted_changes,
+                **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
+                bigquery_jobs=result.jobs,
+                load_jobs=result.load_jobs,
+                stage_s=result.stage_s,
+                merge_s=result.merge_s,
+                rebuild=self.rebuild_id is not None,
+                **latency_metadata(self.commit_times, now),
+            )
+        return dg.MaterializeResult(
+            asset_key=bigquery_asset_key(table), metadata=metadata, check_results=[check]
+        )
+
+    def summary(self) -> str:
+        result = self.result
+        if result is None:
+            return f"{self.table.source}: no readable landed files"
+        return (
+            f"{self.table.source} -> {result.table}: {result.files} file(s), {result.rows} row(s), "
+            f"{result.inserted_changes} new change(s), {result.jobs} job(s)"
+            + (" (rebuild)" if self.rebuild_id else "")
+            + (" - this file set was loaded before, nothing to do" if result.skipped else "")
+        )
+
+
+# -- the step --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadStepSettings:
+    max_parallel_loads: int
+    load_job_cap_per_table_day: int
+
+
+def load_selected_tables(
+    context: dg.AssetExecutionContext,
+    config: LoadFilesConfig,
+    landing: LandingResource,
+    bigquery: BigQueryCdcResource,
+    by_key: Mapping[dg.AssetKey, TableMapping],
+    settings: LoadStepSettings,
+) -> Iterator[dg.MaterializeResult]:
+    """The load step's body: the run's selected tables, loaded in parallel threads (a load mostly waits)."""
+    selected = [by_key[key] for key in sorted(context.selected_asset_keys, key=lambda k: k.path)]
+    unselected = sorted(set(config.tables) - {t.target for t in selected})
+    if unselected:
+        raise dg.Failure(description=f"run config names tables this run does not select: {unselected}")
+    lines: queue.Queue[tuple[str, str]] = queue.Queue()
+    tasks = [_task(context, config, table, lines) for table in selected]
+    # one client each for the run's threads: clients are thread-safe, creating them concurrently is not
+    s3, sqs, bq = landing.s3(), landing.sqs(), bigquery.client()
+    failures: list[str] = []
+
+    def show_lines() -> None:
+        while not lines.empty():
+            level, message = lines.get()
+            getattr(context.log, level)(message)
+
+    with ThreadPoolExecutor(max_workers=min(settings.max_parallel_loads, len(tasks)) or 1) as pool:
+        pending: dict[Future[TableTask], TableTask] = {
+            pool.submit(task.run, landing, s3, bq, context.partition_keys): task for task in tasks
+        }
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            show_lines()
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    future.result()
+                except Exception as exc:  # this table stops; the others go on
+                    failures.append(f"{task.table.target}: {exc}")
+                    context.log.error(f"{task.table.source}: {exc}")
+                    continue
+                yield _finish(context, task, landing, sqs, settings)
+    show_lines()
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} of {len(tasks)} table(s) failed to load (the others were loaded): "
+            + " | ".join(failures)
+        )
+
+
+def _task(
+    context: dg.AssetExecutionContext,
+    config: LoadFilesConfig,
+    table: TableMapping,
+    lines: queue.Queue[tuple[str, str]],
+) -> TableTask:
+    files = config.tables.get(table.target)
+    return TableTask(
+        table,
+        list(files.keys) if files else [],
+        list(files.acknowledge) if files else [],
+        None if files else context.run.run_id,  # not named: a backfill rebuilds its days
+        lambda level, message: lines.put((level, message)),
+    )
+
+
+def _finish(
+    context: dg.AssetExecutionContext,
+    task: TableTask,
+    landing: LandingResource,
+    sqs: Any,
+    settings: LoadStepSettings,
+) -> dg.MaterializeResult:
+    """After a table's load: dead-letter its unreadable files, acknowledge its messages, report it."""
+    for key, reason in task.unreadable.items():
+        context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
+        landing.dead_letter_file(
+            key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
+        )
+    acknowledged = acknowledge(sqs, landing.queue_url, task.receipts, context.log)
+    context.log.info(task.summary())
+    result = task.materialization(acknowledged, settings.load_job_cap_per_table_day)
+    asset_key = bigquery_asset_key(task.table)
+    if dg.AssetCheckKey(asset_key, NO_DUPLICATES) not in context.selected_asset_check_keys:
+        result = dg.MaterializeResult(asset_key=asset_key, metadata=result.metadata)
+    return result

@@ -1,0 +1,123 @@
+"""The BigQuery tables of one mapped table, and what the pipeline reads back from them.
+
+Current state at the mapped `dataset.table`; the changelog beside it as `dataset.table_changelog` (an append-only
+table's changes land at the mapped name itself); the ledger of loaded files `dataset.table_loaded_files`. The
+metadata columns the changelog adds to the source columns are named here (docs/design.md, "BigQuery tables").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+from google.api_core import exceptions
+from google.cloud import bigquery
+
+from cdc.mappings import TableMapping, quote_bigquery
+
+OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT = (
+    "_op",
+    "_commit_ts",
+    "_change_seq",
+    "_source_file",
+    "_loaded_at",
+)
+METADATA_COLUMNS = (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)
+LEDGER_SUFFIX = "_loaded_files"
+SNAPSHOT_MARKER = "snapshot@"  # a re-snapshot's marker row in the ledger: source_file = marker + horizon
+
+LEDGER_FIELDS = [
+    bigquery.SchemaField("source_file", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("row_count", "INTEGER"),
+    bigquery.SchemaField("batch", "STRING"),
+    bigquery.SchemaField("load_jobs", "INTEGER"),
+    bigquery.SchemaField("loaded_at", "TIMESTAMP"),
+    bigquery.SchemaField("snapshot_horizon", "STRING"),  # set on a re-snapshot's marker row
+]
+
+
+class LoadError(RuntimeError):
+    """A batch that cannot be loaded; the message names the table, the file or job, and what to do."""
+
+
+def quote_column(name: str) -> str:
+    """A column name quoted for BigQuery SQL; refused unless it is a plain identifier."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,299}", name):
+        raise LoadError(
+            f"column {name!r} is not a valid BigQuery column name; rename it at the source or map around it"
+        )
+    return f"`{name}`"
+
+
+# the metadata columns, quoted for SQL
+Q_OP, Q_COMMIT_TS, Q_CHANGE_SEQ, Q_SOURCE_FILE = (
+    f"`{name}`" for name in (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE)
+)
+
+
+class TableTargets:
+    """Names and references of a mapped table's BigQuery tables, and reads of them."""
+
+    def __init__(self, bq: bigquery.Client, mapping: TableMapping):
+        self.bq = bq
+        self.mapping = mapping
+        self.project = bq.project
+        self.dataset = mapping.target_dataset
+        self.current = mapping.target_table
+        # An append-only table's changes are its content: they land at the mapped name, with no separate state.
+        self.changelog = mapping.changelog_table if mapping.primary_key else mapping.target_table
+        self.ledger = f"{mapping.target_table}{LEDGER_SUFFIX}"
+
+    def ref(self, table: str) -> str:
+        """A table of this dataset, as a quoted SQL reference."""
+        return quote_bigquery(self.project, self.dataset, table)
+
+    def table_id(self, table: str) -> str:
+        return f"{self.project}.{self.dataset}.{table}"
+
+    def exists(self, table: str) -> bool:
+        try:
+            self.bq.get_table(self.table_id(table))
+        except exceptions.NotFound:
+            return False
+        return True
+
+    def horizon_sql(self) -> str:
+        """SQL for the table's snapshot horizon: changes with a lower sequence precede its latest re-snapshot and
+        no longer count for the current state ('' = no re-snapshot: every change counts)."""
+        return f"(SELECT COALESCE(MAX(snapshot_horizon), '') FROM {self.ref(self.ledger)})"
+
+    def duplicate_changes(self) -> tuple[int, int]:
+        """(changes, duplicated changes) in the changelog; a change is identified by sequence and Op."""
+        if not self.exists(self.changelog):
+            return 0, 0
+        sql = (
+            f"SELECT COUNT(*) AS n, COUNT(*) - COUNT(DISTINCT CONCAT(`{CHANGE_SEQ}`, `{OP}`)) AS d "
+            f"FROM {self.ref(self.changelog)}"
+        )
+        row = next(iter(self.bq.query(sql).result()))
+        return int(row.n), int(row.d)
+
+    def loaded_files(self, keys: list[str] | None = None) -> set[str]:
+        """The files recorded as loaded (restricted to `keys` when given)."""
+        if not self.exists(self.ledger):
+            return set()
+        sql = f"SELECT source_file FROM {self.ref(self.ledger)}"
+        params: list[Any] = []
+        if keys is not None:
+            sql += " WHERE source_file IN UNNEST(@keys)"
+            params = [bigquery.ArrayQueryParameter("keys", "STRING", sorted(keys))]
+        job = self.bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+        return {row.source_file for row in job.result()}
+
+    def load_jobs_on(self, day: dt.date) -> int:
+        """Load jobs this table's successful batches used on `day` (UTC), from the ledger."""
+        if not self.exists(self.ledger):
+            return 0
+        sql = (
+            f"SELECT COALESCE(SUM(jobs), 0) AS n FROM (SELECT batch, MAX(load_jobs) AS jobs "
+            f"FROM {self.ref(self.ledger)} WHERE DATE(loaded_at) = @day GROUP BY batch)"
+        )
+        config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("day", "DATE", day)])
+        return int(next(iter(self.bq.query(sql, job_config=config).result())).n)

@@ -1,0 +1,1 @@
+"""Verification shared by the tests and the benchmark (not part of the platform)."""

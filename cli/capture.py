@@ -1,0 +1,126 @@
+"""`cdc capture run | start | stop | status | reset`: the binlog capture (the capture package owns it)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from capture.runner import CAPTURE_STOPPED, capture_status, forget_checkpoint, run_cluster, run_clusters
+from capture.service import CaptureError, CaptureSettings
+from cdc.settings import installed_command
+from cli.common import config, deploy_working_mappings, mappings, platform_env
+from cli.mappings import reload_dagster
+from local_stack.dagster import LocalDagster
+from local_stack.processes import background_service
+
+
+@click.group("capture")
+def command() -> None:
+    """The binlog capture: DMS-compatible Parquet files in S3 (for clusters without AWS DMS, and locally)."""
+
+
+@command.command("run")
+@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable); default all.")
+@click.option(
+    "--flush-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between flushes (DMS: up to 60).",
+)
+@click.option(
+    "--flush-rows",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Flush once this many rows are buffered.",
+)
+@click.option(
+    "--date-folders/--no-date-folders",
+    default=True,
+    show_default=True,
+    help="DMS DatePartitionEnabled layout.",
+)
+def run(clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool) -> None:
+    """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster, restarted if it
+    crashes; with one --cluster, in this process)."""
+    loaded = mappings()
+    try:
+        chosen = [loaded.cluster(name) for name in clusters] if clusters else list(loaded.clusters)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    settings = CaptureSettings(
+        flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders
+    )
+    if clusters and len(chosen) == 1:  # one named cluster: run here; otherwise supervise one process each
+        try:
+            run_cluster(chosen[0], loaded, settings, config())
+        except CaptureError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(CAPTURE_STOPPED)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
+    options = ["--flush-interval", str(flush_interval), "--flush-rows", str(flush_rows)]
+    options.append("--date-folders" if date_folders else "--no-date-folders")
+    cdc = installed_command("cdc")
+    sys.exit(run_clusters([[cdc, "capture", "run", "--cluster", c.cluster, *options] for c in chosen]))
+
+
+@command.command("start")
+@click.option("--flush-interval", type=float, default=2.0, show_default=True)
+def start(flush_interval: float) -> None:
+    """Run `cdc capture run` for every cluster in the background (log under the state folder)."""
+    process = background_service("capture")
+    if process.is_running():
+        click.echo(f"capture already running (pid {process.pid()}); log: {process.log_file}")
+        return
+    _, changed = deploy_working_mappings()
+    if changed and LocalDagster(config()).is_running():
+        click.echo(reload_dagster())
+    argv = [installed_command("cdc"), "capture", "run", "--flush-interval", str(flush_interval)]
+    process.start(argv, ready=lambda: True, env=platform_env())
+    click.echo(f"capture started (pid {process.pid()}); log: {process.log_file}")
+
+
+@command.command("stop")
+def stop() -> None:
+    """Stop the background capture gracefully (it flushes and checkpoints first)."""
+    click.echo(
+        "capture stopped" if background_service("capture").stop(timeout=60) else "capture was not running"
+    )
+
+
+@command.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
+def status(as_json: bool) -> None:
+    """Each cluster's capture: state, lag, rows/s, rows by op, last checkpoint, errors."""
+    statuses = capture_status(mappings(), config())
+    if as_json:
+        click.echo(json.dumps(statuses, indent=2))
+        return
+    for document in statuses:
+        rows = document.get("rows", {})
+        checkpoint = document.get("checkpoint", {})
+        click.echo(
+            f"{document['cluster']:<20} {document.get('state', '?'):<12} lag {document.get('lag_seconds', '-')} s  "
+            f"{document.get('rows_per_second', 0)} rows/s  load {rows.get('load', 0)} I {rows.get('I', 0)} "
+            f"U {rows.get('U', 0)} D {rows.get('D', 0)}  zero dates {document.get('zero_dates', 0)}  "
+            f"checkpoint {checkpoint.get('gtid', '-')} ({checkpoint.get('commit_time', '-')})"
+        )
+        for error in document.get("errors", []):
+            click.echo(f"    error: {error}")
+
+
+@command.command("reset")
+@click.option("--cluster", required=True, help="The cluster whose checkpoint to forget.")
+def reset(cluster: str) -> None:
+    """Forget a cluster's checkpoint: its next run starts with a new full load (re-snapshot)."""
+    try:
+        mappings().cluster(cluster)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    forget_checkpoint(cluster, config())
+    click.echo(f"{cluster}: checkpoint removed; the next `cdc capture run` makes a new full load")

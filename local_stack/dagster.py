@@ -1,0 +1,133 @@
+"""The local Dagster: `dagster dev` (webserver + daemon + code server) in the background, with DAGSTER_HOME under the
+state folder; reloading its code location after a mappings deploy; and failing the runs a stopped or killed
+Dagster left in progress (the local run launcher has no health check of its own)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dagster as dg
+
+from cdc.settings import PROJECT_ROOT, Settings, installed_command
+from local_stack.processes import ServerProcess, background_service
+
+LOCATION = "mysql_bigquery_cdc"  # workspace.yaml
+DEFAULT_INSTANCE_YAML = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
+
+
+class LocalDagster:
+    def __init__(self, config: Settings):
+        self.config = config
+        self.process: ServerProcess = background_service("dagster")
+        self.root = config.state_dir / "dagster"
+        self.home = self.root / "home"
+        self.url_file = self.root / "url"
+
+    def is_running(self) -> bool:
+        return self.process.is_running()
+
+    def url(self) -> str | None:
+        return self.url_file.read_text().strip() if self.url_file.is_file() else None
+
+    def start(self, port: int, env: dict[str, str], instance_yaml: Path | None = None) -> list[str]:
+        """Start `dagster dev` on `port` (waits until the UI answers); returns what it did about leftover runs."""
+        url = f"http://127.0.0.1:{port}"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.url_file.write_text(url + "\n")
+        shutil.copy(instance_yaml or DEFAULT_INSTANCE_YAML, self.home / "dagster.yaml")
+        notes = fail_orphaned_runs(self.home)
+        argv = [installed_command("dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")]
+        argv += ["-h", "127.0.0.1", "-p", str(port)]
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=1) as response:
+                return bool(response.status == 200)
+
+        self.process.start(
+            argv, ready=ready, env={**env, "DAGSTER_HOME": str(self.home)}, timeout=120, extra_ports=(port,)
+        )
+        return notes
+
+    def stop(self, timeout: float = 60) -> bool:
+        return self.process.stop(timeout=timeout)
+
+    def reload_code_location(self) -> str:
+        """Reload the code location, whose definitions are built from the mappings; a failure raises naming why."""
+        url = self.url()
+        if not self.is_running() or url is None:
+            return "Dagster is not running: it loads the deployed mappings when it starts"
+        from dagster_graphql import DagsterGraphQLClient, ReloadRepositoryLocationStatus
+
+        parsed = urlparse(url)
+        info = DagsterGraphQLClient(str(parsed.hostname), port_number=parsed.port).reload_repository_location(
+            LOCATION
+        )
+        if info.status != ReloadRepositoryLocationStatus.SUCCESS:
+            raise RuntimeError(f"Dagster could not load the deployed mappings: {info.message}")
+        return f"Dagster code location {LOCATION} reloaded"
+
+
+def instance_home(config: Settings) -> Path:
+    """The Dagster instance commands record their runs in: DAGSTER_HOME, or the local Dagster's."""
+    return Path(os.environ.get("DAGSTER_HOME") or config.state_dir / "dagster" / "home")
+
+
+def open_instance(config: Settings) -> dg.DagsterInstance | None:
+    """The Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs), or None if there is none."""
+    home = instance_home(config)
+    return dg.DagsterInstance.from_config(str(home)) if (home / "dagster.yaml").is_file() else None
+
+
+def processes_of_instance(home: Path) -> list[int]:
+    """The processes still running with DAGSTER_HOME=home outside this session: what is left of an earlier Dagster of
+    this instance (its run workers are spawned by the code server and inherit its environment)."""
+    wanted = f"DAGSTER_HOME={home}".encode()
+    ours = os.getsid(
+        0
+    )  # this command and whoever started it (the earlier Dagster ran in a session of its own)
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            pid = int(environ.parent.name)
+            if wanted in environ.read_bytes().split(b"\0") and os.getsid(pid) != ours:
+                found.append(pid)
+        except OSError:
+            continue  # ended while we looked, or not ours to read
+    return found
+
+
+def fail_orphaned_runs(home: Path) -> list[str]:
+    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED, when no process of it is left.
+
+    Locally a run's worker is a child of `dagster dev`, so it dies with it, and the default run launcher has no
+    worker health check: such a run would stay "started" forever, holding its pool slots and making the SQS sensor
+    wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never acknowledged
+    in SQS) load in a later run."""
+    if not (home / "dagster.yaml").is_file():
+        return []
+    leftovers = processes_of_instance(home)
+    if leftovers:  # a worker of the earlier Dagster may still be running its run: leave the runs to it
+        return [
+            f"processes of an earlier Dagster still run ({len(leftovers)}); its runs in progress are left alone"
+        ]
+    instance = dg.DagsterInstance.from_config(str(home))
+    notes = []
+    try:
+        records = instance.get_run_records(
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])
+        )
+        for record in records:
+            run = record.dagster_run
+            instance.report_run_failed(
+                run,
+                "its run worker is gone: Dagster was stopped or killed while the run was in progress (found by "
+                "`cdc dagster start`); files it did not load were never acknowledged in SQS and load in a later run",
+            )
+            notes.append(f"run {run.run_id} left in progress by the previous Dagster: marked failed")
+    finally:
+        instance.dispose()
+    return notes
