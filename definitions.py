@@ -1,8 +1,6 @@
 """The Dagster code location (workspace.yaml): assets, checks, jobs, schedules and sensors, all built from the table
 mappings (CDC_MAPPINGS_DIR) and the settings of the process that loads it."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from cdc.mappings import load_mappings
@@ -59,4 +57,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What workspace.yaml loads: built when the code location loads, not when this module is imported."""
+    return build_definitions()

@@ -4,8 +4,6 @@ multi-check per table in the `table_checks` job and from the UI; every result ca
 How the row count stays exact under a steady load: docs/design.md, "Checks".
 """
 
-from __future__ import annotations
-
 import datetime as dt
 import io
 from dataclasses import dataclass, field

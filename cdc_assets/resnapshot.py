@@ -3,8 +3,6 @@ loaded as the table's new snapshot horizon, so whatever the pipeline missed befo
 files or a purged binlog; docs/design.md, "Re-snapshot".
 """
 
-from __future__ import annotations
-
 import datetime as dt
 import time
 

@@ -6,8 +6,6 @@ freshness policy; a run loads the tables it selects, each exactly once, from the
 SQS sensor sends), or rebuilds a table's days when none are named (a backfill).
 """
 
-from __future__ import annotations
-
 import datetime as dt
 from collections.abc import Iterator, Sequence
 

@@ -1,6 +1,7 @@
 """The local Dagster: `dagster dev` (webserver + daemon + code server) in the background, with DAGSTER_HOME under the
 state folder; reloading its code location after a mappings deploy; and failing the runs a stopped or killed
-Dagster left in progress (the local run launcher has no health check of its own)."""
+Dagster left in progress (the local run launcher has no health check of its own). Dagster itself is imported only
+by the functions that open an instance: starting or stopping the capture should not pay for it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import shutil
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import dagster as dg
 
 from cdc.settings import PROJECT_ROOT, Settings, installed_command
 from local_stack.processes import ServerProcess, background_service
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 LOCATION = "mysql_bigquery_cdc"  # workspace.yaml
 DEFAULT_INSTANCE_YAML = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
@@ -78,6 +81,8 @@ def instance_home(config: Settings) -> Path:
 
 def open_instance(config: Settings) -> dg.DagsterInstance | None:
     """The Dagster instance of DAGSTER_HOME (locally: the one `cdc dagster start` runs), or None if there is none."""
+    import dagster as dg
+
     home = instance_home(config)
     return dg.DagsterInstance.from_config(str(home)) if (home / "dagster.yaml").is_file() else None
 
@@ -107,13 +112,13 @@ def fail_orphaned_runs(home: Path) -> list[str]:
     worker health check: such a run would stay "started" forever, holding its pool slots and making the SQS sensor
     wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never acknowledged
     in SQS) load in a later run."""
-    if not (home / "dagster.yaml").is_file():
-        return []
     leftovers = processes_of_instance(home)
     if leftovers:  # a worker of the earlier Dagster may still be running its run: leave the runs to it
         return [
             f"processes of an earlier Dagster still run ({len(leftovers)}); its runs in progress are left alone"
         ]
+    import dagster as dg
+
     instance = dg.DagsterInstance.from_config(str(home))
     notes = []
     try:

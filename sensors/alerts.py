@@ -3,8 +3,6 @@ Slack-compatible webhook of CDC_ALERT_WEBHOOK_URL (`cdc.alerts`); open-source Da
 docs/design.md, "Checks and alerts".
 """
 
-from __future__ import annotations
-
 import datetime as dt
 import json
 import os

@@ -4,8 +4,6 @@ what cannot be loaded (not an S3 event, an unmapped table) and keeping the load-
 Guarantees: docs/design.md, "Sensor".
 """
 
-from __future__ import annotations
-
 import datetime as dt
 import hashlib
 import json
@@ -39,7 +37,7 @@ class QueuedFiles:
     receipts: dict[str, str] = field(default_factory=dict)  # message id -> receipt handle
     receive_counts: dict[str, int] = field(default_factory=dict)
 
-    def merge(self, other: QueuedFiles) -> None:
+    def merge(self, other: "QueuedFiles") -> None:
         self.keys |= other.keys
         self.receipts.update(other.receipts)
         self.receive_counts.update(other.receive_counts)

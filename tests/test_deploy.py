@@ -67,7 +67,9 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
     found: set[tuple[str, ...]] = set()
-    for name, command in group.commands.items():
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
         found.add((*prefix, name))
         if isinstance(command, click.Group):
             found |= _commands(command, (*prefix, name))
@@ -92,5 +94,6 @@ def test_the_ci_cd_workflow_validates_then_applies_dms_and_reloads_the_code_loca
 def test_the_image_holds_every_package_and_the_mappings() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE))
-    assert {"cdc", "capture", "cdc_assets", "sensors", "local_stack", "mappings", "workspace.yaml"} <= copied
-    assert '"-m", "cdc_assets.definitions"' in dockerfile
+    assert {"cdc", "capture", "cdc_assets", "sensors", "cli", "local_stack", "mappings"} <= copied
+    assert {"definitions.py", "workspace.yaml"} <= copied
+    assert '"-m", "definitions"' in dockerfile
