@@ -7,7 +7,7 @@ from cdc.mappings import load_mappings
 from cdc.settings import Settings
 from cdc_assets.checks import build_table_checks
 from cdc_assets.lineage import bigquery_asset_key, landing_asset_specs, source_asset_specs
-from cdc_assets.resnapshot import build_resnapshot_job
+from cdc_assets.resnapshot import HEAVY_RUN_TAG, build_resnapshot_job
 from cdc_assets.resources import build_resources
 from cdc_assets.tables import build_table_assets
 from sensors.alerts import (
@@ -19,6 +19,7 @@ from sensors.alerts import (
 from sensors.sqs_sensor import build_sqs_sensor
 
 TABLE_CHECKS_CRON = "*/10 * * * *"
+TABLE_CHECKS_JOB = "table_checks"
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -27,9 +28,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     tables = list(mappings.tables())
     checks = [build_table_checks(cluster, table, settings) for cluster, table in tables]
     table_checks = dg.define_asset_job(
-        "table_checks",
+        TABLE_CHECKS_JOB,
         selection=dg.AssetSelection.checks(*checks),
-        description="Row counts (source vs BigQuery) and landed-vs-loaded files for every table.",
+        description="Row counts (source vs BigQuery) and landed-vs-loaded files for every table; in streaming mode "
+        "also the changelog's recent duplicates.",
+        tags={HEAVY_RUN_TAG: "true"},
     )
     return dg.Definitions(
         assets=[
@@ -38,7 +41,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             build_table_assets(tables, settings),
         ],
         asset_checks=checks,
-        jobs=[table_checks, build_resnapshot_job(mappings)],
+        jobs=[table_checks, build_resnapshot_job(mappings, settings)],
         schedules=[
             dg.ScheduleDefinition(
                 job=table_checks,

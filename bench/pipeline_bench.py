@@ -179,9 +179,12 @@ def changes_and_files(
     batches: dict[str, dict[str, float]] = {}
     for _, table in load_platform_mappings(platform).tables():
         loader = TableTargets(client, table)
+        # a file's first entry in the ledger: written with its changes (batch: in the merge's transaction;
+        # streaming: right after the appends); streaming records a file again when it is read again
+        first_loaded = f"SELECT source_file, MIN(loaded_at) AS loaded_at FROM {loader.ref(loader.ledger)} GROUP BY source_file"
         sql = (
             f"SELECT UNIX_MICROS(c._commit_ts) AS commit_us, c._source_file AS file, UNIX_MICROS(l.loaded_at) AS "
-            f"loaded_us FROM {loader.ref(loader.changelog)} AS c JOIN {loader.ref(loader.ledger)} AS l "
+            f"loaded_us FROM {loader.ref(loader.changelog)} AS c JOIN ({first_loaded}) AS l "
             f"ON l.source_file = c._source_file WHERE c._commit_ts >= TIMESTAMP_MICROS({int(since * 1e6)})"
         )
         for row in client.query(sql).result():
@@ -189,7 +192,7 @@ def changes_and_files(
             changes.append((table.target, row.commit_us / 1e6 + 0.5, row.file, row.loaded_us / 1e6))
         sql = (
             f"SELECT batch, MIN(UNIX_MICROS(loaded_at)) AS at FROM {loader.ref(loader.ledger)} "
-            f"WHERE loaded_at >= TIMESTAMP_MICROS({int(since * 1e6)}) GROUP BY batch"
+            f"WHERE loaded_at >= TIMESTAMP_MICROS({int(since * 1e6)}) AND batch != 'stream' GROUP BY batch"
         )
         batches[table.target] = {row.batch: row.at / 1e6 for row in client.query(sql).result()}
     return changes, batches
@@ -204,17 +207,17 @@ def file_written_at(key: str) -> float | None:
     return stamp.timestamp() + int(name[1][6:10]) / 10_000
 
 
-def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
+def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """For each file, the sensor run that loaded it: created, started, loader step started; and every run's
     materialization timings (stage and merge seconds)."""
     os.environ["DAGSTER_HOME"] = str(platform.state / "dagster" / "home")
     import dagster as dg
 
-    from cdc_assets.tables import LOADER
+    from cdc_assets.load_run import LOADER
 
     instance = dg.DagsterInstance.get()
     per_file: dict[str, dict[str, float]] = {}
-    timings: list[dict[str, float]] = []
+    timings: list[dict[str, Any]] = []
     records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100_000)
     for record in sorted(records, key=lambda r: r.create_timestamp):
         run = record.dagster_run
@@ -227,10 +230,20 @@ def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], 
             step_start = event.timestamp
         for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
             metadata = event.asset_materialization.metadata if event.asset_materialization else {}
-            if "stage_s" in metadata:
-                timings.append(
-                    {"stage_s": float(metadata["stage_s"].value), "merge_s": float(metadata["merge_s"].value)}  # type: ignore[arg-type]
+            values: dict[str, Any] = {name: entry.value for name, entry in metadata.items()}
+            entry: dict[str, Any] = {"at": event.timestamp}
+            if "stage_s" in values:
+                entry.update(stage_s=float(values["stage_s"]), merge_s=float(values["merge_s"]))
+            elif "append_s" in values and event.asset_materialization is not None:
+                entry.update(
+                    table=event.asset_materialization.asset_key.to_user_string(),
+                    append_s=float(values["append_s"]),
+                    write_api_calls=float(values["write_api_calls"]),
+                    write_api_bytes=float(values["write_api_bytes"]),
                 )
+            else:
+                continue
+            timings.append(entry)
         info = {
             "created": record.create_timestamp.timestamp(),
             "started": record.start_time,
@@ -390,9 +403,9 @@ def main() -> None:
     parser.add_argument(
         "--flush-interval",
         type=float,
-        default=5.0,
-        help="the capture's flush interval (s): a file per table per flush",
+        help="the capture's flush interval (s): a file per table per flush (default: streaming 2, batch 5)",
     )
+    parser.add_argument("--modes", default="streaming,batch", help="the load modes to measure, in turn")
     parser.add_argument(
         "--peer-interval", type=float, default=120.0, help="the incremental copy's schedule (s)"
     )
@@ -406,7 +419,7 @@ def main() -> None:
         "--budget-minutes",
         type=float,
         default=14.5,
-        help="the whole run's wall time the catch-up wait fits into",
+        help="each mode's wall time the catch-up wait fits into",
     )
     parser.add_argument("--keep", action="store_true", help="leave the platform running afterwards")
     parser.add_argument(
@@ -435,9 +448,31 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every load mode in turn, each on a fresh platform with the same workload; the peers, the profiles and the
+    capture replay once, with the first mode."""
+    began = time.monotonic()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    report: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "settings": vars(args),
+        "modes": {},
+    }
+    for index, mode in enumerate(modes):
+        print(f"load mode: {mode}", flush=True)
+        measured = run_mode(args, mode, extras=index == 0)
+        for shared in ("peers", "profiles_self_time_share", "capture_vs_raw"):
+            if shared in measured:
+                report[shared] = measured.pop(shared)
+        report["modes"][mode] = measured
+    report["wall_seconds"] = round(time.monotonic() - began, 1)
+    return report
+
+
+def run_mode(args: argparse.Namespace, mode: str, extras: bool) -> dict[str, Any]:
     began = time.monotonic()
     state = ROOT / ".state" / "bench"
-    platform = BenchPlatform(state)
+    platform = BenchPlatform(state, extra_env={"CDC_LOAD_MODE": mode})
     if state.exists():  # an earlier run's platform: stopped whole before its folder goes
         subprocess.run([CDC, "stack", "down"], env=platform.env, check=False, capture_output=True)
         stopped = stop_leftovers(state)
@@ -449,52 +484,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the platform below
     platform.cdc("stack", "up", "--free-ports")
     try:
-        return measure(args, platform, began)
+        return measure(args, platform, began, mode, extras)
     finally:
         if not args.keep:
             subprocess.run([CDC, "stack", "down"], env=platform.env, check=False, capture_output=True)
             stop_leftovers(state)
 
 
-def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> dict[str, Any]:
+FLUSH_INTERVAL_S = {"streaming": 2.0, "batch": 5.0}  # batch: a file per table at 2 s outran its load runs
+
+
+def measure(
+    args: argparse.Namespace, platform: BenchPlatform, began: float, mode: str, extras: bool
+) -> dict[str, Any]:
     phases = [Phase(f"{float(m):g}x", float(m), args.phase_seconds) for m in args.multiples.split(",")]
     phases.append(Phase(f"burst {args.burst_multiple:g}x", args.burst_multiple, args.burst_seconds))
     sampler = Sampler(platform)
+    flush = args.flush_interval or FLUSH_INTERVAL_S[mode]
     # the source tables with some rows, captured by the full load
-    seeding = Phase("seed", 5.0, 10.0)
-    run_phase(platform, sampler, seeding, seed=0)
-    platform.cdc("capture", "start", "--flush-interval", str(args.flush_interval))
-    port = str(free_port())
-    platform.cdc("dagster", "start", "--port", port)
+    run_phase(platform, sampler, Phase("seed", 5.0, 10.0), seed=0)
+    platform.cdc("capture", "start", "--flush-interval", str(flush))
+    platform.cdc("dagster", "start", "--port", str(free_port()))
     client = bigquery(platform)
     drain(platform, client)  # the full loads of the 70 tables are in BigQuery
-    # last night's copy of the daily batch: what the day's queries see until the next one
-    daily_before = subprocess.run(
-        [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily", "--out",
-         str(platform.state / "peer-daily-before.json")], env=platform.env, cwd=ROOT, check=True,
-    )  # fmt: skip
-    del daily_before
-    total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
-    incremental, incremental_out = start_peer(
-        platform, sampler, "incremental", total_seconds, args.peer_interval
-    )
+    incremental = None
+    if extras:  # last night's copy of the daily batch: what the day's queries see until the next one
+        subprocess.run(
+            [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily", "--out",
+             str(platform.state / "peer-daily-before.json")], env=platform.env, cwd=ROOT, check=True,
+        )  # fmt: skip
+        total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
+        incremental = start_peer(platform, sampler, "incremental", total_seconds, args.peer_interval)
     sampler.start()
-    replay_cluster = "slots_play"
-    gtids: dict[str, str] = {}
-    profiles: list[tuple[str, Any, Path]] = []
-    for index, phase in enumerate(phases, 1):
-        if phase.multiple == 10:
-            gtids["start"] = gtid(platform, replay_cluster)
-            if args.profile:
-                profiles = start_profiles(platform, replay_cluster, phase.seconds + 8)
-        run_phase(platform, sampler, phase, seed=index)
-        if phase.multiple == 10:
-            gtids["end"] = gtid(platform, replay_cluster)
-    if incremental.wait() != 0:
+    gtids, profiles = run_phases(args, platform, sampler, phases, extras)
+    if incremental is not None and incremental[0].wait() != 0:
         raise RuntimeError("the incremental copy failed")
     wait = args.drain_seconds
-    if wait is None:  # what the budget leaves after the measurements that follow (~4 minutes here)
-        wait = max(60.0, args.budget_minutes * 60 - (time.monotonic() - began) - TAIL_SECONDS)
+    if wait is None:  # what the budget leaves after the measurements that follow
+        wait = max(
+            60.0, args.budget_minutes * 60 - (time.monotonic() - began) - (TAIL_SECONDS if extras else 60)
+        )
     try:
         drained_at: float | None = drain(platform, client, timeout=wait)
     except TimeoutError:
@@ -505,45 +534,62 @@ def measure(args: argparse.Namespace, platform: BenchPlatform, began: float) -> 
         print(f"  not caught up {wait:.0f} s after the last phase: what is not loaded is counted")
     else:
         print(f"  drained: every landed file loaded {drained_at - phases[-1].end:.0f} s after the last phase")
-    # measurements from what the pipeline wrote
     changes, batches = changes_and_files(platform, phases[0].start)
     per_file, timings = runs_by_file(platform)
     report: dict[str, Any] = {
-        "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "settings": vars(args),
-        "phases": [],
-    }
-    report["drained_s_after_last_phase"] = round(drained_at - phases[-1].end, 1) if drained_at else None
-    for phase in phases:
-        report["phases"].append(
+        "load_mode": mode,
+        "flush_interval_s": flush,
+        "drained_s_after_last_phase": round(drained_at - phases[-1].end, 1) if drained_at else None,
+        "phases": [
             phase_report(phase, changes, batches, per_file, timings, sampler, cutoff, drained_at is not None)
-        )
-    report["memory_mb"] = {
-        "peak_per_component": sampler.peak_rss_mb(),
-        "peak_platform_total": sampler.peak_total_rss_mb(
-            exclude=("workload (6 processes; the game servers)", "peer: incremental copy")
-        ),
+            for phase in phases
+        ],
+        "memory_mb": {
+            "peak_per_component": sampler.peak_rss_mb(),
+            "peak_platform_total": sampler.peak_total_rss_mb(
+                exclude=("workload (6 processes; the game servers)", "peer: incremental copy")
+            ),
+        },
     }
-    daily_out = platform.state / "peer-daily.json"
-    subprocess.run(
-        [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
-        env=platform.env, cwd=ROOT, check=True,
-    )  # fmt: skip
+    if extras and incremental is not None:
+        daily_out = platform.state / "peer-daily.json"
+        subprocess.run(
+            [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
+            env=platform.env, cwd=ROOT, check=True,
+        )  # fmt: skip
+        report["peers"] = peers_report(phases, incremental[1], daily_out, args.peer_interval)
     if profiles:
         report["profiles_self_time_share"] = {
             name: profile_summary(process, out) for name, process, out in profiles
         }
-    report["peers"] = peers_report(phases, incremental_out, daily_out, args.peer_interval)
     report["ours_correctness"] = our_correctness(platform, caught_up(platform, client)[1])
-    if gtids.get("start") and gtids.get("end"):
+    if extras and gtids.get("start") and gtids.get("end"):
         platform.cdc("dagster", "stop")  # the replay pair runs on a quiet machine, as the raw decode does
         platform.cdc("capture", "stop")
         report["capture_vs_raw"] = capture_vs_raw(
-            platform, replay_cluster, gtids["start"], gtids["end"], args.replay_repeats
+            platform, REPLAY_CLUSTER, gtids["start"], gtids["end"], args.replay_repeats
         )
-    report["wall_seconds"] = round(time.monotonic() - began, 1)
     return report
+
+
+REPLAY_CLUSTER = "slots_play"
+
+
+def run_phases(
+    args: argparse.Namespace, platform: BenchPlatform, sampler: Sampler, phases: list[Phase], extras: bool
+) -> tuple[dict[str, str], list[tuple[str, Any, Path]]]:
+    """The phases one after the other; around the 10x phase, the replay cluster's binlog range (and profiles)."""
+    gtids: dict[str, str] = {}
+    profiles: list[tuple[str, Any, Path]] = []
+    for index, phase in enumerate(phases, 1):
+        if phase.multiple == 10 and extras:
+            gtids["start"] = gtid(platform, REPLAY_CLUSTER)
+            if args.profile:
+                profiles = start_profiles(platform, REPLAY_CLUSTER, phase.seconds + 8)
+        run_phase(platform, sampler, phase, seed=index)
+        if phase.multiple == 10 and extras:
+            gtids["end"] = gtid(platform, REPLAY_CLUSTER)
+    return gtids, profiles
 
 
 def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> list[tuple[str, Any, Path]]:
@@ -612,7 +658,7 @@ def phase_report(
     changes: list[tuple[str, float, str, float]],
     batches: dict[str, dict[str, float]],
     per_file: dict[str, dict[str, float]],
-    timings: list[dict[str, float]],
+    timings: list[dict[str, Any]],
     sampler: Sampler,
     cutoff: float,
     drained: bool,
@@ -635,12 +681,17 @@ def phase_report(
         run = per_file.get(key)
         if written is None or run is None:
             continue
+        if not written <= run["created"] <= run["started"] <= run["step_started"] <= visible:
+            continue  # loaded ahead of its message, by an earlier run that listed it (streaming)
         stages["capture (commit -> file in S3)"].append(written - commit)
         stages["pickup (file -> sensor's run request)"].append(run["created"] - written)
         stages["queue (-> run started)"].append(run["started"] - run["created"])
         stages["worker start (-> loader step)"].append(run["step_started"] - run["started"])
         stages["load (-> visible in BigQuery)"].append(visible - run["step_started"])
+        stages["after the file landed (pickup + queue + start + load)"].append(visible - written)
     seconds = phase.end - phase.start
+    window = [t for t in timings if phase.start <= t["at"] < phase.end + 30]
+    streamed = [t for t in window if "append_s" in t]
     loads = {t: sum(1 for at in b.values() if phase.start <= at < phase.end + 30) for t, b in batches.items()}
     projected = {t: round(n / seconds * 86_400) for t, n in loads.items()}
     busiest = max(projected.values(), default=0)
@@ -658,8 +709,10 @@ def phase_report(
         "latency_is_lower_bound": not_loaded > 0,
         "latency_s_per_table": {t: summary(v) for t, v in sorted(per_table.items())},
         "stages_p50_s": {k: round(statistics.median(v), 2) for k, v in stages.items()},
-        "stage_job_p50_s": round(statistics.median([t["stage_s"] for t in timings]), 3) if timings else None,
-        "merge_job_p50_s": round(statistics.median([t["merge_s"] for t in timings]), 3) if timings else None,
+        "stage_job_p50_s": _median([t["stage_s"] for t in window if "stage_s" in t]),
+        "merge_job_p50_s": _median([t["merge_s"] for t in window if "merge_s" in t]),
+        "write_api_append_p50_s": _median([t["append_s"] for t in streamed]),
+        "write_api": _write_api_projection(streamed, seconds),
         "cpu_seconds": sampler.cpu_seconds(phase.start, phase.end),
         "load_jobs": {
             "in_phase_total": sum(loads.values()),
@@ -676,6 +729,28 @@ def phase_report(
             ),
         },
         "latency_values": [round(v, 3) for v in latency],
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def _write_api_projection(streamed: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Storage Write API calls and bytes of the phase, per table and in all, held for a day: against BigQuery's
+    throughput (3 GB/s multi-region) and its 10,000 CreateWriteStream an hour (none per batch here)."""
+    calls: dict[str, float] = defaultdict(float)
+    size: dict[str, float] = defaultdict(float)
+    for t in streamed:
+        calls[t["table"]] += t["write_api_calls"]
+        size[t["table"]] += t["write_api_bytes"]
+    day = 86_400 / max(seconds, 1)
+    return {
+        "loads_in_phase": len(streamed),
+        "calls_per_table_per_day_max": round(max(calls.values(), default=0) * day),
+        "calls_per_project_per_day": round(sum(calls.values()) * day),
+        "bytes_per_project_per_day": round(sum(size.values()) * day),
+        "mb_per_s_average": round(sum(size.values()) / max(seconds, 1) / 1e6, 3),
     }
 
 
@@ -726,13 +801,33 @@ def peers_report(
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"\npipeline benchmark ({report['machine']}, {report['date']}, {report['wall_seconds']} s)")
-    header = f"{'':34}" + "".join(f"{p['phase']:>14}" for p in report["phases"])
-    print(header)
+    for mode, measured in report["modes"].items():
+        print_mode(mode, measured)
+    print_side_by_side(report["modes"])
+    if "peers" in report:
+        print_peers(report["peers"])
+    for name, shares in report.get("profiles_self_time_share", {}).items():
+        print(
+            f"profile of the {name} in the 10x phase (self time): "
+            + ", ".join(f"{k} {v}%" for k, v in shares.items())
+        )
+    if "capture_vs_raw" in report:
+        replay = report["capture_vs_raw"]
+        print(
+            f"capture vs raw binlog decode of the 10x phase's binlog ({REPLAY_CLUSTER}, {replay['rows']:,} row changes): "
+            f"raw {replay['raw_decode_rows_per_s_median']:,.0f}/s, capture {replay['capture_rows_per_s_median']:,.0f}/s, "
+            f"ratio {replay['capture_vs_raw_ratio_median']:.2f} (pairs: {', '.join(f'{p:.2f}' for p in replay['ratios'])})"
+        )
+
+
+def print_mode(mode: str, measured: dict[str, Any]) -> None:
+    phases = measured["phases"]
+    print(f"\n{mode} mode (capture flush every {measured['flush_interval_s']:g} s)")
+    print(f"{'':40}" + "".join(f"{p['phase']:>14}" for p in phases))
 
     def row(label: str, values: list[Any]) -> None:
-        print(f"{label:34}" + "".join(f"{v:>14}" for v in values))
+        print(f"{label[:40]:40}" + "".join(f"{v:>14}" for v in values))
 
-    phases = report["phases"]
     row("rows/s asked", [f"{p['asked_rows_per_s']:,}" for p in phases])
     row("rows/s written (workload)", [f"{p['workload_rows_per_s']:,}" for p in phases])
     row("rows/s captured", [f"{p['capture_rows_per_s']:,}" for p in phases])
@@ -747,43 +842,70 @@ def print_report(report: dict[str, Any]) -> None:
                 for p in phases
             ],
         )
-    stages = list(phases[0]["stages_p50_s"])
+    stages = list(dict.fromkeys(stage for p in phases for stage in p["stages_p50_s"]))
     for stage in stages:
-        row(f"  {stage[:32]}", [p["stages_p50_s"].get(stage, "-") for p in phases])
-    row("  staging load job p50 (s)", [p["stage_job_p50_s"] for p in phases])
-    row("  merge transaction p50 (s)", [p["merge_job_p50_s"] for p in phases])
-    for label, key in (
-        ("load jobs/table/day (max, this pace)", "projected_per_table_per_day_max"),
-        ("load jobs/project/day (this pace)", "projected_project_per_day"),
-        ("  under the caps: per table (max)", "production_caps_per_table_per_day_max"),
-        ("  under the caps: project", "production_caps_project_per_day"),
-    ):
-        row(label, [f"{p['load_jobs'][key]:,}" for p in phases])
+        row(f"  {stage}", [p["stages_p50_s"].get(stage, "-") for p in phases])
+    if mode == "streaming":
+        row("  Write API load (3 appends) p50 (s)", [p["write_api_append_p50_s"] for p in phases])
+        row(
+            "Write API calls/table/day (max)",
+            [f"{p['write_api']['calls_per_table_per_day_max']:,}" for p in phases],
+        )
+        row(
+            "Write API calls/project/day",
+            [f"{p['write_api']['calls_per_project_per_day']:,}" for p in phases],
+        )
+        row("Write API MB/s (average)", [p["write_api"]["mb_per_s_average"] for p in phases])
+    else:
+        row("  staging load job p50 (s)", [p["stage_job_p50_s"] for p in phases])
+        row("  merge transaction p50 (s)", [p["merge_job_p50_s"] for p in phases])
+        for label, key in (
+            ("load jobs/table/day (max, this pace)", "projected_per_table_per_day_max"),
+            ("load jobs/project/day (this pace)", "projected_project_per_day"),
+            ("  under the caps: per table (max)", "production_caps_per_table_per_day_max"),
+            ("  under the caps: project", "production_caps_project_per_day"),
+        ):
+            row(label, [f"{p['load_jobs'][key]:,}" for p in phases])
     components = sorted({c for p in phases for c in p["cpu_seconds"]})
     for component in components:
         row(
-            f"CPU % {component[:28]}",
+            f"CPU % {component}",
             [f"{100 * p['cpu_seconds'].get(component, 0) / p['seconds']:.0f}" for p in phases],
         )
+    memory = measured["memory_mb"]
+    print("peak RSS (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in memory["peak_per_component"].items()))
+    print(f"peak RSS of the platform (all but workload and peers): {memory['peak_platform_total']:,.0f} MB")
+    ours = measured["ours_correctness"]
     print(
-        "\npeak RSS (MB): "
-        + ", ".join(f"{k} {v:,.0f}" for k, v in report["memory_mb"]["peak_per_component"].items())
-    )
-    print(
-        f"peak RSS of the platform (all but workload and peers): {report['memory_mb']['peak_platform_total']:,.0f} MB"
-    )
-    ours = report["ours_correctness"]
-    print(
-        f"\nours: {ours['rows']:,} rows in the {ours['tables']} caught-up tables compared value for value: "
+        f"correctness: {ours['rows']:,} rows in the {ours['tables']} caught-up tables compared value for value: "
         f"{ours['missing']} missing, {ours['extra']} extra, {ours['different']} different; "
         f"{ours['duplicated_changes']} duplicated changes in all tables; "
         f"{ours['tables_still_catching_up']} tables still catching up (not compared)"
     )
-    peers = report["peers"]
+
+
+def print_side_by_side(modes: dict[str, dict[str, Any]]) -> None:
+    if len(modes) < 2:
+        return
+    print("\nside by side, latency p50 / p95 (s), and p50 of the stages after the file landed")
+    names = [p["phase"] for p in next(iter(modes.values()))["phases"]]
+    print(f"{'':16}" + "".join(f"{n:>26}" for n in names))
+    after = "after the file landed (pickup + queue + start + load)"
+    for mode, measured in modes.items():
+        cells = []
+        for p in measured["phases"]:
+            bound = ">=" if p["latency_is_lower_bound"] else ""
+            cells.append(
+                f"{bound}{p['latency_s'].get('p50', '-')} / {p['latency_s'].get('p95', '-')} ({p['stages_p50_s'].get(after, '-')})"
+            )
+        print(f"{mode:16}" + "".join(f"{c:>26}" for c in cells))
+
+
+def print_peers(peers: dict[str, Any]) -> None:
     daily, incremental = peers["daily_batch"], peers["incremental_copy"]
     stale = daily["correctness_before_the_next_copy"]
     print(
-        f"daily batch: latency p50 {daily['latency_s']['p50']:,} s (schedule); copy {daily['copy_seconds']} s, "
+        f"\ndaily batch: latency p50 {daily['latency_s']['p50']:,} s (schedule); copy {daily['copy_seconds']} s, "
         f"{daily['load_jobs_per_day']} load jobs/day, {daily['bytes_per_day']:,} bytes/day; before its next copy it "
         f"lacks {stale['missing']:,} rows, holds {stale['missed_deletes']:,} deleted and {stale['missed_updates']:,} stale"
     )
@@ -795,18 +917,6 @@ def print_report(report: dict[str, Any]) -> None:
         f"({incremental['load_jobs_per_day_projected']:,} load jobs/day projected); at the end it lacks "
         f"{inc['missing']:,} rows, holds {inc['missed_deletes']:,} deleted and {inc['missed_updates']:,} stale"
     )
-    for name, shares in report.get("profiles_self_time_share", {}).items():
-        print(
-            f"profile of the {name} in the 10x phase (self time): "
-            + ", ".join(f"{k} {v}%" for k, v in shares.items())
-        )
-    if "capture_vs_raw" in report:
-        replay = report["capture_vs_raw"]
-        print(
-            f"capture vs raw binlog decode of the 10x phase's binlog (slots_play, {replay['rows']:,} row changes): "
-            f"raw {replay['raw_decode_rows_per_s_median']:,.0f}/s, capture {replay['capture_rows_per_s_median']:,.0f}/s, "
-            f"ratio {replay['capture_vs_raw_ratio_median']:.2f} (pairs: {', '.join(f'{p:.2f}' for p in replay['ratios'])})"
-        )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -816,18 +926,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
-    series = [(f"ours, {p['phase']}", p["latency_values"]) for p in report["phases"]]
-    series.append(("incremental copy (rows it holds)", report["peers"]["incremental_copy"]["latency_values"]))
+    series = [
+        (f"ours ({mode}), {p['phase']}", p["latency_values"])
+        for mode, measured in report["modes"].items()
+        for p in measured["phases"]
+    ]
+    if "peers" in report:
+        series.append(
+            ("incremental copy (rows it holds)", report["peers"]["incremental_copy"]["latency_values"])
+        )
     for label, values in series:
         if not values:
             continue
         ordered = sorted(values)
         axis.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
-    daily = report["peers"]["daily_batch"]["copy_seconds"]
-    day = [daily + s for s in range(0, 86_400, 60)]
-    axis.plot(
-        day, [(i + 1) / len(day) for i in range(len(day))], label="daily batch (schedule)", linestyle="--"
-    )
+    if "peers" in report:
+        daily = report["peers"]["daily_batch"]["copy_seconds"]
+        day = [daily + s for s in range(0, 86_400, 60)]
+        axis.plot(
+            day, [(i + 1) / len(day) for i in range(len(day))], label="daily batch (schedule)", linestyle="--"
+        )
     axis.set_xscale("log")
     axis.set_xlabel("seconds from commit in MariaDB to visible in BigQuery (log scale)")
     axis.set_ylabel("share of changes")

@@ -93,6 +93,20 @@ def table_mappings(cluster: ClusterMapping) -> dict[str, Any]:
     return {"rules": rules}
 
 
+BATCH_INTERVAL = "CDC_DMS_BATCH_INTERVAL_SECONDS"
+DEFAULT_BATCH_INTERVAL_S = 5
+
+
+def batch_interval_seconds(values: Mapping[str, str]) -> int:
+    """DMS's CdcMaxBatchInterval: CDC_DMS_BATCH_INTERVAL_SECONDS (1-3600), default 5."""
+    text = values.get(BATCH_INTERVAL, "").strip()
+    if not text:
+        return DEFAULT_BATCH_INTERVAL_S
+    if not text.isdigit() or not 1 <= int(text) <= 3600:
+        raise RuntimeError(f"{BATCH_INTERVAL}={text!r}: set a whole number of seconds, 1..3600")
+    return int(text)
+
+
 def s3_settings(values: Mapping[str, str]) -> dict[str, Any]:
     endpoint: dict[str, Any] = {
         "BucketName": values.get(settings.LANDING_BUCKET, "<CDC_LANDING_BUCKET>"),
@@ -105,7 +119,9 @@ def s3_settings(values: Mapping[str, str]) -> dict[str, Any]:
         "DatePartitionEnabled": True,
         "DatePartitionSequence": "YYYYMMDD",
         "DatePartitionDelimiter": "SLASH",
-        "CdcMaxBatchInterval": 60,
+        # a CDC file per table at least every N seconds (DMS's default, 60 s, is a minute of latency by itself);
+        # cost of N: 70 busy tables write 70 x 86,400 / N files a day (docs/deploy.md, "DMS")
+        "CdcMaxBatchInterval": batch_interval_seconds(values),
         "CdcMinFileSize": 32000,
         "EnableStatistics": True,
     }

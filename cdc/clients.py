@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import boto3
+import grpc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
@@ -39,6 +40,24 @@ def bigquery_client_from(config: Settings) -> bigquery.Client:
         config.bigquery_endpoint or None,
         config.bigquery_location or None,
     )
+
+
+def bigquery_write_client(write_endpoint: str | None = None) -> Any:
+    """A Storage Write API client; with ``write_endpoint`` (`host:port`) it talks to that server over plain gRPC
+    (a local BigQuery API server), otherwise to Google's with application default credentials."""
+    from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
+    from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
+        BigQueryWriteGrpcTransport,
+    )
+
+    if not write_endpoint:
+        return BigQueryWriteClient()
+    limit = 32 * 1024 * 1024  # above the 20 MB an AppendRows request may have
+    channel = grpc.insecure_channel(
+        write_endpoint,
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    )
+    return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
 
 
 def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:

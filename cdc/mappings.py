@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -97,6 +97,18 @@ class TableMapping(_Strict):
         json_schema_extra={"additionalProperties": {"enum": list(BIGQUERY_TYPES)}},
     )
     enabled: bool = Field(default=True, description="Disabled tables stay in the file but are not captured.")
+    load_mode: Literal["streaming", "batch"] | None = Field(
+        default=None,
+        description="streaming: Storage Write API + BigQuery's native CDC, seconds behind the source; batch: a "
+        "load job + MERGE per batch (at most ~1 load a minute per table under BigQuery's quota). Default: "
+        "CDC_LOAD_MODE (streaming).",
+    )
+    max_staleness_minutes: Annotated[float, Field(ge=0, le=1440)] | None = Field(
+        default=None,
+        description="Streaming mode: the current-state table's max_staleness. 0 or unset: a query always sees "
+        "every change applied (it merges pending changes itself); more lets queries read the last background "
+        "apply, cheaper but up to that many minutes old. Default: CDC_MAX_STALENESS_MINUTES.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TableMapping:

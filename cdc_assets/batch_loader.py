@@ -133,48 +133,10 @@ class MergeLoader(TableTargets):
             meta[c] for c in (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)
         ] + data_fields
         key = self._key() if self.mapping.primary_key else []
-        self._ensure(self.changelog, changelog_fields, partition=COMMIT_TS, cluster=key[:4])
+        self.ensure(self.changelog, changelog_fields, partition=COMMIT_TS, cluster=key[:4])
         if key:
-            self._ensure(self.current, [*data_fields, meta[COMMIT_TS], meta[CHANGE_SEQ]], None, key[:4])
-        self._ensure(self.ledger, LEDGER_FIELDS, partition=None, cluster=[])
-
-    def _ensure(
-        self, name: str, fields: list[bigquery.SchemaField], partition: str | None, cluster: list[str]
-    ) -> None:
-        try:
-            table = self.bq.get_table(self.table_id(name))
-        except exceptions.NotFound:
-            table = bigquery.Table(self.table_id(name), schema=fields)
-            if partition:
-                table.time_partitioning = bigquery.TimePartitioning(
-                    type_=bigquery.TimePartitioningType.DAY, field=partition
-                )
-            if cluster:
-                table.clustering_fields = cluster
-            self.bq.create_table(table, exists_ok=True)
-            return
-        check_compatible(
-            self.mapping, f"{self.dataset}.{name}", table.schema, fields, self.type_change_remedy()
-        )
-        added = [
-            bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE")
-            for f in fields
-            if f.name not in {have.name for have in table.schema}
-        ]
-        if added:
-            table.schema = [*table.schema, *added]
-            self.bq.update_table(table, ["schema"])
-
-    def type_change_remedy(self) -> str:
-        if self.mapping.primary_key:
-            return (
-                f"rename or drop {self.dataset}.{self.current} and {self.dataset}.{self.changelog}, then run the "
-                f"resnapshot_table job for {self.mapping.target} (it recreates both with the new type)"
-            )
-        return (
-            f"rename or drop {self.dataset}.{self.current}, then redrive the dead-lettered messages or backfill the "
-            "days since the change (the table is recreated with the new type)"
-        )
+            self.ensure(self.current, [*data_fields, meta[COMMIT_TS], meta[CHANGE_SEQ]], cluster=key[:4])
+        self.ensure(self.ledger, LEDGER_FIELDS)
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -296,28 +258,3 @@ class MergeLoader(TableTargets):
                 )
             )
         return merge_sql.batch_script(tables, body, ledger)
-
-
-def check_compatible(
-    mapping: TableMapping,
-    table: str,
-    have: list[bigquery.SchemaField],
-    wanted: list[bigquery.SchemaField],
-    remedy: str,
-) -> None:
-    """Raise LoadError naming the column when a landed column's type cannot go into the existing column."""
-    existing = {f.name: f for f in have}
-    for field in wanted:
-        if field.name in existing and _base_type(existing[field.name].field_type) != _base_type(
-            field.field_type
-        ):
-            raise LoadError(
-                f"{mapping.source}: incompatible type change - column {field.name} is "
-                f"{existing[field.name].field_type} in {table} but {field.field_type} in the landed "
-                f"files, and BigQuery cannot change it in place. This table stops loading (its files are "
-                f"retried, then dead-lettered; other tables go on). To resume: {remedy}"
-            )
-
-
-def _base_type(field_type: str) -> str:
-    return {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN"}.get(field_type, field_type)

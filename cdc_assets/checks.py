@@ -20,9 +20,9 @@ from cdc.sequence import BinlogPosition
 from cdc.settings import Settings
 from cdc.source import begin_consistent_snapshot
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import landed_keys_for_day
+from cdc_assets.load_run import NO_DUPLICATES, duplicate_check, landed_keys_for_day
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
-from cdc_assets.targets import Q_CHANGE_SEQ, Q_OP, TableTargets, quote_column
+from cdc_assets.targets import COMMIT_TS, Q_CHANGE_SEQ, Q_OP, TableTargets, quote_column
 
 ROW_COUNT = "row_count_matches_source"
 FILES_LOADED = "landed_files_loaded"
@@ -273,23 +273,48 @@ def files_loaded_result(
     )
 
 
+def recent_duplicates_result(table: TableMapping, targets: TableTargets) -> dg.AssetCheckResult:
+    """Changes held more than once in the changelog's partitions of yesterday and today (a change and its copy share
+    their commit time, so a duplicate is always inside one partition): the streaming mode's proof of exactly-once,
+    at the cost of reading two partitions every check run instead of a query per load."""
+    changes, duplicated = 0, 0
+    if targets.exists(targets.changelog):
+        since = dt.datetime.combine(check_days()[0], dt.time(), dt.UTC)
+        sql = (
+            f"SELECT COUNT(*) AS n, COUNT(*) - COUNT(DISTINCT CONCAT({Q_CHANGE_SEQ}, {Q_OP})) AS d "
+            f"FROM {targets.ref(targets.changelog)} WHERE `{COMMIT_TS}` >= @since"
+        )
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("since", "TIMESTAMP", since)]
+        )
+        row = next(iter(targets.bq.query(sql, job_config=config).result()))
+        changes, duplicated = int(row.n), int(row.d)
+    return duplicate_check(table, changes, duplicated, scope="yesterday and today")
+
+
 def build_table_checks(
     cluster: ClusterMapping, table: TableMapping, settings: Settings
 ) -> dg.AssetChecksDefinition:
     key = bigquery_asset_key(table)
-
-    @dg.multi_asset_check(
-        name=f"check_{'__'.join(key.path)}",
-        specs=[
+    specs = [
+        dg.AssetCheckSpec(
+            ROW_COUNT,
+            asset=key,
+            description=f"{table.source} row count (and per {table.partition_column} day) equals BigQuery's",
+        ),
+        dg.AssetCheckSpec(FILES_LOADED, asset=key, description="Every landed file is loaded."),
+    ]
+    streaming = (table.load_mode or settings.load_mode) == "streaming"
+    if streaming:  # batch mode checks every load inline, in its own merge script
+        specs.append(
             dg.AssetCheckSpec(
-                ROW_COUNT,
+                NO_DUPLICATES,
                 asset=key,
-                description=f"{table.source} row count (and per {table.partition_column} day) equals BigQuery's",
-            ),
-            dg.AssetCheckSpec(FILES_LOADED, asset=key, description="Every landed file is loaded."),
-        ],
-        can_subset=True,
-    )
+                description="No change is in the changelog twice (yesterday's and today's partitions).",
+            )
+        )
+
+    @dg.multi_asset_check(name=f"check_{'__'.join(key.path)}", specs=specs, can_subset=True)
     def table_checks(
         context: dg.AssetCheckExecutionContext,
         landing: LandingResource,
@@ -302,5 +327,7 @@ def build_table_checks(
             yield row_count_result(cluster, table, landing, targets, mysql)
         if FILES_LOADED in selected:
             yield files_loaded_result(table, landing, targets, settings.load_grace_seconds)
+        if streaming and NO_DUPLICATES in selected:
+            yield recent_duplicates_result(table, targets)
 
     return table_checks

@@ -42,13 +42,18 @@ def read_landed(
     unreadable: dict[str, str] | None = None,
     on_file: Callable[[int], None] | None = None,
     versions: dict[str, str] | None = None,
+    rest: list[str] | None = None,
 ) -> pa.Table | None:
     """Every row of the files, with the changelog's metadata columns, in BigQuery-loadable types (None: no
     readable file). File sizes in bytes are appended to `sizes` when given. A file that is not a readable DMS
     Parquet file raises LoadError, or, with `unreadable` given, is recorded there (key -> reason) and skipped.
     `on_file` is called with each readable file's row count (progress of a backfill). `versions` receives each
-    file's ETag (its content identity: a key written again with other rows is another batch)."""
-    parts = []
+    file's ETag (its content identity: a key written again with other rows is another batch).
+
+    Files in key order whose column types cannot join the earlier files' (an incompatible type change at the source
+    between them) end the table: with `rest` given, the keys from the first such file on are appended there and
+    left out (load the table, then the rest, whose type change the loader names); without, LoadError."""
+    parts: list[tuple[str, pa.Table]] = []
     for key in keys:
         response = s3.get_object(Bucket=bucket, Key=key)
         body = response["Body"].read()
@@ -63,7 +68,7 @@ def read_landed(
                 raise LoadError(
                     f"s3://{bucket}/{key}: not a readable Parquet file ({exc}); it is left unloaded"
                 ) from exc
-            parts.append(with_metadata(table, key))
+            parts.append((key, with_metadata(table, key)))
             if on_file is not None:
                 on_file(table.num_rows)
         except LoadError as exc:
@@ -72,7 +77,31 @@ def read_landed(
             unreadable[key] = str(exc)
     if not parts:
         return None
-    return pa.concat_tables(parts, promote_options="permissive")
+    joined, changed = _joinable(parts)
+    if joined < len(parts):
+        if rest is None:
+            raise LoadError(
+                f"s3://{bucket}/{parts[joined][0]}: {changed} differs from the earlier files of this batch (an "
+                "incompatible type change at the source): load the files before it on their own first"
+            )
+        rest.extend(k for k, _ in parts[joined:])
+    return pa.concat_tables([table for _, table in parts[:joined]], promote_options="permissive")
+
+
+def _joinable(parts: list[tuple[str, pa.Table]]) -> tuple[int, str]:
+    """How many of the files, from the first, have column types one table can hold; and what stops the next."""
+    schema = parts[0][1].schema
+    for index, (_, table) in enumerate(parts[1:], 1):
+        try:
+            schema = pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            changed = [
+                f"column {f.name} ({schema.field(f.name).type} -> {f.type})"
+                for f in table.schema
+                if f.name in schema.names and schema.field(f.name).type != f.type
+            ]
+            return index, ", ".join(changed) or "a column's type"
+    return len(parts), ""
 
 
 def with_metadata(table: pa.Table, key: str) -> pa.Table:

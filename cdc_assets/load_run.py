@@ -1,6 +1,6 @@
-"""One load step: the landed files the run config names, per table, loaded in parallel threads; one
-materialization (with its inline duplicate check) per table loaded, and the SQS messages of its files
-acknowledged only after its load. A table that fails does not stop the others: the step fails at the end naming
+"""One load step: the landed files of the run's tables, loaded in parallel threads, each table in its load mode
+(streaming: `stream_loader`; batch: `batch_loader`); one materialization per table loaded (a batch-mode table's
+with its inline duplicate check), and the SQS messages of its files acknowledged only after its load. A table that fails does not stop the others: the step fails at the end naming
 each failed table and its error (its messages come back and are retried, then dead-lettered). A table with no
 files named is a backfill: it is rebuilt from every file landed on the run's days.
 """
@@ -20,13 +20,14 @@ import dagster as dg
 import pyarrow.compute as pc
 from pydantic import Field
 
-from cdc.landing import table_prefix
+from cdc.landing import ControlDocuments, table_prefix
 from cdc.mappings import TableMapping
 from cdc.progress import Progress
 from cdc_assets.batch_loader import LoadResult, MergeLoader
 from cdc_assets.landed_files import read_landed
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import COMMIT_TS
 
 LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
@@ -133,34 +134,84 @@ def acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
 # -- one table's part of a run ---------------------------------------------------------------------------------
 
 
+def write_api_metadata(usage: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """Storage Write API calls and bytes of this table today (UTC), and where they project to by the day's end: what
+    streaming mode spends instead of load jobs (docs/design.md, "Quotas")."""
+    elapsed = max((now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds(), 600)
+    return {
+        "write_api_calls_today": int(usage.get("calls", 0)),
+        "write_api_bytes_today": int(usage.get("bytes", 0)),
+        "write_streams_created_today": int(usage.get("streams", 0)),
+        "projected_write_api_calls_today": round(int(usage.get("calls", 0)) * 86400 / elapsed),
+        "projected_write_api_bytes_today": round(int(usage.get("bytes", 0)) * 86400 / elapsed),
+    }
+
+
 @dataclass
 class TableTask:
     """One table's part of a load run, done in a worker thread: S3 and BigQuery only (SQS, logging and Dagster
     events stay on the step's thread)."""
 
     table: TableMapping
+    mode: str  # "streaming" or "batch"
     keys: list[str]
     receipts: list[str]
     rebuild_id: str | None  # set for a backfill: the run's id
     log: Callable[[str, str], None]  # (level, message), shown in the run's log by the step's thread
+    max_staleness_minutes: float = 0.0
     result: LoadResult | None = None
+    streamed: StreamResult | None = None
     unreadable: dict[str, str] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)
     commit_times: list[Any] = field(default_factory=list)
     duplicates: tuple[int, int] = (0, 0)  # (changes, duplicated) when no batch was merged
     load_jobs_today: int = 0
 
-    def run(self, landing: LandingResource, s3: Any, bq: Any, partition_keys: Sequence[str]) -> TableTask:
+    def run(
+        self, landing: LandingResource, s3: Any, bq: Any, write: Any, partition_keys: Sequence[str]
+    ) -> TableTask:
         if not self.keys and self.rebuild_id:  # a backfill: rebuild the partition's days from their files
             for partition in partition_keys:
                 self.keys += landed_keys_for_day(landing, self.table, dt.date.fromisoformat(partition), s3)
+        if self.mode == "streaming":
+            return self._stream(landing, s3, bq, write, partition_keys)
+        return self._merge(landing, s3, bq, partition_keys)
+
+    def _stream(
+        self, landing: LandingResource, s3: Any, bq: Any, write: Any, partition_keys: Sequence[str]
+    ) -> TableTask:
+        control = ControlDocuments(s3, landing.bucket, landing.prefix, root=STATE_ROOT)
+        loader = StreamLoader(bq, write, self.table, control, self.max_staleness_minutes)
+        if self.rebuild_id:
+            on_file = self._backfill_progress(partition_keys)
+            self.streamed = loader.rebuild(
+                s3, landing.bucket, self.keys, self.sizes, self.unreadable, on_file
+            )
+        else:
+            self.streamed = loader.load(
+                s3, landing.bucket, landing.prefix, self.keys, self.sizes, self.unreadable
+            )
+        self.commit_times = self.streamed.commit_times
+        return self
+
+    def _merge(self, landing: LandingResource, s3: Any, bq: Any, partition_keys: Sequence[str]) -> TableTask:
         loader = MergeLoader(bq, self.table)
         versions: dict[str, str] = {}
         data = None
+        rest: list[str] = []
         if self.keys:
             on_file = self._backfill_progress(partition_keys) if self.rebuild_id else None
-            data = read_landed(s3, landing.bucket, self.keys, self.sizes, self.unreadable, on_file, versions)
-        self.keys = [key for key in self.keys if key not in self.unreadable]
+            data = read_landed(
+                s3, landing.bucket, self.keys, self.sizes, self.unreadable, on_file, versions, rest
+            )
+        self.keys = [key for key in self.keys if key not in self.unreadable and key not in rest]
+        while (
+            rest and data is not None
+        ):  # a type change between the batch's files: those before it load first,
+            loader.load(data, self.keys, rebuild_id=self.rebuild_id, versions=versions)
+            self.keys, rest = rest, []  # then the rest, whose loading names the change
+            data = read_landed(s3, landing.bucket, self.keys, versions=versions, rest=rest)
+            self.keys = [key for key in self.keys if key not in rest]
         if data is None:
             self.duplicates = loader.duplicate_changes()
             self.load_jobs_today = loader.load_jobs_on(dt.datetime.now(dt.UTC).date())
@@ -186,41 +237,76 @@ class TableTask:
         return on_file
 
     def materialization(self, acknowledged: int, cap_per_table_day: int) -> dg.MaterializeResult:
-        table, result = self.table, self.result
         now = dt.datetime.now(dt.UTC)
         metadata: dict[str, Any] = {
+            "load_mode": self.mode,
             "messages_acknowledged": acknowledged,
             "dead_lettered_files": len(self.unreadable),
-            **quota_metadata(self.load_jobs_today, cap_per_table_day, now),
         }
-        if result is None:
-            check = duplicate_check(table, *self.duplicates, scope="whole changelog")
-            metadata.update(files=0, rows=0)
+        checks: list[dg.AssetCheckResult] = []
+        if self.streamed is not None:
+            metadata.update(self._stream_metadata(self.streamed, now))
         else:
-            if result.skipped:
-                check = duplicate_check(table, 0, 0, scope="batch merged before: nothing added")
-            else:
-                check = duplicate_check(
-                    table, result.batch_changes, result.duplicated_changes, scope="this batch"
-                )
-            metadata.update(
-                files=result.files,
-                bytes=sum(self.sizes),
-                rows=result.rows,
-                new_changes=result.inserted_changes,
-                **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
-                bigquery_jobs=result.jobs,
-                load_jobs=result.load_jobs,
-                stage_s=result.stage_s,
-                merge_s=result.merge_s,
-                rebuild=self.rebuild_id is not None,
-                **latency_metadata(self.commit_times, now),
-            )
+            metadata.update(quota_metadata(self.load_jobs_today, cap_per_table_day, now))
+            metadata.update(self._merge_metadata(now))
+            checks = [self._duplicate_check()]
         return dg.MaterializeResult(
-            asset_key=bigquery_asset_key(table), metadata=metadata, check_results=[check]
+            asset_key=bigquery_asset_key(self.table), metadata=metadata, check_results=checks
+        )
+
+    def _stream_metadata(self, streamed: StreamResult, now: dt.datetime) -> dict[str, Any]:
+        return {
+            "files": streamed.files,
+            "bytes": sum(self.sizes),
+            "rows": streamed.rows,
+            "new_changes": streamed.inserted_changes,
+            **{f"rows_{op}": count for op, count in sorted(streamed.rows_by_op.items())},
+            "write_api_calls": streamed.write_calls,
+            "write_api_bytes": streamed.write_bytes,
+            "append_s": streamed.append_s,
+            "stream_resynced": streamed.resynced,
+            "rebuild": self.rebuild_id is not None,
+            **latency_metadata(self.commit_times, now),
+            **write_api_metadata(streamed.usage, now),
+        }
+
+    def _merge_metadata(self, now: dt.datetime) -> dict[str, Any]:
+        result = self.result
+        if result is None:
+            return {"files": 0, "rows": 0}
+        return {
+            "files": result.files,
+            "bytes": sum(self.sizes),
+            "rows": result.rows,
+            "new_changes": result.inserted_changes,
+            **{f"rows_{op}": count for op, count in sorted(result.rows_by_op.items())},
+            "bigquery_jobs": result.jobs,
+            "load_jobs": result.load_jobs,
+            "stage_s": result.stage_s,
+            "merge_s": result.merge_s,
+            "rebuild": self.rebuild_id is not None,
+            **latency_metadata(self.commit_times, now),
+        }
+
+    def _duplicate_check(self) -> dg.AssetCheckResult:
+        result = self.result
+        if result is None:
+            return duplicate_check(self.table, *self.duplicates, scope="whole changelog")
+        if result.skipped:
+            return duplicate_check(self.table, 0, 0, scope="batch merged before: nothing added")
+        return duplicate_check(
+            self.table, result.batch_changes, result.duplicated_changes, scope="this batch"
         )
 
     def summary(self) -> str:
+        if self.streamed is not None:
+            done = self.streamed
+            return (
+                f"{self.table.source} -> {done.table} (streaming): {done.files} file(s), {done.rows} row(s), "
+                f"{done.inserted_changes} new change(s), {done.write_calls} Write API call(s)"
+                + (" (rebuild)" if self.rebuild_id else "")
+                + (", stream re-synchronised from BigQuery" if done.resynced else "")
+            )
         result = self.result
         if result is None:
             return f"{self.table.source}: no readable landed files"
@@ -239,6 +325,18 @@ class TableTask:
 class LoadStepSettings:
     max_parallel_loads: int
     load_job_cap_per_table_day: int
+    load_mode: str = "streaming"  # for tables whose mapping does not say
+    max_staleness_minutes: float = 0.0
+
+    def mode_of(self, table: TableMapping) -> str:
+        return table.load_mode or self.load_mode
+
+    def staleness_of(self, table: TableMapping) -> float:
+        return (
+            table.max_staleness_minutes
+            if table.max_staleness_minutes is not None
+            else self.max_staleness_minutes
+        )
 
 
 def load_selected_tables(
@@ -255,9 +353,10 @@ def load_selected_tables(
     if unselected:
         raise dg.Failure(description=f"run config names tables this run does not select: {unselected}")
     lines: queue.Queue[tuple[str, str]] = queue.Queue()
-    tasks = [_task(context, config, table, lines) for table in selected]
+    tasks = [_task(context, config, table, lines, settings) for table in selected]
     # one client each for the run's threads: clients are thread-safe, creating them concurrently is not
     s3, sqs, bq = landing.s3(), landing.sqs(), bigquery.client()
+    write = bigquery.write_client() if any(t.mode == "streaming" for t in tasks) else None
     failures: list[str] = []
 
     def show_lines() -> None:
@@ -267,7 +366,7 @@ def load_selected_tables(
 
     with ThreadPoolExecutor(max_workers=min(settings.max_parallel_loads, len(tasks)) or 1) as pool:
         pending: dict[Future[TableTask], TableTask] = {
-            pool.submit(task.run, landing, s3, bq, context.partition_keys): task for task in tasks
+            pool.submit(task.run, landing, s3, bq, write, context.partition_keys): task for task in tasks
         }
         while pending:
             done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -294,14 +393,17 @@ def _task(
     config: LoadFilesConfig,
     table: TableMapping,
     lines: queue.Queue[tuple[str, str]],
+    settings: LoadStepSettings,
 ) -> TableTask:
     files = config.tables.get(table.target)
     return TableTask(
         table,
+        settings.mode_of(table),
         list(files.keys) if files else [],
         list(files.acknowledge) if files else [],
         None if files else context.run.run_id,  # not named: a backfill rebuilds its days
         lambda level, message: lines.put((level, message)),
+        settings.staleness_of(table),
     )
 
 
@@ -322,6 +424,9 @@ def _finish(
     context.log.info(task.summary())
     result = task.materialization(acknowledged, settings.load_job_cap_per_table_day)
     asset_key = bigquery_asset_key(task.table)
-    if dg.AssetCheckKey(asset_key, NO_DUPLICATES) not in context.selected_asset_check_keys:
+    if (
+        result.check_results
+        and dg.AssetCheckKey(asset_key, NO_DUPLICATES) not in context.selected_asset_check_keys
+    ):
         result = dg.MaterializeResult(asset_key=asset_key, metadata=result.metadata)
     return result

@@ -12,13 +12,17 @@ from pydantic import Field
 from capture.full_load import full_load
 from capture.sink import S3Store
 from capture.source_tables import CaptureError
+from cdc.landing import ControlDocuments
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc.settings import Settings
 from cdc_assets.batch_loader import MergeLoader
 from cdc_assets.landed_files import read_landed
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.stream_loader import STATE_ROOT, StreamLoader
 
 RESNAPSHOT_JOB = "resnapshot_table"
+HEAVY_RUN_TAG = "cdc/heavy"  # runs that read whole tables: the low-latency instance runs few of them at once
 
 
 class ResnapshotConfig(dg.Config):
@@ -38,7 +42,7 @@ def find_table(mappings: Mappings, name: str) -> tuple[ClusterMapping, TableMapp
     )
 
 
-def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
+def build_resnapshot_job(mappings: Mappings, settings: Settings) -> dg.JobDefinition:
     @dg.op(
         name="resnapshot_from_source",
         description="New full load of one table from its source, loaded as the table's new snapshot horizon.",
@@ -80,16 +84,12 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
             f"{table.source}: {rows} row(s) in {len(keys)} file(s) at binlog {position.file}:{position.pos}; "
             "loading them as the table's new snapshot"
         )
-        versions: dict[str, str] = {}
-        data = read_landed(landing.s3(), landing.bucket, keys, versions=versions)
-        assert data is not None  # a snapshot always writes at least one (possibly empty) file
         horizon = position.sequence(0)
-        result = MergeLoader(bigquery.client(), table).load(
-            data, keys, snapshot_horizon=horizon, versions=versions
-        )
+        mode = table.load_mode or settings.load_mode
+        new_changes, load_jobs = _load_snapshot(mode, table, keys, horizon, landing, bigquery, settings)
         context.log.info(
-            f"{table.source} -> {result.table}: current state re-derived from the snapshot "
-            f"({result.inserted_changes} new change(s), {time.monotonic() - started:.1f} s)"
+            f"{table.source}: current state re-derived from the snapshot ({mode} mode, {new_changes} new "
+            f"change(s), {time.monotonic() - started:.1f} s)"
         )
         context.log_event(
             dg.AssetMaterialization(
@@ -100,10 +100,11 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
                     "resnapshot": True,
                     "rows": rows,
                     "files": len(keys),
-                    "new_changes": result.inserted_changes,
+                    "new_changes": new_changes,
                     "snapshot_position": f"{position.file}:{position.pos}",
                     "snapshot_horizon": horizon,
-                    "load_jobs": result.load_jobs,
+                    "load_mode": mode,
+                    "load_jobs": load_jobs,
                 },
             )
         )
@@ -113,8 +114,40 @@ def build_resnapshot_job(mappings: Mappings) -> dg.JobDefinition:
         description="Re-snapshot one mapped table from its source (new full load) - for when its landing files "
         "are gone or the capture's binlog position was purged. Config: ops.resnapshot_from_source.config.table.",
         executor_def=dg.in_process_executor,
+        tags={HEAVY_RUN_TAG: "true"},
     )
     def resnapshot_table() -> None:
         resnapshot_from_source()
 
     return resnapshot_table
+
+
+def _load_snapshot(
+    mode: str,
+    table: TableMapping,
+    keys: list[str],
+    horizon: str,
+    landing: LandingResource,
+    bigquery: BigQueryCdcResource,
+    settings: Settings,
+) -> tuple[int, int]:
+    """Load a re-snapshot's files as the table's new horizon, in its load mode: (new changes, load jobs)."""
+    s3 = landing.s3()
+    if mode == "streaming":
+        control = ControlDocuments(s3, landing.bucket, landing.prefix, root=STATE_ROOT)
+        staleness = table.max_staleness_minutes
+        loader = StreamLoader(
+            bigquery.client(),
+            bigquery.write_client(),
+            table,
+            control,
+            settings.max_staleness_minutes if staleness is None else staleness,
+        )
+        return loader.snapshot(s3, landing.bucket, keys, horizon).inserted_changes, 0
+    versions: dict[str, str] = {}
+    data = read_landed(s3, landing.bucket, keys, versions=versions)
+    assert data is not None  # a snapshot always writes at least one (possibly empty) file
+    result = MergeLoader(bigquery.client(), table).load(
+        data, keys, snapshot_horizon=horizon, versions=versions
+    )
+    return result.inserted_changes, result.load_jobs

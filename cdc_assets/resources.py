@@ -21,7 +21,7 @@ from dagster_aws.s3 import S3Resource
 from google.cloud import bigquery
 
 from cdc import settings
-from cdc.clients import bigquery_client
+from cdc.clients import bigquery_client, bigquery_write_client
 from cdc.mappings import ClusterMapping
 from cdc.settings import Settings
 from cdc.source import MySQLConnection, cluster_connection
@@ -112,12 +112,18 @@ class LandingResource(S3Resource):
 
 
 class BigQueryCdcResource(dg.ConfigurableResource):
+    """BigQuery's REST API (jobs, tables, queries) and its Storage Write API (streaming mode)."""
+
     project: str
     endpoint: str = ""  # only set locally; empty = Google's API with application default credentials
+    write_endpoint: str = ""  # only set locally: the Storage Write API's host:port (plain gRPC)
     location: str = ""
 
     def client(self) -> bigquery.Client:
         return bigquery_client(self.project, endpoint=self.endpoint or None, location=self.location or None)
+
+    def write_client(self) -> Any:
+        return bigquery_write_client(self.write_endpoint or None)
 
 
 class MySqlSourceResource(dg.ConfigurableResource):
@@ -159,6 +165,7 @@ def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource]:
         "bigquery": BigQueryCdcResource(
             project=_from_env(config, settings.BIGQUERY_PROJECT),
             endpoint=_from_env(config, settings.BIGQUERY_ENDPOINT),
+            write_endpoint=_from_env(config, settings.BIGQUERY_WRITE_ENDPOINT),
             location=_from_env(config, settings.BIGQUERY_LOCATION),
         ),
         "mysql": MySqlSourceResource(),

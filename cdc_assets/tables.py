@@ -3,7 +3,8 @@ subsettable loader step, `load_landed_files` (its body: `cdc_assets.load_run`).
 
 Every BigQuery asset is partitioned by UTC day (today included) and has its own materializations, checks and
 freshness policy; a run loads the tables it selects, each exactly once, from the files its config names (what the
-SQS sensor sends), or rebuilds a table's days when none are named (a backfill).
+SQS sensor sends), or rebuilds a table's days when none are named (a backfill). Runs of different tables run at
+once; the sensor never puts a table in a run while another run holds it (one writer per table).
 """
 
 import datetime as dt
@@ -16,8 +17,6 @@ from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key, landing_asset_key
 from cdc_assets.load_run import LOADER, NO_DUPLICATES, LoadFilesConfig, LoadStepSettings, load_selected_tables
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
-
-LOADER_POOL = "cdc_loader"  # one slot: one loader run at a time, so one writer per table
 
 
 def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
@@ -58,7 +57,13 @@ def build_table_assets(
         )
         for cluster, table in tables
     ]
-    check_specs = [
+    step_settings = LoadStepSettings(
+        settings.max_parallel_loads,
+        settings.max_load_jobs_per_table_per_day,
+        settings.load_mode,
+        settings.max_staleness_minutes,
+    )
+    check_specs = [  # batch mode checks each load inline; streaming mode in the table_checks job (checks.py)
         dg.AssetCheckSpec(
             NO_DUPLICATES,
             asset=bigquery_asset_key(table),
@@ -66,8 +71,8 @@ def build_table_assets(
             description="Every change of each load is in the changelog exactly once (by change sequence and Op).",
         )
         for _, table in tables
+        if step_settings.mode_of(table) == "batch"
     ]
-    step_settings = LoadStepSettings(settings.max_parallel_loads, settings.max_load_jobs_per_table_per_day)
 
     @dg.multi_asset(
         name=LOADER,
@@ -76,7 +81,6 @@ def build_table_assets(
         can_subset=True,
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        pool=LOADER_POOL,
         description="Loads the landed files of the selected tables into BigQuery, tables in parallel.",
     )
     def load_landed_files(

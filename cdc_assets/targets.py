@@ -83,6 +83,65 @@ class TableTargets:
             return False
         return True
 
+    def ensure(
+        self,
+        name: str,
+        fields: list[bigquery.SchemaField],
+        partition: str | None = None,
+        cluster: list[str] | None = None,
+        primary_key: list[str] | None = None,
+        max_staleness: str = "",
+    ) -> list[bigquery.SchemaField]:
+        """Create a table of this dataset (day-partitioned, clustered, with a primary key and max_staleness as
+        given), or widen it by the fields it lacks; its schema. A field whose type changed raises LoadError naming
+        the column and the remedy. A primary key asked for and not declared yet is declared (native CDC needs it)."""
+        try:
+            table = self.bq.get_table(self.table_id(name))
+        except exceptions.NotFound:
+            table = bigquery.Table(self.table_id(name), schema=fields)
+            if partition:
+                table.time_partitioning = bigquery.TimePartitioning(
+                    type_=bigquery.TimePartitioningType.DAY, field=partition
+                )
+            if cluster:
+                table.clustering_fields = cluster
+            if primary_key:
+                table.table_constraints = _primary_key(primary_key)
+                if max_staleness:
+                    table.max_staleness = max_staleness
+            return list(self.bq.create_table(table, exists_ok=True).schema)
+        check_compatible(
+            self.mapping, f"{self.dataset}.{name}", table.schema, fields, self.type_change_remedy()
+        )
+        have = {f.name for f in table.schema}
+        added = [
+            bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE") for f in fields if f.name not in have
+        ]
+        changed = []
+        if added:
+            table.schema = [*table.schema, *added]
+            changed.append("schema")
+        if primary_key and not (table.table_constraints and table.table_constraints.primary_key):
+            table.table_constraints = _primary_key(primary_key)  # a table batch mode created, now streaming
+            changed.append("table_constraints")
+        if changed:
+            table = self.bq.update_table(table, changed)
+        return list(table.schema)
+
+    def type_change_remedy(self) -> str:
+        tables = f"{self.dataset}.{self.current}" + (
+            f" and {self.dataset}.{self.changelog}" if self.mapping.primary_key else ""
+        )
+        if self.mapping.primary_key:
+            return (
+                f"rename or drop {tables}, then run the resnapshot_table job for {self.mapping.target} (it "
+                "recreates both with the new type)"
+            )
+        return (
+            f"rename or drop {tables}, then redrive the dead-lettered messages or backfill the days since the "
+            "change (the table is recreated with the new type)"
+        )
+
     def horizon_sql(self) -> str:
         """SQL for the table's snapshot horizon: changes with a lower sequence precede its latest re-snapshot and
         no longer count for the current state ('' = no re-snapshot: every change counts)."""
@@ -121,3 +180,34 @@ class TableTargets:
         )
         config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("day", "DATE", day)])
         return int(next(iter(self.bq.query(sql, job_config=config).result())).n)
+
+
+def _primary_key(columns: list[str]) -> bigquery.table.TableConstraints:
+    return bigquery.table.TableConstraints(
+        primary_key=bigquery.table.PrimaryKey(columns=columns), foreign_keys=None
+    )
+
+
+def check_compatible(
+    mapping: TableMapping,
+    table: str,
+    have: list[bigquery.SchemaField],
+    wanted: list[bigquery.SchemaField],
+    remedy: str,
+) -> None:
+    """Raise LoadError naming the column when a landed column's type cannot go into the existing column."""
+    existing = {f.name: f for f in have}
+    for field in wanted:
+        if field.name in existing and _base_type(existing[field.name].field_type) != _base_type(
+            field.field_type
+        ):
+            raise LoadError(
+                f"{mapping.source}: incompatible type change - column {field.name} is "
+                f"{existing[field.name].field_type} in {table} but {field.field_type} in the landed "
+                f"files, and BigQuery cannot change it in place. This table stops loading (its files are "
+                f"retried, then dead-lettered; other tables go on). To resume: {remedy}"
+            )
+
+
+def _base_type(field_type: str) -> str:
+    return {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN"}.get(field_type, field_type)

@@ -15,6 +15,7 @@ COMMANDS = {  # name: (module, one line for `cdc --help`)
     "capture": ("cli.capture", "The binlog capture: DMS-compatible Parquet files in S3."),
     "dagster": ("cli.dagster", "The local Dagster instance (webserver + daemon)."),
     "status": ("cli.status", "Per mapped table: lag, rows today, files waiting, dead letters, checks."),
+    "checks": ("cli.checks", "Run every table's checks now (the table_checks job)."),
     "resnapshot": ("cli.resnapshot", "Re-snapshot a table (or a cluster's tables) from the source."),
     "bigquery": ("cli.bigquery", "Look at what has arrived in BigQuery."),
     "dms": ("cli.dms", "AWS DMS tasks rendered from the same mapping files."),

@@ -12,7 +12,8 @@ runs its normal `start` command. Each patch restores one documented BigQuery beh
 - partition decorators: a load into `table$YYYYMMDD` replaces (WRITE_TRUNCATE) or appends to that one day and
   rejects rows of other days;
 - loads are atomic: a failed load (WRITE_TRUNCATE included) leaves the table exactly as it was;
-- no per-write copy of the whole table for time travel (it made memory grow with every load).
+- no per-write copy of the whole table for time travel (it made memory grow with every load);
+- the Storage Write API with BigQuery's native CDC, primary keys and max_staleness (`local_stack/bigquery_cdc.py`).
 
 The patches target bqemulator==1.4.0 exactly (pinned in pyproject); `tests/test_bigquery_conformance.py`
 asserts each behaviour against BigQuery's documentation, so an upgrade that breaks one fails the tests.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from local_stack import bigquery_cdc
 from local_stack.processes import ServerProcess
 
 SUPPORTED_VERSION = "1.4.0"
@@ -421,6 +423,7 @@ def apply_patches(*, stock: bool = False) -> None:
     patch_loads()
     patch_no_table_copies()
     patch_schema_updates()
+    bigquery_cdc.apply()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -454,6 +457,11 @@ class BigQueryEmulatorServer:
         return f"http://127.0.0.1:{self.rest_port}"
 
     @property
+    def write_endpoint(self) -> str:
+        """The Storage Write API (gRPC, no TLS), as `host:port`."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
     def process(self) -> ServerProcess:
         return ServerProcess(
             "bigquery (bqemulator)",
@@ -485,6 +493,8 @@ class BigQueryEmulatorServer:
             "BQEMU_GCS_LOCAL_ROOT": str(self.root / "gcs"),
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         }
+        if not self.stock:
+            env["BQEMU_WRITE_API_MAX_REQUEST_BYTES"] = str(bigquery_cdc.MAX_REQUEST_BYTES)
         self.process.start(argv, ready=self._ready, env=env, timeout=60, extra_ports=(self.grpc_port,))
 
     def stop(self) -> bool:

@@ -226,6 +226,7 @@ class LocalStack:
             env_names.SQS_DLQ_URL: f"{endpoint}/123456789012/{s.dead_letter_queue}",
             env_names.BIGQUERY_PROJECT: s.bigquery_project,
             env_names.BIGQUERY_ENDPOINT: f"http://127.0.0.1:{s.bigquery_port}",
+            env_names.BIGQUERY_WRITE_ENDPOINT: f"127.0.0.1:{s.bigquery_grpc_port}",
             env_names.BIGQUERY_LOCATION: "US",
         }
         for cluster in self.mappings.clusters:

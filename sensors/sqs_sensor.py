@@ -1,7 +1,11 @@
-"""The SQS sensor: S3 events of landed files -> one load run per day for the tick's tables, each table's files and
-its messages' receipt handles in the run config; the run acknowledges them after its load. Also owns dead-lettering
-what cannot be loaded (not an S3 event, an unmapped table) and keeping the load-job budget (`cdc_assets.quota`).
-Guarantees: docs/design.md, "Sensor".
+"""The SQS sensor: S3 events of landed files -> load runs, pipelined: each tick launches one run (per day) for the
+tables that have files and are not held by a run in flight; a table in flight keeps its files in the sensor's
+cursor (their messages kept invisible) until its run ends, so its next batch grows instead of a queue of runs. One
+writer per table; runs of different tables at once. The run acknowledges the messages after its load.
+
+Also owns dead-lettering what cannot be loaded (not an S3 event, an unmapped table) and, for batch-mode tables, the
+load-job budget (`cdc_assets.quota`). A tick long-polls the queue for up to LONG_POLL_SECONDS and returns as soon as
+messages arrive (Dagster's sensor daemon starts a tick at most every 5 s). docs/design.md, "Sensor".
 """
 
 import datetime as dt
@@ -23,10 +27,14 @@ from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, load_run_config
 from cdc_assets.resources import LandingResource
 
-# per tick (Dagster's sensor timeout is 60 s): a run takes what was waiting when the tick began, not what keeps
-# coming; receiving 1,000 messages from a busy queue takes seconds
+# Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
+# every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
+LONG_POLL_SECONDS = 4
 MAX_POLL_SECONDS = 20.0
-MAX_MESSAGES_PER_TICK = 1000  # a run takes what landed while the previous one loaded
+MAX_MESSAGES_PER_TICK = 1000
+IN_FLIGHT_HOLD_SECONDS = (
+    300  # a message of a table in flight stays invisible this long (it is held again after)
+)
 
 
 @dataclass
@@ -64,27 +72,23 @@ def _dead_letter(landing: LandingResource, message: dict[str, Any], reason: str)
     landing.dead_letter(message["Body"], reason, message["ReceiptHandle"])
 
 
-def collect(landing: LandingResource, mappings: Mappings, log: Any) -> list[QueuedFiles]:
-    """Receive up to MAX_MESSAGES_PER_TICK messages and group their files per table and day."""
+def collect(
+    landing: LandingResource, mappings: Mappings, log: Any, wait_seconds: int = 0
+) -> list[QueuedFiles]:
+    """Receive what is waiting (the first call waits up to `wait_seconds` for a message), up to
+    MAX_MESSAGES_PER_TICK, and group the files per table and day."""
     by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
     deadline = time.monotonic() + MAX_POLL_SECONDS
     received = 0
-    # what is waiting now (approximate, as SQS counts): received whole; files that land meanwhile are left for the
-    # next run, or the tick would keep receiving (the capture writes a file per table every few seconds)
-    waiting = int(
-        sqs.get_queue_attributes(QueueUrl=landing.queue_url, AttributeNames=["ApproximateNumberOfMessages"])
-        .get("Attributes", {})
-        .get("ApproximateNumberOfMessages", 0)
-    )
-    wanted = min(MAX_MESSAGES_PER_TICK, max(waiting, 1))
-    while received < wanted and time.monotonic() < deadline:
-        # the first call waits a second for a message; then take what is there and go
+    while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
+        # the first call waits for a message; then take what is there and go (files that keep landing meanwhile
+        # are the next tick's: the capture writes a file per table every few seconds)
         messages = sqs.receive_message(
             QueueUrl=landing.queue_url,
             MaxNumberOfMessages=10,
-            WaitTimeSeconds=0 if received else 1,
+            WaitTimeSeconds=0 if received else wait_seconds,
             AttributeNames=["All"],
         ).get("Messages", [])
         if not messages:
@@ -130,22 +134,25 @@ def message_day(message: dict[str, Any]) -> dt.date:
     return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
 
 
-LOAD_RUN_TAG = "cdc/load"  # on the sensor's runs: while one is queued or running, the next tick waits for it
+LOAD_RUN_TAG = "cdc/load"  # on the sensor's load runs
 ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-ACTIVE_RUN_MAX_AGE_S = 600  # an older "active" run is taken for dead (its worker gone); the sensor goes on
+ACTIVE_RUN_MAX_AGE_S = (
+    600  # an older "active" run is taken for dead (its worker gone): its tables are free again
+)
 # run monitoring fails a load run still in progress after this long (a worker that died where no health check sees
-# it, as with the local default run launcher): its pool slots are freed and its unacknowledged files load again
+# it, as with the local default run launcher): its unacknowledged files load again
 LOAD_RUN_MAX_RUNTIME_S = 1800
 
 
-def run_requests(queued: list[QueuedFiles]) -> list[dg.RunRequest]:
+def run_requests(queued: list[QueuedFiles], inline_checked: set[str] | None = None) -> list[dg.RunRequest]:
     """One run per day for all of the tick's tables of that day (they share the daily partitions), each table
-    with its own files and messages; the run key covers every file and receive count in it."""
+    with its own files and messages; the run key covers every file and receive count in it. `inline_checked`: the
+    targets whose load carries its duplicate check (batch mode; default all)."""
     by_day: dict[str, list[QueuedFiles]] = defaultdict(list)
     for files in queued:
         by_day[files.day].append(files)
@@ -160,7 +167,9 @@ def run_requests(queued: list[QueuedFiles]) -> list[dg.RunRequest]:
                 # only the load's own inline check: the source-vs-BigQuery checks of these assets run in the
                 # table_checks job (a selection's default would run them all, for seconds per table, every load)
                 asset_check_keys=[
-                    dg.AssetCheckKey(bigquery_asset_key(b.table), NO_DUPLICATES) for b in group
+                    dg.AssetCheckKey(bigquery_asset_key(b.table), NO_DUPLICATES)
+                    for b in group
+                    if inline_checked is None or b.table.target in inline_checked
                 ],
                 partition_key=day,
                 run_config=load_run_config(table_files),
@@ -176,7 +185,7 @@ def run_requests(queued: list[QueuedFiles]) -> list[dg.RunRequest]:
 
 
 def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
-    """The id of the sensor's load run still queued or running (younger than ACTIVE_RUN_MAX_AGE_S), if any."""
+    """The id of a sensor load run still queued or running (younger than ACTIVE_RUN_MAX_AGE_S), if any."""
     records = instance.get_run_records(
         dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, tags={LOAD_RUN_TAG: "sensor"}), limit=5
     )
@@ -184,6 +193,17 @@ def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
         if now - record.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S:
             return record.dagster_run.run_id
     return None
+
+
+def assets_in_flight(instance: dg.DagsterInstance, now: float) -> set[dg.AssetKey]:
+    """The assets selected by every run still queued or running (a load, a backfill), younger than
+    ACTIVE_RUN_MAX_AGE_S: their tables have a writer."""
+    records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
+    held: set[dg.AssetKey] = set()
+    for record in records:
+        if now - record.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S:
+            held |= set(record.dagster_run.asset_selection or ())
+    return held
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
@@ -206,11 +226,8 @@ def hold(landing: LandingResource, queued: list[QueuedFiles], seconds: float) ->
             raise RuntimeError(f"could not keep held SQS messages invisible: {failed}")
 
 
-def apply_budget(
-    queued: list[QueuedFiles], cursor: dict[str, Any], mappings: Mappings, now: float, caps: tuple[int, int]
-) -> tuple[list[QueuedFiles], list[QueuedFiles], dict[str, Any]]:
-    """(files to load now, files held for later, the new cursor), merging the held ones back in first. `caps`:
-    load jobs per table and per project per day."""
+def merge_held(cursor: dict[str, Any], queued: list[QueuedFiles], mappings: Mappings) -> list[QueuedFiles]:
+    """The files held in the cursor and the ones just received, per table and day."""
     by_source = {t.source: t for _, t in mappings.tables()}
     merged: dict[tuple[str, str], QueuedFiles] = {}
     for saved in cursor.get("held", []):
@@ -222,11 +239,18 @@ def apply_budget(
         )
     for files in queued:
         merged.setdefault((files.table.source, files.day), QueuedFiles(files.table, files.day)).merge(files)
+    return [merged[key] for key in sorted(merged)]
+
+
+def apply_budget(
+    queued: list[QueuedFiles], cursor: dict[str, Any], mappings: Mappings, now: float, caps: tuple[int, int]
+) -> tuple[list[QueuedFiles], list[QueuedFiles], dict[str, Any]]:
+    """(files to load now, files held for later, the new cursor), merging the held ones back in first. `caps`:
+    load jobs per table and per project per day."""
     budget = quota.LoadBudget(cursor.get("budget"), now, caps[0], caps[1])
     ready: list[QueuedFiles] = []
     held: list[QueuedFiles] = []
-    for key in sorted(merged):
-        files = merged[key]
+    for files in merge_held(cursor, queued, mappings):
         (ready if budget.take(files.table.target) else held).append(files)
     new_cursor = {"budget": budget.state(), "held": [b.to_json() for b in held]}
     if held:
@@ -236,40 +260,87 @@ def apply_budget(
     return ready, held, new_cursor
 
 
+@dataclass
+class TickPlan:
+    """What one tick does with the files it has: load now, or hold (in flight, or over the load-job budget)."""
+
+    ready: list[QueuedFiles]
+    in_flight: list[QueuedFiles]
+    over_budget: list[QueuedFiles]
+    cursor: dict[str, Any]
+
+
+def plan_tick(
+    queued: list[QueuedFiles],
+    cursor: dict[str, Any],
+    mappings: Mappings,
+    now: float,
+    held_assets: set[dg.AssetKey],
+    settings: Settings,
+) -> TickPlan:
+    """Tables in flight keep their files; the free ones load now - a batch-mode table within its load-job budget."""
+    pending = merge_held(cursor, queued, mappings)
+    in_flight = [f for f in pending if bigquery_asset_key(f.table) in held_assets]
+    free = [f for f in pending if bigquery_asset_key(f.table) not in held_assets]
+    streaming = [f for f in free if (f.table.load_mode or settings.load_mode) == "streaming"]
+    batch = [f for f in free if f not in streaming]
+    caps = (settings.max_load_jobs_per_table_per_day, settings.max_load_jobs_per_project_per_day)
+    batch_ready, over_budget, new_cursor = apply_budget(
+        batch, {"budget": cursor.get("budget")}, mappings, now, caps
+    )
+    new_cursor["held"] = [f.to_json() for f in in_flight + over_budget]
+    return TickPlan(streaming + batch_ready, in_flight, over_budget, new_cursor)
+
+
 def build_sqs_sensor(
     mappings: Mappings, asset_keys: list[dg.AssetKey], settings: Settings
 ) -> dg.SensorDefinition:
-    caps = (settings.max_load_jobs_per_table_per_day, settings.max_load_jobs_per_project_per_day)
+    batch_tables = {t.target for _, t in mappings.tables() if (t.load_mode or settings.load_mode) == "batch"}
 
     @dg.sensor(
         name="landed_files_sqs",
         minimum_interval_seconds=5,
         asset_selection=asset_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Turns S3 events of landed files into one load run per day for the tick's tables, within the "
-        "load-job quota.",
+        description="Turns S3 events of landed files into load runs of the tables not in flight (one writer per "
+        "table), within the load-job quota of batch-mode tables.",
     )
     def landed_files_sqs(
         context: dg.SensorEvaluationContext, landing: LandingResource
     ) -> dg.SensorResult | dg.SkipReason:
-        active = active_load_run(context.instance, time.time())
-        if active:  # its files are loading; what landed since waits in the queue and goes into the next run
-            return dg.SkipReason(f"load run {active} is still queued or running; new files wait in the queue")
+        now = time.time()
         cursor = json.loads(context.cursor) if context.cursor else {}
-        queued = collect(landing, mappings, context.log)
-        ready, held, new_cursor = apply_budget(queued, cursor, mappings, time.time(), caps)
-        if held:
-            wait = max(new_cursor["next_load_in_s"].values())
-            hold(landing, held, wait)
+        held_assets = assets_in_flight(context.instance, now)
+        waiting_free = any(
+            bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
+        )
+        queued = collect(landing, mappings, context.log, 0 if waiting_free else LONG_POLL_SECONDS)
+        plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
+        received = {r for files in queued for r in files.receipts.values()}
+        newly_in_flight = [
+            QueuedFiles(f.table, f.day, receipts={m: r for m, r in f.receipts.items() if r in received})
+            for f in plan.in_flight
+        ]
+        hold(landing, newly_in_flight, IN_FLIGHT_HOLD_SECONDS)
+        if plan.over_budget:
+            wait = max(plan.cursor["next_load_in_s"].values())
+            hold(landing, plan.over_budget, wait)
             context.log.info(
-                f"load-job budget spent for {len(held)} table(s); their files wait for the next load: "
-                + ", ".join(f"{t} in {s:.0f} s" for t, s in sorted(new_cursor["next_load_in_s"].items()))
+                f"load-job budget spent for {len(plan.over_budget)} table(s); their files wait for the next load: "
+                + ", ".join(f"{t} in {s:.0f} s" for t, s in sorted(plan.cursor["next_load_in_s"].items()))
             )
-        grouped: dict[str, int] = defaultdict(int)
-        for files in ready:
-            grouped[files.table.target] += len(files.keys)
-        if ready:
-            context.log.info(f"{sum(grouped.values())} landed file(s) for {len(grouped)} table(s)")
-        return dg.SensorResult(run_requests=run_requests(ready), cursor=json.dumps(new_cursor))
+        if plan.ready:
+            files = sum(len(f.keys) for f in plan.ready)
+            context.log.info(
+                f"{files} landed file(s) for {len({f.table.target for f in plan.ready})} table(s)"
+                + (
+                    f"; {len(plan.in_flight)} table(s) in flight keep theirs for their next run"
+                    if plan.in_flight
+                    else ""
+                )
+            )
+        return dg.SensorResult(
+            run_requests=run_requests(plan.ready, batch_tables), cursor=json.dumps(plan.cursor)
+        )
 
     return landed_files_sqs

@@ -8,7 +8,10 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-CONFORMANCE = Path(__file__).with_name("test_bigquery_conformance.py")
+CONFORMANCE = [
+    Path(__file__).with_name("test_bigquery_conformance.py"),
+    Path(__file__).with_name("test_bigquery_cdc_conformance.py"),
+]
 
 
 def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) -> None:
@@ -18,7 +21,7 @@ def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) 
             sys.executable,
             "-m",
             "pytest",
-            str(CONFORMANCE),
+            *map(str, CONFORMANCE),
             "-q",
             "-p",
             "no:cacheprovider",
@@ -32,7 +35,7 @@ def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) 
     )
     cases = ET.parse(report).getroot().iter("testcase")
     outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
-    assert len(outcomes) >= 12, result.stdout[-3000:]
+    assert len(outcomes) >= 21, result.stdout[-3000:]
     passed_on_stock = [name for name, tags in outcomes.items() if not {"failure", "error"} & set(tags)]
     assert passed_on_stock == [], (
         f"these conformance tests do not detect the stock deviation: {passed_on_stock}"

@@ -14,14 +14,15 @@ from capture.service import ClusterCapture
 from cdc.settings import Settings
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import LOADER
-from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
+from cdc_assets.load_run import LOADER, NO_DUPLICATES, load_run_config
+from cdc_assets.resources import LandingResource
 from cdc_assets.tables import build_table_assets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
 from tests.support.accounts import (
     DDL,
     accounts_loader,
+    accounts_stream_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
@@ -29,8 +30,10 @@ from tests.support.accounts import (
 from tests.support.capture import (
     FAST,
     capture_changes,
+    landed_keys,
     landing_resource,
     new_env,
+    pipeline_resources,
     run_sql,
     running,
     wait_caught_up,
@@ -59,7 +62,7 @@ def test_row_count_check_backfill_and_alerts(
         env, "UPDATE `{schema}`.accounts SET at = UTC_TIMESTAMP(6) WHERE id <= 4"
     )  # today, per-day counts
     table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, partition_column="at").model_copy(
-        update={"target": f"{env.schema}.accounts"}
+        update={"target": f"{env.schema}.accounts", "load_mode": "batch"}  # rows deleted behind its back: DML
     )
     cluster = env.mapping(table)
     capture_changes(
@@ -75,13 +78,7 @@ def test_row_count_check_backfill_and_alerts(
         queue_url=local_stack.environment()["CDC_SQS_QUEUE_URL"],
         dead_letter_queue_url=local_stack.environment()["CDC_SQS_DLQ_URL"],
     )
-    resources = {
-        "landing": landing,
-        "bigquery": BigQueryCdcResource(
-            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
-        ),
-        "mysql": MySqlSourceResource(),
-    }
+    resources = {**pipeline_resources(env), "landing": landing}
     asset = build_table_assets([(cluster, table)], Settings.load())
     checks = build_table_checks(cluster, table, Settings.load())
     instance = dg.DagsterInstance.ephemeral()
@@ -184,13 +181,7 @@ def test_a_table_missing_at_the_source_fails_its_row_count_check_naming_it(
     table = env.table("not_created_yet", ["id"])
     cluster = env.mapping(table)
     checks = build_table_checks(cluster, table, Settings.load())
-    resources = {
-        "landing": landing_resource(local_stack, env.prefix),
-        "bigquery": BigQueryCdcResource(
-            project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
-        ),
-        "mysql": MySqlSourceResource(),
-    }
+    resources = pipeline_resources(env)
     result = dg.materialize(
         [build_table_assets([(cluster, table)], Settings.load()), checks],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(bigquery_asset_key(table), ROW_COUNT)),
@@ -203,3 +194,69 @@ def test_a_table_missing_at_the_source_fails_its_row_count_check_naming_it(
         f"{env.schema}.not_created_yet does not exist at the source (cluster poker_accounts): create it there, or "
         "remove it from (or disable it in) the cluster's mapping file and deploy the mappings"
     )
+
+
+def test_streaming_checks_count_rows_exactly_and_find_duplicates(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "poker_accounts")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 7))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
+        update={"target": f"{env.schema}.accounts", "load_mode": "streaming"}
+    )
+    cluster = env.mapping(table)
+    capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET id = 60 WHERE id = 5")
+    resources = pipeline_resources(env)
+    asset = build_table_assets([(cluster, table)], Settings.load())
+    checks = build_table_checks(cluster, table, Settings.load())
+    assert {spec.name for spec in checks.check_specs} == {ROW_COUNT, FILES_LOADED, NO_DUPLICATES}
+    instance = dg.DagsterInstance.ephemeral()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+
+    def load() -> None:
+        named = {table.target: (sorted(landed_keys(env, "accounts")), [])}
+        assert dg.materialize(
+            [asset],
+            partition_key=today,
+            resources=resources,
+            instance=instance,
+            run_config=load_run_config(named),
+        ).success
+
+    def check() -> dict[str, dg.AssetCheckEvaluation]:
+        result = dg.materialize(
+            [asset, checks],
+            selection=dg.AssetSelection.checks(checks),
+            resources=resources,
+            instance=instance,
+        )
+        return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    load()
+    results = check()
+    assert results[ROW_COUNT].passed and results[ROW_COUNT].metadata["exact"].value is True
+    assert results[ROW_COUNT].metadata["source_rows"].value == 6
+    assert results[NO_DUPLICATES].passed and results[NO_DUPLICATES].metadata["changes"].value >= 8
+    assert results[FILES_LOADED].passed
+
+    with running(
+        ClusterCapture(cluster, env.replication(), env.store(), FAST)
+    ):  # a steady load: no false alarm
+        insert_accounts(env, [7])
+        run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
+        wait_caught_up(env)
+    catching_up = check()[ROW_COUNT]
+    assert catching_up.passed and catching_up.metadata["exact"].value is False
+    load()
+    assert check()[ROW_COUNT].metadata["exact"].value is True
+
+    loader = accounts_stream_loader(local_stack, env, env.schema)
+    assert_current_state_equals_source(loader, env)
+    loader.bq.query(  # a change held twice: the streaming duplicate check catches it
+        f"INSERT INTO {loader.ref('accounts_changelog')} SELECT * FROM {loader.ref('accounts_changelog')} LIMIT 1"
+    ).result()
+    duplicated = check()[NO_DUPLICATES]
+    assert not duplicated.passed and duplicated.metadata["duplicated_changes"].value == 1

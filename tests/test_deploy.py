@@ -17,7 +17,7 @@ from cli import main as cdc_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-SHARED = ("storage", "run_coordinator", "run_monitoring", "concurrency", "telemetry")
+SHARED = ("storage", "run_coordinator", "run_monitoring", "concurrency", "sensors", "telemetry")
 ENV = {
     "DAGSTER_PG_HOST": "db.internal",
     "DAGSTER_PG_PORT": "5432",
@@ -33,7 +33,10 @@ def load_files(name: str) -> dict[str, Any]:
 
 
 def _validate(section: dict[str, Any]) -> None:
-    klass = getattr(importlib.import_module(section["module"]), section["class"])
+    module = section["module"].replace(
+        "dagster.core.", "dagster._core."
+    )  # Dagster's own alias in instance files
+    klass = getattr(importlib.import_module(module), section["class"])
     result = process_config(klass.config_type(), section.get("config", {}))
     assert result.success, [error.message for error in result.errors or []]
 
@@ -52,10 +55,10 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
 
     assert process_config(DagsterPostgresStorage.config_type(), instance["storage"]["postgres"]).success
     assert instance["run_coordinator"]["config"]["dequeue_interval_seconds"] == 1
-    assert instance["concurrency"]["pools"]["default_limit"] == 1  # one writer per table
+    assert instance["sensors"]["use_threads"]  # the SQS sensor's long poll does not hold up the alert sensors
     from dagster._core.instance.config import dagster_instance_config_schema
 
-    monitoring = {"run_monitoring": instance["run_monitoring"]}
+    monitoring = {"run_monitoring": instance["run_monitoring"], "sensors": instance["sensors"]}
     assert process_config(dagster_instance_config_schema(), monitoring).success
     assert (
         instance["run_monitoring"]["enabled"]
@@ -63,6 +66,26 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
     )
     text = (DEPLOY / variant / "dagster.yaml").read_text()
     assert "password: {env: DAGSTER_PG_PASSWORD}" in text and "not-a-real-one" not in text
+
+
+def test_the_low_latency_variant_starts_runs_in_the_code_location_and_bounds_heavy_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    base, instance = load_files("postgres"), load_files("k8s-low-latency")
+    assert (
+        "run_launcher" not in instance
+    )  # Dagster's default launcher: a process of the code location per run
+    assert {k: instance[k] for k in SHARED if k != "run_coordinator"} == {
+        k: base[k] for k in SHARED if k != "run_coordinator"
+    }
+    _validate(instance["run_coordinator"])
+    limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert {"key": "cdc/heavy", "limit": 2} in limits
+    from cdc_assets.resnapshot import HEAVY_RUN_TAG
+
+    assert HEAVY_RUN_TAG == "cdc/heavy"
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:

@@ -208,3 +208,14 @@ def test_render_cli_prints_json() -> None:
     result = CliRunner().invoke(main, ["dms", "render"])
     assert result.exit_code == 0
     assert len(json.loads(result.output)["tasks"]) == 6
+
+
+def test_dms_writes_a_cdc_file_every_few_seconds_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    mappings = load_mappings()
+    monkeypatch.delenv("CDC_DMS_BATCH_INTERVAL_SECONDS", raising=False)
+    assert render(mappings)["target_endpoint"]["S3Settings"]["CdcMaxBatchInterval"] == 5  # DMS's own: 60
+    monkeypatch.setenv("CDC_DMS_BATCH_INTERVAL_SECONDS", "30")
+    assert render(mappings)["target_endpoint"]["S3Settings"]["CdcMaxBatchInterval"] == 30
+    monkeypatch.setenv("CDC_DMS_BATCH_INTERVAL_SECONDS", "0")
+    with pytest.raises(RuntimeError, match="CDC_DMS_BATCH_INTERVAL_SECONDS='0'"):
+        render(mappings)

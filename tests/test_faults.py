@@ -429,7 +429,9 @@ def assert_no_credential_written(stack: LocalStack, secrets_: dict[str, str]) ->
         data = path.read_bytes()
         found += [f"{name} in {path}" for name, value in secrets_.items() if value.encode() in data]
     s3 = aws_client("s3", stack.environment())
-    listing = s3.list_objects_v2(Bucket=stack.settings.bucket, Prefix="_cdc_capture/").get("Contents", [])
+    listing = []
+    for control in ("_cdc_capture/", "_cdc_loader/"):  # the capture's and the streaming loader's documents
+        listing += s3.list_objects_v2(Bucket=stack.settings.bucket, Prefix=control).get("Contents", [])
     for item in listing:
         body = s3.get_object(Bucket=stack.settings.bucket, Key=item["Key"])["Body"].read()
         found += [
@@ -438,9 +440,19 @@ def assert_no_credential_written(stack: LocalStack, secrets_: dict[str, str]) ->
     assert not found, found
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
+# streaming is the default load mode; the faults that touch the loader most also run in batch mode
+BATCH_TOO = (
+    "Dagster killed -9 mid-load, restarted",
+    "every S3 event again, out of order (x3)",
+    "BigQuery server down 60 s",
+)
+CASES = [(fault, "streaming") for fault in FAULTS] + [(fault, "batch") for fault in BATCH_TOO]
+
+
+@pytest.mark.parametrize(("fault", "mode"), CASES, ids=[f"{f} [{m}]" for f, m in CASES])
 def test_a_fault_under_load_loses_and_doubles_nothing(
     fault: str,
+    mode: str,
     local_stack: LocalStack,
     tmp_path: Path,
     receiver: Receiver,
@@ -455,6 +467,7 @@ def test_a_fault_under_load_loses_and_doubles_nothing(
             "CDC_ALERT_WEBHOOK_URL": f"{receiver.url}/{token}",
             "AWS_ENDPOINT_URL": proxy.url,
             "AWS_SECRET_ACCESS_KEY": aws_secret,
+            "CDC_LOAD_MODE": mode,
         }
         with running_pipeline(local_stack, folder, variables) as pipeline:
             pipeline.env = env
@@ -472,7 +485,7 @@ def test_a_fault_under_load_loses_and_doubles_nothing(
             outcome = _outcome(env, loader)
     fault_report.append(
         {
-            "fault": fault,
+            "fault": fault + (" [batch]" if mode == "batch" else ""),
             **outcome,
             "transactions": written["transactions"],
             "fault_s": round(fault_seconds, 1),

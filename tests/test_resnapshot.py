@@ -11,6 +11,7 @@ import pytest
 
 from cdc.landing import load_file_key
 from cdc.mappings import Mappings, load_mappings
+from cdc.settings import Settings
 from cdc_assets.landed_files import read_landed
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import landed_keys_for_day
@@ -20,10 +21,12 @@ from local_stack.stack import LocalStack
 from tests.support.accounts import (
     DDL,
     accounts_loader,
+    accounts_stream_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
     load_files,
+    stream_all,
 )
 from tests.support.capture import (
     capture_changes,
@@ -43,7 +46,9 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     env = new_env(local_stack, "roulette_play")
     run_sql(env, DDL)
     insert_accounts(env, range(1, 6))
-    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})  # target: <schema>.accounts
+    table = env.table(
+        "accounts", ["id"], type_overrides={"vip": "BOOL"}, load_mode="batch"
+    )  # <schema>.accounts
     cluster = env.mapping(table)
     capture_changes(env, cluster)
     loader = accounts_loader(local_stack, env, env.schema)
@@ -70,7 +75,7 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
 
     resources = pipeline_resources(env)
     landing = resources["landing"]
-    job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
     instance = dg.DagsterInstance.ephemeral()
     result = job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
@@ -116,6 +121,77 @@ def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
     assert_changelog_has_no_duplicates(loader)
 
 
+def test_resnapshot_in_streaming_mode_sets_the_current_state_from_the_snapshot(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming mode: the snapshot's rows UPSERTed and the keys it lacks DELETEd at its horizon - through the Write
+    API (a CDC table takes no DML) - so a late file from before it cannot bring a deleted row back."""
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 6))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, load_mode="streaming")
+    cluster = env.mapping(table)
+    capture_changes(env, cluster)
+    loader = accounts_stream_loader(local_stack, env, env.schema)
+    stream_all(loader, env)
+    loaded = landed_keys(env, "accounts")
+    insert_accounts(env, [7])
+    capture_changes(
+        env,
+        cluster,
+        "DELETE FROM `{schema}`.accounts WHERE id = 2",
+        "UPDATE `{schema}`.accounts SET nick = 'lost 🎲', money = 9.5 WHERE id = 1",
+        "UPDATE `{schema}`.accounts SET id = 30 WHERE id = 3",
+    )
+    s3, bucket = env.s3(), local_stack.settings.bucket
+    lost = {
+        k: s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+        for k in sorted(landed_keys(env, "accounts") - loaded)
+    }
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in lost]})
+
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
+    result = job.execute_in_process(
+        run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
+        resources=pipeline_resources(env),
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
+    assert (
+        materialization.metadata["load_mode"].value == "streaming"
+        and materialization.metadata["rows"].value == 5
+    )
+    assert_current_state_equals_source(
+        loader, env
+    )  # id 2 deleted, 1 updated, 3 moved to 30: from the snapshot
+    total = assert_changelog_has_no_duplicates(loader)
+
+    # the snapshot's files are full-load files with a new ETag: a load run may read them too, before or after the
+    # job (the sensor sees their S3 events) - the snapshot's changes are in the changelog once either way
+    horizon = str(materialization.metadata["snapshot_horizon"].value)
+    snapshot_keys = sorted(k for k in landed_keys(env, "accounts") - loaded if "/LOAD" in k)
+    assert snapshot_keys
+    again = accounts_stream_loader(local_stack, env, env.schema).snapshot(s3, bucket, snapshot_keys, horizon)
+    assert again.inserted_changes == 0 and assert_changelog_has_no_duplicates(loader) == total
+    assert_current_state_equals_source(loader, env)
+
+    # new changes stream on; the lost files come back late (named by their messages): they change nothing now
+    capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 77 WHERE id = 1")
+    for key, body in lost.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    stream_all(accounts_stream_loader(local_stack, env, env.schema), env, named=sorted(lost))
+    assert_current_state_equals_source(loader, env)
+    assert_changelog_has_no_duplicates(loader)
+
+    # a backfill of the day sends every change again: the snapshot's horizon holds
+    keys = landed_keys_for_day(pipeline_resources(env)["landing"], table, dt.datetime.now(dt.UTC).date())
+    accounts_stream_loader(local_stack, env, env.schema).rebuild(s3, bucket, keys)
+    assert_current_state_equals_source(loader, env)
+    assert_changelog_has_no_duplicates(loader)
+
+
 def test_resnapshot_names_an_unknown_table_and_refuses_append_only_tables() -> None:
     mappings = load_mappings()
     with pytest.raises(dg.Failure, match=r"no mapped table is named 'slots\.nope'"):
@@ -123,7 +199,7 @@ def test_resnapshot_names_an_unknown_table_and_refuses_append_only_tables() -> N
     cluster, table = find_table(mappings, "slots.bets")
     assert find_table(mappings, table.source) == (cluster, table)
     append_only = next(t for _, t in mappings.tables() if not t.primary_key)
-    job = build_resnapshot_job(mappings)
+    job = build_resnapshot_job(mappings, Settings.load())
     result = job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": append_only.target}}}},
         resources={

@@ -1,5 +1,5 @@
-"""An incompatible type change at the source stops only that table, with a clear error and an alert; the remedy the
-error names (drop, re-snapshot) resumes it. Real MariaDB, capture, moto and BigQuery server."""
+"""An incompatible type change at the source stops only that table, at the change, with a clear error and an
+alert; the remedy the error names (drop, re-snapshot) resumes it. Real MariaDB, capture, moto and BigQuery server."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def _source_other(env: CaptureEnv) -> set[tuple[int, str]]:
         return {(int(i), str(v)) for i, v in cursor.fetchall()}
 
 
+@pytest.mark.parametrize("mode", ["streaming", "batch"])
 def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resumes_it(
-    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, receiver: Receiver, mode: str
 ) -> None:
     for key, value in local_stack.environment().items():
         monkeypatch.setenv(key, value)
@@ -57,8 +58,8 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
         "INSERT INTO `{schema}`.other VALUES (1, 'a'), (2, 'b')",
     )
     insert_accounts(env, range(1, 4))
-    accounts = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
-    other = env.table("other", ["id"])
+    accounts = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, load_mode=mode)
+    other = env.table("other", ["id"], load_mode=mode)
     cluster = env.mapping(accounts, other)
     capture_changes(env, cluster)
 
@@ -84,10 +85,11 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     loader = accounts_loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
 
-    # the source changes a column's type; both tables change in the same run
+    # a change, then the source changes a column's type; both tables change, and all lands in one run's batch
     capture_changes(
         env,
         cluster,
+        "UPDATE `{schema}`.accounts SET n = 8 WHERE id = 2",
         "ALTER TABLE `{schema}`.accounts MODIFY n VARCHAR(20) NULL",
         "UPDATE `{schema}`.accounts SET n = 'seven' WHERE id = 1",
         "UPDATE `{schema}`.other SET v = 'c' WHERE id = 2",
@@ -96,27 +98,27 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     new = {t: sorted(landed_keys(env, t) - loaded[t]) for t in tables}
     body = env.s3().get_object(Bucket=local_stack.settings.bucket, Key=new["accounts"][-1])["Body"].read()
     assert pq.read_schema(io.BytesIO(body)).field("n").type == pa.string()  # the capture followed the MODIFY
-    before = sorted(
-        tuple(map(str, r.values())) for r in loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}")
-    )
+    first = env.s3().get_object(Bucket=local_stack.settings.bucket, Key=new["accounts"][0])["Body"].read()
+    assert pq.read_schema(io.BytesIO(first)).field("n").type == pa.int32()  # the update before it: old type
 
     result = load(new)
     assert not result.success
     failure = result.failure_data_for_node(LOADER)
     assert failure is not None
     message = error_text(failure.error)
-    for expected in ("incompatible type change", "column n is INTEGER", "but STRING", new["accounts"][0]):
+    for expected in ("incompatible type change", "column n is INTEGER", "but STRING", new["accounts"][-1]):
         assert expected in message, message
+    assert (
+        new["accounts"][0] not in message
+    )  # the file before the change loaded: the table stops at the change
     assert "resnapshot_table job for " + accounts.target in message
     # ... the other table went on in the same run, and the stopped one is untouched
     assert [m.asset_key for m in result.asset_materializations_for_node(LOADER)] == [
         bigquery_asset_key(other)
     ]
     assert _other_rows(loader.bq, env) == _source_other(env) == {(1, "a"), (2, "c"), (3, "d")}
-    after = sorted(
-        tuple(map(str, r.values())) for r in loader.bq.query(f"SELECT * FROM {loader.ref('accounts')}")
-    )
-    assert after == before
+    loaded_n = {int(r.id): r.n for r in loader.bq.query(f"SELECT id, n FROM {loader.ref('accounts')}")}
+    assert loaded_n[2] == 8 and loaded_n[1] != "seven"  # up to the change, not past it
 
     # ... and the alert names the table and the change
     context = dg.build_run_status_sensor_context(
@@ -132,7 +134,7 @@ def test_an_incompatible_type_change_stops_only_that_table_and_a_resnapshot_resu
     # the remedy the error names: drop both tables, re-snapshot; then the retried files load
     for name in ("accounts", "accounts_changelog"):
         loader.bq.delete_table(f"{loader.project}.{env.schema}.{name}")
-    job = build_resnapshot_job(Mappings(Path("."), (cluster,)))
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
     assert job.execute_in_process(
         run_config={"ops": {"resnapshot_from_source": {"config": {"table": accounts.target}}}},
         resources=resources,

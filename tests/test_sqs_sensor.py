@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
 
 from cdc.landing import PoisonMessage, parse_message
-from cdc.mappings import Mappings
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import LOADER
@@ -68,8 +70,9 @@ def _drain(sqs: Any, queue: str) -> list[dict[str, Any]]:
     return messages
 
 
+@pytest.mark.parametrize("mode", ["streaming", "batch"])
 def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
-    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     environment = local_stack.environment()
     for key, value in environment.items():
@@ -90,7 +93,7 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     run_sql(env, DDL)
     insert_accounts(env, range(1, 5))
     mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
-        update={"target": "sensor_test.accounts"}
+        update={"target": f"sensor_test_{mode}.accounts", "load_mode": mode}
     )
     cluster = env.mapping(mapping)
     capture_changes(
@@ -108,7 +111,9 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     sensor = build_sqs_sensor(mappings, [bigquery_asset_key(mapping)], Settings.load())
     asset = build_table_assets([(cluster, mapping)], Settings.load())
     bigquery = BigQueryCdcResource(
-        project=local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint
+        project=local_stack.settings.bigquery_project,
+        endpoint=local_stack.bigquery.endpoint,
+        write_endpoint=local_stack.bigquery.write_endpoint,
     )
     instance = dg.DagsterInstance.ephemeral()
 
@@ -155,6 +160,47 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     assert "notes.txt is neither a DMS full-load nor a CDC Parquet file name" in reasons
     assert f"table {env.schema}.unmapped is not in the mappings" in reasons
 
-    loader = accounts_loader(local_stack, env, "sensor_test")
+    loader = accounts_loader(local_stack, env, f"sensor_test_{mode}")
     assert_changelog_has_no_duplicates(loader)
     assert_current_state_equals_source(loader, env)
+
+
+def test_a_tick_returns_as_soon_as_a_file_lands(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tick long-polls the queue: a file landing a second into it is picked up at once, not at the next tick."""
+    environment = local_stack.environment()
+    for key, value in environment.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    landing = landing_resource(
+        local_stack,
+        local_stack.settings.prefix,
+        queue_url=environment["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
+    )
+    sqs = landing.sqs()
+    _drain(sqs, landing.queue_url)
+    mapping = TableMapping(source="poll_db.events", target="poll.events", primary_key=["id"])
+    cluster = ClusterMapping.model_validate(
+        {
+            "cluster": "poll",
+            "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
+            "tables": [mapping.model_dump()],
+        }
+    )
+    sensor = build_sqs_sensor(Mappings(Path("."), (cluster,)), [bigquery_asset_key(mapping)], Settings.load())
+    key = "cdc/poll_db/events/2026/11/30/20261130-1200000000.parquet"
+    sender = threading.Timer(
+        1.0, lambda: sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps(_event(key)))
+    )
+    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"landing": landing})
+    started = time.monotonic()
+    sender.start()
+    result = sensor(context)
+    took = time.monotonic() - started
+    [request] = result.run_requests
+    assert request.run_config["ops"][LOADER]["config"]["tables"]["poll.events"]["keys"] == [key]
+    assert 0.9 <= took < 3.5, took  # returned with the file, before the 4 s long poll ran out
+    for receipt in request.run_config["ops"][LOADER]["config"]["tables"]["poll.events"]["acknowledge"]:
+        sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from cdc.settings import Settings
-from cdc_assets.load_run import LOADER
+from cdc_assets.load_run import LOADER, load_run_config
 from cdc_assets.resources import BigQueryCdcResource
 from cdc_assets.tables import build_table_assets, daily_partitions
 from definitions import build_definitions
@@ -16,11 +16,12 @@ from local_stack.stack import LocalStack
 from tests.support.accounts import (
     DDL,
     accounts_loader,
+    accounts_stream_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
 )
-from tests.support.capture import capture_changes, landing_resource, new_env, run_sql
+from tests.support.capture import capture_changes, landed_keys, landing_resource, new_env, run_sql
 
 
 def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
@@ -42,6 +43,7 @@ def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
 
 
 def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStack) -> None:
+    """Batch mode: a backfill of the day through load job + MERGE, with the inline duplicate check."""
     env = new_env(local_stack, "roulette_play")
     run_sql(env, DDL)
     insert_accounts(env, range(1, 4))
@@ -52,7 +54,7 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
         "UPDATE `{schema}`.accounts SET n = 99 WHERE id = 1",
         "DELETE FROM `{schema}`.accounts WHERE id = 2",
     )
-    target = mapping.model_copy(update={"target": "asset_test.accounts"})
+    target = mapping.model_copy(update={"target": "asset_test.accounts", "load_mode": "batch"})
     cluster = env.mapping(target)
     asset = build_table_assets([(cluster, target)], Settings.load())
     resources = {
@@ -103,3 +105,62 @@ def test_materializing_a_partition_loads_the_landed_files(local_stack: LocalStac
     [failed] = broken.get_asset_check_evaluations()
     assert not failed.passed and failed.metadata["duplicated_changes"].value == 1
     assert not broken.success  # blocking ERROR check fails the run
+
+
+def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(local_stack: LocalStack) -> None:
+    """Streaming mode: the files the sensor names, then a backfill of the day, through the Storage Write API."""
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 4))
+    mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
+    capture_changes(
+        env,
+        env.mapping(mapping),
+        "UPDATE `{schema}`.accounts SET n = 99 WHERE id = 1",
+        "DELETE FROM `{schema}`.accounts WHERE id = 2",
+    )
+    target = mapping.model_copy(update={"target": "stream_asset_test.accounts", "load_mode": "streaming"})
+    asset = build_table_assets([(env.mapping(target), target)], Settings.load())
+    assert not asset.check_specs_by_output_name  # streaming checks duplicates in table_checks, not per load
+    resources = {
+        "landing": landing_resource(local_stack, env.prefix),
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project,
+            endpoint=local_stack.bigquery.endpoint,
+            write_endpoint=local_stack.bigquery.write_endpoint,
+        ),
+    }
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    named = sorted(landed_keys(env, "accounts"))
+    instance = dg.DagsterInstance.ephemeral()
+    loaded = dg.materialize(
+        [asset],
+        partition_key=today,
+        resources=resources,
+        instance=instance,
+        run_config=load_run_config({target.target: (named, [])}),
+    )
+    values = {
+        name: entry.value
+        for name, entry in loaded.asset_materializations_for_node(LOADER)[0].metadata.items()
+    }
+    assert values["load_mode"] == "streaming" and values["files"] == len(named)
+    assert values["new_changes"] == values["rows"] and (
+        values["rows_I"],
+        values["rows_U"],
+        values["rows_D"],
+    ) == (3, 1, 1)
+    assert values["write_api_calls"] >= 3 and values["write_api_bytes_today"] >= values["write_api_bytes"] > 0
+    assert "load_jobs_today" not in values and loaded.get_asset_check_evaluations() == []
+    assert 0 <= values["lag_s"] <= values["latency_p50_s"] <= values["latency_max_s"]
+    loader = accounts_stream_loader(local_stack, env, "stream_asset_test")
+    assert_current_state_equals_source(loader, env)
+    backfill = dg.materialize(
+        [asset], partition_key=today, resources=resources, instance=instance
+    )  # no files named
+    metadata = backfill.asset_materializations_for_node(LOADER)[0].metadata
+    assert metadata["rebuild"].value and metadata["new_changes"].value == 0  # every change was there already
+    logged = "\n".join(entry.user_message for entry in instance.all_logs(backfill.run_id))
+    assert f"(files): {len(named)} of ~{len(named)} (100 %)" in logged, logged
+    assert assert_changelog_has_no_duplicates(loader) == values["rows"]
+    assert_current_state_equals_source(loader, env)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from cdc.clients import bigquery_client
+from cdc.clients import bigquery_client, bigquery_write_client
+from cdc.landing import ControlDocuments
 from cdc_assets.batch_loader import MergeLoader
 from cdc_assets.landed_files import read_landed
+from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import CHANGE_SEQ, OP
 from cdc_testing import oracle
 from local_stack.stack import LocalStack
@@ -73,3 +75,18 @@ def assert_changelog_has_no_duplicates(loader: Any) -> int:
     row = next(iter(loader.bq.query(sql).result()))
     assert row.n == row.d, f"{row.n - row.d} duplicate changes in the changelog"
     return int(row.n)
+
+
+def accounts_stream_loader(local_stack: LocalStack, env: CaptureEnv, dataset: str) -> StreamLoader:
+    """A streaming-mode loader of the env's accounts table into `dataset` (its state beside the env's prefix)."""
+    bq = bigquery_client(local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint)
+    mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
+        update={"target": f"{dataset}.accounts"}
+    )
+    control = ControlDocuments(env.s3(), local_stack.settings.bucket, env.prefix, root=STATE_ROOT)
+    return StreamLoader(bq, bigquery_write_client(local_stack.bigquery.write_endpoint), mapping, control)
+
+
+def stream_all(loader: StreamLoader, env: CaptureEnv, named: Iterable[str] = ()) -> StreamResult:
+    """Load the env's files not read yet (and the named ones, where late) as the table asset does."""
+    return loader.load(env.s3(), env.stack.settings.bucket, env.prefix, list(named))

@@ -238,7 +238,9 @@ def pipeline_resources(env: CaptureEnv) -> dict[str, Any]:
     return {
         "landing": landing_resource(stack, env.prefix),
         "bigquery": BigQueryCdcResource(
-            project=stack.settings.bigquery_project, endpoint=stack.bigquery.endpoint
+            project=stack.settings.bigquery_project,
+            endpoint=stack.bigquery.endpoint,
+            write_endpoint=stack.bigquery.write_endpoint,
         ),
         "mysql": MySqlSourceResource(),
     }

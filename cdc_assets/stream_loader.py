@@ -1,0 +1,611 @@
+"""Streaming mode: a table's landed files -> BigQuery's Storage Write API, in seconds and exactly once
+(docs/design.md, "Streaming mode" says why it is exactly once).
+
+- The current state is written by BigQuery's native CDC: the table has `PRIMARY KEY (...) NOT ENFORCED`, and every
+  change goes to its default stream as a protobuf row with `_CHANGE_TYPE` (UPSERT, or DELETE for Op D) and a
+  `_CHANGE_SEQUENCE_NUMBER` that keeps the change sequence's order. Writing a change again is harmless: the
+  highest sequence per key wins, an older one is ignored.
+- The changelog is appended in Arrow to one COMMITTED stream per table, kept open across loads, at the offset the
+  table's state says. The state (`_cdc_loader/<prefix>/state/<dataset>.<table>.json` in the landing bucket) holds
+  the stream, its next offset, the highest change sequence appended (the high-water mark) and the last file read.
+  Files are read in key order from S3 (never only the ones a message named, so a lost or late message does not
+  make a change skipped), their changes sorted by sequence, and only those above the high-water mark are
+  appended, current state first, changelog second. An append can only succeed at the stream's true end: a state
+  that lags (a crash after an append, before the state was written) meets ALREADY_EXISTS, and is rebuilt from
+  BigQuery (the old stream finalized, the high-water mark read from the changelog, a new stream) before anything
+  more is appended.
+- Every file read is recorded in the ledger table (default stream), as in batch mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from google.api_core import exceptions
+from google.cloud import bigquery
+from google.cloud.bigquery_storage_v1 import types
+
+from cdc.landing import ControlDocuments, load_file_number, table_prefix
+from cdc.mappings import TableMapping
+from cdc_assets.landed_files import read_landed
+from cdc_assets.proto_rows import ProtoRows
+from cdc_assets.targets import (
+    CHANGE_SEQ,
+    COMMIT_TS,
+    LEDGER_FIELDS,
+    LOADED_AT,
+    METADATA_COLUMNS,
+    OP,
+    Q_CHANGE_SEQ,
+    Q_SOURCE_FILE,
+    SNAPSHOT_MARKER,
+    SOURCE_FILE,
+    LoadError,
+    TableTargets,
+    quote_column,
+)
+
+REQUEST_BYTES = (
+    8 * 1024 * 1024
+)  # per AppendRows request (BigQuery takes up to 20 MB; smaller ones flow sooner)
+CHANGE_TYPES = {"I": "UPSERT", "U": "UPSERT", "D": "DELETE"}
+LOAD_FILE = re.compile(r"/LOAD[0-9A-F]{8}\.parquet$")
+STATE_ROOT = "_cdc_loader"
+
+
+class StreamConflict(RuntimeError):
+    """The committed stream is not where the state says (ALREADY_EXISTS, OUT_OF_RANGE, gone or finalized)."""
+
+
+@dataclass
+class StreamState:
+    """Where a table's changelog stream is; a cache of what BigQuery holds, rebuilt from it when it lags."""
+
+    stream: str = ""
+    offset: int = 0  # the stream's next offset
+    hwm: str = ""  # the highest change sequence appended to the changelog ('' = none)
+    cursor: str = ""  # the last CDC file read (keys sort by write time)
+    loads: dict[str, str] = field(default_factory=dict)  # full-load file -> ETag read
+    columns: list[str] = field(default_factory=list)  # the changelog's columns when the stream was opened
+    day: str = ""  # usage today (UTC), for the quota report
+    calls: int = 0
+    bytes: int = 0
+    streams_created: int = 0
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any] | None) -> StreamState | None:
+        if not document:
+            return None
+        known = {name: document[name] for name in cls.__dataclass_fields__ if name in document}
+        return cls(**known)
+
+    def count(self, calls: int, size: int, streams: int = 0) -> None:
+        today = dt.datetime.now(dt.UTC).date().isoformat()
+        if self.day != today:
+            self.day, self.calls, self.bytes, self.streams_created = today, 0, 0, 0
+        self.calls += calls
+        self.bytes += size
+        self.streams_created += streams
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    table: str
+    files: int
+    rows: int
+    rows_by_op: dict[str, int]
+    inserted_changes: int  # changes appended to the changelog (above the high-water mark)
+    write_calls: int
+    write_bytes: int
+    resynced: bool = False
+    append_s: float = 0.0
+    usage: dict[str, Any] = field(default_factory=dict)  # today's Write API calls, bytes, streams created
+    commit_times: list[Any] = field(default_factory=list)
+
+    def then(self, later: StreamResult) -> StreamResult:
+        """This result and a later one of the same run, as one."""
+        ops = {
+            op: self.rows_by_op.get(op, 0) + later.rows_by_op.get(op, 0)
+            for op in {*self.rows_by_op, *later.rows_by_op}
+        }
+        return replace(
+            later,
+            files=self.files + later.files,
+            rows=self.rows + later.rows,
+            rows_by_op=ops,
+            inserted_changes=self.inserted_changes + later.inserted_changes,
+            resynced=self.resynced or later.resynced,
+            append_s=self.append_s + later.append_s,
+            commit_times=self.commit_times + later.commit_times,
+        )
+
+
+class StreamLoader(TableTargets):
+    """Loads one mapped table's landed files through the Storage Write API."""
+
+    def __init__(
+        self,
+        bq: bigquery.Client,
+        write_client: Any,
+        mapping: TableMapping,
+        control: ControlDocuments,
+        max_staleness_minutes: float = 0.0,
+    ):
+        super().__init__(bq, mapping)
+        self.write = write_client
+        self.control = control
+        self.max_staleness_minutes = max_staleness_minutes
+        self.state_name = f"{self.dataset}.{self.current}"
+        self.calls = 0
+        self.bytes = 0
+
+    # -- the table's state -------------------------------------------------------------------------------------
+
+    def read_state(self) -> StreamState | None:
+        return StreamState.from_json(self.control.read("state", self.state_name))
+
+    def write_state(self, state: StreamState) -> None:
+        self.control.write(
+            "state", self.state_name, {**state.__dict__, "updated_at": dt.datetime.now(dt.UTC)}
+        )
+
+    # -- which files ---------------------------------------------------------------------------------------------
+
+    def new_files(self, s3: Any, bucket: str, prefix: str, state: StreamState | None) -> list[str]:
+        """Files not read yet, in key order: CDC files after the cursor, full-load files with a new ETag."""
+        base = table_prefix(prefix, self.mapping.source_schema, self.mapping.source_table)
+        options = {"Bucket": bucket, "Prefix": base}
+        if state and state.cursor:
+            options["StartAfter"] = state.cursor
+        found = []
+        for page in s3.get_paginator("list_objects_v2").paginate(**options):
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if load_file_number(key.rsplit("/", 1)[-1]) is not None:
+                    if state is None or state.loads.get(key) != str(item.get("ETag", "")).strip('"'):
+                        found.append(key)
+                elif key.endswith(".parquet"):
+                    found.append(key)
+        return sorted(found, key=lambda k: (load_file_number(k.rsplit("/", 1)[-1]) is None, k))
+
+    # -- tables --------------------------------------------------------------------------------------------------
+
+    def ensure_tables(self, data: pa.Table) -> list[bigquery.SchemaField]:
+        """Create or widen the changelog, the current state (primary key, clustering, max_staleness) and the ledger
+        for the batch's columns; the changelog's schema."""
+        self.bq.create_dataset(self.dataset, exists_ok=True)
+        fields = _schema_of(data)
+        meta = {f.name: f for f in fields}
+        data_fields = [f for f in fields if f.name not in METADATA_COLUMNS]
+        changelog = [meta[c] for c in (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)] + data_fields
+        key = list(self.mapping.primary_key)
+        schema = self.ensure(self.changelog, changelog, partition=COMMIT_TS, cluster=key[:4])
+        if key:
+            staleness = (
+                staleness_interval(self.max_staleness_minutes) if self.max_staleness_minutes > 0 else ""
+            )
+            current = [*data_fields, meta[COMMIT_TS], meta[CHANGE_SEQ]]
+            self.ensure(self.current, current, cluster=key[:4], primary_key=key, max_staleness=staleness)
+        self.ensure(self.ledger, LEDGER_FIELDS)
+        return schema
+
+    def type_change_remedy(self) -> str:
+        return (
+            super().type_change_remedy()
+            + "; in streaming mode the current state takes no DML, so the table is rebuilt, not altered"
+        )
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        s3: Any,
+        bucket: str,
+        prefix: str,
+        named: Sequence[str] = (),
+        sizes: list[int] | None = None,
+        unreadable: dict[str, str] | None = None,
+    ) -> StreamResult:
+        """Load every file of the table not read yet (and the files a message `named`, when they are older than the
+        cursor and missing from the ledger: a late file). Exactly once; see the module's docstring."""
+        state = self.read_state()
+        keys = self.new_files(s3, bucket, prefix, state)
+        late = self._late_files(named, state, keys)
+        return self._load(s3, bucket, keys + late, state, set(late), sizes, unreadable)
+
+    def rebuild(
+        self,
+        s3: Any,
+        bucket: str,
+        keys: list[str],
+        sizes: list[int] | None = None,
+        unreadable: dict[str, str] | None = None,
+        on_file: Callable[[int], None] | None = None,
+    ) -> StreamResult:
+        """A backfill: `keys` (a day's files) read again; the changes the changelog lacks are appended, and every
+        change goes to the current state again (a change it holds, or an older one, changes nothing there)."""
+        return self._load(
+            s3, bucket, keys, self.read_state(), set(keys), sizes, unreadable, resend=True, on_file=on_file
+        )
+
+    def snapshot(self, s3: Any, bucket: str, keys: list[str], horizon: str) -> StreamResult:
+        """A re-snapshot's files (a new full load, its rows at sequences from `horizon` on): its rows appended to
+        the changelog once (a load run may have read these files first), the current state set from it - keys the snapshot does
+        not have are deleted at the horizon, so a row deleted at the source whose delete never arrived disappears,
+        and a change older than the snapshot can no longer change the current state - and the horizon recorded."""
+        return self._load(s3, bucket, keys, self.read_state(), set(), None, None, horizon=horizon)
+
+    def _load(
+        self,
+        s3: Any,
+        bucket: str,
+        keys: list[str],
+        state: StreamState | None,
+        late: set[str],
+        sizes: list[int] | None,
+        unreadable: dict[str, str] | None,
+        resend: bool = False,
+        horizon: str | None = None,
+        on_file: Callable[[int], None] | None = None,
+    ) -> StreamResult:
+        result = StreamResult(f"{self.dataset}.{self.current}", 0, 0, {}, 0, 0, 0)
+        if not keys:
+            return result
+        versions: dict[str, str] = {}
+        rest: list[str] = []
+        data = read_landed(s3, bucket, keys, sizes, unreadable, on_file, versions, rest)
+        keys = [k for k in keys if k not in (unreadable or {}) and k not in rest]
+        if (
+            rest
+        ):  # a type change between the batch's files: those before it first, then the rest (it names it)
+            first = self._load(s3, bucket, keys, state, late, None, None, resend, horizon)
+            then = self._load(s3, bucket, rest, self.read_state(), late, None, None, resend, horizon)
+            return first.then(then)
+        if data is None:
+            return replace(result, files=len(keys))
+        try:
+            schema = self.ensure_tables(data)
+        except LoadError as exc:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
+        started = time.monotonic()
+        state, appended, resynced = self._append(data, state, schema, late, resend, horizon)
+        self._record_files(data, keys, horizon)
+        state.cursor = max([state.cursor, *(k for k in keys if not LOAD_FILE.search(k))])
+        state.loads.update({k: versions[k] for k in keys if LOAD_FILE.search(k) and k in versions})
+        state.count(self.calls, self.bytes)
+        self.write_state(state)
+        ops = {item["values"]: item["counts"] for item in pc.value_counts(data[OP]).to_pylist()}
+        return StreamResult(
+            table=result.table,
+            files=len(keys),
+            rows=data.num_rows,
+            rows_by_op=ops,
+            inserted_changes=appended,
+            write_calls=self.calls,
+            write_bytes=self.bytes,
+            resynced=resynced,
+            append_s=round(time.monotonic() - started, 3),
+            usage={
+                "day": state.day,
+                "calls": state.calls,
+                "bytes": state.bytes,
+                "streams": state.streams_created,
+            },
+            commit_times=pc.unique(data[COMMIT_TS]).to_pylist(),
+        )
+
+    def _late_files(self, named: Sequence[str], state: StreamState | None, listed: list[str]) -> list[str]:
+        """Files a message named that sort before the cursor and are not in the ledger: written late (a producer
+        that named a file earlier than the last one read). Their changes below the high-water mark are checked
+        against the changelog one by one (rare: a query)."""
+        cursor = state.cursor if state else ""
+        older = [k for k in named if k not in listed and not LOAD_FILE.search(k) and k <= cursor]
+        if not older:
+            return []
+        return sorted(set(older) - self.loaded_files(older))
+
+    def _append(
+        self,
+        data: pa.Table,
+        state: StreamState | None,
+        schema: list[bigquery.SchemaField],
+        late: set[str],
+        resend: bool = False,
+        horizon: str | None = None,
+    ) -> tuple[StreamState, int, bool]:
+        """Append the batch's new changes, the current state first, then the changelog; (state, appended,
+        resynced). `resend`: every change of the batch goes to the current state, not only the new ones;
+        `horizon`: the batch is a snapshot (its rows the changelog lacks are appended; keys it lacks are deleted
+        from the current state at the horizon)."""
+        resynced = False
+        columns = [f.name for f in schema]
+        if state is None or not state.stream or state.columns != columns:
+            state, resynced = self._resync(state, columns), True
+        for attempt in range(2):
+            changes = self._snapshot_changes(data) if horizon else self._new_changes(data, state, late)
+            if self.mapping.primary_key and horizon:  # the whole snapshot, whatever the changelog holds of it
+                snapshot = self._sorted(data)
+                self._write_current_state(
+                    snapshot, deletes=self._keys_missing_from(snapshot), horizon=horizon
+                )
+            elif self.mapping.primary_key and (changes.num_rows or resend):
+                self._write_current_state(self._sorted(data) if resend else changes)
+            if changes.num_rows == 0:
+                return state, 0, resynced
+            try:
+                self._write_changelog(changes, state)
+            except StreamConflict:
+                if attempt:
+                    raise
+                state, resynced = self._resync(state, columns), True
+                continue
+            state.offset += changes.num_rows
+            if not horizon:  # a snapshot's rows may sort below changes already appended
+                state.hwm = max(state.hwm, str(changes[CHANGE_SEQ][-1]))
+            return state, changes.num_rows, resynced
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _sorted(data: pa.Table) -> pa.Table:
+        return data.take(
+            pc.sort_indices(data, sort_keys=[(CHANGE_SEQ, "ascending"), (SOURCE_FILE, "ascending")])
+        )
+
+    def _snapshot_changes(self, data: pa.Table) -> pa.Table:
+        """A snapshot's rows the changelog lacks, in sequence order. Its files are full-load files with a new ETag,
+        so a load run may have appended them already (or an earlier attempt a part of them): one query for the
+        identities from these files in the snapshot's sequence range."""
+        data = self._sorted(data)
+        if data.num_rows == 0:
+            return data
+        sql = (
+            f"SELECT {Q_CHANGE_SEQ} AS seq, `{OP}` AS op FROM {self.ref(self.changelog)} "
+            f"WHERE {Q_SOURCE_FILE} IN UNNEST(@files) AND {Q_CHANGE_SEQ} BETWEEN @first AND @last"
+        )
+        sequences = data[CHANGE_SEQ]
+        config = bigquery.QueryJobConfig(
+            query_parameters=[
+                bigquery.ArrayQueryParameter("files", "STRING", sorted(set(data[SOURCE_FILE].to_pylist()))),
+                bigquery.ScalarQueryParameter("first", "STRING", str(sequences[0])),
+                bigquery.ScalarQueryParameter("last", "STRING", str(sequences[-1])),
+            ]
+        )
+        present = {(row.seq, row.op) for row in self.bq.query(sql, job_config=config).result()}
+        if not present:
+            return data
+        identities = zip(sequences.to_pylist(), data[OP].to_pylist(), strict=True)
+        keep = [index for index, identity in enumerate(identities) if identity not in present]
+        return data.take(pa.array(keep, pa.int64()))
+
+    def _keys_missing_from(self, snapshot: pa.Table) -> pa.Table:
+        """The current state's keys the snapshot does not hold (deleted at the source meanwhile)."""
+        key = list(self.mapping.primary_key)
+        quoted = ", ".join(quote_column(k) for k in key)
+        present = self.bq.query(f"SELECT {quoted} FROM {self.ref(self.current)}").result()
+        held = set(zip(*(snapshot[k].to_pylist() for k in key), strict=True))
+        rows = [r for r in (tuple(row.values()) for row in present) if r not in held]
+        columns = {
+            k: pa.array([r[i] for r in rows], snapshot.schema.field(k).type) for i, k in enumerate(key)
+        }
+        return pa.table(columns)
+
+    def _new_changes(self, data: pa.Table, state: StreamState, late: set[str]) -> pa.Table:
+        """The batch's changes to append, each once, in sequence order: those above the high-water mark, and those
+        of late files below it that the changelog lacks (asked by one query)."""
+        data = self._sorted(data)
+        identities = list(zip(data[CHANGE_SEQ].to_pylist(), data[OP].to_pylist(), strict=True))
+        files = data[SOURCE_FILE].to_pylist()
+        candidates = {i for i, f in zip(identities, files, strict=True) if i[0] <= state.hwm and f in late}
+        missing = candidates - self._present(candidates) if candidates else set()
+        seen: set[tuple[str, str]] = set()
+        keep = []
+        for index, identity in enumerate(identities):
+            if identity in seen or (identity[0] <= state.hwm and identity not in missing):
+                continue
+            seen.add(identity)
+            keep.append(index)
+        return data.take(pa.array(keep, pa.int64()))
+
+    def _present(self, identities: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (sequence, Op) the changelog holds (asked only for a late file's changes)."""
+        sql = (
+            f"SELECT {Q_CHANGE_SEQ} AS seq, `{OP}` AS op FROM {self.ref(self.changelog)} "
+            f"WHERE {Q_CHANGE_SEQ} IN UNNEST(@seqs)"
+        )
+        config = bigquery.QueryJobConfig(
+            query_parameters=[
+                bigquery.ArrayQueryParameter("seqs", "STRING", sorted({s for s, _ in identities}))
+            ]
+        )
+        return {(row.seq, row.op) for row in self.bq.query(sql, job_config=config).result()}
+
+    def _write_current_state(
+        self, changes: pa.Table, deletes: pa.Table | None = None, horizon: str | None = None
+    ) -> None:
+        """UPSERT/DELETE per change on the current state's default stream (protobuf: native CDC takes no Arrow);
+        with `deletes`, those keys are deleted at the `horizon` sequence."""
+        target = self.bq.get_table(self.table_id(self.current))
+        rows = ProtoRows(target.schema)
+        columns = {f.name for f in target.schema}
+        payload = rows.encode(
+            changes.select([c for c in changes.column_names if c in columns]),
+            [CHANGE_TYPES[op] for op in changes[OP].to_pylist()],
+            changes[CHANGE_SEQ].to_pylist(),
+        )
+        if deletes is not None and deletes.num_rows and horizon:
+            payload += rows.encode(deletes, ["DELETE"] * deletes.num_rows, [horizon] * deletes.num_rows)
+        if not payload:
+            return
+        stream = f"projects/{self.project}/datasets/{self.dataset}/tables/{self.current}/streams/_default"
+        requests: list[types.AppendRowsRequest] = []
+        for chunk in _chunks(payload):
+            request = types.AppendRowsRequest(write_stream=stream if not requests else "")
+            proto = types.AppendRowsRequest.ProtoData(rows=types.ProtoRows(serialized_rows=chunk))
+            if not requests:
+                proto.writer_schema = types.ProtoSchema(proto_descriptor=rows.descriptor)
+            request.proto_rows = proto
+            requests.append(request)
+        self._send(requests, sum(len(r) for r in payload))
+
+    def _write_changelog(self, changes: pa.Table, state: StreamState) -> None:
+        """The changes, in Arrow, on the committed stream at the state's offset (several requests: each its own)."""
+        target_columns = state.columns
+        table = changes.select([c for c in target_columns if c in changes.column_names])
+        requests: list[types.AppendRowsRequest] = []
+        offset = state.offset
+        for batch in table.to_batches(max_chunksize=_rows_per_request(table)):
+            request = types.AppendRowsRequest(
+                write_stream=state.stream if not requests else "", offset=offset
+            )
+            arrow = types.AppendRowsRequest.ArrowData(
+                rows=types.ArrowRecordBatch(serialized_record_batch=batch.serialize().to_pybytes())
+            )
+            if not requests:
+                arrow.writer_schema = types.ArrowSchema(
+                    serialized_schema=table.schema.serialize().to_pybytes()
+                )
+            request.arrow_rows = arrow
+            requests.append(request)
+            offset += batch.num_rows
+        try:
+            self._send(requests, table.nbytes)
+        except (
+            exceptions.AlreadyExists,
+            exceptions.OutOfRange,
+            exceptions.NotFound,
+            exceptions.FailedPrecondition,
+        ) as exc:
+            raise StreamConflict(str(exc)) from exc
+
+    def _record_files(self, data: pa.Table, keys: list[str], horizon: str | None = None) -> None:
+        """Every file read, in the ledger (its rows and the time), on the ledger's default stream; a snapshot's
+        horizon as its marker row."""
+        counts = {item["values"]: item["counts"] for item in pc.value_counts(data[SOURCE_FILE]).to_pylist()}
+        now = dt.datetime.now(dt.UTC)
+        files = keys + ([f"{SNAPSHOT_MARKER}{horizon}"] if horizon else [])
+        ledger = pa.table(
+            {
+                "source_file": pa.array(files, pa.string()),
+                "row_count": pa.array(
+                    [counts.get(k, 0) for k in keys] + ([data.num_rows] if horizon else []), pa.int64()
+                ),
+                "batch": pa.array(["stream"] * len(files), pa.string()),
+                "load_jobs": pa.array([0] * len(files), pa.int64()),
+                "loaded_at": pa.array([now] * len(files), pa.timestamp("us", tz="UTC")),
+                "snapshot_horizon": pa.array(
+                    [None] * len(keys) + ([horizon] if horizon else []), pa.string()
+                ),
+            }
+        )
+        stream = f"projects/{self.project}/datasets/{self.dataset}/tables/{self.ledger}/streams/_default"
+        request = types.AppendRowsRequest(write_stream=stream)
+        request.arrow_rows = types.AppendRowsRequest.ArrowData(
+            writer_schema=types.ArrowSchema(serialized_schema=ledger.schema.serialize().to_pybytes()),
+            rows=types.ArrowRecordBatch(
+                serialized_record_batch=ledger.to_batches()[0].serialize().to_pybytes()
+            ),
+        )
+        self._send([request], ledger.nbytes)
+
+    def _send(self, requests: list[Any], size: int) -> None:
+        """One AppendRows connection for the requests, every response read; the first error raised."""
+        self.calls += len(requests)
+        self.bytes += size
+        for response in self.write.append_rows(iter(requests)):
+            if response.error.code:
+                raise exceptions.from_grpc_status(response.error.code, response.error.message)
+
+    # -- resync: the state rebuilt from BigQuery -----------------------------------------------------------------
+
+    def _resync(self, state: StreamState | None, columns: list[str]) -> StreamState:
+        """Finalize the stream the state names (nothing more can land on it), read the high-water mark and the last
+        CDC file from the changelog, and open a new committed stream."""
+        if state and state.stream:
+            try:
+                self.write.finalize_write_stream(name=state.stream)
+            except (exceptions.NotFound, exceptions.FailedPrecondition, exceptions.InvalidArgument):
+                pass  # gone (expired, or the server restarted) or already finalized: nothing can land on it
+        hwm, cursor = self._changelog_position()
+        cursor = max(
+            cursor, state.cursor if state else ""
+        )  # a changelog rebuilt (dropped) starts after the cursor
+        stream = self.write.create_write_stream(
+            parent=f"projects/{self.project}/datasets/{self.dataset}/tables/{self.changelog}",
+            write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
+        )
+        fresh = StreamState(stream=stream.name, offset=0, hwm=hwm, cursor=cursor, columns=columns)
+        if state:
+            # full-load files are read again, their changes below the high-water mark skipped - unless the changelog
+            # is empty because it was dropped (a type-change remedy): then they stay read
+            fresh.loads = dict(state.loads) if not hwm else {}
+            fresh.day, fresh.calls, fresh.bytes = state.day, state.calls, state.bytes
+            fresh.streams_created = state.streams_created
+        fresh.count(0, 0, streams=1)
+        return fresh
+
+    def _changelog_position(self) -> tuple[str, str]:
+        """(the highest change sequence in the changelog, the last CDC file it came from) - '' when empty."""
+        sql = (
+            f"SELECT MAX({Q_CHANGE_SEQ}) AS hwm, MAX(IF(REGEXP_CONTAINS({Q_SOURCE_FILE}, r'/LOAD[0-9A-F]{{8}}"
+            rf"\.parquet$'), NULL, {Q_SOURCE_FILE})) AS cursor FROM {self.ref(self.changelog)}"
+        )
+        row = next(iter(self.bq.query(sql).result()))
+        return row.hwm or "", row.cursor or ""
+
+
+def staleness_interval(minutes: float) -> str:
+    """BigQuery's INTERVAL text of `max_staleness` ('Y-M D H:M:S')."""
+    seconds = round(minutes * 60)
+    days, rest = divmod(seconds, 86400)
+    return f"0-0 {days} {rest // 3600}:{rest % 3600 // 60}:{rest % 60}"
+
+
+def _schema_of(data: pa.Table) -> list[bigquery.SchemaField]:
+    """The BigQuery schema a batch's Arrow columns load as (the types batch mode's Parquet loads give)."""
+    return [bigquery.SchemaField(f.name, _bigquery_type(f.type), mode="NULLABLE") for f in data.schema]
+
+
+def _bigquery_type(kind: pa.DataType) -> str:
+    if pa.types.is_integer(kind):
+        return "INTEGER"
+    if pa.types.is_floating(kind):
+        return "FLOAT"
+    if pa.types.is_boolean(kind):
+        return "BOOLEAN"
+    if pa.types.is_decimal(kind):
+        return "NUMERIC" if kind.precision <= 38 and kind.scale <= 9 else "BIGNUMERIC"
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMP" if kind.tz else "DATETIME"
+    if pa.types.is_date(kind):
+        return "DATE"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "BYTES"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "STRING"
+    raise LoadError(f"Arrow type {kind} has no BigQuery column type here")
+
+
+def _chunks(rows: list[bytes]) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    size = 0
+    for row in rows:
+        if chunk and size + len(row) > REQUEST_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row) + 8
+    if chunk:
+        yield chunk
+
+
+def _rows_per_request(table: pa.Table) -> int:
+    per_row = max(1, table.nbytes // max(table.num_rows, 1))
+    return max(1, REQUEST_BYTES // per_row)

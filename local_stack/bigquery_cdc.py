@@ -1,0 +1,586 @@
+"""The local BigQuery server's Storage Write API made to behave as BigQuery's, with its native CDC.
+
+Stock bqemulator 1.4.0 drops `_CHANGE_TYPE`/`_CHANGE_SEQUENCE_NUMBER` (an UPSERT is a plain insert), knows no
+primary keys or `max_staleness`, breaks Google's Python writer (follow-up AppendRows without `write_stream`), takes
+two different locks for REST and gRPC writes on one DuckDB connection, ignores BatchCommit's `parent` and caps a
+request at 10 MiB. `apply()` (called by the launcher, `local_stack/bigquery_emulator.py`) replaces the functions
+concerned; each behaviour is asserted by `tests/test_bigquery_conformance.py` and proven missing from the stock
+server by `tests/test_bigquery_conformance_fails_on_stock.py`. What BigQuery documents, and this server does:
+
+- a table's primary key (`PRIMARY KEY (...) NOT ENFORCED` in DDL, `tableConstraints` in REST) and
+  `max_staleness` (DDL OPTIONS, REST `maxStaleness`) are stored and returned;
+- default-stream proto rows with `_CHANGE_TYPE` UPSERT/DELETE are applied per primary key: the highest
+  `_CHANGE_SEQUENCE_NUMBER` wins (up to 4 `/`-separated hex sections, compared as unsigned numbers), an equal one
+  lets the later write win, an older one is ignored, a DELETE is kept to order later writes. The table queried
+  returns the merged state (applied on write: as fresh as `max_staleness` 0);
+- a table with CDC active refuses UPDATE, DELETE and MERGE;
+- one lock orders every write, REST or gRPC; a request may be up to 20 MB; BatchCommit commits only streams of
+  its `parent` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import re
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+MAX_REQUEST_BYTES = 20_000_000  # BigQuery: an AppendRows request may be up to 20 MB
+CHANGE_TYPE, CHANGE_SEQUENCE = "_CHANGE_TYPE", "_CHANGE_SEQUENCE_NUMBER"
+SCHEMA = "__bqemu_cdc"  # DuckDB schema of the registry and of each CDC table's sequence ledger
+WRITE_LOCK = threading.Lock()  # every write, REST (event loop) or gRPC (thread pool)
+# Every call into the one DuckDB connection, from any thread: two threads in it at once (a REST read during a gRPC
+# write's transaction) deadlock it, and a read must not see a CDC apply half done. Taken after WRITE_LOCK.
+ENGINE_LOCK = threading.RLock()
+
+
+class CdcError(ValueError):
+    """A CDC write BigQuery would refuse; the message says why."""
+
+
+# -- change sequence numbers -------------------------------------------------------------------------------------
+
+
+def sequence_sort_key(value: str | None) -> str:
+    """`_CHANGE_SEQUENCE_NUMBER` as a string that sorts as BigQuery compares them: up to four `/`-separated
+    sections of up to 16 hex digits, compared section by section as unsigned numbers ('' = none)."""
+    if not value:
+        return ""
+    sections = value.split("/")
+    if len(sections) > 4 or not all(re.fullmatch(r"[0-9A-Fa-f]{1,16}", s) for s in sections):
+        raise CdcError(
+            f"{CHANGE_SEQUENCE} {value!r}: expected up to 4 '/'-separated sections of 1-16 hexadecimal digits"
+        )
+    return "/".join(s.upper().rjust(16, "0") for s in sections + ["0"] * (4 - len(sections)))
+
+
+# -- the registry: primary keys, max_staleness, CDC state -------------------------------------------------------
+
+
+class Registry:
+    """Per table (project, dataset, table): primary key, max_staleness, whether CDC is active - kept in DuckDB so
+    it survives a restart with --data-dir. An entry is valid only for the table it was made for (its creation time):
+    a table dropped and created again starts without one."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+    def _ensure(self, engine: Any) -> None:
+        if not self.ready:
+            engine.execute(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"')
+            engine.execute(
+                f'CREATE TABLE IF NOT EXISTS "{SCHEMA}".tables (project VARCHAR, dataset VARCHAR, "table" VARCHAR, '
+                "created VARCHAR, primary_key VARCHAR, max_staleness VARCHAR, cdc_active BOOLEAN)"
+            )
+            self.ready = True
+
+    def get(self, ctx: Any, project: str, dataset: str, table: str) -> dict[str, Any]:
+        meta = ctx.catalog.get_table(project, dataset, table)
+        if meta is None:
+            return {}
+        with ENGINE_LOCK:
+            return self._entry(ctx, project, dataset, table, str(meta.creation_time))
+
+    def _entry(self, ctx: Any, project: str, dataset: str, table: str, created: str) -> dict[str, Any]:
+        self._ensure(ctx.engine)
+        row = ctx.engine.execute(
+            f'SELECT created, primary_key, max_staleness, cdc_active FROM "{SCHEMA}".tables '
+            'WHERE project = ? AND dataset = ? AND "table" = ?',
+            [project, dataset, table],
+        ).fetchone()
+        if row is None or row[0] != created:
+            return {}
+        return {
+            "primary_key": json.loads(row[1] or "[]"),
+            "max_staleness": row[2],
+            "cdc_active": bool(row[3]),
+        }
+
+    def update(self, ctx: Any, project: str, dataset: str, table: str, **changes: Any) -> None:
+        meta = ctx.catalog.get_table(project, dataset, table)
+        if meta is None:
+            return
+        with ENGINE_LOCK:
+            self._update(ctx, project, dataset, table, str(meta.creation_time), changes)
+
+    def _update(
+        self, ctx: Any, project: str, dataset: str, table: str, created: str, changes: dict[str, Any]
+    ) -> None:
+        entry: dict[str, Any] = {"primary_key": [], "max_staleness": None, "cdc_active": False}
+        entry.update(self._entry(ctx, project, dataset, table, created))
+        entry.update(changes)
+        self._ensure(ctx.engine)
+        ctx.engine.execute(
+            f'DELETE FROM "{SCHEMA}".tables WHERE project = ? AND dataset = ? AND "table" = ?',
+            [project, dataset, table],
+        )
+        ctx.engine.execute(
+            f'INSERT INTO "{SCHEMA}".tables VALUES (?, ?, ?, ?, ?, ?, ?)',
+            [
+                project,
+                dataset,
+                table,
+                created,
+                json.dumps(entry["primary_key"]),
+                entry["max_staleness"],
+                entry["cdc_active"],
+            ],
+        )
+
+
+REGISTRY = Registry()
+
+
+def _sequence_table(project: str, dataset: str, table: str, created: object) -> str:
+    """The table's ledger of each key's last sequence (and its deletes); a table created again gets a new one."""
+    import hashlib
+
+    name = hashlib.sha1(f"{project}.{dataset}.{table}@{created}".encode()).hexdigest()[:20]
+    return f'"{SCHEMA}"."seq_{name}"'
+
+
+# -- applying CDC rows -------------------------------------------------------------------------------------------
+
+
+def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -> None:
+    """Apply UPSERT/DELETE rows (an Arrow table: the target's columns + the two pseudo-columns) per primary key.
+    The caller holds WRITE_LOCK."""
+    import pyarrow as pa
+    from bqemulator.storage.sql_identifiers import quoted_table_ref
+
+    entry = REGISTRY.get(ctx, project, dataset, table)
+    key = entry.get("primary_key") or []
+    if any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) for k in key):
+        raise CdcError(f"{project}.{dataset}.{table}: primary key {key} is not a list of column names")
+    if not key:
+        raise CdcError(
+            f"{project}.{dataset}.{table} has no primary key: _CHANGE_TYPE needs one "
+            "(PRIMARY KEY (...) NOT ENFORCED, or tableConstraints.primaryKey)"
+        )
+    types = rows.column(CHANGE_TYPE).to_pylist()
+    if any(t not in ("UPSERT", "DELETE") for t in types):
+        bad = next(t for t in types if t not in ("UPSERT", "DELETE"))
+        raise CdcError(f"{bad!r} is not a valid {CHANGE_TYPE}: use UPSERT or DELETE")
+    sequences = [sequence_sort_key(s) for s in rows.column(CHANGE_SEQUENCE).to_pylist()]
+    data = rows.drop_columns([CHANGE_TYPE, CHANGE_SEQUENCE])
+    # within the request, per key the highest sequence, and of equal ones the later row
+    keys = list(zip(*(data.column(k).to_pylist() for k in key), strict=True))
+    latest: dict[tuple[Any, ...], int] = {}
+    for index, (k, seq) in enumerate(zip(keys, sequences, strict=True)):
+        if k not in latest or seq >= sequences[latest[k]]:
+            latest[k] = index
+    chosen = sorted(latest.values())
+    incoming = data.take(pa.array(chosen, pa.int64()))
+    incoming = incoming.append_column("__seq", pa.array([sequences[i] for i in chosen], pa.string()))
+    incoming = incoming.append_column("__type", pa.array([types[i] for i in chosen], pa.string()))
+    target = quoted_table_ref(project, dataset, table)
+    meta = ctx.catalog.get_table(project, dataset, table)
+    ledger = _sequence_table(project, dataset, table, meta.creation_time if meta else None)
+    engine = ctx.engine
+    quoted = [f'"{k}"' for k in key]
+    same = " AND ".join(f"a.{q} = b.{q}" for q in quoted)
+    engine.connection.register("__cdc_incoming", incoming)
+    try:
+        engine.execute("BEGIN TRANSACTION")
+        try:
+            engine.execute(
+                f"CREATE TABLE IF NOT EXISTS {ledger} AS SELECT {', '.join(quoted)}, __seq, __type "
+                "FROM __cdc_incoming WHERE false"
+            )
+            engine.execute(
+                "CREATE OR REPLACE TEMP TABLE __cdc_winners AS SELECT a.* FROM __cdc_incoming AS a "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {ledger} AS b WHERE {same} AND b.__seq > a.__seq)"
+            )
+            engine.execute(
+                f"DELETE FROM {target} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
+            )
+            columns = ", ".join(f'"{name}"' for name in data.column_names)
+            engine.execute(
+                f"INSERT INTO {target} ({columns}) SELECT {columns} FROM __cdc_winners WHERE __type = 'UPSERT'"
+            )
+            engine.execute(
+                f"DELETE FROM {ledger} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
+            )
+            engine.execute(
+                f"INSERT INTO {ledger} SELECT {', '.join(quoted)}, __seq, __type FROM __cdc_winners"
+            )
+            engine.execute("COMMIT")
+        except BaseException:
+            engine.execute("ROLLBACK")
+            raise
+    finally:
+        engine.connection.unregister("__cdc_incoming")
+    if not entry.get("cdc_active"):
+        REGISTRY.update(ctx, project, dataset, table, cdc_active=True)
+    count = engine.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
+    meta = ctx.catalog.get_table(project, dataset, table)
+    if meta is not None:
+        ctx.catalog.update_table(meta.model_copy(update={"num_rows": int(count)}))
+    ctx.snapshots.record_change(project, dataset, table)
+
+
+# -- the Storage Write API service -------------------------------------------------------------------------------
+
+
+def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Decode proto rows keeping `_CHANGE_TYPE` and `_CHANGE_SEQUENCE_NUMBER` (stock drops every field the table
+    does not have), appended after the table's columns."""
+
+    @functools.wraps(original)
+    def rows_for_request(
+        request: Any, proto_decoder: Any, arrow_schema_bytes: Any, target_schema: Any
+    ) -> Any:
+        import pyarrow as pa
+        from bqemulator.grpc_api.write_servicer import _has_field
+        from bqemulator.streaming.proto_deserializer import ProtoRowDecoder
+
+        if not _has_field(request, "proto_rows"):
+            return original(request, proto_decoder, arrow_schema_bytes, target_schema)
+        proto_data = request.proto_rows
+        if _has_field(proto_data, "writer_schema"):
+            proto_decoder = ProtoRowDecoder(proto_data.writer_schema.proto_descriptor)
+        if proto_decoder is None or CHANGE_TYPE not in proto_decoder.field_names:
+            return original(request, proto_decoder, arrow_schema_bytes, target_schema)
+        table, decoder, schema_bytes = original(request, proto_decoder, arrow_schema_bytes, target_schema)
+        decoded = [proto_decoder.decode(raw) for raw in proto_data.rows.serialized_rows]
+        table = table.append_column(CHANGE_TYPE, pa.array([d.get(CHANGE_TYPE) for d in decoded], pa.string()))
+        table = table.append_column(
+            CHANGE_SEQUENCE, pa.array([d.get(CHANGE_SEQUENCE) for d in decoded], pa.string())
+        )
+        return table, decoder, schema_bytes
+
+    return rows_for_request
+
+
+def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:
+    """Write committed rows: CDC rows applied per key, others appended; always under the one write lock."""
+    from bqemulator.storage.sql_identifiers import quoted_table_ref, register_name
+
+    ctx = self._ctx
+    ids = (stream.project_id, stream.dataset_id, stream.table_id)
+    with WRITE_LOCK, ENGINE_LOCK:
+        if CHANGE_TYPE in rows.column_names:
+            apply_changes(ctx, *ids, rows)
+            return
+        name = register_name(f"__bqemu_write_{id(rows):x}")
+        ctx.engine.connection.register(name, rows)
+        try:
+            ctx.engine.execute(f"INSERT INTO {quoted_table_ref(*ids)} SELECT * FROM {name}")
+        finally:
+            ctx.engine.connection.unregister(name)
+        meta = ctx.catalog.get_table(*ids)
+        if meta is not None:
+            ctx.catalog.update_table(meta.model_copy(update={"num_rows": meta.num_rows + rows.num_rows}))
+        ctx.snapshots.record_change(*ids)
+
+
+def _perform_append(original: Callable[..., bytes]) -> Callable[..., bytes]:
+    """A CDC write BigQuery refuses is answered with the error, on the open connection."""
+
+    @functools.wraps(original)
+    def perform_append(self: Any, bound_stream: Any, rows: Any, offset: Any, max_buffered_rows: int) -> bytes:
+        from bqemulator.grpc_api.write_servicer import _error_response
+
+        try:
+            return original(self, bound_stream, rows, offset, max_buffered_rows)
+        except CdcError as exc:
+            return _error_response(bound_stream.name, str(exc))
+
+    return perform_append
+
+
+def _ensure_stream_bound(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Follow-up AppendRows requests may omit `write_stream` (Google's writer sends it only first)."""
+
+    @functools.wraps(original)
+    def ensure_stream_bound(self: Any, stream_name: str, bound_ctx: Any, context: Any) -> Any:
+        if not stream_name and bound_ctx is not None:
+            return bound_ctx
+        return original(self, stream_name, bound_ctx, context)
+
+    return ensure_stream_bound
+
+
+def _batch_commit_checks_parent(original: Callable[..., bytes]) -> Callable[..., bytes]:
+    """BatchCommitWriteStreams commits streams of its `parent` table only."""
+
+    @functools.wraps(original)
+    def batch_commit(self: Any, request_bytes: bytes, context: Any) -> bytes:
+        import grpc
+        from google.cloud.bigquery_storage_v1 import types
+
+        request = types.BatchCommitWriteStreamsRequest.deserialize(request_bytes)
+        parent = request.parent.rstrip("/")
+        for name in request.write_streams:
+            if not name.startswith(parent + "/streams/"):
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(f"Stream {name} does not belong to the parent table {parent}")
+                return b""
+        return original(self, request_bytes, context)
+
+    return batch_commit
+
+
+@contextlib.asynccontextmanager
+async def _write_lock(self: Any) -> AsyncIterator[None]:
+    """The REST side of the one write lock (waited for off the event loop)."""
+    await asyncio.get_running_loop().run_in_executor(None, WRITE_LOCK.acquire)
+    try:
+        yield
+    finally:
+        WRITE_LOCK.release()
+
+
+def _serialised(original: Callable[..., Any]) -> Callable[..., Any]:
+    """One thread at a time in the DuckDB connection; what a call returns (the connection, as a cursor) is fetched
+    from under the lock too."""
+
+    @functools.wraps(original)
+    def serialised(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with ENGINE_LOCK:
+            return original(self, *args, **kwargs)
+
+    return serialised
+
+
+def _locked_connection(self: Any) -> Any:
+    """DuckDBEngine.connection: the connection with each call under ENGINE_LOCK."""
+    from bqemulator.domain.errors import InternalError
+
+    if self._connection is None:
+        raise InternalError("DuckDBEngine not started")
+    return _LockedConnection(self._connection)
+
+
+class _LockedConnection:
+    """A DuckDB connection whose calls (execute, fetchone, register, ...) each hold ENGINE_LOCK; `execute` returns
+    the connection itself as its cursor, so that comes back locked too."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._connection, name)
+        if not callable(attribute):
+            return attribute
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with ENGINE_LOCK:
+                result = attribute(*args, **kwargs)
+            return self if result is self._connection else result
+
+        return locked
+
+
+# -- tables: primary keys and max_staleness in REST ---------------------------------------------------------------
+
+
+def _table_to_rest(original: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    @functools.wraps(original)
+    def table_to_rest(meta: Any) -> dict[str, Any]:
+        body = original(meta)
+        entry = _REST_CONTEXT.registry_entry(meta.project_id, meta.dataset_id, meta.table_id)
+        if entry.get("primary_key"):
+            body["tableConstraints"] = {"primaryKey": {"columns": entry["primary_key"]}}
+        if entry.get("max_staleness"):
+            body["maxStaleness"] = entry["max_staleness"]
+        return body
+
+    return table_to_rest
+
+
+class _RestContext:
+    """The app context, captured from the first request (the REST renderers get only the table's metadata)."""
+
+    ctx: Any = None
+
+    def registry_entry(self, project: str, dataset: str, table: str) -> dict[str, Any]:
+        return REGISTRY.get(self.ctx, project, dataset, table) if self.ctx is not None else {}
+
+
+_REST_CONTEXT = _RestContext()
+
+
+def _recording_constraints(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap tables.insert/patch/update: the body's `tableConstraints.primaryKey` and `maxStaleness` are stored."""
+
+    @functools.wraps(handler)
+    async def wrapper(**kwargs: Any) -> Any:
+        ctx = kwargs["ctx"]
+        _REST_CONTEXT.ctx = ctx
+        body = await kwargs["request"].json()
+        result = await handler(**kwargs)
+        changes: dict[str, Any] = {}
+        if "tableConstraints" in body:
+            changes["primary_key"] = list(
+                ((body.get("tableConstraints") or {}).get("primaryKey") or {}).get("columns") or []
+            )
+        if "maxStaleness" in body:
+            changes["max_staleness"] = body.get("maxStaleness") or None
+        if changes:
+            table_id = result["tableReference"]["tableId"]
+            async with ctx.engine.write_lock():
+                REGISTRY.update(ctx, kwargs["project_id"], kwargs["dataset_id"], table_id, **changes)
+            result = {
+                **result,
+                **_constraints_json(REGISTRY.get(ctx, kwargs["project_id"], kwargs["dataset_id"], table_id)),
+            }
+        return result
+
+    return wrapper
+
+
+def _with_context(handler: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    def wrapper(**kwargs: Any) -> Any:
+        _REST_CONTEXT.ctx = kwargs["ctx"]
+        return handler(**kwargs)
+
+    return wrapper
+
+
+def _constraints_json(entry: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if entry.get("primary_key"):
+        body["tableConstraints"] = {"primaryKey": {"columns": entry["primary_key"]}}
+    if entry.get("max_staleness"):
+        body["maxStaleness"] = entry["max_staleness"]
+    return body
+
+
+# -- SQL: primary keys and max_staleness in DDL, no DML on CDC tables --------------------------------------------
+
+_PART = r"(?:`[^`]+`|[A-Za-z0-9_\-]+)"
+_NAME = rf"(?P<name>{_PART}(?:\.{_PART})*)"
+_CREATE = re.compile(rf"CREATE\s+(OR\s+REPLACE\s+)?TABLE\s+(IF\s+NOT\s+EXISTS\s+)?{_NAME}\s*\(", re.I)
+_ALTER = re.compile(rf"ALTER\s+TABLE\s+(IF\s+EXISTS\s+)?{_NAME}\s+", re.I)
+_PRIMARY_KEY = re.compile(r",?\s*PRIMARY\s+KEY\s*\((?P<columns>[^)]*)\)\s*NOT\s+ENFORCED", re.I)
+_ADD_PRIMARY_KEY = re.compile(r"ADD\s+PRIMARY\s+KEY\s*\((?P<columns>[^)]*)\)\s*NOT\s+ENFORCED", re.I)
+_STALENESS = re.compile(
+    r"max_staleness\s*=\s*INTERVAL\s+(?P<value>'[^']*'|[0-9]+)\s+(?P<unit>[A-Z]+(\s+TO\s+[A-Z]+)?)", re.I
+)
+_DML = re.compile(rf"^\s*(UPDATE\s+|DELETE\s+(FROM\s+)?|MERGE\s+(INTO\s+)?){_NAME}(\s|$)", re.I)
+
+
+def interval_text(value: str, unit: str) -> str:
+    """BigQuery's canonical INTERVAL text ('Y-M D H:M:S') of `INTERVAL value unit` (the units max_staleness
+    takes)."""
+    value = value.strip("'")
+    unit = re.sub(r"\s+", " ", unit.upper())
+    seconds: float
+    if unit == "HOUR TO SECOND":
+        parts = [*value.split(":"), "0", "0"][:3]
+        seconds = int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+    elif unit in ("SECOND", "MINUTE", "HOUR", "DAY"):
+        seconds = float(value) * {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400}[unit]
+    else:
+        return f"{value} {unit}"
+    days, rest = divmod(int(seconds), 86400)
+    return f"0-0 {days} {rest // 3600}:{rest % 3600 // 60}:{rest % 60}"
+
+
+def _table_of(name: str, project: str, default_dataset: str | None) -> tuple[str, str, str] | None:
+    parts = [p for part in re.findall(r"`[^`]+`|[^.`]+", name) for p in part.strip("`").split(".")]
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return project, parts[0], parts[1]
+    return (project, default_dataset, parts[0]) if default_dataset else None
+
+
+def _statements(sql: str) -> list[str]:
+    return [s for s in (part.strip() for part in sql.split(";")) if s]
+
+
+def _execute_query_job(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Primary keys and max_staleness taken out of DDL (DuckDB has no NOT ENFORCED) and stored; UPDATE, DELETE and
+    MERGE refused on a table with CDC active."""
+
+    @functools.wraps(original)
+    async def execute_query_job(
+        project_id: str, job_id: str, bq_sql: str, query_params: Any = None, ctx: Any = None, **kw: Any
+    ) -> Any:
+        from bqemulator.domain.errors import InvalidQueryError
+
+        _REST_CONTEXT.ctx = ctx
+        dataset = None  # scripts name their tables in full (dataset.table)
+        for statement in _statements(bq_sql):
+            match = _DML.match(statement)
+            table = _table_of(match["name"], project_id, dataset) if match else None
+            if table and REGISTRY.get(ctx, *table).get("cdc_active"):
+                raise InvalidQueryError(
+                    f"{'.'.join(table)} has change data capture active (UPSERT/DELETE through the Storage Write "
+                    "API): it cannot be modified by UPDATE, DELETE or MERGE statements"
+                )
+        pending: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
+        rewritten = []
+        for statement in _statements(bq_sql):
+            head = _CREATE.match(statement) or _ALTER.match(statement)
+            table = _table_of(head["name"], project_id, dataset) if head else None
+            changes: dict[str, Any] = {}
+            primary_key = _PRIMARY_KEY.search(statement) or _ADD_PRIMARY_KEY.search(statement)
+            if table and primary_key:
+                changes["primary_key"] = [c.strip().strip("`") for c in primary_key["columns"].split(",")]
+                if _ADD_PRIMARY_KEY.search(statement):
+                    statement = ""  # the whole ALTER is the constraint
+                else:
+                    statement = statement[: primary_key.start()] + statement[primary_key.end() :]
+            staleness = _STALENESS.search(statement)
+            if table and staleness:
+                changes["max_staleness"] = interval_text(staleness["value"], staleness["unit"])
+            if changes and table and head and head.re is _ALTER and ctx.catalog.get_table(*table) is None:
+                raise InvalidQueryError(f"Not found: Table {'.'.join(table)}")
+            if changes and table:
+                pending.append((table, changes))
+            if statement:
+                rewritten.append(statement)
+        sql = ";\n".join(rewritten) if pending else bq_sql
+        result = await original(project_id, job_id, sql, query_params, ctx, **kw) if sql else None
+        if pending and getattr(result, "error_result", None) is None:
+            async with ctx.engine.write_lock():
+                for table, changes in pending:
+                    REGISTRY.update(ctx, *table, **changes)
+        return result
+
+    return execute_query_job
+
+
+# -- installing ------------------------------------------------------------------------------------------------
+
+
+def apply() -> None:
+    from bqemulator.api.routes import jobs, tables
+    from bqemulator.grpc_api import write_servicer
+    from bqemulator.jobs import executor
+    from bqemulator.storage.engine import DuckDBEngine
+
+    DuckDBEngine.write_lock = _write_lock  # type: ignore[method-assign,assignment]
+    DuckDBEngine.connection = property(_locked_connection)  # type: ignore[method-assign,assignment]
+    DuckDBEngine.execute = _serialised(DuckDBEngine.execute)  # type: ignore[method-assign]
+    DuckDBEngine.fetch_arrow = _serialised(DuckDBEngine.fetch_arrow)  # type: ignore[method-assign]
+    handler = write_servicer.BigQueryWriteHandler
+    handler._flush_to_target = _flush_to_target  # type: ignore[method-assign]
+    handler._perform_append = _perform_append(handler._perform_append)  # type: ignore[method-assign]
+    handler._ensure_stream_bound = _ensure_stream_bound(handler._ensure_stream_bound)  # type: ignore[method-assign]
+    handler._handle_batch_commit_write_streams = _batch_commit_checks_parent(  # type: ignore[method-assign]
+        handler._handle_batch_commit_write_streams
+    )
+    write_servicer._rows_for_request = _rows_with_change_columns(write_servicer._rows_for_request)
+    tables._table_to_rest = _table_to_rest(tables._table_to_rest)
+    for route in tables.router.routes:
+        methods = set(getattr(route, "methods", ()))
+        path = str(getattr(route, "path", ""))
+        writes = ("POST" in methods and path.endswith("/tables")) or (
+            methods & {"PATCH", "PUT"} and path.endswith("/tables/{table_id}")
+        )
+        if writes:
+            route.endpoint = _recording_constraints(route.endpoint)  # type: ignore[attr-defined]
+        elif "GET" in methods and (path.endswith("/tables") or path.endswith("/tables/{table_id}")):
+            route.endpoint = _with_context(route.endpoint)  # type: ignore[attr-defined]
+    wrapped = _execute_query_job(executor.execute_query_job)
+    executor.execute_query_job = wrapped  # type: ignore[assignment]
+    jobs.execute_query_job = wrapped  # type: ignore[assignment]

@@ -1,0 +1,228 @@
+"""Pure logic, without servers: the batch loader's SQL, the sensor's grouping of S3 events, the materialization
+metadata, the streaming mode's change sequence numbers and protobuf rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from google.cloud import bigquery
+
+from cdc.mappings import ClusterMapping, Mappings, TableMapping
+from cdc_assets import merge_sql
+from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_metadata
+from cdc_assets.proto_rows import ProtoRows, change_sequence_number
+from cdc_assets.stream_loader import staleness_interval
+from sensors.sqs_sensor import collect
+
+TABLES = merge_sql.BatchTables(
+    stage="`p`.`d`.`_stage`",
+    changelog="`p`.`d`.`t_changelog`",
+    current="`p`.`d`.`t`",
+    ledger="`p`.`d`.`t_loaded_files`",
+)
+
+
+def test_the_batch_script_is_one_transaction_with_the_ledger_inside_it() -> None:
+    body = [merge_sql.insert_new_changes(TABLES, ["_op", "_change_seq", "id"])]
+    script = merge_sql.batch_script(TABLES, body, [merge_sql.record_files(TABLES, "b1", 1)])
+    statements = [s.strip() for s in script.split(";\n")]
+    assert statements[0].startswith("DECLARE changes_before")
+    assert statements[1] == "BEGIN TRANSACTION"
+    assert statements.index("COMMIT TRANSACTION") > next(
+        i for i, s in enumerate(statements) if "MERGE `p`.`d`.`t_loaded_files`" in s
+    )
+    assert statements[-1].startswith(
+        "SELECT (SELECT COUNT(*) FROM `p`.`d`.`t_changelog`) - changes_before AS inserted"
+    )
+
+
+def test_new_changes_are_inserted_only_when_absent_by_sequence_and_op() -> None:
+    sql = merge_sql.insert_new_changes(TABLES, ["_op", "_change_seq", "id"])
+    assert "ON c.`_change_seq` = s.`_change_seq` AND c.`_op` = s.`_op`" in sql
+    assert "WHEN NOT MATCHED THEN INSERT (`_op`, `_change_seq`, `id`)" in sql and "WHEN MATCHED" not in sql
+    assert (
+        "QUALIFY ROW_NUMBER() OVER (PARTITION BY `_change_seq`, `_op`" in sql
+    )  # one batch repeating a change
+
+
+def test_the_current_state_takes_the_latest_change_per_key_from_the_horizon() -> None:
+    batch = merge_sql.set_current_state(
+        TABLES, ["id", "part"], ["id", "part", "v"], "'0001'", batch_keys_only=True
+    )
+    assert "WHERE c.`_change_seq` >= '0001'" in batch
+    assert "PARTITION BY `id`, `part` ORDER BY `_change_seq` DESC" in batch
+    assert (
+        "EXISTS (SELECT 1 FROM `p`.`d`.`_stage` AS s WHERE s.`id` = c.`id` AND s.`part` = c.`part`)" in batch
+    )
+    assert "WHEN MATCHED AND l.`_op` = 'D' THEN DELETE" in batch and "NOT MATCHED BY SOURCE" not in batch
+    whole = merge_sql.set_current_state(TABLES, ["id"], ["id", "v"], "''", batch_keys_only=False)
+    assert whole.endswith("WHEN NOT MATCHED BY SOURCE THEN DELETE;") and "_stage" not in whole
+
+
+def test_identifiers_are_refused_unless_plain() -> None:
+    with pytest.raises(Exception, match="not a valid BigQuery column name"):
+        merge_sql.insert_new_changes(TABLES, ["id; DROP TABLE x"])
+
+
+def test_latency_and_quota_metadata() -> None:
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    commits = [now - dt.timedelta(seconds=s) for s in (1, 2, 3, 10)] + [None]
+    assert latency_metadata(commits, now) == {
+        "lag_s": 1.0,
+        "latency_p50_s": 2.5,
+        "latency_p95_s": 10.0,
+        "latency_max_s": 10.0,
+    }
+    assert latency_metadata([], now) == {}
+    assert quota_metadata(60, 1200, now) == {
+        "load_jobs_today": 60,
+        "projected_load_jobs_today": 120,
+        "load_job_cap_per_table_day": 1200,
+    }
+    usage = write_api_metadata({"calls": 100, "bytes": 1000, "streams": 1}, now)
+    assert usage["projected_write_api_calls_today"] == 200 and usage["write_streams_created_today"] == 1
+
+
+def test_change_sequence_numbers_keep_the_order_of_change_sequences() -> None:
+    sequences = [
+        "0" * 35,
+        "00000000010000000000001230000000001",
+        "00000000010000000000001230000000002",
+        "9" * 35,
+    ]
+    numbers = [change_sequence_number(s) for s in sequences]
+
+    def key(number: str) -> tuple[int, ...]:  # how BigQuery compares them: section by section, as numbers
+        return tuple(int(section, 16) for section in number.split("/"))
+
+    assert sorted(numbers, key=key) == numbers and len(set(numbers)) == 4
+    assert all(len(section) <= 16 for n in numbers for section in n.split("/"))
+    with pytest.raises(ValueError):
+        change_sequence_number("12a")
+
+
+def test_protobuf_rows_carry_each_type_in_bigquerys_wire_form() -> None:
+    fields = [
+        bigquery.SchemaField(n, t)
+        for n, t in (
+            ("ts", "TIMESTAMP"),
+            ("day", "DATE"),
+            ("at", "DATETIME"),
+            ("n", "NUMERIC"),
+            ("b", "BYTES"),
+            ("f", "BOOLEAN"),
+        )
+    ]
+    rows = ProtoRows(fields)
+    when = dt.datetime(2026, 11, 30, 1, 2, 3, 4, tzinfo=dt.UTC)
+    table = pa.table(
+        {
+            "ts": pa.array([when, None], pa.timestamp("us", tz="UTC")),
+            "day": pa.array([dt.date(2026, 11, 30), None], pa.date32()),
+            "at": pa.array([dt.datetime(2026, 11, 30, 1, 2, 3, 4), None], pa.timestamp("us")),
+            "n": pa.array([Decimal("-1.500000000"), None], pa.decimal128(38, 9)),
+            "b": pa.array([b"", None], pa.binary()),
+            "f": pa.array([False, None], pa.bool_()),
+        }
+    )
+    first, second = (
+        rows.message_class.FromString(r) for r in rows.encode(table, ["UPSERT", "DELETE"], ["1", "2"])
+    )
+    assert (
+        first.ts == int(when.timestamp() * 1_000_000)
+        and first.day == (dt.date(2026, 11, 30) - dt.date(1970, 1, 1)).days
+    )
+    assert first.at == "2026-11-30 01:02:03.000004" and first.n == "-1.500000000"
+    assert (
+        first.HasField("b") and first.b == b"" and first.HasField("f") and first.f is False
+    )  # empty and false kept
+    assert first._CHANGE_TYPE == "UPSERT" and second._CHANGE_TYPE == "DELETE"
+    assert not second.HasField("ts") and not second.HasField("b")  # NULL: absent
+
+
+def test_max_staleness_is_written_as_bigquerys_interval() -> None:
+    assert staleness_interval(15) == "0-0 0 0:15:0" and staleness_interval(0.5) == "0-0 0 0:0:30"
+    assert staleness_interval(1500) == "0-0 1 1:0:0"
+
+
+class FakeQueue:
+    """An SQS queue as the sensor uses it: messages out, dead letters and deletions recorded."""
+
+    def __init__(self, bodies: list[dict[str, Any]]):
+        self.messages = [
+            {
+                "MessageId": f"m{i}",
+                "ReceiptHandle": f"r{i}",
+                "Body": json.dumps(b),
+                "Attributes": {"ApproximateReceiveCount": "1"},
+            }
+            for i, b in enumerate(bodies)
+        ]
+        self.deleted: list[str] = []
+        self.dead: list[tuple[str, str]] = []
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        batch, self.messages = self.messages[:10], self.messages[10:]
+        return {"Messages": batch}
+
+    def delete_message(self, QueueUrl: str, ReceiptHandle: str) -> None:
+        self.deleted.append(ReceiptHandle)
+
+
+class FakeLanding:
+    queue_url = "queue"
+    prefix = "cdc"
+
+    def __init__(self, queue: FakeQueue):
+        self.queue = queue
+
+    def sqs(self) -> FakeQueue:
+        return self.queue
+
+    def dead_letter(self, body: str, reason: str, receipt_handle: str | None = None) -> None:
+        self.queue.dead.append((body, reason))
+
+
+def _event(*keys: str) -> dict[str, Any]:
+    return {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": k}}} for k in keys]}
+
+
+def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> None:
+    table = TableMapping(source="db.bets", target="game.bets", primary_key=["id"])
+    mappings = Mappings(
+        directory=Path("."),
+        clusters=(
+            ClusterMapping.model_validate(
+                {
+                    "cluster": "c",
+                    "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
+                    "tables": [table.model_dump()],
+                }
+            ),
+        ),
+    )
+    day1, day2 = (
+        "cdc/db/bets/2026/11/29/20261129-2359590000.parquet",
+        "cdc/db/bets/2026/11/30/20261130-0000010000.parquet",
+    )
+    queue = FakeQueue(
+        [
+            _event(day1.replace("/", "%2F")),  # moto encodes '/' too
+            _event(day1, day2),  # a duplicate event of the same file, and the next day's
+            {"Event": "s3:TestEvent"},
+            {"not": "an s3 event"},
+            _event("cdc/db/unmapped/LOAD00000001.parquet"),
+        ]
+    )
+    log = type("Log", (), {"error": lambda self, m: None})()
+    grouped = sorted(collect(FakeLanding(queue), mappings, log), key=lambda f: f.day)  # type: ignore[arg-type]
+    assert [(f.day, sorted(f.keys)) for f in grouped] == [("2026-11-29", [day1]), ("2026-11-30", [day2])]
+    assert set(grouped[0].receipts) == {"m0", "m1"} and queue.deleted == ["r2"]  # the TestEvent is deleted
+    reasons = " | ".join(reason for _, reason in queue.dead)
+    assert "no S3 event Records" in reasons and "db.unmapped is not in the mappings" in reasons
