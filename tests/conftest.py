@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 
 from cdc.clients import bigquery_client
 from cdc.mappings import load_mappings
@@ -51,7 +52,10 @@ def dataset(bq: bigquery.Client) -> Iterator[str]:
     name = f"ds_{uuid.uuid4().hex[:10]}"
     bq.create_dataset(name)
     yield name
-    bq.delete_dataset(name, delete_contents=True, not_found_ok=True)
+    # Bounded: a server a test left wedged must fail the teardown, not hang the suite.
+    bq.delete_dataset(
+        name, delete_contents=True, not_found_ok=True, retry=DEFAULT_RETRY.with_deadline(30), timeout=30
+    )
 
 
 @pytest.fixture

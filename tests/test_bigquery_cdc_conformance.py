@@ -51,7 +51,9 @@ def default_stream(table: bigquery.Table) -> str:
     return f"projects/{table.project}/datasets/{table.dataset_id}/tables/{table.table_id}/streams/_default"
 
 
-def changes(write: Any, table: bigquery.Table, *rows: tuple[int, str | None, str, str]) -> None:
+def changes(
+    write: Any, table: bigquery.Table, *rows: tuple[int, str | None, str, str], timeout: float = 60
+) -> None:
     """(id, v, change type, change sequence number) rows on the table's default stream, in one request."""
     proto = ProtoRows(SCHEMA)
     data = pa.table({"id": [r[0] for r in rows], "v": [r[1] for r in rows]})
@@ -68,14 +70,17 @@ def changes(write: Any, table: bigquery.Table, *rows: tuple[int, str | None, str
         writer_schema=types.ProtoSchema(proto_descriptor=proto.descriptor),
         rows=types.ProtoRows(serialized_rows=with_change_columns),
     )
-    for response in write.append_rows(iter([request]), timeout=60):
+    for response in write.append_rows(iter([request]), timeout=timeout):
         if response.error.code:
             raise exceptions.from_grpc_status(response.error.code, response.error.message)
 
 
 def state(bq: bigquery.Client, table: bigquery.Table) -> list[tuple[int, str | None]]:
     ref = f"`{table.project}.{table.dataset_id}.{table.table_id}`"
-    return [(row.id, row.v) for row in bq.query(f"SELECT id, v FROM {ref} ORDER BY id").result()]
+    return [
+        (row.id, row.v)
+        for row in bq.query(f"SELECT id, v FROM {ref} ORDER BY id", timeout=30).result(timeout=60)
+    ]
 
 
 def test_upserts_and_deletes_are_applied_per_primary_key(
@@ -188,7 +193,7 @@ def test_rows_appended_during_a_failed_load_stay(bq: bigquery.Client, dataset: s
                 writer_schema=types.ProtoSchema(proto_descriptor=proto.descriptor),
                 rows=types.ProtoRows(serialized_rows=proto.encode(pa.table({"id": [next_id], "v": ["w"]}))),
             )
-            errors = [r.error.message for r in write.append_rows(iter([request])) if r.error.code]
+            errors = [r.error.message for r in write.append_rows(iter([request]), timeout=10) if r.error.code]
             if errors:
                 refused.extend(errors)
             else:
@@ -199,7 +204,7 @@ def test_rows_appended_during_a_failed_load_stay(bq: bigquery.Client, dataset: s
     # a big file whose last id is not a number: the load fails at the end of its INSERT and must roll back whole
     ids = [str(i) for i in range(400_000)] + ["not a number"]
     broken = pa.table({"id": ids, "v": ["b"] * len(ids)})
-    thread = threading.Thread(target=append)
+    thread = threading.Thread(target=append, daemon=True)
     thread.start()
     try:
         time.sleep(0.1)
@@ -212,50 +217,15 @@ def test_rows_appended_during_a_failed_load_stay(bq: bigquery.Client, dataset: s
             pq.write_table(broken, buffer)
             buffer.seek(0)
             with pytest.raises(exceptions.GoogleAPICallError):
-                bq.load_table_from_file(buffer, table.reference, job_config=config).result()
+                bq.load_table_from_file(buffer, table.reference, job_config=config, timeout=60).result(
+                    timeout=60
+                )
     finally:
         stop.set()
         thread.join(timeout=30)
     held = {row[0] for row in state(bq, table)}
     assert not refused, f"appends failed while a load ran: {refused[:3]}"
     assert appended and held == set(appended), f"{len(set(appended) - held)} appended rows were lost"
-
-
-def test_reads_during_cdc_writes_see_whole_applies_and_never_hang(
-    bq: bigquery.Client, dataset: str, write: Any
-) -> None:
-    """Reads (table metadata, queries) while CDC changes are applied on other connections return, and see each apply
-    whole: every apply UPSERTs the same 50 keys, so every read counts exactly 50 rows."""
-    table = keyed_table(bq, dataset)
-    keys = range(1, 51)
-    changes(write, table, *((k, "0", "UPSERT", "1") for k in keys))
-    ref = f"`{table.project}.{table.dataset_id}.{table.table_id}`"
-    counts: list[int] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        while not stop.is_set():
-            try:
-                bq.get_table(table.reference)
-                counts.append(int(next(iter(bq.query(f"SELECT COUNT(*) AS n FROM {ref}").result())).n))
-            except Exception as exc:
-                failures.append(repr(exc))
-
-    readers = [threading.Thread(target=read, daemon=True) for _ in range(2)]
-    for reader in readers:
-        reader.start()
-    try:
-        for sequence in range(2, 42):
-            changes(write, table, *((k, str(sequence), "UPSERT", format(sequence, "X")) for k in keys))
-    finally:
-        stop.set()
-        for reader in readers:
-            reader.join(timeout=60)
-    assert not any(reader.is_alive() for reader in readers), "a read hung while CDC changes were applied"
-    assert not failures, failures[:3]
-    assert counts and set(counts) == {50}, f"reads saw a half-applied change: {sorted(set(counts))}"
-    assert state(bq, table) == [(k, "41") for k in keys]
 
 
 def test_batch_commit_commits_only_streams_of_its_parent_table(
@@ -275,7 +245,7 @@ def test_batch_commit_commits_only_streams_of_its_parent_table(
         writer_schema=types.ProtoSchema(proto_descriptor=proto.descriptor),
         rows=types.ProtoRows(serialized_rows=proto.encode(pa.table({"id": [1], "v": ["p"]}))),
     )
-    assert all(not r.error.code for r in write.append_rows(iter([request])))
+    assert all(not r.error.code for r in write.append_rows(iter([request]), timeout=30))
     write.finalize_write_stream(name=stream.name)
     with pytest.raises(exceptions.InvalidArgument):
         write.batch_commit_write_streams(
@@ -316,3 +286,57 @@ def test_an_append_request_may_carry_up_to_20_mb(bq: bigquery.Client, dataset: s
         )
     )
     assert count.n == 150
+
+
+def test_reads_during_cdc_writes_see_whole_applies_and_never_hang(
+    bq: bigquery.Client, dataset: str, write: Any
+) -> None:
+    """Reads (table metadata, queries) while CDC changes are applied on other connections return, and see each apply
+    whole: every apply UPSERTs the same 50 keys, so every read counts exactly 50 rows.
+
+    Last in the module: on a server that deadlocks here, the test fails at its deadline and nothing runs after it."""
+    table = keyed_table(bq, dataset)
+    keys = range(1, 51)
+    changes(write, table, *((k, "0", "UPSERT", "1") for k in keys))
+    ref = f"`{table.project}.{table.dataset_id}.{table.table_id}`"
+    counts: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                bq.get_table(table.reference, timeout=10)
+                query = bq.query(f"SELECT COUNT(*) AS n FROM {ref}", timeout=10)
+                counts.append(int(next(iter(query.result(timeout=10))).n))
+            except Exception as exc:
+                failures.append(repr(exc))
+                return
+
+    def apply_changes() -> None:
+        try:
+            for sequence in range(2, 42):
+                changes(
+                    write,
+                    table,
+                    *((k, str(sequence), "UPSERT", format(sequence, "X")) for k in keys),
+                    timeout=10,
+                )
+        except Exception as exc:
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=read, daemon=True) for _ in range(2)]
+    writer = threading.Thread(target=apply_changes, daemon=True)
+    for thread in threads:
+        thread.start()
+    writer.start()
+    writer.join(timeout=60)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert not any(t.is_alive() for t in (writer, *threads)), (
+        "a read or write hung while CDC changes were applied"
+    )
+    assert not failures, failures[:3]
+    assert counts and set(counts) == {50}, f"reads saw a half-applied change: {sorted(set(counts))}"
+    assert state(bq, table) == [(k, "41") for k in keys]
