@@ -20,7 +20,7 @@ reader or PyMySQL produced into that type's exact value:
 | BINARY/BLOB           | binary                   | reader gives '' (str) for an empty value -> b''; BINARY(n)   |
 |                       |                          | loses its trailing 0x00 padding in the binlog -> re-padded     |
 | JSON                  | string (JSON text)       | MariaDB: text; MySQL: parsed -> re-serialised                  |
-| YEAR                  | int16                    |                                                                |
+| YEAR                  | int16                    | zero year 0000: reader gives 1900 -> 0, as a SELECT gives it   |
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ INTEGER_TYPES = {"tinyint": 8, "smallint": 16, "mediumint": 32, "int": 32, "inte
 STRING_TYPES = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext", "enum"}
 BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
 ZERO_TIMESTAMP = dt.datetime(1970, 1, 1)  # what the binlog reader returns for TIMESTAMP '0000-00-00 00:00:00'
+BINLOG_ZERO_YEAR = 1900  # what the binlog reader returns for YEAR 0000
 
 OVERRIDE_TYPES: dict[str, pa.DataType] = {
     "BOOL": pa.bool_(),
@@ -133,7 +134,7 @@ class ColumnSpec:
     def normaliser(self) -> Callable[[Any, str], Any] | None:
         """(value, none_source) -> exact value of `arrow_type()`; none_source says why the reader gave None.
 
-        None when both readers already give the exact value (integers, floats, YEAR, DECIMAL as Decimal).
+        None when both readers already give the exact value (integers, floats, DECIMAL as Decimal).
         """
         natural = _normaliser(self)
         if not self.override:
@@ -231,6 +232,10 @@ def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:
         )
     if kind in ("decimal", "numeric"):
         return lambda v, _: v if v is None or isinstance(v, Decimal) else Decimal(v)
+    if kind == "year":
+        # YEAR stores one byte, year - 1900 (1901..2155) or 0 for the zero year 0000; the binlog reader adds 1900
+        # to every byte, so its 1900 (not a YEAR value) is the zero year, which a SELECT gives as 0.
+        return lambda v, _: 0 if v == BINLOG_ZERO_YEAR else v
     if kind in STRING_TYPES:
         return lambda v, _: None if v is None else (v.decode("utf-8") if isinstance(v, bytes) else v)
     return _identity

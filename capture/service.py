@@ -30,6 +30,7 @@ from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryE
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
+from capture.charsets import learn_single_byte_tables
 from capture.columns import UnsupportedColumn
 from capture.full_load import full_load
 from capture.sink import S3Store, TableBuffer, parquet_bytes
@@ -244,6 +245,8 @@ class ClusterCapture:
         cursor = StreamCursor(
             self.checkpoint.get("file", ""), _parse_gtid_state(self.checkpoint.get("gtid", ""))
         )
+        with contextlib.closing(self.connection.connect()) as source:
+            learn_single_byte_tables(source)  # exact text of every single-byte character set (capture.charsets)
         stream = self._open_binlog(mapped, cursor)
         self.state = "streaming"
         restart = False

@@ -125,7 +125,8 @@ class PoisonMessage(ValueError):
 
 
 def parse_message(message: dict[str, Any]) -> ParsedMessage:
-    """An SQS message of an S3 event notification: plain, SNS-wrapped, or S3's TestEvent. Keys are URL-decoded."""
+    """An SQS message of an S3 event: an S3 event notification (plain, SNS-wrapped, or S3's TestEvent; keys are
+    URL-decoded) or an EventBridge "Object Created" event (keys as they are: EventBridge does not encode them)."""
     parsed = ParsedMessage(
         message_id=message["MessageId"],
         receipt_handle=message["ReceiptHandle"],
@@ -142,15 +143,39 @@ def parse_message(message: dict[str, Any]) -> ParsedMessage:
     if body.get("Event") == "s3:TestEvent":
         parsed.test_event = True
         return parsed
+    if body.get("source") == "aws.s3" and "detail-type" in body:
+        return _parse_eventbridge(body, parsed)
     records = body.get("Records")
     if not isinstance(records, list):
-        raise PoisonMessage(f"message {parsed.message_id}: no S3 event Records")
+        raise PoisonMessage(
+            f"message {parsed.message_id}: neither an S3 event notification (no 'Records') nor an EventBridge "
+            "S3 event (source 'aws.s3'); point only the landing bucket's events at this queue"
+        )
     for record in records:
         try:
             if str(record["eventName"]).startswith("ObjectCreated"):
                 parsed.keys.append(unquote_plus(record["s3"]["object"]["key"]))
         except (KeyError, TypeError) as exc:
             raise PoisonMessage(f"message {parsed.message_id}: malformed S3 event record ({exc})") from exc
+    return parsed
+
+
+def _parse_eventbridge(body: dict[str, Any], parsed: ParsedMessage) -> ParsedMessage:
+    """`{"detail-type": "Object Created", "source": "aws.s3", "detail": {"object": {"key": ...}}}`, delivered by an
+    EventBridge rule; other S3 detail types (deletions, restores) name no new file."""
+    if body["detail-type"] != "Object Created":
+        return parsed
+    try:
+        key = body["detail"]["object"]["key"]
+    except (KeyError, TypeError) as exc:
+        raise PoisonMessage(
+            f"message {parsed.message_id}: malformed EventBridge S3 event (no {exc})"
+        ) from exc
+    if not isinstance(key, str) or not key:
+        raise PoisonMessage(
+            f"message {parsed.message_id}: malformed EventBridge S3 event (object key {key!r})"
+        )
+    parsed.keys.append(key)
     return parsed
 
 

@@ -62,6 +62,8 @@ def oracle_expression(name: str, column_type: str) -> str:
         )
     if kind in BINARY_TYPES:
         return f"HEX({col})"
+    if kind == "year":
+        return f"CAST({col} + 0 AS CHAR)"  # YEAR is a number (the zero year 0000 is 0), as it lands
     if kind in ("date", "datetime", "timestamp"):
         return f"IF(CAST({col} AS CHAR) LIKE '0000%' OR CAST({col} AS CHAR) LIKE '%-00%', NULL, CAST({col} AS CHAR))"
     return f"CAST({col} AS CHAR)"

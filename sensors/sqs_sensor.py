@@ -101,7 +101,7 @@ def collect(
                 log.error(f"{exc}; moved to the dead-letter queue")
                 _dead_letter(landing, message, str(exc))
                 continue
-            if parsed.test_event:
+            if parsed.test_event or not parsed.keys:  # S3's TestEvent, a deletion: no file to load
                 sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
                 continue
             for key in parsed.keys:

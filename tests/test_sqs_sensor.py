@@ -54,9 +54,46 @@ def test_parse_plain_sns_wrapped_test_events_and_encoded_keys() -> None:
         "not json",
         json.dumps([1, 2]),
         json.dumps({"Records": [{"eventName": "ObjectCreated:Put"}]}),
+        json.dumps(
+            {"source": "aws.s3", "detail-type": "Object Created", "detail": {"bucket": {"name": "b"}}}
+        ),
+        json.dumps(
+            {"source": "aws.ec2", "detail-type": "EC2 Instance State-change Notification", "detail": {}}
+        ),
     ):
         with pytest.raises(PoisonMessage, match="m1"):
             parse_message(_message(poison))
+
+
+def _eventbridge(detail_type: str, key: str) -> dict[str, Any]:
+    """An S3 event as an EventBridge rule delivers it to SQS (docs.aws.amazon.com/AmazonS3/latest/userguide/ev-events)."""
+    return {
+        "version": "0",
+        "id": "17793124-05d4-b198-2fde-7ededc63b103",
+        "detail-type": detail_type,
+        "source": "aws.s3",
+        "account": "111122223333",
+        "time": "2026-11-30T00:00:00Z",
+        "region": "eu-west-1",
+        "resources": ["arn:aws:s3:::cdc-landing"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": "cdc-landing"},
+            "object": {"key": key, "size": 5, "etag": "b1946ac92492d2347c6235b4d2611184"},
+            "reason": "PutObject",
+        },
+    }
+
+
+def test_eventbridge_s3_events_name_their_file_like_s3_notifications() -> None:
+    key = "cdc/games/bets/2026/11/30/20261130-081522123.parquet"
+    parsed = parse_message(_message(_eventbridge("Object Created", key)))
+    assert parsed.keys == [key] and not parsed.test_event
+    # EventBridge does not URL-encode keys: a '+' or '%' in a key is the key's own character
+    assert parse_message(_message(_eventbridge("Object Created", "cdc/s/t/a+b%20.parquet"))).keys == [
+        "cdc/s/t/a+b%20.parquet"
+    ]
+    assert parse_message(_message(_eventbridge("Object Deleted", key))).keys == []
 
 
 def _drain(sqs: Any, queue: str) -> list[dict[str, Any]]:

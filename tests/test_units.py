@@ -218,11 +218,14 @@ def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> N
             {"Event": "s3:TestEvent"},
             {"not": "an s3 event"},
             _event("cdc/db/unmapped/LOAD00000001.parquet"),
+            {"Records": [{"eventName": "ObjectRemoved:Delete", "s3": {"object": {"key": day1}}}]},
+            {"source": "aws.s3", "detail-type": "Object Created", "detail": {"object": {"key": day2}}},
         ]
     )
     log = type("Log", (), {"error": lambda self, m: None})()
     grouped = sorted(collect(FakeLanding(queue), mappings, log), key=lambda f: f.day)  # type: ignore[arg-type]
     assert [(f.day, sorted(f.keys)) for f in grouped] == [("2026-11-29", [day1]), ("2026-11-30", [day2])]
-    assert set(grouped[0].receipts) == {"m0", "m1"} and queue.deleted == ["r2"]  # the TestEvent is deleted
+    assert set(grouped[0].receipts) == {"m0", "m1"} and set(grouped[1].receipts) == {"m1", "m6"}  # m6: EventBridge
+    assert queue.deleted == ["r2", "r5"]  # the TestEvent and the deletion: nothing to load
     reasons = " | ".join(reason for _, reason in queue.dead)
-    assert "no S3 event Records" in reasons and "db.unmapped is not in the mappings" in reasons
+    assert "neither an S3 event notification" in reasons and "db.unmapped is not in the mappings" in reasons

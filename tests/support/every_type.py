@@ -36,7 +36,7 @@ EDGE_ROWS = [
     "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'x,y', NULL, NULL, NULL, NULL)",
     "(3, 0, 9223372036854775807, 0, 0, 0, 0, 0, 1, 0, b'0', b'0', b'0', b'0', 0, 0, 0, "
     "'2026-11-25', '2026-11-25 23:59:59', '2026-11-25 01:02:03.000004', '2038-01-19 03:14:07.999999', "
-    "'00:00:00', '23:59:59.000001', '-00:00:00.5', 1901, '', '', '', 'a', 'x,z', 'y', X'00FF', X'', X'01020304', "
+    "'00:00:00', '23:59:59.000001', '-00:00:00.5', 0, '', '', '', 'a', 'x,z', 'y', X'00FF', X'', X'01020304', "
     "'[]')",
 ]
 
@@ -68,7 +68,7 @@ def capture_every_type(env: CaptureEnv, overrides: dict[str, str] | None = None)
         run_sql(
             env,
             "UPDATE `{schema}`.every_type SET t6 = '-12:00:00.000001', opts = '', b1 = b'0', money = -0.0001 WHERE id = 3",
-            "UPDATE `{schema}`.every_type SET name = '새 이름 🎉', doc = '{{\"k\": 2}}', u64 = 18446744073709551614 WHERE id = 101",
+            "UPDATE `{schema}`.every_type SET name = '새 이름 🎉', doc = '{{\"k\": 2}}', u64 = 18446744073709551614, yr = 1901 WHERE id = 101",
             "UPDATE `{schema}`.every_type SET id = 1000 WHERE id = 102",  # a primary-key change
             "DELETE FROM `{schema}`.every_type WHERE id = 2",
             "UPDATE `{schema}`.every_type SET dt0 = '0000-00-00 00:00:00', day = '2020-02-00' WHERE id = 103",
