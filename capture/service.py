@@ -245,8 +245,9 @@ class ClusterCapture:
         cursor = StreamCursor(
             self.checkpoint.get("file", ""), _parse_gtid_state(self.checkpoint.get("gtid", ""))
         )
+        # the exact text of single-byte character sets, learned from the source (capture.charsets)
         with contextlib.closing(self.connection.connect()) as source:
-            learn_single_byte_tables(source)  # exact text of every single-byte character set (capture.charsets)
+            learn_single_byte_tables(source)
         stream = self._open_binlog(mapped, cursor)
         self.state = "streaming"
         restart = False

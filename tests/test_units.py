@@ -225,7 +225,8 @@ def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> N
     log = type("Log", (), {"error": lambda self, m: None})()
     grouped = sorted(collect(FakeLanding(queue), mappings, log), key=lambda f: f.day)  # type: ignore[arg-type]
     assert [(f.day, sorted(f.keys)) for f in grouped] == [("2026-11-29", [day1]), ("2026-11-30", [day2])]
-    assert set(grouped[0].receipts) == {"m0", "m1"} and set(grouped[1].receipts) == {"m1", "m6"}  # m6: EventBridge
+    # m6 is the EventBridge event of day2's file
+    assert set(grouped[0].receipts) == {"m0", "m1"} and set(grouped[1].receipts) == {"m1", "m6"}
     assert queue.deleted == ["r2", "r5"]  # the TestEvent and the deletion: nothing to load
     reasons = " | ".join(reason for _, reason in queue.dead)
     assert "neither an S3 event notification" in reasons and "db.unmapped is not in the mappings" in reasons
