@@ -8,7 +8,7 @@ import click
 
 from cdc.clients import bigquery_client_from
 from cdc_assets.status import row_counts
-from cli.common import config, mappings
+from cli.common import config, platform_mappings
 
 
 @click.group("bigquery")
@@ -21,7 +21,7 @@ def command() -> None:
 def ls(wait: float) -> None:
     """Every mapped table's current-state and changelog row counts (tables not created yet are skipped)."""
     client = bigquery_client_from(config())
-    loaded = mappings()
+    loaded = platform_mappings()
     deadline = time.monotonic() + wait
     rows = row_counts(loaded, client)
     while not rows and time.monotonic() < deadline:

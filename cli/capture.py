@@ -10,7 +10,7 @@ import click
 from capture.runner import CAPTURE_STOPPED, capture_status, forget_checkpoint, run_cluster, run_clusters
 from capture.service import CaptureError, CaptureSettings
 from cdc.settings import installed_command
-from cli.common import config, deploy_working_mappings, mappings, platform_env
+from cli.common import config, deploy_working_mappings, mappings, platform_env, platform_mappings
 from cli.mappings import reload_dagster
 from local_stack.dagster import LocalDagster
 from local_stack.processes import background_service
@@ -97,7 +97,7 @@ def stop() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
 def status(as_json: bool) -> None:
     """Each cluster's capture: state, lag, rows/s, rows by op, last checkpoint, errors."""
-    statuses = capture_status(mappings(), config())
+    statuses = capture_status(platform_mappings(), config())
     if as_json:
         click.echo(json.dumps(statuses, indent=2))
         return
@@ -119,7 +119,7 @@ def status(as_json: bool) -> None:
 def reset(cluster: str) -> None:
     """Forget a cluster's checkpoint: its next run starts with a new full load (re-snapshot)."""
     try:
-        mappings().cluster(cluster)
+        platform_mappings().cluster(cluster)
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from exc
     forget_checkpoint(cluster, config())

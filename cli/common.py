@@ -27,6 +27,13 @@ def mappings(path: Path | None = None) -> Mappings:
         raise click.ClickException(str(exc)) from exc
 
 
+def platform_mappings() -> Mappings:
+    """The mappings the running platform reads: the deployed ones (`cdc mappings deploy`, `cdc capture start`,
+    `cdc dagster start`) once there are any, else the working folder (CDC_MAPPINGS_DIR)."""
+    deployed = config().deployed_mappings_dir
+    return mappings(deployed if deployed.exists() else None)
+
+
 def deploy_working_mappings(path: Path | None = None) -> tuple[Mappings, bool]:
     """Validate the working mappings and publish them for the running platform: (mappings, whether they changed).
     Any problem exits 1 naming file, table and field; the running platform keeps what it has."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from cdc_assets.resnapshot import RESNAPSHOT_JOB
-from cli.common import config, mappings
+from cli.common import config, platform_mappings
 from definitions import build_definitions
 from local_stack.dagster import open_instance
 from sensors.alerts import error_text
@@ -26,7 +26,7 @@ def command(table: str | None, cluster: str | None) -> None:
         raise click.UsageError("name a TABLE or a --cluster (not both)")
     if cluster is not None:
         try:
-            tables = [t.target for t in mappings().cluster(cluster).enabled_tables if t.primary_key]
+            tables = [t.target for t in platform_mappings().cluster(cluster).enabled_tables if t.primary_key]
         except KeyError as exc:
             raise click.ClickException(str(exc.args[0])) from exc
     else:

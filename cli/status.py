@@ -12,7 +12,7 @@ from cdc_assets import status as table_status
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT
 from cdc_assets.load_run import NO_DUPLICATES
 from cdc_assets.resources import LandingResource
-from cli.common import config, mappings
+from cli.common import config, platform_mappings
 from local_stack.dagster import open_instance
 
 CHECK_LABELS = {NO_DUPLICATES: "dup", ROW_COUNT: "rows", FILES_LOADED: "files"}
@@ -25,7 +25,7 @@ def command(as_json: bool, table: str | None) -> None:
     """Per mapped table: cluster, last source commit loaded, lag, rows changed today by op, last check results,
     files waiting to load and dead-letter messages."""
     current = config()
-    loaded = mappings()
+    loaded = platform_mappings()
     if table and not any(table in (t.target, t.source) for _, t in loaded.tables()):
         raise click.ClickException(f"no mapped table is named {table!r} (use its target or source name)")
     landing = LandingResource.from_settings(current)

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from cdc.mappings import SCHEMA_FILE_NAME, json_schema, load_mappings, quote_bigquery, quote_mysql
-from cdc.settings import MAPPINGS_DIR
+from cdc.settings import MAPPINGS_DIR, STATE_DIR
 from cli import main
+from cli.common import platform_mappings
 from local_stack.demo_schema import demo_clusters
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mappings"
@@ -187,3 +188,26 @@ def test_mysql_quoting_refuses_names_mysql_would_truncate_or_misread() -> None:
 def test_quoting_safe_identifiers() -> None:
     assert quote_mysql("player_id") == "`player_id`"
     assert quote_bigquery("local-cdc", "slots", "bets") == "`local-cdc.slots.bets`"
+
+
+def test_commands_that_report_on_the_platform_read_the_deployed_mappings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table deployed from another folder (`cdc mappings deploy FOLDER`) is known to `cdc status` and the other
+    commands about the running platform; before any deploy they read the working folder."""
+    working, other = tmp_path / "working", tmp_path / "other"
+    working.mkdir()
+    other.mkdir()
+    document = _valid()
+    _folder(working, {**document, "tables": document["tables"][:1]})
+    _folder(other, {**document, "tables": document["tables"][1:2]})
+    monkeypatch.setenv(MAPPINGS_DIR, str(working))
+    monkeypatch.setenv(STATE_DIR, str(tmp_path / "state"))
+    only_working, only_other = document["tables"][0]["target"], document["tables"][1]["target"]
+    assert [t.target for _, t in platform_mappings().tables()] == [only_working]
+    unknown = CliRunner().invoke(main, ["status", "--table", only_other])
+    assert unknown.exit_code == 1 and f"no mapped table is named {only_other!r}" in unknown.output
+    assert CliRunner().invoke(main, ["mappings", "deploy", str(other)]).exit_code == 0
+    assert [t.target for _, t in platform_mappings().tables()] == [only_other]
+    gone = CliRunner().invoke(main, ["status", "--table", only_working])
+    assert gone.exit_code == 1 and f"no mapped table is named {only_working!r}" in gone.output
