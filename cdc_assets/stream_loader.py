@@ -361,19 +361,20 @@ class StreamLoader(TableTargets):
 
     def _snapshot_changes(self, data: pa.Table) -> pa.Table:
         """A snapshot's rows the changelog lacks, in sequence order. Its files are full-load files with a new ETag,
-        so a load run may have appended them already (or an earlier attempt a part of them): one query for the
-        identities from these files in the snapshot's sequence range."""
+        so a load run may have appended them already (or an earlier attempt a part of them), and another snapshot
+        at the same binlog position (the capture's full load after `cdc capture reset`, then `cdc resnapshot`) has
+        the same changes under other file names: one query for the identities in the snapshot's sequence range,
+        which only snapshot rows at that position carry."""
         data = self._sorted(data)
         if data.num_rows == 0:
             return data
         sql = (
             f"SELECT {Q_CHANGE_SEQ} AS seq, `{OP}` AS op FROM {self.ref(self.changelog)} "
-            f"WHERE {Q_SOURCE_FILE} IN UNNEST(@files) AND {Q_CHANGE_SEQ} BETWEEN @first AND @last"
+            f"WHERE {Q_CHANGE_SEQ} BETWEEN @first AND @last"
         )
         sequences = data[CHANGE_SEQ]
         config = bigquery.QueryJobConfig(
             query_parameters=[
-                bigquery.ArrayQueryParameter("files", "STRING", sorted(set(data[SOURCE_FILE].to_pylist()))),
                 bigquery.ScalarQueryParameter("first", "STRING", str(sequences[0])),
                 bigquery.ScalarQueryParameter("last", "STRING", str(sequences[-1])),
             ]
