@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -79,12 +80,16 @@ def same(expected: Any, actual: Any) -> bool:
         return False
 
 
+PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
 def key_text(value: Any) -> str:
-    """A key value as text, whichever side it comes from (NUMERIC 7.000000000 and '7' are the same key)."""
-    try:
-        number = Decimal(str(value))
-    except (InvalidOperation, TypeError):
-        return str(value)
+    """A key value as text, whichever side it comes from (NUMERIC 7.000000000 and '7' are the same key). Only plain
+    decimal numbers are numbers: text such as '9e4999' (an append-only table keyed by all its columns) stays text."""
+    text = format(value, "f") if isinstance(value, Decimal) else str(value)
+    if not PLAIN_NUMBER.fullmatch(text):
+        return text
+    number = Decimal(text)
     return str(int(number)) if number == number.to_integral_value() else str(number.normalize())
 
 

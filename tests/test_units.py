@@ -18,6 +18,7 @@ from cdc_assets import merge_sql
 from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_metadata
 from cdc_assets.proto_rows import ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
+from cdc_testing.oracle import key_text
 from sensors.sqs_sensor import collect
 
 TABLES = merge_sql.BatchTables(
@@ -230,3 +231,10 @@ def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> N
     assert queue.deleted == ["r2", "r5"]  # the TestEvent and the deletion: nothing to load
     reasons = " | ".join(reason for _, reason in queue.dead)
     assert "neither an S3 event notification" in reasons and "db.unmapped is not in the mappings" in reasons
+
+
+def test_the_oracle_compares_numeric_keys_by_value_and_keeps_other_text() -> None:
+    assert key_text(Decimal("7.000000000")) == key_text("7") == key_text(7) == "7"
+    assert key_text(Decimal("-2.50")) == key_text("-2.5") == "-2.5"
+    assert key_text("9e4999") == "9e4999"  # a text column in an all-columns key: not a 5,000-digit number
+    assert key_text("Infinity") == "Infinity" and key_text("0x1F") == "0x1F"
