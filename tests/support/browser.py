@@ -48,6 +48,18 @@ def wait_for_texts(driver: Any, texts: list[str], timeout: float = 60) -> str:
     raise AssertionError(f"the page {driver.current_url} never showed {texts}; it showed:\n{body[:6000]}")
 
 
+def dismiss_dialogs(driver: Any, settle: float = 3.0) -> None:
+    """Close the UI's first-visit newsletter dialog (it appears a moment after the page) and let the page settle."""
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        for button in driver.find_elements("xpath", "//button[normalize-space()='Skip']"):
+            try:
+                button.click()
+            except Exception:
+                pass  # gone between the lookup and the click
+        time.sleep(0.5)
+
+
 def look_at_table(
     url: str, graph_texts: list[str], asset_path: list[str], check_names: list[str], partition: str, out: Path
 ) -> dict[str, str]:
@@ -65,9 +77,15 @@ def look_at_table(
         for name, (page, expected) in screens.items():
             driver.get(page)
             texts[name] = wait_for_texts(driver, expected)
-            for button in driver.find_elements("xpath", "//button[normalize-space()='Skip']"):
-                button.click()  # the UI's first-visit newsletter dialog covers the page
-            time.sleep(1.5)  # let the graph settle before the picture
+            dismiss_dialogs(driver)
+            if name == "partitions":  # open the day's partition, as a user does
+                for row in driver.find_elements("xpath", f"//*[normalize-space(text())='{partition}']"):
+                    if "No partition selected" not in driver.find_element("tag name", "body").text:
+                        break
+                    try:
+                        row.click()
+                    except Exception:
+                        continue  # the timeline's label, not the list's row
+                    time.sleep(2)
             driver.save_screenshot(str(out / f"{name}.png"))
-            (out / f"{name}.txt").write_text(texts[name])
     return texts
