@@ -173,12 +173,20 @@ def _override_converter(override: str) -> Callable[[Any], Any]:
     if override == "INT64":
         return int
     if override in ("STRING", "JSON", "TIME"):
-        return lambda v: v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+        return _text
     if override == "FLOAT64":
         return float
     if override in ("NUMERIC", "BIGNUMERIC"):
         return lambda v: Decimal(v)
     return lambda v: v
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, Decimal):
+        return format(value, "f")  # plain digits: str() gives '0E-10' or '1.000E-7' for small values
+    return str(value)
 
 
 def _normaliser(spec: ColumnSpec) -> Callable[[Any, str], Any]:

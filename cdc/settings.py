@@ -52,6 +52,10 @@ MAX_LOAD_JOBS_PER_PROJECT_PER_DAY = "CDC_MAX_LOAD_JOBS_PER_PROJECT_PER_DAY"
 
 # Check thresholds and the loader's parallelism.
 LOAD_GRACE_SECONDS = "CDC_LOAD_GRACE_SECONDS"
+# content_matches_source: WARN (default) or ERROR, and the rows one check run compares at most on a table without
+# a partition column (bigger tables are compared a window of key ranges per run, a different one each time)
+CONTENT_CHECK_SEVERITY = "CDC_CONTENT_CHECK_SEVERITY"
+CONTENT_CHECK_MAX_ROWS = "CDC_CONTENT_CHECK_MAX_ROWS"
 FRESHNESS_WARN_MINUTES = "CDC_FRESHNESS_WARN_MINUTES"
 FRESHNESS_FAIL_MINUTES = "CDC_FRESHNESS_FAIL_MINUTES"
 MAX_PARALLEL_LOADS = "CDC_MAX_PARALLEL_LOADS"
@@ -92,6 +96,8 @@ class Settings:
     max_load_jobs_per_table_per_day: int = 1_200
     max_load_jobs_per_project_per_day: int = 90_000
     load_grace_seconds: float = 300.0
+    content_check_severity: str = "WARN"
+    content_check_max_rows: int = 2_000_000
     freshness_warn_minutes: float = 30.0
     freshness_fail_minutes: float = 120.0
     max_parallel_loads: int = 8
@@ -125,6 +131,10 @@ class Settings:
                 values, MAX_LOAD_JOBS_PER_PROJECT_PER_DAY, 90_000, 1, 100_000
             ),
             load_grace_seconds=_number(values, LOAD_GRACE_SECONDS, 300.0, 0.0, 86_400.0),
+            content_check_severity=_choice(values, CONTENT_CHECK_SEVERITY, "WARN", ("WARN", "ERROR")),
+            content_check_max_rows=_integer(
+                values, CONTENT_CHECK_MAX_ROWS, 2_000_000, 100_000, 1_000_000_000
+            ),
             freshness_warn_minutes=_number(values, FRESHNESS_WARN_MINUTES, 30.0, 1.0, 10_080.0),
             freshness_fail_minutes=_number(values, FRESHNESS_FAIL_MINUTES, 120.0, 1.0, 10_080.0),
             max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 8, 1, 256),

@@ -1,6 +1,6 @@
 """Asset checks comparing the source with BigQuery, per table: `row_count_matches_source` (ERROR; exact at a
-consistent snapshot's binlog position, BigQuery rolled back to it) and `landed_files_loaded` (WARN). Both run as one
-multi-check per table in the `table_checks` job and from the UI; every result carries the numbers it compared.
+consistent snapshot's binlog position, BigQuery rolled back to it), `content_matches_source` (WARN by default; the
+values themselves, at such a snapshot) and `landed_files_loaded` (WARN). They run as one multi-check per table in the `table_checks` job and from the UI; every result carries the numbers it compared.
 How the row count stays exact under a steady load: docs/design.md, "Checks".
 """
 
@@ -19,6 +19,7 @@ from cdc.mappings import ClusterMapping, TableMapping, quote_mysql
 from cdc.sequence import BinlogPosition
 from cdc.settings import Settings
 from cdc.source import begin_consistent_snapshot
+from cdc_assets.content_check import CONTENT, check_days, compare_content
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, duplicate_check, landed_keys_for_day
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
@@ -75,11 +76,6 @@ def landed_and_unloaded(landing: LandingResource, targets: TableTargets) -> tupl
     """Files landed for the table on the check days (yesterday and today), and those of them not loaded yet."""
     landed = [k for day in check_days() for k in landed_keys_for_day(landing, targets.mapping, day)]
     return landed, sorted(set(landed) - targets.loaded_files(landed))
-
-
-def check_days() -> list[dt.date]:
-    today = dt.datetime.now(dt.UTC).date()
-    return [today - dt.timedelta(days=1), today]
 
 
 @dataclass
@@ -292,6 +288,80 @@ def recent_duplicates_result(table: TableMapping, targets: TableTargets) -> dg.A
     return duplicate_check(table, changes, duplicated, scope="yesterday and today")
 
 
+def content_result(
+    cluster: ClusterMapping,
+    table: TableMapping,
+    landing: LandingResource,
+    targets: TableTargets,
+    mysql: MySqlSourceResource,
+    severity: str,
+    max_rows: int,
+) -> dg.AssetCheckResult:
+    """content_matches_source: the digests of both sides at one consistent snapshot (see cdc_assets.content_check);
+    passed while the pipeline has not caught up with that snapshot (then `exact` is false), as the row count."""
+    connection = mysql.connection(cluster).connect(connect_timeout=mysql.connect_timeout_s)
+    try:
+        with connection.cursor() as cursor:
+            position = begin_consistent_snapshot(cursor)
+            cursor.execute("SELECT UTC_TIMESTAMP(6)")
+            taken_at = cursor.fetchone()[0].replace(tzinfo=dt.UTC)
+            snapshot = SourceSnapshot(0, {}, position, taken_at)
+            boundary = snapshot.boundary() or "9" * 35
+            if not targets.exists(targets.current):
+                comparison = None
+            else:
+                comparison = compare_content(cursor, targets, cluster, table, boundary, max_rows)
+        connection.commit()
+    finally:
+        connection.close()
+    state = completeness(landing, targets, cluster, snapshot)
+    level = dg.AssetCheckSeverity.ERROR if severity == "ERROR" else dg.AssetCheckSeverity.WARN
+    if comparison is None:
+        return dg.AssetCheckResult(
+            check_name=CONTENT,
+            asset_key=bigquery_asset_key(table),
+            passed=True,
+            severity=level,
+            description=f"{targets.dataset}.{targets.current} does not exist yet: nothing to compare",
+            metadata={"exact": False},
+        )
+    mismatched = comparison.mismatched_chunks
+    passed = not mismatched or not state.exact
+    if not state.exact:
+        summary = "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
+    elif passed:
+        summary = f"equal: {comparison.source.rows:,} rows, {len(comparison.compared)} columns"
+    else:
+        summary = (
+            f"MISMATCH in {len(mismatched)} chunk(s) of {comparison.chunking}: {', '.join(mismatched[:10])}"
+            + (f"; first differences: {'; '.join(comparison.differing)}" if comparison.differing else "")
+            + ". Re-snapshot the table (resnapshot_table job) once the cause is fixed"
+        )
+    return dg.AssetCheckResult(
+        check_name=CONTENT,
+        asset_key=bigquery_asset_key(table),
+        passed=passed,
+        severity=level,
+        description=summary,
+        metadata={
+            "exact": state.exact,
+            "chunking": comparison.chunking,
+            "chunks": len(set(comparison.source.chunks) | set(comparison.bigquery.chunks)),
+            "mismatched_chunks": dg.MetadataValue.json(mismatched[:50]),
+            "first_differences": dg.MetadataValue.json(comparison.differing),
+            "source_rows_compared": comparison.source.rows,
+            "bigquery_rows_compared": comparison.bigquery.rows,
+            "columns_compared": len(comparison.compared),
+            "columns_not_compared": dg.MetadataValue.json(comparison.skipped),
+            "bigquery_bytes_processed": comparison.bytes_processed,
+            "snapshot_position": f"{snapshot.position.file}:{snapshot.position.pos}"
+            if snapshot.position
+            else "",
+            "waiting_for": dg.MetadataValue.json(state.waiting_for[:20]),
+        },
+    )
+
+
 def build_table_checks(
     cluster: ClusterMapping, table: TableMapping, settings: Settings
 ) -> dg.AssetChecksDefinition:
@@ -303,6 +373,12 @@ def build_table_checks(
             description=f"{table.source} row count (and per {table.partition_column} day) equals BigQuery's",
         ),
         dg.AssetCheckSpec(FILES_LOADED, asset=key, description="Every landed file is loaded."),
+        dg.AssetCheckSpec(
+            CONTENT,
+            asset=key,
+            description=f"Every compared column of {table.source} equals BigQuery's, value for value (digests per "
+            "chunk at one snapshot; the first differing keys and columns on a mismatch).",
+        ),
     ]
     streaming = (table.load_mode or settings.load_mode) == "streaming"
     if streaming:  # batch mode checks every load inline, in its own merge script
@@ -327,6 +403,16 @@ def build_table_checks(
             yield row_count_result(cluster, table, landing, targets, mysql)
         if FILES_LOADED in selected:
             yield files_loaded_result(table, landing, targets, settings.load_grace_seconds)
+        if CONTENT in selected:
+            yield content_result(
+                cluster,
+                table,
+                landing,
+                targets,
+                mysql,
+                settings.content_check_severity,
+                settings.content_check_max_rows,
+            )
         if streaming and NO_DUPLICATES in selected:
             yield recent_duplicates_result(table, targets)
 

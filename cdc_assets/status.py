@@ -20,6 +20,7 @@ from google.cloud import bigquery
 from cdc.landing import NotALandingFile, PoisonMessage, parse_key, parse_message
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, landed_and_unloaded
+from cdc_assets.content_check import CONTENT
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES
 from cdc_assets.resources import LandingResource
@@ -101,7 +102,7 @@ def last_checks(instance: dg.DagsterInstance | None, tables: list[TableMapping])
     keys = [
         dg.AssetCheckKey(asset, name)
         for asset in target_of
-        for name in (NO_DUPLICATES, ROW_COUNT, FILES_LOADED)
+        for name in (NO_DUPLICATES, ROW_COUNT, CONTENT, FILES_LOADED)
     ]
     records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
     out: dict[str, dict[str, Any]] = {}

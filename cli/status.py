@@ -10,12 +10,13 @@ import click
 from cdc.clients import bigquery_client_from
 from cdc_assets import status as table_status
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT
+from cdc_assets.content_check import CONTENT
 from cdc_assets.load_run import NO_DUPLICATES
 from cdc_assets.resources import LandingResource
 from cli.common import config, platform_mappings
 from local_stack.dagster import open_instance
 
-CHECK_LABELS = {NO_DUPLICATES: "dup", ROW_COUNT: "rows", FILES_LOADED: "files"}
+CHECK_LABELS = {NO_DUPLICATES: "dup", ROW_COUNT: "rows", CONTENT: "content", FILES_LOADED: "files"}
 
 
 @click.command("status")

@@ -9,14 +9,20 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from google.cloud import bigquery
 
 from capture.service import ClusterCapture
+from cdc.clients import bigquery_client
+from cdc.mappings import quote_bigquery
 from cdc.settings import Settings
-from cdc_assets.checks import FILES_LOADED, ROW_COUNT, build_table_checks
+from cdc.source import begin_consistent_snapshot
+from cdc_assets.checks import FILES_LOADED, ROW_COUNT, SourceSnapshot, build_table_checks
+from cdc_assets.content_check import CONTENT, compare_content
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import LOADER, NO_DUPLICATES, load_run_config
 from cdc_assets.resources import LandingResource
 from cdc_assets.tables import build_table_assets
+from cdc_assets.targets import TableTargets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
 from tests.support.accounts import (
@@ -113,17 +119,28 @@ def test_row_count_check_backfill_and_alerts(
     assert set(per_day) == {yesterday, today} and per_day[today]["source"] >= 4
     assert all(day["source"] == day["bigquery"] for day in per_day.values())
     assert results[FILES_LOADED].passed and results[FILES_LOADED].metadata["overdue_files"].value == 0
+    content = results[CONTENT]  # every type of the accounts table, value for value, on the check days
+    assert content.passed and content.metadata["exact"].value is True, content.metadata
+    assert (
+        content.metadata["source_rows_compared"].value
+        == 4
+        == content.metadata["bigquery_rows_compared"].value
+    )
+    assert content.metadata["columns_compared"].value == 14 and content.metadata["chunks"].value == 1  # today
 
     # a steady load: changes captured but not loaded yet are no false alarm - the check says it is not exact
     with running(ClusterCapture(cluster, env.replication(), env.store(), FAST)):
         insert_accounts(env, [7])
         run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
         wait_caught_up(env)
-    catching_up = check()[ROW_COUNT]
-    assert catching_up.passed and catching_up.metadata["exact"].value is False
-    assert "landed, not loaded yet" in json.dumps(catching_up.metadata["waiting_for"].value)
+    catching_up = check()
+    assert catching_up[ROW_COUNT].passed and catching_up[ROW_COUNT].metadata["exact"].value is False
+    assert "landed, not loaded yet" in json.dumps(catching_up[ROW_COUNT].metadata["waiting_for"].value)
+    assert catching_up[CONTENT].passed and catching_up[CONTENT].metadata["exact"].value is False
     assert backfill()["new_changes"] == 2
-    assert check()[ROW_COUNT].metadata["exact"].value is True
+    caught_up = check()
+    assert caught_up[ROW_COUNT].metadata["exact"].value is True
+    assert caught_up[CONTENT].passed and caught_up[CONTENT].metadata["exact"].value is True
 
     # a row deleted behind the pipeline's back: the check fails, naming both counts
     loader.bq.query(f"DELETE FROM {loader.ref('accounts')} WHERE id = 2").result()
@@ -133,6 +150,8 @@ def test_row_count_check_backfill_and_alerts(
         broken.metadata["source_rows"].value == 5 and broken.metadata["bigquery_rows_at_snapshot"].value == 4
     )
     assert "MISMATCH" in (broken.description or "")
+    missing = check()[CONTENT]  # ... and so does the content check, naming the key
+    assert not missing.passed and missing.metadata["first_differences"].value == ["id=2: only at the source"]
 
     # ... the alert sensor posts it to the webhook with the numbers
     alerts = {"alerts": AlertWebhookResource(url=receiver.url)}
@@ -212,7 +231,7 @@ def test_streaming_checks_count_rows_exactly_and_find_duplicates(
     resources = pipeline_resources(env)
     asset = build_table_assets([(cluster, table)], Settings.load())
     checks = build_table_checks(cluster, table, Settings.load())
-    assert {spec.name for spec in checks.check_specs} == {ROW_COUNT, FILES_LOADED, NO_DUPLICATES}
+    assert {spec.name for spec in checks.check_specs} == {ROW_COUNT, FILES_LOADED, CONTENT, NO_DUPLICATES}
     instance = dg.DagsterInstance.ephemeral()
     today = dt.datetime.now(dt.UTC).date().isoformat()
 
@@ -241,17 +260,45 @@ def test_streaming_checks_count_rows_exactly_and_find_duplicates(
     assert results[ROW_COUNT].metadata["source_rows"].value == 6
     assert results[NO_DUPLICATES].passed and results[NO_DUPLICATES].metadata["changes"].value >= 8
     assert results[FILES_LOADED].passed
+    content = results[CONTENT]  # every type, read back from the CDC table's merged state
+    assert content.passed and content.metadata["exact"].value is True, content.metadata
+    assert content.metadata["source_rows_compared"].value == 6 and content.metadata["chunks"].value == 1
 
-    with running(
-        ClusterCapture(cluster, env.replication(), env.store(), FAST)
-    ):  # a steady load: no false alarm
-        insert_accounts(env, [7])
-        run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
-        wait_caught_up(env)
-    catching_up = check()[ROW_COUNT]
-    assert catching_up.passed and catching_up.metadata["exact"].value is False
-    load()
-    assert check()[ROW_COUNT].metadata["exact"].value is True
+    # a source snapshot taken now, compared after later changes are loaded: BigQuery is rolled back to it exactly
+    with env.admin() as before, before.cursor() as cursor:
+        position = begin_consistent_snapshot(cursor)
+        boundary = SourceSnapshot(0, {}, position, dt.datetime.now(dt.UTC)).boundary()
+        assert boundary
+        cursor.execute(
+            f"SELECT COUNT(*) FROM `{env.schema}`.accounts"
+        )  # the snapshot's read view starts here
+
+        with running(
+            ClusterCapture(cluster, env.replication(), env.store(), FAST)
+        ):  # a steady load: no false alarm
+            insert_accounts(env, [7])
+            run_sql(env, "DELETE FROM `{schema}`.accounts WHERE id = 1")
+            run_sql(env, "UPDATE `{schema}`.accounts SET nick = 'changed', money = 0 WHERE id = 2")
+            wait_caught_up(env)
+        catching_up = check()
+        assert catching_up[ROW_COUNT].passed and catching_up[ROW_COUNT].metadata["exact"].value is False
+        assert catching_up[CONTENT].passed and catching_up[CONTENT].metadata["exact"].value is False
+        load()
+        targets = TableTargets(
+            bigquery_client(local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint),
+            table,
+        )
+        then = compare_content(cursor, targets, cluster, table, boundary, 2_000_000)
+        assert then.source.rows == 6 == then.bigquery.rows and not then.mismatched_chunks  # rolled back
+        now = compare_content(cursor, targets, cluster, table, "9" * 35, 2_000_000)
+        assert now.mismatched_chunks == ["0"] and now.differing == [  # not rolled back: the later changes
+            "id=1: only at the source",
+            "id=2: column(s) money, nick differ",
+            "id=7: only in BigQuery",
+        ]
+    caught_up = check()
+    assert caught_up[ROW_COUNT].metadata["exact"].value is True
+    assert caught_up[CONTENT].passed and caught_up[CONTENT].metadata["exact"].value is True
 
     loader = accounts_stream_loader(local_stack, env, env.schema)
     assert_current_state_equals_source(loader, env)
@@ -260,3 +307,94 @@ def test_streaming_checks_count_rows_exactly_and_find_duplicates(
     ).result()
     duplicated = check()[NO_DUPLICATES]
     assert not duplicated.passed and duplicated.metadata["duplicated_changes"].value == 1
+
+
+HOSTILE = """CREATE TABLE `{schema}`.hostile (id INT NOT NULL PRIMARY KEY, y YEAR NULL,
+  u VARCHAR(8) CHARACTER SET utf16 NULL, bits BIT(10) NULL, d DATE NULL, f DOUBLE NULL, price DECIMAL(12,3) NULL,
+  t TIME(2) NULL, raw BINARY(3) NULL, ts TIMESTAMP(3) NULL DEFAULT NULL)"""
+
+
+def test_content_check_names_each_divergence_the_row_count_misses(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The value classes that once diverged with the right row count (YEAR 0 -> 1900, a UTF-16 column garbled, a
+    column added with a default that BigQuery does not hold): content_matches_source fails on each, naming the key
+    and the column, and passes again once the table is rebuilt."""
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "poker_accounts")
+    run_sql(
+        env,
+        HOSTILE,
+        "INSERT INTO `{schema}`.hostile VALUES (1, 0, 'ĀĒ', b'1010101010', '2026-02-28', 1.5, 100.000, "
+        "'-838:59:59.00', 'a', '2026-11-30 10:00:00.125'), (2, 2024, 'abc', 0, '0000-00-00', NULL, 0.5, '00:00:00.01', "
+        "'', '1970-01-01 00:00:01'), (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+    )
+    table = env.table("hostile", ["id"]).model_copy(update={"load_mode": "batch"})  # planted by DML
+    cluster = env.mapping(table)
+    capture_changes(
+        env, cluster, "UPDATE `{schema}`.hostile SET y = 0, u = 'ĒĀ😀' WHERE id = 2"
+    )  # the binlog path
+    resources = pipeline_resources(env)
+    asset = build_table_assets([(cluster, table)], Settings.load())
+    checks = build_table_checks(cluster, table, Settings.load())
+    instance = dg.DagsterInstance.ephemeral()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    bq = bigquery_client(local_stack.settings.bigquery_project, endpoint=local_stack.bigquery.endpoint)
+    ref = quote_bigquery(bq.project, env.schema, "hostile")
+
+    def rebuild() -> None:
+        assert dg.materialize([asset], partition_key=today, resources=resources, instance=instance).success
+
+    def check() -> dict[str, dg.AssetCheckEvaluation]:
+        selection = dg.AssetSelection.checks(
+            *(dg.AssetCheckKey(bigquery_asset_key(table), name) for name in (ROW_COUNT, CONTENT))
+        )
+        result = dg.materialize([asset, checks], selection=selection, resources=resources, instance=instance)
+        return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    def plant(sql: str) -> None:
+        params = [
+            bigquery.ScalarQueryParameter("garbled", "STRING", "\x01ሁ"),
+            bigquery.ScalarQueryParameter("short", "BYTES", b"a"),
+        ]
+        used = [p for p in params if f"@{p.name}" in sql]
+        bq.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=used)).result()
+
+    rebuild()
+    steady = check()[CONTENT]
+    assert steady.passed and steady.metadata["exact"].value is True, steady.metadata
+    assert (
+        steady.metadata["source_rows_compared"].value == 3 == steady.metadata["bigquery_rows_compared"].value
+    )
+    assert steady.metadata["columns_compared"].value == 9
+    assert set(steady.metadata["columns_not_compared"].value) == {"f"}  # DOUBLE: approximate
+
+    for planted, column, key in (
+        (f"UPDATE {ref} SET y = 1900 WHERE id = 2", "y", 2),  # the binlog reader's YEAR 0000
+        (f"UPDATE {ref} SET u = @garbled WHERE id = 1", "u", 1),  # UTF-16 decoded as UTF-8
+        (
+            f"UPDATE {ref} SET d = NULL, raw = @short WHERE id = 1",
+            "d, raw",
+            1,
+        ),  # a lost date, unpadded BINARY
+    ):
+        plant(planted)
+        results = check()
+        assert results[ROW_COUNT].passed  # the row count cannot see it
+        found = results[CONTENT]
+        assert not found.passed and found.metadata["exact"].value is True
+        assert found.metadata["first_differences"].value == [f"id={key}: column(s) {column} differ"]
+        assert "MISMATCH" in (found.description or "") and f"id={key}" in (found.description or "")
+        assert found.severity == dg.AssetCheckSeverity.WARN
+        rebuild()
+        assert check()[CONTENT].passed
+
+    # a column added at the source with a default: every existing row holds it there at once, with no row event -
+    # BigQuery does not have it until each row changes; the content check names the rows
+    capture_changes(
+        env, cluster, "ALTER TABLE `{schema}`.hostile ADD COLUMN c VARCHAR(4) NOT NULL DEFAULT 'x'"
+    )
+    added = check()[CONTENT]
+    assert not added.passed and added.metadata["exact"].value is True
+    assert added.metadata["first_differences"].value == [f"id={i}: column(s) c differ" for i in (1, 2, 3)]

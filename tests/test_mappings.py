@@ -15,6 +15,8 @@ from cdc.settings import MAPPINGS_DIR, STATE_DIR
 from cli import main
 from cli.common import platform_mappings
 from local_stack.demo_schema import demo_clusters
+from local_stack.stack import LocalStack
+from tests.support.capture import new_env, run_sql
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mappings"
 
@@ -211,3 +213,64 @@ def test_commands_that_report_on_the_platform_read_the_deployed_mappings(
     assert [t.target for _, t in platform_mappings().tables()] == [only_other]
     gone = CliRunner().invoke(main, ["status", "--table", only_working])
     assert gone.exit_code == 1 and f"no mapped table is named {only_working!r}" in gone.output
+
+
+def test_mappings_add_reads_the_source_and_writes_a_valid_entry(
+    local_stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cdc mappings add CLUSTER SCHEMA.TABLE`: key, partition column and proposed overrides from the source's
+    information_schema; append_only with a warning without a key; an unrepresentable column named with the fix;
+    the file validates afterwards (and is left unchanged on any refusal)."""
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)  # the cluster's connection variables
+    env = new_env(local_stack, "poker_accounts")
+    run_sql(
+        env,
+        "CREATE TABLE `{schema}`.gamers (id BIGINT NOT NULL, region CHAR(2) NOT NULL, is_vip TINYINT(1), "
+        "signup DATETIME(6) DEFAULT CURRENT_TIMESTAMP(6), PRIMARY KEY (region, id))",
+        "CREATE TABLE `{schema}`.clicks (at TIMESTAMP(3) NULL DEFAULT NULL, created_at DATE, what VARCHAR(20))",
+        "CREATE TABLE `{schema}`.places (id INT PRIMARY KEY, spot POINT)",
+        "CREATE TABLE `{schema}`.dupe (id INT PRIMARY KEY)",
+    )
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    shipped = json.loads((SHIPPED / "poker_accounts.json").read_text())
+    (folder / "poker_accounts.json").write_text(json.dumps({**shipped, "tables": shipped["tables"][:1]}))
+    monkeypatch.setenv(MAPPINGS_DIR, str(folder))
+    dataset = shipped["tables"][0]["target"].split(".")[0]
+
+    def add(*args: str) -> Any:
+        return CliRunner().invoke(main, ["mappings", "add", "poker_accounts", *args])
+
+    gamers = add(f"{env.schema}.gamers")
+    assert gamers.exit_code == 0, gamers.output
+    assert "is_vip -> BOOL" in gamers.output and "proposed, not written" in gamers.output
+    clicks = add(f"{env.schema}.clicks", "--target", f"{env.schema}.clicks", "--accept-overrides")
+    assert clicks.exit_code == 0, clicks.output
+    assert "has no primary key: mapped append_only" in clicks.output
+    tables = {t.source: t for t in load_mappings(folder).cluster("poker_accounts").tables}
+    added = tables[f"{env.schema}.gamers"]
+    assert added.target == f"{dataset}.gamers" and added.primary_key == ["region", "id"]
+    assert added.partition_column == "signup" and added.type_overrides == {}  # proposed only
+    log = tables[f"{env.schema}.clicks"]
+    assert log.append_only and log.primary_key == [] and log.partition_column == "created_at"
+
+    before = (folder / "poker_accounts.json").read_text()
+    for refused, message in (
+        (
+            add(f"{env.schema}.places"),
+            "column spot has type point, which the capture cannot represent exactly",
+        ),
+        (add(f"{env.schema}.gamers"), "is already mapped"),
+        (
+            add(f"{env.schema}.dupe", "--target", shipped["tables"][0]["target"]),
+            "the new entry does not validate",
+        ),
+        (add(f"{env.schema}.nowhere"), "does not exist at the source"),
+        (
+            CliRunner().invoke(main, ["mappings", "add", "no_such_cluster", "a.b"]),
+            "no mapping file for cluster",
+        ),
+    ):
+        assert refused.exit_code == 1 and message in refused.output, refused.output
+    assert (folder / "poker_accounts.json").read_text() == before

@@ -13,8 +13,10 @@ import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
+from capture.columns import ColumnSpec
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
+from cdc_assets.content_check import ColumnDigest, column_digest
 from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_metadata
 from cdc_assets.proto_rows import ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
@@ -238,3 +240,32 @@ def test_the_oracle_compares_numeric_keys_by_value_and_keeps_other_text() -> Non
     assert key_text(Decimal("-2.50")) == key_text("-2.5") == "-2.5"
     assert key_text("9e4999") == "9e4999"  # a text column in an all-columns key: not a 5,000-digit number
     assert key_text("Infinity") == "Infinity" and key_text("0x1F") == "0x1F"
+
+
+def test_a_decimal_mapped_to_string_is_plain_decimal_text() -> None:
+    """type_overrides STRING on a DECIMAL (a wide one the local BigQuery server cannot hold): MySQL's digits, never
+    Python's exponent form ('0E-10', '1.000E-7')."""
+    normalise = ColumnSpec("wide", "decimal(38,10)", override="STRING").normaliser()
+    assert normalise is not None
+    assert normalise(Decimal("0E-10"), "") == "0.0000000000"
+    assert normalise(Decimal("1.000E-7"), "") == "0.0000001000"
+    assert normalise(Decimal("-12345678901234567890123456.7890000000"), "") == (
+        "-12345678901234567890123456.7890000000"
+    )
+    assert normalise(None, "") is None
+
+
+def test_content_digests_follow_the_bigquery_type_and_name_what_is_not_compared() -> None:
+    """Each column's normalised text is the same expression of the value on both servers (the live test proves
+    they agree); a column missing in BigQuery compares as NULL; approximate types are named, not compared."""
+    year = column_digest(ColumnSpec("y", "year(4)"), "INTEGER")
+    assert isinstance(year, ColumnDigest) and year.mysql == "CAST(`y` + 0 AS CHAR)"
+    assert year.bigquery == "CAST(`y` AS STRING)"
+    flag = column_digest(ColumnSpec("vip", "tinyint(1)", override="BOOL"), "BOOLEAN")
+    assert isinstance(flag, ColumnDigest) and flag.bigquery == "CAST(CAST(`vip` AS INT64) AS STRING)"
+    added = column_digest(ColumnSpec("c", "varchar(4)"), None)
+    assert isinstance(added, ColumnDigest) and added.bigquery == "CAST(NULL AS STRING)"
+    assert "not compared" in str(column_digest(ColumnSpec("f", "double"), "FLOAT"))
+    assert "no content rule" in str(
+        column_digest(ColumnSpec("d", "datetime(6)", override="STRING"), "STRING")
+    )
