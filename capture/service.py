@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -35,7 +36,7 @@ from capture.columns import UnsupportedColumn
 from capture.full_load import full_load
 from capture.sink import S3Store, TableBuffer, parquet_bytes
 from capture.source_tables import CaptureError, SourceTable, columns_of_event, read_columns
-from cdc.landing import commit_timestamp_text
+from cdc.landing import TRUNCATE_OP, commit_timestamp_text
 from cdc.mappings import ClusterMapping, TableMapping, load_mappings
 from cdc.sequence import BinlogPosition
 from cdc.source import MySQLConnection
@@ -67,6 +68,25 @@ TRANSIENT_ERRORS = (
 MAX_RETRY_DELAY_S = 30.0
 BINLOG_PURGED = 1236  # the server no longer has the binlog at the requested position
 TableKey = tuple[str, str]  # (schema, table) at the source
+_NAME = r"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
+TRUNCATE_STATEMENT = re.compile(
+    rf"^\s*(?:/\*.*?\*/\s*)*TRUNCATE\s+(?:TABLE\s+)?(?P<first>{_NAME})(?:\s*\.\s*(?P<second>{_NAME}))?\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def truncated_table(query: str, default_schema: str) -> TableKey | None:
+    """The (schema, table) a `TRUNCATE [TABLE] [schema.]table` statement empties, else None."""
+    match = TRUNCATE_STATEMENT.match(query)
+    if not match:
+        return None
+
+    def unquote(name: str) -> str:
+        return name[1:-1].replace("``", "`") if name.startswith("`") else name
+
+    if match["second"]:
+        return unquote(match["first"]), unquote(match["second"])
+    return default_schema, unquote(match["first"])
 
 
 @dataclass
@@ -322,6 +342,7 @@ class ClusterCapture:
         if isinstance(event, QueryEvent):  # DDL: the next rows of each table re-read its columns
             for shape in self.tables.values():
                 shape.stale = True
+            self._on_truncate(event, cursor)
         cursor.in_transaction = False
         if cursor.tx_gtid:
             cursor.gtid_state[cursor.tx_gtid.split("-", 1)[0]] = cursor.tx_gtid
@@ -336,6 +357,34 @@ class ClusterCapture:
             stream.auto_position = self._completed["gtid"]
         self._commit_pending()
         self._maybe_flush()
+
+    def _on_truncate(self, event: QueryEvent, cursor: StreamCursor) -> None:
+        """`TRUNCATE TABLE` of a mapped keyed table: no row events are written for it, so the capture lands it as one
+        change (Op T, every column NULL) the loader applies exactly. An append-only table keeps what it received."""
+        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
+        key = truncated_table(str(event.query), schema)
+        if key is None:
+            return
+        mapping = next(
+            (t for t in self._enabled() if (t.source_schema, t.source_table) == key and t.primary_key), None
+        )
+        if mapping is None:
+            return
+        shape = self.tables.get(key)
+        if shape is None:
+            connection = self.connection.connect()
+            try:
+                shape = self._install(
+                    SourceTable(mapping, read_columns(connection, mapping, self.cluster.cluster))
+                )
+            finally:
+                connection.close()
+        self._tx_timestamp = event.timestamp
+        position = BinlogPosition(cursor.file, event.packet.log_pos)
+        self._pending.append((key, TRUNCATE_OP, [None] * len(shape.names), position.sequence(0)))
+        log.info(
+            "cluster %s: TRUNCATE of %s.%s at %s:%s", self.cluster.cluster, *key, cursor.file, position.pos
+        )
 
     def _purged(self, exc: pymysql.err.OperationalError) -> CaptureError:
         name = self.cluster.cluster

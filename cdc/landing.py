@@ -24,6 +24,9 @@ OP_COLUMN = "Op"
 COMMIT_TIMESTAMP_COLUMN = "cdc_commit_timestamp"
 CHANGE_SEQUENCE_COLUMN = "cdc_change_seq"
 ADDED_COLUMNS = (OP_COLUMN, COMMIT_TIMESTAMP_COLUMN, CHANGE_SEQUENCE_COLUMN)
+# Op of a `TRUNCATE TABLE` at the source (our capture only; DMS writes nothing for it): a row with every source
+# column NULL at the statement's change sequence - every row whose last change precedes it is gone
+TRUNCATE_OP = "T"
 COMMIT_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 _LOAD_NAME = re.compile(r"^LOAD(?P<n>[0-9A-F]{8})\.parquet$")

@@ -29,7 +29,7 @@ from google.cloud import bigquery
 
 from cdc.mappings import TableMapping
 from cdc_assets import merge_sql
-from cdc_assets.landed_files import batch_id
+from cdc_assets.landed_files import batch_id, truncated_at
 from cdc_assets.targets import (
     CHANGE_SEQ,
     COMMIT_TS,
@@ -39,6 +39,7 @@ from cdc_assets.targets import (
     OP,
     SNAPSHOT_MARKER,
     SOURCE_FILE,
+    TRUNCATE_MARKER,
     LoadError,
     TableTargets,
 )
@@ -171,8 +172,9 @@ class MergeLoader(TableTargets):
         except LoadError as exc:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
+        truncate = truncated_at(data) if self.mapping.primary_key and not snapshot_horizon else None
         script = self._script(
-            stage, [f.name for f in staged], batch, rebuild_id, snapshot_horizon, data.num_rows
+            stage, [f.name for f in staged], batch, rebuild_id, snapshot_horizon, data.num_rows, truncate
         )
         merge_started = time.monotonic()
         job = self.run_job(
@@ -233,7 +235,10 @@ class MergeLoader(TableTargets):
         rebuild_id: str | None,
         snapshot_horizon: str | None,
         rows: int,
+        truncate: str | None = None,
     ) -> str:
+        """The batch's script; with `truncate` (a TRUNCATE's sequence in the batch) that sequence is recorded as the
+        table's horizon first, and the whole current state re-derived from it."""
         tables = merge_sql.BatchTables(
             stage=self.ref(stage),
             changelog=self.ref(self.changelog),
@@ -247,8 +252,10 @@ class MergeLoader(TableTargets):
         ]
         if self.mapping.primary_key:
             current_columns = [f.name for f in self.bq.get_table(self.table_id(self.current)).schema]
+            if truncate and re.fullmatch(r"[0-9]{1,64}", truncate):
+                body.append(merge_sql.record_truncate(tables, batch, truncate, TRUNCATE_MARKER))
             since = f"'{snapshot_horizon}'" if snapshot_horizon else self.horizon_sql()
-            whole = bool(rebuild_id or snapshot_horizon)  # else only the batch's keys
+            whole = bool(rebuild_id or snapshot_horizon or truncate)  # else only the batch's keys
             body.append(merge_sql.set_current_state(tables, self._key(), current_columns, since, not whole))
         ledger = [merge_sql.record_files(tables, batch, self.load_jobs)]
         if snapshot_horizon:

@@ -202,6 +202,12 @@ def row_count_result(
     mismatches = []
     if at_snapshot != snapshot.rows:
         mismatches.append(f"all rows: source {snapshot.rows}, BigQuery {at_snapshot}")
+        if at_snapshot > snapshot.rows:
+            mismatches.append(
+                "BigQuery holds rows the source no longer has: deleted without a change reaching BigQuery (a "
+                "TRUNCATE landed by AWS DMS, which writes nothing for it, or rows deleted with the binlog off) - "
+                "re-snapshot the table (resnapshot_table job; with DMS reload the table in the task, then backfill)"
+            )
     per_day: dict[str, Any] = {}
     for day, source_rows in snapshot.rows_per_day.items():
         bigquery_rows = counts["per_day"][day] - counts["delta_per_day"][day]

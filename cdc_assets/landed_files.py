@@ -14,7 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cdc.landing import ADDED_COLUMNS, CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, OP_COLUMN
+from cdc.landing import (
+    ADDED_COLUMNS,
+    CHANGE_SEQUENCE_COLUMN,
+    COMMIT_TIMESTAMP_COLUMN,
+    OP_COLUMN,
+    TRUNCATE_OP,
+)
 from cdc_assets.targets import CHANGE_SEQ, COMMIT_TS, LOADED_AT, OP, SOURCE_FILE, LoadError
 
 
@@ -126,6 +132,12 @@ def with_metadata(table: pa.Table, key: str) -> pa.Table:
             column = table[name]
             columns[name] = column.cast(bigquery_type(column.type))
     return pa.table(columns)
+
+
+def truncated_at(data: pa.Table) -> str | None:
+    """The change sequence of the batch's last TRUNCATE of the table (the capture's Op T row), if any."""
+    truncates = data.filter(pc.equal(data[OP], TRUNCATE_OP))
+    return str(pc.max(truncates[CHANGE_SEQ]).as_py()) if truncates.num_rows else None
 
 
 def batch_id(keys: list[str], versions: dict[str, str] | None = None) -> str:

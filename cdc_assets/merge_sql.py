@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cdc.landing import TRUNCATE_OP
 from cdc_assets.targets import (
     CHANGE_SEQ,
     LOADED_AT,
@@ -84,7 +85,9 @@ def set_current_state(
     (inserted behind the pipeline's back, or deleted at the source before a re-snapshot)."""
     keys = [quote_column(k) for k in key]
     columns = [quote_column(c) for c in current_columns]
-    changes = f"SELECT * FROM {tables.changelog} AS c WHERE c.{Q_CHANGE_SEQ} >= {since}"
+    changes = (  # a TRUNCATE's row (no key) counts only as the horizon it sets
+        f"SELECT * FROM {tables.changelog} AS c WHERE c.{Q_CHANGE_SEQ} >= {since} AND c.{Q_OP} != '{TRUNCATE_OP}'"
+    )
     if batch_keys_only:
         same_key = " AND ".join(f"s.{k} = c.{k}" for k in keys)
         changes += f" AND EXISTS (SELECT 1 FROM {tables.stage} AS s WHERE {same_key})"
@@ -118,6 +121,16 @@ def record_horizon(
     return (
         f"INSERT INTO {tables.ledger} (source_file, row_count, batch, load_jobs, loaded_at, snapshot_horizon) "
         f"VALUES ('{marker}{horizon}', {int(rows)}, '{batch}', {int(load_jobs)}, CURRENT_TIMESTAMP(), '{horizon}');"
+    )
+
+
+def record_truncate(tables: BatchTables, batch: str, sequence: str, marker: str) -> str:
+    """Record a TRUNCATE at the source as the table's horizon (once: a rebuild of the day finds it recorded)."""
+    name = f"{marker}{sequence}"
+    return (
+        f"INSERT INTO {tables.ledger} (source_file, row_count, batch, load_jobs, loaded_at, snapshot_horizon) "
+        f"SELECT '{name}', 0, '{batch}', 0, CURRENT_TIMESTAMP(), '{sequence}' FROM (SELECT 1) "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {tables.ledger} WHERE source_file = '{name}');"
     )
 
 

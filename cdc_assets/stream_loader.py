@@ -32,9 +32,9 @@ from google.api_core import exceptions
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import types
 
-from cdc.landing import ControlDocuments, load_file_number, table_prefix
+from cdc.landing import TRUNCATE_OP, ControlDocuments, load_file_number, table_prefix
 from cdc.mappings import TableMapping
-from cdc_assets.landed_files import read_landed
+from cdc_assets.landed_files import read_landed, truncated_at
 from cdc_assets.proto_rows import ProtoRows
 from cdc_assets.targets import (
     CHANGE_SEQ,
@@ -47,6 +47,7 @@ from cdc_assets.targets import (
     Q_SOURCE_FILE,
     SNAPSHOT_MARKER,
     SOURCE_FILE,
+    TRUNCATE_MARKER,
     LoadError,
     TableTargets,
     quote_column,
@@ -281,8 +282,14 @@ class StreamLoader(TableTargets):
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise LoadError(f"{exc}. Files of this batch: {shown}") from exc
         started = time.monotonic()
-        state, appended, resynced = self._append(data, state, schema, late, resend, horizon)
-        self._record_files(data, keys, horizon)
+        truncate = truncated_at(data) if self.mapping.primary_key and not horizon else None
+        if truncate and self.horizon() >= truncate:
+            truncate = None  # applied by an earlier attempt (its marker is in the ledger)
+        state, appended, resynced = self._append(data, state, schema, late, resend, horizon, truncate)
+        if truncate:
+            self._record_files(data, keys, truncate, TRUNCATE_MARKER)
+        else:
+            self._record_files(data, keys, horizon)
         state.cursor = max([state.cursor, *(k for k in keys if not LOAD_FILE.search(k))])
         state.loads.update({k: versions[k] for k in keys if LOAD_FILE.search(k) and k in versions})
         state.count(self.calls, self.bytes)
@@ -325,11 +332,13 @@ class StreamLoader(TableTargets):
         late: set[str],
         resend: bool = False,
         horizon: str | None = None,
+        truncate: str | None = None,
     ) -> tuple[StreamState, int, bool]:
         """Append the batch's new changes, the current state first, then the changelog; (state, appended,
         resynced). `resend`: every change of the batch goes to the current state, not only the new ones;
         `horizon`: the batch is a snapshot (its rows the changelog lacks are appended; keys it lacks are deleted
-        from the current state at the horizon)."""
+        from the current state at the horizon); `truncate`: the sequence of a TRUNCATE in the batch - every key of
+        the current state is deleted at it (a key changed after it keeps that change: a higher sequence wins)."""
         resynced = False
         columns = [f.name for f in schema]
         if state is None or not state.stream or state.columns != columns:
@@ -343,6 +352,11 @@ class StreamLoader(TableTargets):
                 )
             elif self.mapping.primary_key and (changes.num_rows or resend):
                 self._write_current_state(self._sorted(data) if resend else changes)
+            if truncate:
+                key = list(self.mapping.primary_key)
+                self._write_current_state(
+                    data.slice(0, 0), deletes=self._keys_held(data, key), horizon=truncate
+                )
             if changes.num_rows == 0:
                 return state, 0, resynced
             try:
@@ -398,6 +412,17 @@ class StreamLoader(TableTargets):
         keep = [index for index, identity in enumerate(identities) if identity not in present]
         return data.take(pa.array(keep, pa.int64()))
 
+    def _keys_held(self, data: pa.Table, key: list[str]) -> pa.Table:
+        """Every key of the current state now, typed as in `data`."""
+        quoted = ", ".join(quote_column(k) for k in key)
+        rows = [
+            tuple(row.values())
+            for row in self.bq.query(f"SELECT {quoted} FROM {self.ref(self.current)}").result()
+        ]
+        return pa.table(
+            {k: pa.array([r[i] for r in rows], data.schema.field(k).type) for i, k in enumerate(key)}
+        )
+
     def _keys_missing_from(self, snapshot: pa.Table) -> pa.Table:
         """The current state's keys the snapshot does not hold (deleted at the source meanwhile)."""
         key = list(self.mapping.primary_key)
@@ -445,6 +470,7 @@ class StreamLoader(TableTargets):
     ) -> None:
         """UPSERT/DELETE per change on the current state's default stream (protobuf: native CDC takes no Arrow);
         with `deletes`, those keys are deleted at the `horizon` sequence."""
+        changes = changes.filter(pc.not_equal(changes[OP], TRUNCATE_OP))  # applied as the deletes it implies
         target = self.bq.get_table(self.table_id(self.current))
         rows = ProtoRows(target.schema)
         columns = {f.name for f in target.schema}
@@ -498,12 +524,14 @@ class StreamLoader(TableTargets):
         ) as exc:
             raise StreamConflict(str(exc)) from exc
 
-    def _record_files(self, data: pa.Table, keys: list[str], horizon: str | None = None) -> None:
+    def _record_files(
+        self, data: pa.Table, keys: list[str], horizon: str | None = None, marker: str = SNAPSHOT_MARKER
+    ) -> None:
         """Every file read, in the ledger (its rows and the time), on the ledger's default stream; a snapshot's
-        horizon as its marker row."""
+        (or a TRUNCATE's) horizon as its marker row."""
         counts = {item["values"]: item["counts"] for item in pc.value_counts(data[SOURCE_FILE]).to_pylist()}
         now = dt.datetime.now(dt.UTC)
-        files = keys + ([f"{SNAPSHOT_MARKER}{horizon}"] if horizon else [])
+        files = keys + ([f"{marker}{horizon}"] if horizon else [])
         ledger = pa.table(
             {
                 "source_file": pa.array(files, pa.string()),

@@ -26,6 +26,9 @@ OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT = (
 METADATA_COLUMNS = (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)
 LEDGER_SUFFIX = "_loaded_files"
 SNAPSHOT_MARKER = "snapshot@"  # a re-snapshot's marker row in the ledger: source_file = marker + horizon
+TRUNCATE_MARKER = (
+    "truncate@"  # a TRUNCATE at the source is a horizon too: no change before it counts any more
+)
 
 LEDGER_FIELDS = [
     bigquery.SchemaField("source_file", "STRING", mode="REQUIRED"),
@@ -146,6 +149,12 @@ class TableTargets:
         """SQL for the table's snapshot horizon: changes with a lower sequence precede its latest re-snapshot and
         no longer count for the current state ('' = no re-snapshot: every change counts)."""
         return f"(SELECT COALESCE(MAX(snapshot_horizon), '') FROM {self.ref(self.ledger)})"
+
+    def horizon(self) -> str:
+        """The table's snapshot horizon now ('' = none)."""
+        if not self.exists(self.ledger):
+            return ""
+        return str(next(iter(self.bq.query(f"SELECT {self.horizon_sql()} AS h").result())).h or "")
 
     def duplicate_changes(self) -> tuple[int, int]:
         """(changes, duplicated changes) in the changelog; a change is identified by sequence and Op."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from cdc.landing import ADDED_COLUMNS, CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, OP_COLUMN
+from cdc.landing import ADDED_COLUMNS, CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, OP_COLUMN, TRUNCATE_OP
 from cdc.mappings import quote_mysql
 
 BINARY_TYPES = ("binary", "varbinary", "blob", "tinyblob", "mediumblob", "longblob")
@@ -167,7 +167,9 @@ def final_state(rows: list[dict[str, Any]], key: list[str]) -> dict[tuple[Any, .
             continue
         seen[identity] = payload
         pk = tuple(row[c] for c in key)
-        if row[OP_COLUMN] == "D":
+        if row[OP_COLUMN] == TRUNCATE_OP:  # every row whose last change precedes it is gone
+            state.clear()
+        elif row[OP_COLUMN] == "D":
             state.pop(pk, None)
         else:
             state[pk] = {k: v for k, v in payload.items() if k not in ADDED_COLUMNS}

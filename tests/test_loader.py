@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from google.api_core import exceptions
 from google.cloud import bigquery
@@ -17,10 +19,12 @@ from local_stack.stack import LocalStack
 from tests.support.accounts import (
     DDL,
     accounts_loader,
+    accounts_stream_loader,
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
     load_files,
+    stream_all,
 )
 from tests.support.capture import FAST, CaptureEnv, landed_keys, new_env, run_sql, running, wait_caught_up
 
@@ -126,3 +130,58 @@ def test_a_file_written_again_with_other_rows_is_loaded_not_skipped(local_stack:
     assert not rewritten.skipped and rewritten.inserted_changes == rewritten.rows == 4
     assert assert_changelog_has_no_duplicates(loader) == 7
     assert_current_state_equals_source(loader, env)
+
+
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_a_truncate_at_the_source_empties_bigquery_exactly(local_stack: LocalStack, mode: str) -> None:
+    """`TRUNCATE TABLE` writes no row events: the capture lands it as one change (Op T, every column NULL) at the
+    statement's position. The current state drops every row changed before it and keeps those written after it in
+    the same batch; the changelog records it once; a batch loaded again changes nothing; later changes apply."""
+    env = new_env(local_stack, "slots_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 6))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"})
+    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        run_sql(
+            env, "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 2", "TRUNCATE TABLE `{schema}`.accounts"
+        )
+        insert_accounts(env, [7, 8])
+        run_sql(env, "UPDATE `{schema}`.accounts SET n = 2 WHERE id = 7")
+        wait_caught_up(env)
+    landed = [
+        pq.read_table(io.BytesIO(env.s3().get_object(Bucket=env.stack.settings.bucket, Key=k)["Body"].read()))
+        for k in sorted(landed_keys(env, "accounts"))
+    ]
+    truncates = [row for part in landed for row in part.to_pylist() if row["Op"] == "T"]
+    assert len(truncates) == 1 and all(
+        v is None for k, v in truncates[0].items() if k in ("id", "nick", "money")
+    )
+
+    dataset = f"{env.schema}_truncate_{mode}"
+    loader: Any
+    if mode == "batch":
+        loader = accounts_loader(local_stack, env, dataset)
+
+        def load() -> int:
+            return int(load_files(loader, env, sorted(landed_keys(env, "accounts"))).inserted_changes)
+    else:
+        loader = accounts_stream_loader(local_stack, env, dataset)
+
+        def load() -> int:
+            return int(stream_all(loader, env).inserted_changes)
+
+    load()
+    assert_current_state_equals_source(loader, env)  # ids 7 and 8 only
+    marked = f"SELECT COUNT(*) AS n FROM {loader.ref('accounts_changelog')} WHERE `_op` = 'T'"
+    assert next(iter(loader.bq.query(marked).result())).n == 1
+    assert load() == 0  # nothing twice
+    assert_current_state_equals_source(loader, env)
+    with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
+        insert_accounts(env, [9])
+        run_sql(env, "UPDATE `{schema}`.accounts SET n = 3 WHERE id = 8")
+        wait_caught_up(env)
+    assert load() >= 2
+    assert_current_state_equals_source(loader, env)  # 7, 8 (changed), 9
+    assert_changelog_has_no_duplicates(loader)

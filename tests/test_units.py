@@ -14,6 +14,7 @@ import pytest
 from google.cloud import bigquery
 
 from capture.columns import ColumnSpec
+from capture.service import truncated_table
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
 from cdc_assets.content_check import ColumnDigest, column_digest
@@ -269,3 +270,12 @@ def test_content_digests_follow_the_bigquery_type_and_name_what_is_not_compared(
     assert "no content rule" in str(
         column_digest(ColumnSpec("d", "datetime(6)", override="STRING"), "STRING")
     )
+
+
+def test_truncate_statements_name_their_table() -> None:
+    assert truncated_table("TRUNCATE TABLE accounts", "game") == ("game", "accounts")
+    assert truncated_table("truncate `my db`.`acc``ounts`;", "") == ("my db", "acc`ounts")
+    assert truncated_table("/* app */ TRUNCATE game . accounts", "x") == ("game", "accounts")
+    assert truncated_table("CREATE TABLE truncate_log (id INT)", "game") is None
+    assert truncated_table("DELETE FROM accounts", "game") is None
+    assert truncated_table("ALTER TABLE accounts TRUNCATE PARTITION p1", "game") is None
