@@ -16,6 +16,7 @@ from sensors.alerts import (
     build_alert_webhook,
     build_dead_letter_alert_sensor,
 )
+from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from sensors.sqs_sensor import build_sqs_sensor
 
 TABLE_CHECKS_CRON = "*/10 * * * *"
@@ -54,6 +55,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             alert_failed_checks,
             alert_failed_runs,
             build_dead_letter_alert_sensor(),
+            build_resnapshot_request_sensor(mappings),
         ],
         resources={**build_resources(settings), "alerts": build_alert_webhook()},
         executor=dg.in_process_executor,  # a load is I/O-bound; a process per step costs ~1 s on 2 cores

@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -33,10 +32,11 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
 from capture.charsets import learn_single_byte_tables
 from capture.columns import UnsupportedColumn
+from capture.ddl import fills_existing_rows, truncated_table
 from capture.full_load import full_load
 from capture.sink import S3Store, TableBuffer, parquet_bytes
 from capture.source_tables import CaptureError, SourceTable, columns_of_event, read_columns
-from cdc.landing import TRUNCATE_OP, commit_timestamp_text
+from cdc.landing import TRUNCATE_OP, commit_timestamp_text, request_resnapshot
 from cdc.mappings import ClusterMapping, TableMapping, load_mappings
 from cdc.sequence import BinlogPosition
 from cdc.source import MySQLConnection
@@ -68,25 +68,6 @@ TRANSIENT_ERRORS = (
 MAX_RETRY_DELAY_S = 30.0
 BINLOG_PURGED = 1236  # the server no longer has the binlog at the requested position
 TableKey = tuple[str, str]  # (schema, table) at the source
-_NAME = r"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
-TRUNCATE_STATEMENT = re.compile(
-    rf"^\s*(?:/\*.*?\*/\s*)*TRUNCATE\s+(?:TABLE\s+)?(?P<first>{_NAME})(?:\s*\.\s*(?P<second>{_NAME}))?\s*;?\s*$",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def truncated_table(query: str, default_schema: str) -> TableKey | None:
-    """The (schema, table) a `TRUNCATE [TABLE] [schema.]table` statement empties, else None."""
-    match = TRUNCATE_STATEMENT.match(query)
-    if not match:
-        return None
-
-    def unquote(name: str) -> str:
-        return name[1:-1].replace("``", "`") if name.startswith("`") else name
-
-    if match["second"]:
-        return unquote(match["first"]), unquote(match["second"])
-    return default_schema, unquote(match["first"])
 
 
 @dataclass
@@ -343,6 +324,7 @@ class ClusterCapture:
             for shape in self.tables.values():
                 shape.stale = True
             self._on_truncate(event, cursor)
+            self._on_added_values(event, cursor)
         cursor.in_transaction = False
         if cursor.tx_gtid:
             cursor.gtid_state[cursor.tx_gtid.split("-", 1)[0]] = cursor.tx_gtid
@@ -384,6 +366,37 @@ class ClusterCapture:
         self._pending.append((key, TRUNCATE_OP, [None] * len(shape.names), position.sequence(0)))
         log.info(
             "cluster %s: TRUNCATE of %s.%s at %s:%s", self.cluster.cluster, *key, cursor.file, position.pos
+        )
+
+    def _on_added_values(self, event: QueryEvent, cursor: StreamCursor) -> None:
+        """An `ALTER TABLE` of a mapped keyed table that gives existing rows a value without row events (a column
+        added with a default, NOT NULL, or generated): the capture asks for a re-snapshot of the table, which the
+        Dagster sensor `resnapshot_requests` runs - every row then carries the value in BigQuery, in both modes."""
+        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
+        key = fills_existing_rows(str(event.query), schema)
+        mapping = next(
+            (
+                t
+                for t in self._enabled()
+                if key and (t.source_schema, t.source_table) == key and t.primary_key
+            ),
+            None,
+        )
+        if mapping is None:
+            return
+        position = f"{cursor.file}:{event.packet.log_pos}"
+        request_resnapshot(
+            self.store.control,
+            self.cluster.cluster,
+            mapping.source,
+            "ALTER TABLE gave existing rows a value without row events (a column added with a default)",
+            position,
+        )
+        log.info(
+            "cluster %s: re-snapshot of %s requested (ALTER TABLE at %s)",
+            self.cluster.cluster,
+            mapping.source,
+            position,
         )
 
     def _purged(self, exc: pymysql.err.OperationalError) -> CaptureError:

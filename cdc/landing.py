@@ -214,3 +214,29 @@ class ControlDocuments:
 
     def delete(self, kind: str, name: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self.key(kind, name))
+
+
+RESNAPSHOT_REQUESTS = "resnapshot_requests"  # control documents: tables the capture asks to re-snapshot
+KEPT_REQUESTS = 200
+
+
+def request_resnapshot(docs: ControlDocuments, cluster: str, table: str, reason: str, position: str) -> None:
+    """Ask for a re-snapshot of `table` (its source name) - e.g. a column added with a default holds it in every
+    existing row without a row event. Requested once per binlog position (a replay asks again harmlessly)."""
+    document = docs.read(RESNAPSHOT_REQUESTS, cluster) or {"requests": []}
+    requests = [r for r in document["requests"] if (r["table"], r["position"]) != (table, position)]
+    requests.append(
+        {
+            "table": table,
+            "reason": reason,
+            "position": position,
+            "requested_at": dt.datetime.now(dt.UTC).isoformat(),
+        }
+    )
+    docs.write(RESNAPSHOT_REQUESTS, cluster, {"requests": requests[-KEPT_REQUESTS:]})
+
+
+def resnapshot_requests(docs: ControlDocuments, cluster: str) -> list[dict[str, str]]:
+    """The cluster's re-snapshot requests, oldest first."""
+    document = docs.read(RESNAPSHOT_REQUESTS, cluster) or {}
+    return list(document.get("requests", []))

@@ -67,7 +67,13 @@ def test_every_table_has_its_checks_freshness_alerts_and_the_checks_schedule() -
     spec = next(s for s in defs.resolve_all_asset_specs() if s.key == bets)
     assert spec.freshness_policy is not None
     sensors = {s.name for s in defs.sensors or []}
-    assert sensors == {"landed_files_sqs", "alert_failed_checks", "alert_failed_runs", "alert_dead_letters"}
+    assert sensors == {
+        "landed_files_sqs",
+        "alert_failed_checks",
+        "alert_failed_runs",
+        "alert_dead_letters",
+        "resnapshot_requests",
+    }
     [schedule] = list(defs.schedules or [])
     assert schedule.cron_schedule == "*/10 * * * *"
     assert len(defs.resolve_job_def("table_checks").asset_layer.asset_graph.asset_check_keys) >= 140

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -18,6 +19,7 @@ from cdc_assets.load_run import landed_keys_for_day
 from cdc_assets.resnapshot import build_resnapshot_job, find_table
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
 from local_stack.stack import LocalStack
+from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from tests.support.accounts import (
     DDL,
     accounts_loader,
@@ -228,3 +230,60 @@ def test_cdc_resnapshot_names_an_unknown_table(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "re-snapshot of slots.nope failed: " in result.stderr
     assert "no mapped table is named 'slots.nope'" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_a_column_added_with_a_default_reaches_every_existing_row(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """`ALTER TABLE ... ADD COLUMN c ... DEFAULT 'x'` gives every existing row the value at the source without row
+    events: the capture asks for a re-snapshot, the `resnapshot_requests` sensor runs it (once per request), and
+    every row then holds the default in BigQuery, beside the rows changed after the ALTER."""
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 5))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, load_mode=mode)
+    cluster = env.mapping(table)
+    loader: Any = (
+        accounts_loader(local_stack, env, env.schema)
+        if mode == "batch"
+        else accounts_stream_loader(local_stack, env, env.schema)
+    )
+
+    def load() -> None:
+        if mode == "batch":
+            load_files(loader, env, sorted(landed_keys(env, "accounts")))
+        else:
+            stream_all(loader, env)
+
+    capture_changes(
+        env,
+        cluster,
+        "ALTER TABLE `{schema}`.accounts ADD COLUMN c VARCHAR(4) NOT NULL DEFAULT 'x', ADD COLUMN d INT NULL",
+        "UPDATE `{schema}`.accounts SET c = 'y' WHERE id = 2",  # changed after the ALTER: carries its value
+    )
+    load()
+    with pytest.raises(AssertionError, match="column c"):
+        assert_current_state_equals_source(loader, env)  # rows 1, 3, 4 hold NULL, not 'x'
+
+    resources = pipeline_resources(env)
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = build_resnapshot_request_sensor(Mappings(Path("."), (cluster,)))
+    requests = [
+        r
+        for r in sensor(
+            dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
+        )
+        if isinstance(r, dg.RunRequest)
+    ]
+    assert len(requests) == 1 and requests[0].run_key and requests[0].run_key.startswith(f"{table.source}@")
+    job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
+    result = job.execute_in_process(run_config=requests[0].run_config, resources=resources, instance=instance)
+    assert result.success
+    assert_current_state_equals_source(loader, env)  # c = 'x' in every existing row, 'y' in row 2
+    capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET c = 'z' WHERE id = 3")
+    load()
+    assert_current_state_equals_source(loader, env)
+    assert_changelog_has_no_duplicates(loader)

@@ -14,7 +14,7 @@ import pytest
 from google.cloud import bigquery
 
 from capture.columns import ColumnSpec
-from capture.service import truncated_table
+from capture.ddl import fills_existing_rows, truncated_table
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
 from cdc_assets.content_check import ColumnDigest, column_digest
@@ -279,3 +279,20 @@ def test_truncate_statements_name_their_table() -> None:
     assert truncated_table("CREATE TABLE truncate_log (id INT)", "game") is None
     assert truncated_table("DELETE FROM accounts", "game") is None
     assert truncated_table("ALTER TABLE accounts TRUNCATE PARTITION p1", "game") is None
+
+
+def test_alter_statements_that_give_existing_rows_a_value_are_recognised() -> None:
+    assert fills_existing_rows("ALTER TABLE t ADD COLUMN c VARCHAR(4) NOT NULL DEFAULT 'x'", "s") == (
+        "s",
+        "t",
+    )
+    assert fills_existing_rows("alter table `s`.`t` add c int default 0", "") == ("s", "t")
+    assert fills_existing_rows("ALTER TABLE t ADD c INT NOT NULL, ADD INDEX (c)", "s") == ("s", "t")
+    assert fills_existing_rows("ALTER TABLE t ADD c INT AS (a + 1) STORED", "s") == ("s", "t")
+    assert fills_existing_rows("ALTER TABLE t ADD (c INT DEFAULT 7, d INT)", "s") == ("s", "t")
+    assert fills_existing_rows("ALTER TABLE t ADD c INT NULL DEFAULT NULL", "s") is None
+    assert fills_existing_rows("ALTER TABLE t ADD c INT", "s") is None
+    assert fills_existing_rows("ALTER TABLE t ADD INDEX i (a), ADD UNIQUE KEY u (b)", "s") is None
+    assert fills_existing_rows("ALTER TABLE t MODIFY c INT NOT NULL DEFAULT 3", "s") is None
+    assert fills_existing_rows("ALTER TABLE t ADD c VARCHAR(9) DEFAULT 'a, NOT NULL'", "s") == ("s", "t")
+    assert fills_existing_rows("CREATE TABLE t (c INT NOT NULL DEFAULT 1)", "s") is None
