@@ -302,7 +302,10 @@ async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any],
             before = ctx.engine.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
             for path in paths:
                 if is_parquet:
-                    ctx.engine.execute(f"INSERT INTO {target} BY NAME SELECT * FROM read_parquet(?)", [path])
+                    ctx.engine.execute(
+                        f"INSERT INTO {target} BY NAME SELECT * FROM read_parquet(?)",
+                        [_wide_decimals_as_text(path)],
+                    )
                 else:
                     executor._load_path_into_target(
                         path,
@@ -347,6 +350,35 @@ async def execute_load_job(project_id: str, job_id: str, config: dict[str, Any],
         end_time=ctx.clock.now(),
         etag=generate_etag(project_id, job_id, str(now)),
     )
+
+
+def _wide_decimals_as_text(path: str) -> str:
+    """The Parquet file to insert: decimals wider than DuckDB's 38 digits (BIGNUMERIC) as exact plain text, which
+    is how the patched server stores BIGNUMERIC (DuckDB would read them as DOUBLE)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    wide = [i for i, f in enumerate(schema) if pa.types.is_decimal(f.type) and f.type.precision > 38]
+    if not wide:
+        return path
+    table = pq.read_table(path)
+    for index in wide:
+        text = [None if v is None else format(v, "f") for v in table.column(index).to_pylist()]
+        table = table.set_column(index, schema.field(index).name, pa.array(text, pa.string()))
+    converted = f"{path}.bignumeric.parquet"
+    pq.write_table(table, converted)
+    return converted
+
+
+def patch_bignumeric() -> None:
+    """BIGNUMERIC holds 76 digits; DuckDB's widest DECIMAL holds 38, so the stock server cannot create or load such
+    a column (`DECIMAL type width must be between 1 and 38`). Stored as exact decimal text instead: loads convert
+    wide Parquet decimals to that text (`_wide_decimals_as_text`), the Write API's BIGNUMERIC arrives as text
+    already. Queries see the column as a STRING of the exact value (arithmetic on it is not emulated)."""
+    from bqemulator.storage import type_map
+
+    type_map._BQ_TO_DUCKDB["BIGNUMERIC"] = "VARCHAR"
 
 
 def patch_loads() -> None:
@@ -423,6 +455,7 @@ def apply_patches(*, stock: bool = False) -> None:
     patch_loads()
     patch_no_table_copies()
     patch_schema_updates()
+    patch_bignumeric()
     bigquery_cdc.apply()
 
 

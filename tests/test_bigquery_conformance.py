@@ -285,3 +285,28 @@ def test_small_loads_into_a_large_table_do_not_copy_the_table(
     # 15 copies of the ~14 MB table cost ~200 MB (measured on stock 1.4.0); in-place writes cost ~nothing.
     assert growth < table_bytes, f"memory + disk grew by {growth / 1e6:.0f} MB over 15 one-row loads"
     assert next(iter(bq.query(f"SELECT COUNT(*) AS n FROM `{destination}`").result())).n == n + 15
+
+
+def test_bignumeric_columns_hold_76_digits_exactly(bq: bigquery.Client, dataset: str) -> None:
+    """BIGNUMERIC: 38 digits before and 38 after the point, exact (a Parquet decimal256 loads into it); the stock
+    server cannot even create the column (DuckDB's DECIMAL stops at 38 digits)."""
+    from decimal import Decimal
+
+    destination = f"{bq.project}.{dataset}.wide"
+    make_table(
+        bq, destination, [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("w", "BIGNUMERIC")]
+    )
+    values = [
+        Decimal("12345678901234567890123456789012345678.12345678901234567890123456789012345678"),
+        Decimal("-0.00000000000000000000000000000000000001"),
+        Decimal("0"),
+        None,
+    ]
+    load_parquet(
+        bq,
+        destination,
+        pa.table({"id": list(range(len(values))), "w": pa.array(values, pa.decimal256(76, 38))}),
+    )
+    loaded = [None if r["w"] is None else Decimal(str(r["w"])) for r in rows(bq, destination)]
+    assert loaded == values
+    assert bq.get_table(destination).schema[1].field_type == "BIGNUMERIC"
