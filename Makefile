@@ -47,6 +47,9 @@ demo: deps
 	$(BIN)/cdc bigquery ls --wait 90 | tail -12
 	@sleep 20
 	@echo
+	@echo "Every table's checks - row counts, contents value for value, landed files (cdc checks):"
+	-$(BIN)/cdc checks | tail -8
+	@echo
 	@echo "Table status (cdc status; --json for the report):"
 	$(BIN)/cdc status
 	@echo

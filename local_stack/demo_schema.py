@@ -2,7 +2,8 @@
 
 Column types are the ones real game schemas have and that binlog readers and DMS get wrong: BIGINT UNSIGNED ids,
 BIT(1) and TINYINT(1) flags, DECIMAL money, DATETIME(6) and TIMESTAMP, JSON, ENUM/SET, VARBINARY, utf8mb4 text,
-TIME, YEAR, zero dates. The shipped mappings in `mappings/` map exactly these tables.
+TIME, YEAR (the zero year too), zero dates, UTF-16 text and a DECIMAL(38,10) that needs BIGNUMERIC. The shipped
+mappings in `mappings/` map exactly these tables.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ ACCOUNTS_TABLES: tuple[DemoTable, ...] = (
         "points BIGINT UNSIGNED NOT NULL DEFAULT 0",
         "since_year YEAR NOT NULL",
         "perks SET('cashback','manager','events','limits') NOT NULL DEFAULT ''",
+        "level_name VARCHAR(32) CHARACTER SET utf16 NULL",
+        "lifetime_share DECIMAL(38,10) NULL",
         CREATED,
         UPDATED,
         weight=1,

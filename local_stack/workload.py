@@ -120,7 +120,7 @@ def _base_generator(name: str, sql_type: str) -> ValueFn:
             )
         )
     if sql_type.startswith("YEAR"):
-        return lambda rng: rng.randint(1990, 2030)
+        return lambda rng: 0 if rng.random() < 0.05 else rng.randint(1990, 2030)  # 0: the zero year 0000
     if sql_type.startswith("ENUM"):
         members = _members(sql_type)
         return lambda rng: rng.choice(members)
