@@ -1,6 +1,7 @@
-"""The DDL statements the capture acts on, read from the binlog's query events: `TRUNCATE TABLE` (landed as a
-change) and `ALTER TABLE` clauses that give existing rows a value without row events (a re-snapshot is requested).
-docs/types.md, "Changes without row events"."""
+"""The DDL statements the capture acts on, read from the binlog's query events: statements that empty a table
+without row events - `TRUNCATE`, `DROP TABLE`, a `RENAME` away (each landed as a TRUNCATE change) - and statements
+that fill one without row events - a `RENAME` onto a mapped name (an online schema change's cut-over), an `ALTER
+TABLE` adding a column with a default (a re-snapshot is requested). docs/types.md, "Changes without row events"."""
 
 from __future__ import annotations
 
@@ -42,6 +43,62 @@ def truncated_table(query: str, default_schema: str) -> TableKey | None:
     """The (schema, table) a `TRUNCATE [TABLE] [schema.]table` statement empties, else None."""
     match = TRUNCATE_STATEMENT.match(query)
     return _table(match, default_schema) if match else None
+
+
+_QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME})?"
+DROP_STATEMENT = re.compile(
+    rf"{_COMMENTS}DROP\s+(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+EXISTS\s+)?(?P<names>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)",
+    re.IGNORECASE | re.DOTALL,
+)
+RENAME_STATEMENT = re.compile(rf"{_COMMENTS}RENAME\s+TABLES?\s+(?P<pairs>.*)$", re.IGNORECASE | re.DOTALL)
+ALTER_RENAME = re.compile(
+    r"\bRENAME\s+(?:TO\s+|AS\s+)?(?!COLUMN\b|INDEX\b|KEY\b)(?P<name>\S+)", re.IGNORECASE
+)
+PAIR = re.compile(
+    rf"^\s*(?P<old>{_QUALIFIED})\s+TO\s+(?P<new>{_QUALIFIED})\s*;?\s*$", re.IGNORECASE | re.DOTALL
+)
+
+
+def _key(name: str, default_schema: str) -> TableKey:
+    parts = re.findall(_NAME, name)
+    if len(parts) == 2:
+        return _unquote(parts[0]), _unquote(parts[1])
+    return default_schema, _unquote(parts[0])
+
+
+def renames(query: str, default_schema: str) -> list[tuple[TableKey, TableKey]]:
+    """(old, new) of every table a `RENAME TABLE a TO b[, c TO d]` or `ALTER TABLE a RENAME [TO] b` moves."""
+    match = RENAME_STATEMENT.match(query)
+    if match:
+        pairs = [PAIR.match(pair) for pair in _clauses(match["pairs"])]
+        return [(_key(p["old"], default_schema), _key(p["new"], default_schema)) for p in pairs if p]
+    altered = ALTER_STATEMENT.match(query)
+    if altered:
+        for clause in _clauses(altered["rest"]):
+            moved = ALTER_RENAME.match(clause.strip())
+            if moved:
+                return [(_table(altered, default_schema), _key(moved["name"], default_schema))]
+    return []
+
+
+def emptied_tables(query: str, default_schema: str) -> list[TableKey]:
+    """Tables whose rows are all gone from their name after the statement, without row events: TRUNCATE, DROP
+    TABLE, a table renamed away (renamed onto: see `refilled_tables`)."""
+    truncated = truncated_table(query, default_schema)
+    if truncated:
+        return [truncated]
+    dropped = DROP_STATEMENT.match(query)
+    if dropped:
+        return [_key(name.strip(), default_schema) for name in _clauses(dropped["names"])]
+    return [old for old, _ in renames(query, default_schema)]
+
+
+def refilled_tables(query: str, default_schema: str) -> list[TableKey]:
+    """Tables that hold rows written without row events under their name after the statement: a table renamed
+    onto the name (an online schema change's cut-over), or existing rows given a value by an added column."""
+    moved = [new for _, new in renames(query, default_schema)]
+    added = fills_existing_rows(query, default_schema)
+    return moved + ([added] if added else [])
 
 
 def _clauses(text: str) -> list[str]:

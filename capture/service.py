@@ -32,7 +32,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
 from capture.charsets import learn_single_byte_tables
 from capture.columns import UnsupportedColumn
-from capture.ddl import fills_existing_rows, truncated_table
+from capture.ddl import emptied_tables, refilled_tables
 from capture.full_load import full_load
 from capture.sink import S3Store, TableBuffer, parquet_bytes
 from capture.source_tables import CaptureError, SourceTable, columns_of_event, read_columns
@@ -323,8 +323,8 @@ class ClusterCapture:
         if isinstance(event, QueryEvent):  # DDL: the next rows of each table re-read its columns
             for shape in self.tables.values():
                 shape.stale = True
-            self._on_truncate(event, cursor)
-            self._on_added_values(event, cursor)
+            self._on_emptied(event, cursor)
+            self._on_refilled(event, cursor)
         cursor.in_transaction = False
         if cursor.tx_gtid:
             cursor.gtid_state[cursor.tx_gtid.split("-", 1)[0]] = cursor.tx_gtid
@@ -340,64 +340,60 @@ class ClusterCapture:
         self._commit_pending()
         self._maybe_flush()
 
-    def _on_truncate(self, event: QueryEvent, cursor: StreamCursor) -> None:
-        """`TRUNCATE TABLE` of a mapped keyed table: no row events are written for it, so the capture lands it as one
-        change (Op T, every column NULL) the loader applies exactly. An append-only table keeps what it received."""
-        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
-        key = truncated_table(str(event.query), schema)
-        if key is None:
-            return
-        mapping = next(
-            (t for t in self._enabled() if (t.source_schema, t.source_table) == key and t.primary_key), None
-        )
-        if mapping is None:
-            return
-        shape = self.tables.get(key)
-        if shape is None:
-            connection = self.connection.connect()
-            try:
-                shape = self._install(
-                    SourceTable(mapping, read_columns(connection, mapping, self.cluster.cluster))
-                )
-            finally:
-                connection.close()
-        self._tx_timestamp = event.timestamp
-        position = BinlogPosition(cursor.file, event.packet.log_pos)
-        self._pending.append((key, TRUNCATE_OP, [None] * len(shape.names), position.sequence(0)))
-        log.info(
-            "cluster %s: TRUNCATE of %s.%s at %s:%s", self.cluster.cluster, *key, cursor.file, position.pos
-        )
+    def _keyed_mappings(self, keys: list[TableKey]) -> list[TableMapping]:
+        wanted = set(keys)
+        return [t for t in self._enabled() if (t.source_schema, t.source_table) in wanted and t.primary_key]
 
-    def _on_added_values(self, event: QueryEvent, cursor: StreamCursor) -> None:
-        """An `ALTER TABLE` of a mapped keyed table that gives existing rows a value without row events (a column
-        added with a default, NOT NULL, or generated): the capture asks for a re-snapshot of the table, which the
-        Dagster sensor `resnapshot_requests` runs - every row then carries the value in BigQuery, in both modes."""
+    def _on_emptied(self, event: QueryEvent, cursor: StreamCursor) -> None:
+        """`TRUNCATE`, `DROP TABLE` or a `RENAME` away of a mapped keyed table: its rows are gone from the mapped
+        name without row events, so the capture lands one change (Op T, every column NULL) that the loader applies
+        exactly. An append-only table keeps what it received."""
         schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
-        key = fills_existing_rows(str(event.query), schema)
-        mapping = next(
-            (
-                t
-                for t in self._enabled()
-                if key and (t.source_schema, t.source_table) == key and t.primary_key
-            ),
-            None,
-        )
-        if mapping is None:
-            return
+        for mapping in self._keyed_mappings(emptied_tables(str(event.query), schema)):
+            key = (mapping.source_schema, mapping.source_table)
+            shape = self.tables.get(key)
+            if shape is None:
+                connection = self.connection.connect()
+                try:
+                    shape = self._install(
+                        SourceTable(mapping, read_columns(connection, mapping, self.cluster.cluster))
+                    )
+                except CaptureError:
+                    self._record_error(
+                        f"{mapping.source} was emptied ({str(event.query)[:80]!r}) before the capture knew its "
+                        "columns: re-snapshot it (cdc resnapshot) to drop its rows in BigQuery"
+                    )
+                    continue
+                finally:
+                    connection.close()
+            self._tx_timestamp = event.timestamp
+            position = BinlogPosition(cursor.file, event.packet.log_pos)
+            self._pending.append((key, TRUNCATE_OP, [None] * len(shape.names), position.sequence(0)))
+            log.info(
+                "cluster %s: %s emptied at %s:%s",
+                self.cluster.cluster,
+                mapping.source,
+                cursor.file,
+                position.pos,
+            )
+
+    def _on_refilled(self, event: QueryEvent, cursor: StreamCursor) -> None:
+        """A statement that fills a mapped keyed table without row events (an `ALTER TABLE` adding a column with a
+        default, NOT NULL or generated; a table renamed onto the mapped name): the capture asks for a re-snapshot
+        of it, which the Dagster sensor `resnapshot_requests` runs - in both load modes."""
+        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
         position = f"{cursor.file}:{event.packet.log_pos}"
-        request_resnapshot(
-            self.store.control,
-            self.cluster.cluster,
-            mapping.source,
-            "ALTER TABLE gave existing rows a value without row events (a column added with a default)",
-            position,
-        )
-        log.info(
-            "cluster %s: re-snapshot of %s requested (ALTER TABLE at %s)",
-            self.cluster.cluster,
-            mapping.source,
-            position,
-        )
+        for mapping in self._keyed_mappings(refilled_tables(str(event.query), schema)):
+            request_resnapshot(
+                self.store.control,
+                self.cluster.cluster,
+                mapping.source,
+                f"rows given values without row events: {str(event.query)[:120]}",
+                position,
+            )
+            log.info(
+                "cluster %s: re-snapshot of %s requested (%s)", self.cluster.cluster, mapping.source, position
+            )
 
     def _purged(self, exc: pymysql.err.OperationalError) -> CaptureError:
         name = self.cluster.cluster

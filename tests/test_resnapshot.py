@@ -287,3 +287,56 @@ def test_a_column_added_with_a_default_reaches_every_existing_row(
     load()
     assert_current_state_equals_source(loader, env)
     assert_changelog_has_no_duplicates(loader)
+
+
+def test_a_table_dropped_and_recreated_or_swapped_in_by_rename_ends_equal_to_the_source(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapped table dropped and re-created mid-stream: its old rows leave BigQuery (the DROP lands as a TRUNCATE
+    change), the new ones arrive. An online schema change's cut-over (`RENAME TABLE t TO t_old, t_new TO t`, rows
+    copied into t_new without events the capture reads): the rename lands as a TRUNCATE and a re-snapshot request,
+    whose run brings BigQuery equal to the source."""
+    for key, value in local_stack.environment().items():
+        monkeypatch.setenv(key, value)
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 5))
+    table = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}, load_mode="streaming")
+    cluster = env.mapping(table)
+    loader = accounts_stream_loader(local_stack, env, env.schema)
+    capture_changes(
+        env,
+        cluster,
+        "DROP TABLE `{schema}`.accounts",
+        DDL,
+        "INSERT INTO `{schema}`.accounts (id, n) VALUES (20, 1), (21, 2)",
+    )
+    stream_all(loader, env)
+    assert_current_state_equals_source(loader, env)  # 20 and 21 only
+
+    capture_changes(
+        env,
+        cluster,
+        DDL.replace(".accounts", ".accounts_new"),
+        "INSERT INTO `{schema}`.accounts_new SELECT * FROM `{schema}`.accounts",
+        "INSERT INTO `{schema}`.accounts_new (id, n) VALUES (22, 3)",
+        "RENAME TABLE `{schema}`.accounts TO `{schema}`.accounts_old, `{schema}`.accounts_new TO `{schema}`.accounts",
+    )
+    stream_all(loader, env)
+    resources = pipeline_resources(env)
+    instance = dg.DagsterInstance.ephemeral()
+    mappings = Mappings(Path("."), (cluster,))
+    sensor = build_resnapshot_request_sensor(mappings)
+    [request] = [
+        r
+        for r in sensor(
+            dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
+        )
+        if isinstance(r, dg.RunRequest)
+    ]
+    job = build_resnapshot_job(mappings, Settings.load())
+    assert job.execute_in_process(
+        run_config=request.run_config, resources=resources, instance=instance
+    ).success
+    assert_current_state_equals_source(loader, env)  # 20, 21, 22
+    assert_changelog_has_no_duplicates(loader)

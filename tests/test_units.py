@@ -14,7 +14,7 @@ import pytest
 from google.cloud import bigquery
 
 from capture.columns import ColumnSpec
-from capture.ddl import fills_existing_rows, truncated_table
+from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
 from cdc_assets.content_check import ColumnDigest, column_digest
@@ -296,3 +296,15 @@ def test_alter_statements_that_give_existing_rows_a_value_are_recognised() -> No
     assert fills_existing_rows("ALTER TABLE t MODIFY c INT NOT NULL DEFAULT 3", "s") is None
     assert fills_existing_rows("ALTER TABLE t ADD c VARCHAR(9) DEFAULT 'a, NOT NULL'", "s") == ("s", "t")
     assert fills_existing_rows("CREATE TABLE t (c INT NOT NULL DEFAULT 1)", "s") is None
+
+
+def test_statements_that_empty_or_refill_a_table_without_row_events() -> None:
+    assert emptied_tables("DROP TABLE IF EXISTS `g`.`a`, b", "s") == [("g", "a"), ("s", "b")]
+    assert emptied_tables("RENAME TABLE a TO a_old, a_new TO a", "s") == [("s", "a"), ("s", "a_new")]
+    assert refilled_tables("RENAME TABLE a TO a_old, a_new TO a", "s") == [("s", "a_old"), ("s", "a")]
+    assert emptied_tables("ALTER TABLE a RENAME TO b", "s") == [("s", "a")]
+    assert refilled_tables("ALTER TABLE a RENAME TO b", "s") == [("s", "b")]
+    assert emptied_tables("ALTER TABLE a RENAME COLUMN x TO y", "s") == []
+    assert emptied_tables("TRUNCATE a", "s") == [("s", "a")]
+    assert refilled_tables("ALTER TABLE a ADD c INT NOT NULL", "s") == [("s", "a")]
+    assert emptied_tables("CREATE TABLE a (id INT)", "s") == refilled_tables("DROP TABLE a", "s") == []
