@@ -157,6 +157,7 @@ def _chunking(
     key_range: tuple[int, int] | None,
     max_rows: int,
     now: float,
+    key_type: str | None = None,
 ) -> Chunking:
     if table.partition_column:
         days = check_days()
@@ -180,7 +181,9 @@ def _chunking(
         scope = ("TRUE", "TRUE") if windows == 1 else (f"{m} >= {start} AND {m} < {start + window}",) * 2
         return Chunking(
             f"CAST({m} DIV {CHUNK_KEYS} AS CHAR)",  # both truncate toward zero
-            f"CAST(DIV({b}, {CHUNK_KEYS}) AS STRING)",
+            f"CAST(DIV({b}, {CHUNK_KEYS}) AS STRING)"
+            if key_type in ("INTEGER", "INT64")
+            else f"CAST(CAST(TRUNC({b} / {CHUNK_KEYS}) AS INT64) AS STRING)",  # NUMERIC: BIGINT UNSIGNED
             scope[0],
             scope[1],
             f"{first} in chunks of {CHUNK_KEYS:,} values"
@@ -323,7 +326,8 @@ def compare_content(
         cursor.execute(f"SELECT MIN({first}), MAX({first}) FROM {ref}")
         low, high = cursor.fetchone()
         key_range = (int(low), int(high)) if low is not None else (0, 0)
-    chunking = _chunking(table, by_name, key_digests, key_range, max_rows, time.time())
+    key_type = schema.get(table.primary_key[0]) if table.primary_key else None
+    chunking = _chunking(table, by_name, key_digests, key_range, max_rows, time.time(), key_type)
 
     ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
     inner, outer = _aggregate_sql(_mysql_row_text(digests), chunking.mysql_chunk, MYSQL_HEX, MYSQL_INT)

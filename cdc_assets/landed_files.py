@@ -1,5 +1,6 @@
 """A batch of landed files read from S3 into one Arrow table, with the changelog's metadata columns, in the types
-BigQuery holds the source values in exactly (uint64 -> NUMERIC, decimal > 38 digits -> BIGNUMERIC, ints -> INT64).
+BigQuery holds the source values in exactly (uint64 -> NUMERIC, wide decimals -> BIGNUMERIC, or STRING beyond its
+38 integer digits, ints -> INT64).
 Shared by both load modes; a file that is not a readable DMS Parquet file is named with what to do."""
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def bigquery_type(arrow_type: pa.DataType) -> pa.DataType:
         precision, scale = arrow_type.precision, arrow_type.scale
         if precision - scale <= 29 and scale <= 9:
             return pa.decimal128(38, 9)  # NUMERIC
-        return pa.decimal256(76, 38)  # BIGNUMERIC
+        if precision - scale <= 38 and scale <= 38:
+            return pa.decimal256(76, 38)  # BIGNUMERIC
+        return pa.string()  # beyond BIGNUMERIC (e.g. DECIMAL(65,10)): its exact digits as text
     return arrow_type
 
 
@@ -130,7 +133,13 @@ def with_metadata(table: pa.Table, key: str) -> pa.Table:
     for name in names:
         if name not in ADDED_COLUMNS:
             column = table[name]
-            columns[name] = column.cast(bigquery_type(column.type))
+            wanted = bigquery_type(column.type)
+            if pa.types.is_decimal(column.type) and pa.types.is_string(wanted):
+                # plain digits (Arrow's own cast writes exponents, e.g. '1.0000E-10')
+                text = [None if v is None else format(v, "f") for v in column.to_pylist()]
+                columns[name] = pa.array(text, wanted)
+            else:
+                columns[name] = column.cast(wanted)
     return pa.table(columns)
 
 

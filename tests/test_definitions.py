@@ -61,9 +61,10 @@ def test_every_table_has_its_checks_freshness_alerts_and_the_checks_schedule() -
     assert {c.name for c in checks if c.asset_key == bets} == {
         "no_duplicate_changes",
         "row_count_matches_source",
+        "content_matches_source",
         "landed_files_loaded",
     }
-    assert len(checks) == 3 * 70
+    assert len(checks) == 4 * 70
     spec = next(s for s in defs.resolve_all_asset_specs() if s.key == bets)
     assert spec.freshness_policy is not None
     sensors = {s.name for s in defs.sensors or []}
