@@ -376,9 +376,17 @@ def patch_bignumeric() -> None:
     a column (`DECIMAL type width must be between 1 and 38`). Stored as exact decimal text instead: loads convert
     wide Parquet decimals to that text (`_wide_decimals_as_text`), the Write API's BIGNUMERIC arrives as text
     already. Queries see the column as a STRING of the exact value (arithmetic on it is not emulated)."""
+    import pyarrow as pa
+    from bqemulator.api.routes import tabledata
     from bqemulator.storage import type_map
 
     type_map._BQ_TO_DUCKDB["BIGNUMERIC"] = "VARCHAR"
+    to_arrow = tabledata._bq_type_to_arrow  # the Arrow schema of a table (Write API appends, row listing)
+
+    def bq_type_to_arrow(bq_type: str) -> Any:
+        return pa.string() if bq_type.upper() == "BIGNUMERIC" else to_arrow(bq_type)
+
+    tabledata._bq_type_to_arrow = bq_type_to_arrow
 
 
 def patch_loads() -> None:
