@@ -48,7 +48,7 @@ demo: deps
 	@sleep 20
 	@echo
 	@echo "Every table's checks - row counts, contents value for value, landed files (cdc checks):"
-	-$(BIN)/cdc checks | tail -8
+	$(BIN)/cdc checks 2>&1 | grep -v ' - dagster - DEBUG - ' | tail -8
 	@echo
 	@echo "Table status (cdc status; --json for the report):"
 	$(BIN)/cdc status
