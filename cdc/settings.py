@@ -97,7 +97,7 @@ class Settings:
     max_load_jobs_per_project_per_day: int = 90_000
     load_grace_seconds: float = 300.0
     content_check_severity: str = "WARN"
-    content_check_max_rows: int = 2_000_000
+    content_check_max_rows: int = 200_000
     freshness_warn_minutes: float = 30.0
     freshness_fail_minutes: float = 120.0
     max_parallel_loads: int = 8
@@ -132,9 +132,7 @@ class Settings:
             ),
             load_grace_seconds=_number(values, LOAD_GRACE_SECONDS, 300.0, 0.0, 86_400.0),
             content_check_severity=_choice(values, CONTENT_CHECK_SEVERITY, "WARN", ("WARN", "ERROR")),
-            content_check_max_rows=_integer(
-                values, CONTENT_CHECK_MAX_ROWS, 2_000_000, 100_000, 1_000_000_000
-            ),
+            content_check_max_rows=_integer(values, CONTENT_CHECK_MAX_ROWS, 200_000, 100_000, 1_000_000_000),
             freshness_warn_minutes=_number(values, FRESHNESS_WARN_MINUTES, 30.0, 1.0, 10_080.0),
             freshness_fail_minutes=_number(values, FRESHNESS_FAIL_MINUTES, 120.0, 1.0, 10_080.0),
             max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 8, 1, 256),

@@ -150,7 +150,7 @@ class Chunking:
     description: str
 
 
-def _chunking(
+def chunking_for(
     table: TableMapping,
     specs: dict[str, ColumnSpec],
     key_digests: list[ColumnDigest],
@@ -327,7 +327,7 @@ def compare_content(
         low, high = cursor.fetchone()
         key_range = (int(low), int(high)) if low is not None else (0, 0)
     key_type = schema.get(table.primary_key[0]) if table.primary_key else None
-    chunking = _chunking(table, by_name, key_digests, key_range, max_rows, time.time(), key_type)
+    chunking = chunking_for(table, by_name, key_digests, key_range, max_rows, time.time(), key_type)
 
     ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
     inner, outer = _aggregate_sql(_mysql_row_text(digests), chunking.mysql_chunk, MYSQL_HEX, MYSQL_INT)

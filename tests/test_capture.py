@@ -128,6 +128,37 @@ def test_zero_dates_are_counted_in_the_status(local_stack: LocalStack) -> None:
     assert status["rows"] == {"load": 1, "I": 1}
 
 
+def test_invalid_dates_under_allow_invalid_dates_become_null_and_are_counted(local_stack: LocalStack) -> None:
+    """`2026-02-30` stored under ALLOW_INVALID_DATES is no date: NULL in the landed file, counted with the zero
+    dates, whether it arrives through the full load or the binlog."""
+    env = new_env(local_stack, "slots_accounts")
+    run_sql(env, "CREATE TABLE `{schema}`.odd (id INT PRIMARY KEY, d DATE NULL, dt DATETIME(3) NULL)")
+
+    def insert(first: int) -> None:
+        with env.admin() as connection, connection.cursor() as cursor:
+            cursor.execute("SET SESSION sql_mode = 'ALLOW_INVALID_DATES'")
+            cursor.execute(
+                f"INSERT INTO `{env.schema}`.odd VALUES ({first}, '2026-02-30', '2026-04-31 10:00:00.5'), "
+                f"({first + 1}, '2026-02-28', '2026-04-30 10:00:00.5')"
+            )
+
+    insert(1)  # through the full load
+    capture = ClusterCapture(env.mapping(env.table("odd", ["id"])), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+        insert(11)  # through the binlog
+        wait_caught_up(env)
+    rows = {row["id"]: row for row in landed_rows(env, "odd")}
+    for invalid in (1, 11):
+        assert rows[invalid]["d"] is None and rows[invalid]["dt"] is None, rows[invalid]
+    for valid in (2, 12):
+        assert (
+            str(rows[valid]["d"]) == "2026-02-28" and str(rows[valid]["dt"]) == "2026-04-30 10:00:00.500000"
+        )
+    status = env.store().read_json("status", "slots_accounts")
+    assert status is not None and status["zero_dates"] == 4
+
+
 def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "poker_play")
     run_sql(env, "CREATE TABLE `{schema}`.big (id INT PRIMARY KEY, v VARCHAR(20), amount DECIMAL(12,2))")

@@ -17,7 +17,7 @@ from capture.columns import ColumnSpec
 from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
-from cdc_assets.content_check import ColumnDigest, column_digest
+from cdc_assets.content_check import ColumnDigest, chunking_for, column_digest
 from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_metadata
 from cdc_assets.proto_rows import ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
@@ -308,3 +308,17 @@ def test_statements_that_empty_or_refill_a_table_without_row_events() -> None:
     assert emptied_tables("TRUNCATE a", "s") == [("s", "a")]
     assert refilled_tables("ALTER TABLE a ADD c INT NOT NULL", "s") == [("s", "a")]
     assert emptied_tables("CREATE TABLE a (id INT)", "s") == refilled_tables("DROP TABLE a", "s") == []
+
+
+def test_content_check_windows_rotate_through_a_big_table() -> None:
+    """A table whose key span exceeds the rows a run may read is compared one window per run, another each time."""
+    table = TableMapping(source="s.t", target="d.t", primary_key=["id"])
+    specs = {"id": ColumnSpec("id", "bigint(20)")}
+    first = chunking_for(table, specs, [], (1, 1_000_000), 200_000, now=0.0, key_type="INTEGER")
+    assert first.mysql_scope == "`id` >= 0 AND `id` < 200000" and "(1 of 6)" in first.description
+    later = chunking_for(table, specs, [], (1, 1_000_000), 200_000, now=600.0 * 5, key_type="INTEGER")
+    assert later.mysql_scope == later.bigquery_scope == "`id` >= 1000000 AND `id` < 1200000"
+    small = chunking_for(table, specs, [], (1, 150_000), 200_000, now=0.0, key_type="INTEGER")
+    assert small.mysql_scope == "TRUE" and small.bigquery_chunk == "CAST(DIV(`id`, 100000) AS STRING)"
+    unsigned = chunking_for(table, specs, [], (1, 150_000), 200_000, now=0.0, key_type="NUMERIC")
+    assert unsigned.bigquery_chunk == "CAST(CAST(TRUNC(`id` / 100000) AS INT64) AS STRING)"
