@@ -3,6 +3,10 @@
 TIME2 (MySQL 5.6+/MariaDB temporal format): the reader negates only the integer part of a negative value and adds
 the fractional part unsigned, so '-00:00:00.000001' decodes as -0.999999 s. This replaces the decoder with
 MySQL's own algorithm (sql-common/my_time.c: my_time_packed_from_binary, TIME_from_longlong_time_packed).
+
+DATE: an invalid date stored under `ALLOW_INVALID_DATES` (`2026-02-30`) made the reader raise ValueError, which
+stopped the capture at that row; it is now no date (None, "out of date range"), as DATETIME2's decoder already
+treats one, so it lands as NULL counted with the zero dates - as the full load's SELECT gives it.
 """
 
 from __future__ import annotations
@@ -49,8 +53,20 @@ def _read_time2(self: Any, column: Any) -> dt.timedelta:
     return decode_time2(self.packet.read(3 + (fsp + 1) // 2), fsp)
 
 
+def _read_date(self: Any) -> dt.date | None:
+    packed = self.packet.read_uint24()
+    year, month, day = packed >> 9, (packed >> 5) & 0x0F, packed & 0x1F
+    if not (year and month and day):  # zero and partial-zero dates
+        return None
+    try:
+        return dt.date(year, month, day)
+    except ValueError:  # an invalid date (ALLOW_INVALID_DATES)
+        return None
+
+
 def apply() -> None:
     RowsEvent._RowsEvent__read_time2 = _read_time2  # type: ignore[attr-defined]
+    RowsEvent._RowsEvent__read_date = _read_date  # type: ignore[attr-defined]
 
 
 apply()

@@ -124,6 +124,9 @@ def error_text(error: Any) -> str:
     return " <- ".join(parts)
 
 
+DLQ_LINES_PER_POST = 30  # a chat message stays readable; more messages make more posts
+
+
 def build_dead_letter_alert_sensor() -> dg.SensorDefinition:
     @dg.sensor(
         name="alert_dead_letters",
@@ -152,10 +155,18 @@ def build_dead_letter_alert_sensor() -> dg.SensorDefinition:
             )
         present = {m["MessageId"] for m in messages}
         context.update_cursor(json.dumps({k: v for k, v in alerted.items() if k in present}))
-        if lines:
+        for start in range(0, len(lines), DLQ_LINES_PER_POST):  # every message is posted, 30 to a post
             alerts.post(
-                f"{len(lines)} message(s) in the dead-letter queue",
-                [*lines[:30], f"queue: {landing.dead_letter_queue_url}; redrive after fixing the cause"],
+                f"{len(lines)} message(s) in the dead-letter queue"
+                + (
+                    f" ({start + 1}-{min(start + DLQ_LINES_PER_POST, len(lines))})"
+                    if len(lines) > DLQ_LINES_PER_POST
+                    else ""
+                ),
+                [
+                    *lines[start : start + DLQ_LINES_PER_POST],
+                    f"queue: {landing.dead_letter_queue_url}; redrive after fixing the cause",
+                ],
                 context.log,
             )
         return dg.SkipReason(f"{len(lines)} dead-letter message(s)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from sensors.alerts import AlertWebhookResource, alert_failed_checks
+from local_stack.stack import LocalStack
+from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
+from tests.support.capture import landing_resource
 from tests.support.webhook import Receiver
 
 
@@ -34,3 +36,34 @@ def test_every_failed_check_is_posted_once_tick_after_tick_on_sqlite_storage(rec
         context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
         alert_failed_checks(context)  # nothing new: nothing posted again
         assert receiver.texts().count("orders_match_source` failed") == 3
+
+
+def test_every_dead_letter_is_posted_even_beyond_one_posts_worth(
+    local_stack: LocalStack, receiver: Receiver
+) -> None:
+    """More dead letters than one post shows (30): every one is posted (several posts), none only marked as seen."""
+    environment = local_stack.environment()
+    landing = landing_resource(
+        local_stack,
+        local_stack.settings.prefix,
+        queue_url=environment["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
+    )
+    sqs = landing.sqs()
+    while leftovers := sqs.receive_message(
+        QueueUrl=landing.dead_letter_queue_url, MaxNumberOfMessages=10
+    ).get("Messages"):
+        for message in leftovers:  # other tests' dead letters
+            sqs.delete_message(QueueUrl=landing.dead_letter_queue_url, ReceiptHandle=message["ReceiptHandle"])
+    reasons = [f"poison-{n:02d}.parquet is not a readable Parquet file" for n in range(35)]
+    for reason in reasons:
+        sqs.send_message(
+            QueueUrl=landing.dead_letter_queue_url,
+            MessageBody="{}",
+            MessageAttributes={"cdc_reason": {"DataType": "String", "StringValue": reason}},
+        )
+    sensor = build_dead_letter_alert_sensor()
+    resources = {"landing": landing, "alerts": AlertWebhookResource(url=receiver.url)}
+    sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=resources))
+    assert all(reason in receiver.texts() for reason in reasons)
+    assert len(receiver.received) >= 2
