@@ -60,6 +60,22 @@ def dismiss_dialogs(driver: Any, settle: float = 3.0) -> None:
         time.sleep(0.5)
 
 
+def open_partition(driver: Any, partition: str) -> None:
+    """Click the day in the partition list, as a user does (for the picture only: the page may re-render under
+    the clicks, which is never a failure)."""
+    try:
+        for row in driver.find_elements("xpath", f"//*[normalize-space(text())='{partition}']"):
+            if "No partition selected" not in driver.find_element("tag name", "body").text:
+                return
+            try:
+                row.click()
+            except Exception:
+                continue  # the timeline's label, not the list's row
+            time.sleep(2)
+    except Exception:
+        return  # an element went stale while the page re-rendered
+
+
 def look_at_table(
     url: str, graph_texts: list[str], asset_path: list[str], check_names: list[str], partition: str, out: Path
 ) -> dict[str, str]:
@@ -78,14 +94,7 @@ def look_at_table(
             driver.get(page)
             texts[name] = wait_for_texts(driver, expected)
             dismiss_dialogs(driver)
-            if name == "partitions":  # open the day's partition, as a user does
-                for row in driver.find_elements("xpath", f"//*[normalize-space(text())='{partition}']"):
-                    if "No partition selected" not in driver.find_element("tag name", "body").text:
-                        break
-                    try:
-                        row.click()
-                    except Exception:
-                        continue  # the timeline's label, not the list's row
-                    time.sleep(2)
+            if name == "partitions":
+                open_partition(driver, partition)
             driver.save_screenshot(str(out / f"{name}.png"))
     return texts
