@@ -348,8 +348,7 @@ class ClusterCapture:
         """`TRUNCATE`, `DROP TABLE` or a `RENAME` away of a mapped keyed table: its rows are gone from the mapped
         name without row events, so the capture lands one change (Op T, every column NULL) that the loader applies
         exactly. An append-only table keeps what it received."""
-        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
-        for mapping in self._keyed_mappings(emptied_tables(str(event.query), schema)):
+        for mapping in self._keyed_mappings(emptied_tables(str(event.query), _default_schema(event))):
             key = (mapping.source_schema, mapping.source_table)
             shape = self.tables.get(key)
             if shape is None:
@@ -381,9 +380,8 @@ class ClusterCapture:
         """A statement that fills a mapped keyed table without row events (an `ALTER TABLE` adding a column with a
         default, NOT NULL or generated; a table renamed onto the mapped name): the capture asks for a re-snapshot
         of it, which the Dagster sensor `resnapshot_requests` runs - in both load modes."""
-        schema = event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
         position = f"{cursor.file}:{event.packet.log_pos}"
-        for mapping in self._keyed_mappings(refilled_tables(str(event.query), schema)):
+        for mapping in self._keyed_mappings(refilled_tables(str(event.query), _default_schema(event))):
             request_resnapshot(
                 self.store.control,
                 self.cluster.cluster,
@@ -598,6 +596,11 @@ class ClusterCapture:
             "tables": len(self.tables),
             "errors": self.errors,
         }
+
+
+def _default_schema(event: QueryEvent) -> str:
+    """The database a statement ran in (its unqualified table names belong to it)."""
+    return event.schema.decode() if isinstance(event.schema, bytes) else str(event.schema or "")
 
 
 def _parse_gtid_state(state: str) -> dict[str, str]:

@@ -6,6 +6,8 @@ How the row count stays exact under a steady load: docs/design.md, "Checks".
 
 import datetime as dt
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,32 +46,41 @@ class SourceSnapshot:
         return self.position.sequence(0)[:25] + "9" * 10
 
 
-def source_snapshot(
-    mysql: MySqlSourceResource, cluster: ClusterMapping, table: TableMapping
-) -> SourceSnapshot:
+@contextmanager
+def consistent_snapshot(
+    mysql: MySqlSourceResource, cluster: ClusterMapping
+) -> Iterator[tuple[Any, SourceSnapshot]]:
+    """A cursor inside a consistent snapshot of the cluster's source, with the snapshot's position and time (the
+    counts are the caller's to fill); committed and closed after."""
     connection = mysql.connection(cluster).connect(connect_timeout=mysql.connect_timeout_s)
-    ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
-    days = check_days()
     try:
         with connection.cursor() as cursor:
             position = begin_consistent_snapshot(cursor)
             cursor.execute("SELECT UTC_TIMESTAMP(6)")
             taken_at = cursor.fetchone()[0].replace(tzinfo=dt.UTC)
-            cursor.execute(f"SELECT COUNT(*) FROM {ref}")
-            rows = int(cursor.fetchone()[0])
-            per_day: dict[str, int] = {}
-            if table.partition_column:
-                column = quote_mysql(table.partition_column)
-                cursor.execute(
-                    f"SELECT DATE({column}), COUNT(*) FROM {ref} WHERE {column} >= %s AND {column} < %s GROUP BY 1",
-                    (days[0], days[-1] + dt.timedelta(days=1)),
-                )
-                found = {str(day): int(n) for day, n in cursor.fetchall()}
-                per_day = {day.isoformat(): found.get(day.isoformat(), 0) for day in days}
+            yield cursor, SourceSnapshot(0, {}, position, taken_at)
         connection.commit()
     finally:
         connection.close()
-    return SourceSnapshot(rows, per_day, position, taken_at)
+
+
+def source_snapshot(
+    mysql: MySqlSourceResource, cluster: ClusterMapping, table: TableMapping
+) -> SourceSnapshot:
+    ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
+    days = check_days()
+    with consistent_snapshot(mysql, cluster) as (cursor, snapshot):
+        cursor.execute(f"SELECT COUNT(*) FROM {ref}")
+        snapshot.rows = int(cursor.fetchone()[0])
+        if table.partition_column:
+            column = quote_mysql(table.partition_column)
+            cursor.execute(
+                f"SELECT DATE({column}), COUNT(*) FROM {ref} WHERE {column} >= %s AND {column} < %s GROUP BY 1",
+                (days[0], days[-1] + dt.timedelta(days=1)),
+            )
+            found = {str(day): int(n) for day, n in cursor.fetchall()}
+            snapshot.rows_per_day = {day.isoformat(): found.get(day.isoformat(), 0) for day in days}
+    return snapshot
 
 
 def landed_and_unloaded(landing: LandingResource, targets: TableTargets) -> tuple[list[str], list[str]]:
@@ -305,21 +316,12 @@ def content_result(
 ) -> dg.AssetCheckResult:
     """content_matches_source: the digests of both sides at one consistent snapshot (see cdc_assets.content_check);
     passed while the pipeline has not caught up with that snapshot (then `exact` is false), as the row count."""
-    connection = mysql.connection(cluster).connect(connect_timeout=mysql.connect_timeout_s)
-    try:
-        with connection.cursor() as cursor:
-            position = begin_consistent_snapshot(cursor)
-            cursor.execute("SELECT UTC_TIMESTAMP(6)")
-            taken_at = cursor.fetchone()[0].replace(tzinfo=dt.UTC)
-            snapshot = SourceSnapshot(0, {}, position, taken_at)
-            boundary = snapshot.boundary() or "9" * 35
-            if not targets.exists(targets.current):
-                comparison = None
-            else:
-                comparison = compare_content(cursor, targets, cluster, table, boundary, max_rows)
-        connection.commit()
-    finally:
-        connection.close()
+    with consistent_snapshot(mysql, cluster) as (cursor, snapshot):
+        comparison = (
+            compare_content(cursor, targets, cluster, table, snapshot.boundary() or "9" * 35, max_rows)
+            if targets.exists(targets.current)
+            else None
+        )
     state = completeness(landing, targets, cluster, snapshot)
     level = dg.AssetCheckSeverity.ERROR if severity == "ERROR" else dg.AssetCheckSeverity.WARN
     if comparison is None:

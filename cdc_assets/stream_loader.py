@@ -380,9 +380,7 @@ class StreamLoader(TableTargets):
 
     def _superseded(self, data: pa.Table) -> bool:
         """Whether every change of `data` precedes the table's latest re-snapshot."""
-        if not self.exists(self.ledger):
-            return False
-        horizon = str(next(iter(self.bq.query(f"SELECT {self.horizon_sql()} AS h").result())).h or "")
+        horizon = self.horizon()
         return bool(horizon) and str(pc.max(data[CHANGE_SEQ]).as_py()) < horizon
 
     def _snapshot_changes(self, data: pa.Table) -> pa.Table:
@@ -412,28 +410,23 @@ class StreamLoader(TableTargets):
         keep = [index for index, identity in enumerate(identities) if identity not in present]
         return data.take(pa.array(keep, pa.int64()))
 
-    def _keys_held(self, data: pa.Table, key: list[str]) -> pa.Table:
-        """Every key of the current state now, typed as in `data`."""
+    def _keys_held(self, data: pa.Table, key: list[str], unless_in: pa.Table | None = None) -> pa.Table:
+        """Every key of the current state now (those `unless_in` holds left out), typed as in `data`."""
         quoted = ", ".join(quote_column(k) for k in key)
-        rows = [
-            tuple(row.values())
-            for row in self.bq.query(f"SELECT {quoted} FROM {self.ref(self.current)}").result()
-        ]
+        present = self.bq.query(f"SELECT {quoted} FROM {self.ref(self.current)}").result()
+        held = (
+            set(zip(*(unless_in[k].to_pylist() for k in key), strict=True))
+            if unless_in is not None
+            else set()
+        )
+        rows = [r for r in (tuple(row.values()) for row in present) if r not in held]
         return pa.table(
             {k: pa.array([r[i] for r in rows], data.schema.field(k).type) for i, k in enumerate(key)}
         )
 
     def _keys_missing_from(self, snapshot: pa.Table) -> pa.Table:
         """The current state's keys the snapshot does not hold (deleted at the source meanwhile)."""
-        key = list(self.mapping.primary_key)
-        quoted = ", ".join(quote_column(k) for k in key)
-        present = self.bq.query(f"SELECT {quoted} FROM {self.ref(self.current)}").result()
-        held = set(zip(*(snapshot[k].to_pylist() for k in key), strict=True))
-        rows = [r for r in (tuple(row.values()) for row in present) if r not in held]
-        columns = {
-            k: pa.array([r[i] for r in rows], snapshot.schema.field(k).type) for i, k in enumerate(key)
-        }
-        return pa.table(columns)
+        return self._keys_held(snapshot, list(self.mapping.primary_key), unless_in=snapshot)
 
     def _new_changes(self, data: pa.Table, state: StreamState, late: set[str]) -> pa.Table:
         """The batch's changes to append, each once, in sequence order: those above the high-water mark, and those

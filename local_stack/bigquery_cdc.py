@@ -239,8 +239,7 @@ def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any
         from bqemulator.streaming.proto_deserializer import ProtoRowDecoder
 
         if not _has_field(request, "proto_rows"):
-            table, decoder, schema_bytes = original(request, proto_decoder, arrow_schema_bytes, target_schema)
-            return _wide_decimals_as_text(table), decoder, schema_bytes
+            return original(request, proto_decoder, arrow_schema_bytes, target_schema)
         proto_data = request.proto_rows
         if _has_field(proto_data, "writer_schema"):
             proto_decoder = ProtoRowDecoder(proto_data.writer_schema.proto_descriptor)
@@ -255,18 +254,6 @@ def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any
         return table, decoder, schema_bytes
 
     return rows_for_request
-
-
-def _wide_decimals_as_text(table: Any) -> Any:
-    """Arrow appends: decimals wider than DuckDB's 38 digits (BIGNUMERIC) as their exact text, the way the patched
-    server stores BIGNUMERIC (`bigquery_emulator.patch_bignumeric`)."""
-    import pyarrow as pa
-
-    for index, field in enumerate(table.schema):
-        if pa.types.is_decimal(field.type) and field.type.precision > 38:
-            text = [None if v is None else format(v, "f") for v in table.column(index).to_pylist()]
-            table = table.set_column(index, field.name, pa.array(text, pa.string()))
-    return table
 
 
 def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:

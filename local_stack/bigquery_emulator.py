@@ -374,8 +374,8 @@ def _wide_decimals_as_text(path: str) -> str:
 def patch_bignumeric() -> None:
     """BIGNUMERIC holds 76 digits; DuckDB's widest DECIMAL holds 38, so the stock server cannot create or load such
     a column (`DECIMAL type width must be between 1 and 38`). Stored as exact decimal text instead: loads convert
-    wide Parquet decimals to that text (`_wide_decimals_as_text`), the Write API's BIGNUMERIC arrives as text
-    already. Queries see the column as a STRING of the exact value (arithmetic on it is not emulated)."""
+    wide Parquet decimals to that text (`_wide_decimals_as_text`); Write API appends take the table's Arrow schema,
+    in which BIGNUMERIC is that text too (proto rows carry it as text already). Queries see the column as a STRING of the exact value (arithmetic on it is not emulated)."""
     import pyarrow as pa
     from bqemulator.api.routes import tabledata
     from bqemulator.storage import type_map

@@ -6,7 +6,7 @@ import dagster as dg
 
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
-from tests.support.capture import landing_resource
+from tests.support.capture import drain_queue, landing_resource
 from tests.support.webhook import Receiver
 
 
@@ -50,11 +50,7 @@ def test_every_dead_letter_is_posted_even_beyond_one_posts_worth(
         dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
     )
     sqs = landing.sqs()
-    while leftovers := sqs.receive_message(
-        QueueUrl=landing.dead_letter_queue_url, MaxNumberOfMessages=10
-    ).get("Messages"):
-        for message in leftovers:  # other tests' dead letters
-            sqs.delete_message(QueueUrl=landing.dead_letter_queue_url, ReceiptHandle=message["ReceiptHandle"])
+    drain_queue(sqs, landing.dead_letter_queue_url)  # other tests' dead letters
     reasons = [f"poison-{n:02d}.parquet is not a readable Parquet file" for n in range(35)]
     for reason in reasons:
         sqs.send_message(

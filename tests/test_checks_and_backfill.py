@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -14,20 +13,18 @@ from google.cloud import bigquery
 
 from capture.service import ClusterCapture
 from cdc.clients import bigquery_client
-from cdc.mappings import Mappings, quote_bigquery
+from cdc.mappings import quote_bigquery
 from cdc.settings import Settings
 from cdc.source import begin_consistent_snapshot
 from cdc_assets.checks import FILES_LOADED, ROW_COUNT, SourceSnapshot, build_table_checks
 from cdc_assets.content_check import CONTENT, compare_content
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import LOADER, NO_DUPLICATES, load_run_config
-from cdc_assets.resnapshot import build_resnapshot_job
 from cdc_assets.resources import LandingResource
 from cdc_assets.tables import build_table_assets
 from cdc_assets.targets import TableTargets
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
-from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from tests.support.accounts import (
     DDL,
     accounts_loader,
@@ -43,6 +40,7 @@ from tests.support.capture import (
     landing_resource,
     new_env,
     pipeline_resources,
+    run_requested_resnapshots,
     run_sql,
     running,
     wait_caught_up,
@@ -402,19 +400,7 @@ def test_content_check_names_each_divergence_the_row_count_misses(
     assert not added.passed and added.metadata["exact"].value is True
     assert added.metadata["first_differences"].value == [f"id={i}: column(s) c differ" for i in (1, 2, 3)]
     # ... until the re-snapshot the capture asked for has run (the resnapshot_requests sensor launches it)
-    mappings = Mappings(Path("."), (cluster,))
-    sensor = build_resnapshot_request_sensor(mappings)
-    [request] = [
-        r
-        for r in sensor(
-            dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
-        )
-        if isinstance(r, dg.RunRequest)
-    ]
-    job = build_resnapshot_job(mappings, Settings.load())
-    assert job.execute_in_process(
-        run_config=request.run_config, resources=resources, instance=instance
-    ).success
+    assert len(run_requested_resnapshots(cluster, resources, instance)) == 1
     healed = check()[CONTENT]
     assert healed.passed and healed.metadata["exact"].value is True, healed.metadata
     assert healed.metadata["columns_compared"].value == 10

@@ -17,6 +17,7 @@ from cdc.clients import aws_client, bigquery_client
 from cdc.mappings import load_mappings
 from cdc.settings import MAPPINGS_DIR, STATE_DIR
 from local_stack.stack import LocalStack
+from tests.support.capture import drain_queue
 from tests.support.commands import run_cdc
 
 
@@ -96,7 +97,7 @@ def test_landing_objects_notify_the_queue_and_others_do_not(env: dict[str, str])
     sqs = aws_client("sqs")
     queue = env["CDC_SQS_QUEUE_URL"]
     bucket = env["CDC_LANDING_BUCKET"]
-    _drain(sqs, queue)
+    drain_queue(sqs, queue)
     landing_key = f"{env['CDC_LANDING_PREFIX']}/slots_play/bets/20261125-120000000.parquet"
     s3.put_object(Bucket=bucket, Key=landing_key, Body=b"x")
     s3.put_object(Bucket=bucket, Key="elsewhere/file.parquet", Body=b"x")
@@ -113,8 +114,8 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(
 ) -> None:
     sqs = aws_client("sqs")
     queue, dlq = env["CDC_SQS_QUEUE_URL"], env["CDC_SQS_DLQ_URL"]
-    _drain(sqs, queue)
-    _drain(sqs, dlq)
+    drain_queue(sqs, queue)
+    drain_queue(sqs, dlq)
     sqs.send_message(QueueUrl=queue, MessageBody="poison")
     max_receives = local_stack.settings.max_receive_count
     for _ in range(max_receives):
@@ -223,13 +224,6 @@ def _receive(sqs: object, queue: str, wait_for: int, delete: bool = False) -> li
                 sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])  # type: ignore[attr-defined]
             return messages
         time.sleep(0.1)
-
-
-def _drain(sqs: object, queue: str) -> None:
-    """Delete whatever is visible (PurgeQueue is limited to once a minute, as on AWS)."""
-    while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages"):  # type: ignore[attr-defined]
-        for message in batch:
-            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])  # type: ignore[attr-defined]
 
 
 def test_moto_runs_with_a_clock_that_gives_moto_s_own_values(local_stack: LocalStack) -> None:

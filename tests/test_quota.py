@@ -14,7 +14,7 @@ from cdc.settings import SettingError, Settings
 from cdc_assets.quota import LoadBudget
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import QueuedFiles, apply_budget, hold
-from tests.support.capture import landing_resource
+from tests.support.capture import drain_queue, landing_resource
 
 
 def test_a_busy_table_never_exceeds_its_daily_cap() -> None:
@@ -63,11 +63,7 @@ def test_held_files_wait_invisible_and_join_the_next_load(
     )
     mappings = Mappings(directory=local_stack.mappings.directory, clusters=(cluster,))
 
-    while leftovers := sqs.receive_message(QueueUrl=landing.queue_url, MaxNumberOfMessages=10).get(
-        "Messages"
-    ):
-        for message in leftovers:  # S3 events of other tests' files: not this test's business
-            sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
+    drain_queue(sqs, landing.queue_url)  # S3 events of other tests' files: not this test's business
 
     def batch(n: int) -> QueuedFiles:
         sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps({"n": n}))

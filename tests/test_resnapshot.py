@@ -19,7 +19,6 @@ from cdc_assets.load_run import landed_keys_for_day
 from cdc_assets.resnapshot import build_resnapshot_job, find_table
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
 from local_stack.stack import LocalStack
-from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from tests.support.accounts import (
     DDL,
     accounts_loader,
@@ -35,6 +34,7 @@ from tests.support.capture import (
     landed_keys,
     new_env,
     pipeline_resources,
+    run_requested_resnapshots,
     run_sql,
 )
 from tests.support.commands import run_cdc
@@ -270,18 +270,8 @@ def test_a_column_added_with_a_default_reaches_every_existing_row(
 
     resources = pipeline_resources(env)
     instance = dg.DagsterInstance.ephemeral()
-    sensor = build_resnapshot_request_sensor(Mappings(Path("."), (cluster,)))
-    requests = [
-        r
-        for r in sensor(
-            dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
-        )
-        if isinstance(r, dg.RunRequest)
-    ]
+    requests = run_requested_resnapshots(cluster, resources, instance)
     assert len(requests) == 1 and requests[0].run_key and requests[0].run_key.startswith(f"{table.source}@")
-    job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
-    result = job.execute_in_process(run_config=requests[0].run_config, resources=resources, instance=instance)
-    assert result.success
     assert_current_state_equals_source(loader, env)  # c = 'x' in every existing row, 'y' in row 2
     capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET c = 'z' WHERE id = 3")
     load()
@@ -325,18 +315,6 @@ def test_a_table_dropped_and_recreated_or_swapped_in_by_rename_ends_equal_to_the
     stream_all(loader, env)
     resources = pipeline_resources(env)
     instance = dg.DagsterInstance.ephemeral()
-    mappings = Mappings(Path("."), (cluster,))
-    sensor = build_resnapshot_request_sensor(mappings)
-    [request] = [
-        r
-        for r in sensor(
-            dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
-        )
-        if isinstance(r, dg.RunRequest)
-    ]
-    job = build_resnapshot_job(mappings, Settings.load())
-    assert job.execute_in_process(
-        run_config=request.run_config, resources=resources, instance=instance
-    ).success
+    assert len(run_requested_resnapshots(cluster, resources, instance)) == 1
     assert_current_state_equals_source(loader, env)  # 20, 21, 22
     assert_changelog_has_no_duplicates(loader)

@@ -27,7 +27,7 @@ from tests.support.accounts import (
     assert_current_state_equals_source,
     insert_accounts,
 )
-from tests.support.capture import capture_changes, landing_resource, new_env, run_sql
+from tests.support.capture import capture_changes, drain_queue, landing_resource, new_env, run_sql
 
 
 def _message(body: Any, receive_count: int = 1) -> dict[str, Any]:
@@ -96,17 +96,6 @@ def test_eventbridge_s3_events_name_their_file_like_s3_notifications() -> None:
     assert parse_message(_message(_eventbridge("Object Deleted", key))).keys == []
 
 
-def _drain(sqs: Any, queue: str) -> list[dict[str, Any]]:
-    messages = []
-    while batch := sqs.receive_message(
-        QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
-    ).get("Messages"):
-        for message in batch:
-            messages.append(message)
-            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
-    return messages
-
-
 @pytest.mark.parametrize("mode", ["streaming", "batch"])
 def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, mode: str
@@ -122,8 +111,8 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
         dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
     )
     sqs = landing.sqs()
-    _drain(sqs, landing.queue_url)
-    _drain(sqs, landing.dead_letter_queue_url)
+    drain_queue(sqs, landing.queue_url)
+    drain_queue(sqs, landing.dead_letter_queue_url)
 
     env = new_env(local_stack, "slots_accounts")
     env.prefix = local_stack.settings.prefix  # the notified landing prefix
@@ -192,7 +181,7 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
         sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps(_event(key.replace("/", "%2F"))))
     assert sum(run(tick())) == 0
 
-    dead = _drain(sqs, landing.dead_letter_queue_url)
+    dead = drain_queue(sqs, landing.dead_letter_queue_url)
     reasons = " | ".join(m["MessageAttributes"]["cdc_reason"]["StringValue"] for m in dead)
     assert "notes.txt is neither a DMS full-load nor a CDC Parquet file name" in reasons
     assert f"table {env.schema}.unmapped is not in the mappings" in reasons
@@ -217,7 +206,7 @@ def test_a_tick_returns_as_soon_as_a_file_lands(
         dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
     )
     sqs = landing.sqs()
-    _drain(sqs, landing.queue_url)
+    drain_queue(sqs, landing.queue_url)
     mapping = TableMapping(source="poll_db.events", target="poll.events", primary_key=["id"])
     cluster = ClusterMapping.model_validate(
         {

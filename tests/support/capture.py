@@ -244,3 +244,36 @@ def pipeline_resources(env: CaptureEnv) -> dict[str, Any]:
         ),
         "mysql": MySqlSourceResource(),
     }
+
+
+def drain_queue(sqs: Any, queue: str) -> list[dict[str, Any]]:
+    """Delete whatever is visible in `queue` (PurgeQueue is limited to once a minute, as on AWS): other tests'
+    messages are not this test's business. The messages deleted, with their attributes."""
+    messages = []
+    while batch := sqs.receive_message(
+        QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+    ).get("Messages"):
+        for message in batch:
+            messages.append(message)
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    return messages
+
+
+def run_requested_resnapshots(cluster: ClusterMapping, resources: dict[str, Any], instance: Any) -> list[Any]:
+    """What the `resnapshot_requests` sensor asks for, run as the daemon would: the run requests, each run a
+    success."""
+    import dagster as dg
+
+    from cdc.mappings import Mappings
+    from cdc.settings import Settings
+    from cdc_assets.resnapshot import build_resnapshot_job
+    from sensors.resnapshot_requests import build_resnapshot_request_sensor
+
+    mappings = Mappings(Path("."), (cluster,))
+    context = dg.build_sensor_context(instance=instance, resources={"landing": resources["landing"]})
+    requests = [r for r in build_resnapshot_request_sensor(mappings)(context) if isinstance(r, dg.RunRequest)]
+    job = build_resnapshot_job(mappings, Settings.load())
+    for request in requests:
+        result = job.execute_in_process(run_config=request.run_config, resources=resources, instance=instance)
+        assert result.success
+    return requests
