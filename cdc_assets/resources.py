@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -19,6 +21,7 @@ import botocore.config
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from google.cloud import bigquery
+from pydantic import PrivateAttr
 
 from cdc import settings
 from cdc.clients import bigquery_client, bigquery_write_client
@@ -34,6 +37,10 @@ class LandingResource(S3Resource):
     prefix: str = settings.DEFAULT_LANDING_PREFIX
     queue_url: str = ""
     dead_letter_queue_url: str = ""
+    # one S3 and one SQS client per resource (a run, a sensor tick): creating a boto3 client costs more CPU than the
+    # calls most uses make; clients are thread-safe, their creation is not (hence the lock)
+    _clients: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @classmethod
     def from_settings(cls, config: Settings) -> LandingResource:
@@ -51,9 +58,18 @@ class LandingResource(S3Resource):
         )
 
     def s3(self) -> Any:
-        return self.get_client()
+        return self._client("s3", self.get_client)
 
     def sqs(self) -> Any:
+        return self._client("sqs", self._new_sqs_client)
+
+    def _client(self, name: str, create: Callable[[], Any]) -> Any:
+        with self._clients_lock:
+            if name not in self._clients:
+                self._clients[name] = create()
+            return self._clients[name]
+
+    def _new_sqs_client(self) -> Any:
         session = boto3.session.Session(profile_name=self.profile_name)
         return session.client(
             "sqs",

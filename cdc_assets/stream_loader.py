@@ -181,7 +181,6 @@ class StreamLoader(TableTargets):
     def ensure_tables(self, data: pa.Table) -> list[bigquery.SchemaField]:
         """Create or widen the changelog, the current state (primary key, clustering, max_staleness) and the ledger
         for the batch's columns; the changelog's schema."""
-        self.bq.create_dataset(self.dataset, exists_ok=True)
         fields = _schema_of(data)
         meta = {f.name: f for f in fields}
         data_fields = [f for f in fields if f.name not in METADATA_COLUMNS]
@@ -464,9 +463,9 @@ class StreamLoader(TableTargets):
         """UPSERT/DELETE per change on the current state's default stream (protobuf: native CDC takes no Arrow);
         with `deletes`, those keys are deleted at the `horizon` sequence."""
         changes = changes.filter(pc.not_equal(changes[OP], TRUNCATE_OP))  # applied as the deletes it implies
-        target = self.bq.get_table(self.table_id(self.current))
-        rows = ProtoRows(target.schema)
-        columns = {f.name for f in target.schema}
+        schema = self.schemas.get(self.current) or self.bq.get_table(self.table_id(self.current)).schema
+        rows = ProtoRows(schema)
+        columns = {f.name for f in schema}
         payload = rows.encode(
             changes.select([c for c in changes.column_names if c in columns]),
             [CHANGE_TYPES[op] for op in changes[OP].to_pylist()],

@@ -71,6 +71,7 @@ class TableTargets:
         # An append-only table's changes are its content: they land at the mapped name, with no separate state.
         self.changelog = mapping.changelog_table if mapping.primary_key else mapping.target_table
         self.ledger = f"{mapping.target_table}{LEDGER_SUFFIX}"
+        self.schemas: dict[str, list[bigquery.SchemaField]] = {}  # tables ensured by this object: their schema
 
     def ref(self, table: str) -> str:
         """A table of this dataset, as a quoted SQL reference."""
@@ -101,6 +102,7 @@ class TableTargets:
         try:
             table = self.bq.get_table(self.table_id(name))
         except exceptions.NotFound:
+            self.bq.create_dataset(self.dataset, exists_ok=True)  # only for a new table: the call waits behind the writes
             table = bigquery.Table(self.table_id(name), schema=fields)
             if partition:
                 table.time_partitioning = bigquery.TimePartitioning(
@@ -112,7 +114,8 @@ class TableTargets:
                 table.table_constraints = _primary_key(primary_key)
                 if max_staleness:
                     table.max_staleness = max_staleness
-            return list(self.bq.create_table(table, exists_ok=True).schema)
+            self.schemas[name] = list(self.bq.create_table(table, exists_ok=True).schema)
+            return self.schemas[name]
         check_compatible(
             self.mapping, f"{self.dataset}.{name}", table.schema, fields, self.type_change_remedy()
         )
@@ -129,7 +132,8 @@ class TableTargets:
             changed.append("table_constraints")
         if changed:
             table = self.bq.update_table(table, changed)
-        return list(table.schema)
+        self.schemas[name] = list(table.schema)
+        return self.schemas[name]
 
     def type_change_remedy(self) -> str:
         tables = f"{self.dataset}.{self.current}" + (
