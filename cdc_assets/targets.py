@@ -71,7 +71,8 @@ class TableTargets:
         # An append-only table's changes are its content: they land at the mapped name, with no separate state.
         self.changelog = mapping.changelog_table if mapping.primary_key else mapping.target_table
         self.ledger = f"{mapping.target_table}{LEDGER_SUFFIX}"
-        self.schemas: dict[str, list[bigquery.SchemaField]] = {}  # tables ensured by this object: their schema
+        # the tables this object ensured, and their schema
+        self.schemas: dict[str, list[bigquery.SchemaField]] = {}
 
     def ref(self, table: str) -> str:
         """A table of this dataset, as a quoted SQL reference."""
@@ -102,7 +103,8 @@ class TableTargets:
         try:
             table = self.bq.get_table(self.table_id(name))
         except exceptions.NotFound:
-            self.bq.create_dataset(self.dataset, exists_ok=True)  # only for a new table: the call waits behind the writes
+            # only for a new table: on every load the call would wait behind the server's writes
+            self.bq.create_dataset(self.dataset, exists_ok=True)
             table = bigquery.Table(self.table_id(name), schema=fields)
             if partition:
                 table.time_partitioning = bigquery.TimePartitioning(
