@@ -29,6 +29,7 @@ from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import COMMIT_TS
+from cdc_assets.writers import wait_for_earlier_writers
 
 LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
 NO_DUPLICATES = "no_duplicate_changes"
@@ -352,6 +353,11 @@ def load_selected_tables(
     unselected = sorted(set(config.tables) - {t.target for t in selected})
     if unselected:
         raise dg.Failure(description=f"run config names tables this run does not select: {unselected}")
+    waited = wait_for_earlier_writers(
+        context.instance, context.run_id, context.selected_asset_keys, context.log.info
+    )
+    if waited >= 1:
+        context.log.info(f"the earlier run(s) of these tables ended after {waited:.1f} s; loading")
     lines: queue.Queue[tuple[str, str]] = queue.Queue()
     tasks = [_task(context, config, table, lines, settings) for table in selected]
     # one client each for the run's threads: clients are thread-safe, creating them concurrently is not

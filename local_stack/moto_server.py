@@ -4,7 +4,12 @@ moto 5.2.5 works out "now" through timezone-aware datetimes (~6 us a call) and i
 in the queue, several times per call: receiving 10 messages took 38 ms from a queue of 100, 0.3 s from 1,000 and
 0.9 s from 3,000 unacknowledged messages (measured here). Real SQS does not slow down as it fills; a local queue
 that does makes the pipeline fall behind once it is behind. This launcher gives moto's SQS the same clock from
-`time.time()` (identical values: epoch seconds and milliseconds); nothing else is changed.
+`time.time()` (identical values: epoch seconds and milliseconds).
+
+For the same reason a queue's attributes are worked out only when asked for: moto computes all of them (three of
+them count the messages in the queue) for every message sent - each S3 event - and every message received, to read
+one setting (`ContentBasedDeduplication`, `MessageRetentionPeriod`). The values are moto's own; nothing else is
+changed.
 
     python -m local_stack.moto_server -H 127.0.0.1 -p PORT     (the same arguments as moto_server)
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 
 def unix_time(when: dt.datetime | None = None) -> float:
@@ -36,8 +43,65 @@ def patch_sqs_clock() -> None:
         setattr(module, "unix_time_millis", unix_time_millis)  # noqa: B010
 
 
+class LazyQueueAttributes(Mapping[str, Any]):
+    """moto's `Queue.attributes` dict, each value computed when read (same keys, same values)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        names = list(queue.BASE_ATTRIBUTES)
+        if queue.fifo_queue:
+            names += queue.FIFO_ATTRIBUTES
+        if queue.kms_master_key_id:
+            names += queue.KMS_ATTRIBUTES
+        if queue.policy:
+            names.append("Policy")
+        if queue.redrive_policy:
+            names.append("RedrivePolicy")
+        self.names = list(dict.fromkeys(names))
+
+    def __getitem__(self, name: str) -> Any:
+        import json
+
+        from moto.core.utils import camelcase_to_underscores
+
+        if name not in self.names:
+            raise KeyError(name)
+        if name == "Policy":
+            value = self.queue.policy
+        elif name == "RedrivePolicy":
+            value = json.dumps(self.queue.redrive_policy)
+        else:
+            value = getattr(self.queue, camelcase_to_underscores(name))
+        return str(value).lower() if isinstance(value, bool) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def patch_queue_attributes() -> None:
+    import functools
+
+    from moto.sqs import models
+
+    current = models.Queue.__dict__["attributes"]
+    if isinstance(current, property) and current.fget is LazyQueueAttributes:
+        return  # patched already
+    models.Queue.attributes = property(LazyQueueAttributes)  # type: ignore[assignment,method-assign]
+    original = models.SQSBackend.get_queue_attributes
+
+    @functools.wraps(original)
+    def get_queue_attributes(self: Any, queue_name: str, attribute_names: list[str]) -> dict[str, Any]:
+        return dict(original(self, queue_name, attribute_names))  # the answer is a plain dict, as before
+
+    models.SQSBackend.get_queue_attributes = get_queue_attributes  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     patch_sqs_clock()
+    patch_queue_attributes()
     from moto.server import main as moto_main
 
     moto_main(sys.argv[1:] if argv is None else argv)

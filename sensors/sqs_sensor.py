@@ -1,7 +1,8 @@
 """The SQS sensor: S3 events of landed files -> load runs, pipelined: each tick launches one run (per day) for the
-tables that have files and are not held by a run in flight; a table in flight keeps its files in the sensor's
-cursor (their messages kept invisible) until its run ends, so its next batch grows instead of a queue of runs. One
-writer per table; runs of different tables at once. The run acknowledges the messages after its load.
+tables that have files and fewer than two active runs - the one loading and the next, whose worker starts while the
+first loads and whose step waits for it (`cdc_assets.writers`: one writer per table). A table with both keeps its
+files in the sensor's cursor (their messages kept invisible) for a later run, so its batches grow instead of a queue
+of runs. Runs of different tables at once. The run acknowledges the messages after its load.
 
 Also owns dead-lettering what cannot be loaded (not an S3 event, an unmapped table) and, for batch-mode tables, the
 load-job budget (`cdc_assets.quota`). A tick long-polls the queue for up to LONG_POLL_SECONDS and returns as soon as
@@ -26,6 +27,7 @@ from cdc_assets import quota
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, load_run_config
 from cdc_assets.resources import LandingResource
+from cdc_assets.writers import RUNS_PER_TABLE, active_runs, runs_per_asset
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
 # every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
@@ -135,15 +137,6 @@ def message_day(message: dict[str, Any]) -> dt.date:
 
 
 LOAD_RUN_TAG = "cdc/load"  # on the sensor's load runs
-ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-ACTIVE_RUN_MAX_AGE_S = (
-    600  # an older "active" run is taken for dead (its worker gone): its tables are free again
-)
 # run monitoring fails a load run still in progress after this long (a worker that died where no health check sees
 # it, as with the local default run launcher): its unacknowledged files load again
 LOAD_RUN_MAX_RUNTIME_S = 1800
@@ -186,24 +179,16 @@ def run_requests(queued: list[QueuedFiles], inline_checked: set[str] | None = No
 
 def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
     """The id of a sensor load run still queued or running (younger than ACTIVE_RUN_MAX_AGE_S), if any."""
-    records = instance.get_run_records(
-        dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, tags={LOAD_RUN_TAG: "sensor"}), limit=5
-    )
-    for record in records:
-        if now - record.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S:
+    for record in active_runs(instance, now):
+        if record.dagster_run.tags.get(LOAD_RUN_TAG) == "sensor":
             return record.dagster_run.run_id
     return None
 
 
 def assets_in_flight(instance: dg.DagsterInstance, now: float) -> set[dg.AssetKey]:
-    """The assets selected by every run still queued or running (a load, a backfill), younger than
-    ACTIVE_RUN_MAX_AGE_S: their tables have a writer."""
-    records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
-    held: set[dg.AssetKey] = set()
-    for record in records:
-        if now - record.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S:
-            held |= set(record.dagster_run.asset_selection or ())
-    return held
+    """The assets whose tables have RUNS_PER_TABLE active runs (a load, a backfill): one loading, one waiting to
+    follow it (cdc_assets.writers). Their files wait in the cursor for a later run."""
+    return {asset for asset, runs in runs_per_asset(instance, now).items() if runs >= RUNS_PER_TABLE}
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,21 +15,60 @@ from pathlib import Path
 import dagster as dg
 
 from cdc.mappings import TableMapping
+from cdc_assets.writers import ACTIVE_RUN_MAX_AGE_S, wait_for_earlier_writers
 from local_stack.dagster import fail_orphaned_runs
 from sensors.sqs_sensor import (
-    ACTIVE_RUN_MAX_AGE_S,
     LOAD_RUN_MAX_RUNTIME_S,
     LOAD_RUN_TAG,
     QueuedFiles,
     active_load_run,
+    assets_in_flight,
     run_requests,
 )
 
 
-def _add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus, tags: dict[str, str]) -> str:
-    run = dg.DagsterRun(job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=status, tags=tags)
+def _add_run(
+    instance: dg.DagsterInstance,
+    status: dg.DagsterRunStatus,
+    tags: dict[str, str],
+    assets: frozenset[dg.AssetKey] | None = None,
+) -> str:
+    run = dg.DagsterRun(
+        job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=status, tags=tags, asset_selection=assets
+    )
     instance.add_run(run)
     return run.run_id
+
+
+HOT, COLD = dg.AssetKey(["bigquery", "game", "hot"]), dg.AssetKey(["bigquery", "game", "cold"])
+
+
+def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> None:
+    """The sensor holds a table's files only when it has two active runs (one loading, one waiting to follow);
+    the second run's step waits until the first has ended; runs of other tables, later runs and dead ones are
+    not waited for."""
+    with dg.instance_for_test() as instance:
+        first = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
+        _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({COLD}))
+        assert assets_in_flight(instance, time.time()) == set()  # each table may take a next run
+        second = _add_run(
+            instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
+        )
+        assert assets_in_flight(instance, time.time()) == {HOT, COLD}  # both have two: a third waits
+        assert wait_for_earlier_writers(instance, first, {HOT}, print) < 1  # nothing earlier holds HOT
+        logged: list[str] = []
+        ended = threading.Timer(1.0, lambda: instance.report_run_failed(instance.get_run_by_id(first)))
+        ended.start()
+        try:
+            waited = wait_for_earlier_writers(instance, second, {HOT}, logged.append)
+        finally:
+            ended.join()
+        assert waited >= 0.9 and logged == [
+            f"waiting for run(s) {first} to finish loading the same table(s) (one writer per table)"
+        ]
+        # an earlier run older than any load is taken for dead: it holds nothing
+        later = time.time() + ACTIVE_RUN_MAX_AGE_S + 1
+        assert wait_for_earlier_writers(instance, second, {COLD}, print, clock=lambda: later) == 0
 
 
 def test_the_sensor_waits_only_for_its_own_recent_load_runs() -> None:

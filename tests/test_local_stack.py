@@ -250,3 +250,52 @@ def test_moto_runs_with_a_clock_that_gives_moto_s_own_values(local_stack: LocalS
     time.sleep(1.5)
     assert len(sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1).get("Messages", [])) == 1
     sqs.delete_queue(QueueUrl=queue)
+
+
+def test_moto_queue_attributes_are_computed_when_read_with_moto_s_own_values() -> None:
+    """The launcher's queue attributes (local_stack/moto_server.py) hold the keys and values moto's own property
+    gives, for a queue with messages, a redrive policy and settings; `get_queue_attributes` answers a plain dict."""
+    import json
+
+    import boto3
+    from moto import mock_aws
+    from moto.sqs import models
+
+    from local_stack import moto_server
+
+    stock = models.Queue.attributes
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        url = sqs.create_queue(
+            QueueName="events",
+            Attributes={
+                "VisibilityTimeout": "30",
+                "MessageRetentionPeriod": "3600",
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+            },
+        )["QueueUrl"]
+        for n in range(12):
+            sqs.send_message(QueueUrl=url, MessageBody=str(n))
+        sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=5)
+        queue = models.sqs_backends["123456789012"]["us-east-1"].get_queue("events")
+        expected = stock.fget(queue)
+        try:
+            moto_server.patch_queue_attributes()
+            lazy = queue.attributes
+            assert isinstance(lazy, moto_server.LazyQueueAttributes)
+            assert dict(lazy) == expected
+            assert (
+                lazy["ApproximateNumberOfMessages"] == 7
+                and lazy["ApproximateNumberOfMessagesNotVisible"] == 5
+            )
+            assert lazy.get("ContentBasedDeduplication") is None  # a standard queue has none, as in moto
+            answer = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+            assert answer["ApproximateNumberOfMessages"] == "7" and "RedrivePolicy" in answer
+            assert len(sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]) == 7
+        finally:
+            models.Queue.attributes = stock
+            models.SQSBackend.get_queue_attributes = models.SQSBackend.get_queue_attributes.__wrapped__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import dagster as dg
 import pytest
@@ -133,6 +134,16 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     today = dt.datetime.now(dt.UTC).date().isoformat()
     named = sorted(landed_keys(env, "accounts"))
     instance = dg.DagsterInstance.ephemeral()
+    # a run that loads this table already: the step waits until it has ended (one writer per table)
+    earlier = dg.DagsterRun(
+        job_name="__ASSET_JOB",
+        run_id="earlier-load-run",
+        status=dg.DagsterRunStatus.STARTED,
+        asset_selection=frozenset(asset.keys),
+    )
+    instance.add_run(earlier)
+    ended = threading.Timer(1.0, lambda: instance.report_run_failed(earlier))
+    ended.start()
     loaded = dg.materialize(
         [asset],
         partition_key=today,
@@ -140,6 +151,13 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
         instance=instance,
         run_config=load_run_config({target.target: (named, [])}),
     )
+    ended.join()
+    waited = [
+        e for e in instance.all_logs(loaded.run_id) if "waiting for run(s) earlier-load-run" in e.user_message
+    ]
+    [materialized] = instance.all_logs(loaded.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    [failed] = instance.all_logs(earlier.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    assert waited and waited[0].timestamp < failed.timestamp <= materialized.timestamp
     values = {
         name: entry.value
         for name, entry in loaded.asset_materializations_for_node(LOADER)[0].metadata.items()

@@ -1,0 +1,82 @@
+"""One writer per table: which Dagster runs hold which tables, and a load run's wait for the runs before it.
+
+A table may have two runs at a time: the one loading it and the next, launched while the first loads so that its
+worker's start-up (seconds: a new process loading the code location) overlaps that load. The next run's step waits
+until every earlier run that selects one of its tables has ended, then loads all that landed meanwhile - the loaders
+read every file not read yet, not only those their run config names. The SQS sensor launches a run only for tables
+with fewer than RUNS_PER_TABLE runs (docs/design.md, "Sensor").
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Collection
+
+import dagster as dg
+
+RUNS_PER_TABLE = 2  # the run loading a table and the one waiting to follow it
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+# an older "active" run is taken for dead (its worker gone): its tables are free again
+ACTIVE_RUN_MAX_AGE_S = 600
+POLL_SECONDS = 0.25
+
+
+def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
+    """Runs queued or in progress, younger than ACTIVE_RUN_MAX_AGE_S."""
+    records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
+    return [r for r in records if now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S]
+
+
+def runs_per_asset(instance: dg.DagsterInstance, now: float) -> Counter[dg.AssetKey]:
+    """How many active runs (loads, backfills, re-snapshots) select each asset."""
+    counts: Counter[dg.AssetKey] = Counter()
+    for record in active_runs(instance, now):
+        counts.update(set(record.dagster_run.asset_selection or ()))
+    return counts
+
+
+def earlier_writers(
+    instance: dg.DagsterInstance, run_id: str, assets: Collection[dg.AssetKey], now: float
+) -> list[dg.RunRecord]:
+    """Active runs created before `run_id` that select one of `assets`."""
+    mine = instance.get_run_record_by_id(run_id)
+    if mine is None:
+        return []
+    created = mine.create_timestamp
+    wanted = set(assets)
+    return [
+        r
+        for r in active_runs(instance, now)
+        if r.dagster_run.run_id != run_id
+        and (r.create_timestamp, r.dagster_run.run_id) < (created, run_id)
+        and wanted & set(r.dagster_run.asset_selection or ())
+    ]
+
+
+def wait_for_earlier_writers(
+    instance: dg.DagsterInstance,
+    run_id: str,
+    assets: Collection[dg.AssetKey],
+    log: Callable[[str], None],
+    clock: Callable[[], float] = time.time,
+) -> float:
+    """Block until no earlier active run selects one of `assets`; the seconds waited."""
+    started = clock()
+    shown: set[str] = set()
+    while True:
+        before = earlier_writers(instance, run_id, assets, clock())
+        if not before:
+            return clock() - started
+        new = [r.dagster_run.run_id for r in before if r.dagster_run.run_id not in shown]
+        if new:
+            log(
+                f"waiting for run(s) {', '.join(new)} to finish loading the same table(s) (one writer per table)"
+            )
+            shown.update(new)
+        time.sleep(POLL_SECONDS)
