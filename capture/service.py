@@ -19,10 +19,12 @@ import threading
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pymysql
 from botocore.exceptions import BotoCoreError, ClientError
 from pymysqlreplication import BinLogStreamReader
@@ -42,6 +44,7 @@ from cdc.sequence import BinlogPosition
 from cdc.source import MySQLConnection
 
 log = logging.getLogger("cdc.capture")
+UPLOAD_THREADS = 8  # concurrent S3 PUTs of one flush
 
 __all__ = ["TRANSIENT_ERRORS", "CaptureError", "CaptureSettings", "ClusterCapture"]
 
@@ -116,6 +119,9 @@ class ClusterCapture:
         self.state = "starting"
         self.tables: dict[TableKey, SourceTable] = {}
         self.buffers: dict[TableKey, TableBuffer] = {}
+        # a flush's files go to S3 at once (not one after another while the stream waits); the checkpoint follows
+        # only when every one of them is there
+        self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="s3-upload")
         self.checkpoint: dict[str, Any] = {}
         self.errors: list[str] = []
         self._passing_errors: set[str] = set()  # errors that clear once the capture writes to S3 again
@@ -480,8 +486,12 @@ class ClusterCapture:
             buffer = self.buffers.get(key)
             shape = self.tables[key]
             if buffer is None or buffer.columns is not shape.columns:
-                if buffer is not None and buffer.rows:
-                    self._flush_table(key, buffer)
+                if (
+                    buffer is not None and buffer.rows
+                ):  # the rows of the old columns go in a file of their own
+                    object_key, rows, metadata = self._take_file(key, buffer)
+                    self.store.put_file(object_key, parquet_bytes(rows, metadata))
+                    self.stats.files += 1
                 buffer = self.buffers[key] = TableBuffer(key[0], key[1], shape.columns)
             if buffer.first_buffered is None:
                 buffer.first_buffered = now
@@ -502,11 +512,17 @@ class ClusterCapture:
             self._advance_checkpoint()  # only unmapped traffic: move on so a restart does not re-read it
 
     def _flush(self, force: bool = False, at_boundary: bool = True) -> None:
-        """Write every buffered table, then (at a transaction boundary) checkpoint what is now in S3."""
-        flushed = 0
-        for key, buffer in self.buffers.items():
-            if buffer.rows:
-                flushed += self._flush_table(key, buffer)
+        """Write every buffered table (concurrently), then (at a transaction boundary) checkpoint what is now in
+        S3."""
+        files = [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
+        uploads = [
+            self._uploads.submit(self.store.put_file, object_key, parquet_bytes(rows, metadata))
+            for object_key, rows, metadata in files
+        ]
+        for upload in uploads:
+            upload.result()  # every file in S3 before the checkpoint; the first error is raised here
+        flushed = sum(rows.num_rows for _, rows, _ in files)
+        self.stats.files += len(files)
         self._buffered_rows = 0
         self.stats.recent.append((time.monotonic(), flushed))
         if at_boundary:
@@ -514,19 +530,19 @@ class ClusterCapture:
         if flushed or force:
             self._write_status(force=True)
 
-    def _flush_table(self, key: TableKey, buffer: TableBuffer) -> int:
+    def _take_file(self, key: TableKey, buffer: TableBuffer) -> tuple[str, pa.Table, dict[str, str]]:
+        """A table's buffered rows as its next file: (S3 key, rows, Parquet metadata); the buffer is emptied (the
+        rows are read again from the checkpoint if the upload fails)."""
         object_key = self.store.cdc_key(key[0], key[1], dt.datetime.now(dt.UTC), self.settings.date_folders)
         metadata = {
             "cdc.cluster": self.cluster.cluster,
             "cdc.first_sequence": buffer.rows[0][-1],
             "cdc.last_sequence": buffer.rows[-1][-1],
         }
-        self.store.put_file(object_key, parquet_bytes(buffer.to_arrow(), metadata))
-        count = len(buffer.rows)
+        rows = buffer.to_arrow()
         buffer.rows = []
         buffer.first_buffered = None
-        self.stats.files += 1
-        return count
+        return object_key, rows, metadata
 
     def _advance_checkpoint(self) -> None:
         """Checkpoint the last complete transaction; callers guarantee every row up to it is in S3."""

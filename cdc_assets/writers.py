@@ -2,8 +2,8 @@
 
 A table may have two runs at a time: the one loading it and the next, launched while the first loads so that its
 worker's start-up (seconds: a new process loading the code location) overlaps that load. The next run's step waits
-until every earlier run that selects one of its tables has ended, then loads all that landed meanwhile - the loaders
-read every file not read yet, not only those their run config names. The SQS sensor launches a run only for tables
+until every earlier run that selects one of its tables has ended, then loads (a streaming table: all that landed
+meanwhile, as its loader reads every file not read yet). The SQS sensor launches a run only for tables
 with fewer than RUNS_PER_TABLE runs (docs/design.md, "Sensor").
 """
 
