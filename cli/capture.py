@@ -26,9 +26,9 @@ def command() -> None:
 @click.option(
     "--flush-interval",
     type=float,
-    default=2.0,
+    default=CaptureSettings.flush_interval_s,
     show_default=True,
-    help="Seconds between flushes (DMS: up to 60).",
+    help="Seconds between flushes (a file per changed table per flush; DMS: CdcMaxBatchInterval).",
 )
 @click.option(
     "--flush-rows",
@@ -70,7 +70,7 @@ def run(clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_
 
 
 @command.command("start")
-@click.option("--flush-interval", type=float, default=2.0, show_default=True)
+@click.option("--flush-interval", type=float, default=CaptureSettings.flush_interval_s, show_default=True)
 def start(flush_interval: float) -> None:
     """Run `cdc capture run` for every cluster in the background (log under the state folder)."""
     process = background_service("capture")
