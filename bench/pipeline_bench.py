@@ -45,6 +45,7 @@ from typing import Any
 
 from bench.bench_platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
 from bench.capture_bench import gtid_numbers
+from capture.service import CaptureSettings
 from cdc.settings import Settings
 from cdc_testing import oracle
 
@@ -491,19 +492,13 @@ def run_mode(args: argparse.Namespace, mode: str, extras: bool) -> dict[str, Any
             stop_leftovers(state)
 
 
-FLUSH_INTERVAL_S = {
-    "streaming": 5.0,
-    "batch": 5.0,
-}  # the capture's default (at 2 s the files' cost outran 2 cores)
-
-
 def measure(
     args: argparse.Namespace, platform: BenchPlatform, began: float, mode: str, extras: bool
 ) -> dict[str, Any]:
     phases = [Phase(f"{float(m):g}x", float(m), args.phase_seconds) for m in args.multiples.split(",")]
     phases.append(Phase(f"burst {args.burst_multiple:g}x", args.burst_multiple, args.burst_seconds))
     sampler = Sampler(platform)
-    flush = args.flush_interval or FLUSH_INTERVAL_S[mode]
+    flush = args.flush_interval or CaptureSettings.flush_interval_s  # both modes: the capture's default
     # the source tables with some rows, captured by the full load
     run_phase(platform, sampler, Phase("seed", 5.0, 10.0), seed=0)
     platform.cdc("capture", "start", "--flush-interval", str(flush))

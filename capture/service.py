@@ -488,12 +488,8 @@ class ClusterCapture:
             buffer = self.buffers.get(key)
             shape = self.tables[key]
             if buffer is None or buffer.columns is not shape.columns:
-                if (
-                    buffer is not None and buffer.rows
-                ):  # the rows of the old columns go in a file of their own
-                    object_key, rows, metadata = self._take_file(key, buffer)
-                    self.store.put_file(object_key, parquet_bytes(rows, metadata))
-                    self.stats.files += 1
+                if buffer is not None and buffer.rows:  # the old columns' rows: a file of their own
+                    self._write_files([self._take_file(key, buffer)])
                 buffer = self.buffers[key] = TableBuffer(key[0], key[1], shape.columns)
             if buffer.first_buffered is None:
                 buffer.first_buffered = now
@@ -516,21 +512,26 @@ class ClusterCapture:
     def _flush(self, force: bool = False, at_boundary: bool = True) -> None:
         """Write every buffered table (concurrently), then (at a transaction boundary) checkpoint what is now in
         S3."""
-        files = [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
-        uploads = [
-            self._uploads.submit(self.store.put_file, object_key, parquet_bytes(rows, metadata))
-            for object_key, rows, metadata in files
-        ]
-        for upload in uploads:
-            upload.result()  # every file in S3 before the checkpoint; the first error is raised here
-        flushed = sum(rows.num_rows for _, rows, _ in files)
-        self.stats.files += len(files)
+        flushed = self._write_files(
+            [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
+        )
         self._buffered_rows = 0
         self.stats.recent.append((time.monotonic(), flushed))
         if at_boundary:
             self._advance_checkpoint()
         if flushed or force:
             self._write_status(force=True)
+
+    def _write_files(self, files: list[tuple[str, pa.Table, dict[str, str]]]) -> int:
+        """Upload files made by `_take_file` concurrently and wait for all (the first error is raised); the rows."""
+        uploads = [
+            self._uploads.submit(self.store.put_file, object_key, parquet_bytes(rows, metadata))
+            for object_key, rows, metadata in files
+        ]
+        for upload in uploads:
+            upload.result()
+        self.stats.files += len(files)
+        return sum(rows.num_rows for _, rows, _ in files)
 
     def _take_file(self, key: TableKey, buffer: TableBuffer) -> tuple[str, pa.Table, dict[str, str]]:
         """A table's buffered rows as its next file: (S3 key, rows, Parquet metadata); the buffer is emptied (the

@@ -42,19 +42,15 @@ def runs_per_asset(instance: dg.DagsterInstance, now: float) -> Counter[dg.Asset
 
 
 def earlier_writers(
-    instance: dg.DagsterInstance, run_id: str, assets: Collection[dg.AssetKey], now: float
+    instance: dg.DagsterInstance, mine: dg.RunRecord, assets: Collection[dg.AssetKey], now: float
 ) -> list[dg.RunRecord]:
-    """Active runs created before `run_id` that select one of `assets`."""
-    mine = instance.get_run_record_by_id(run_id)
-    if mine is None:
-        return []
-    created = mine.create_timestamp
+    """Active runs created before the run `mine` that select one of `assets`."""
     wanted = set(assets)
+    order = (mine.create_timestamp, mine.dagster_run.run_id)
     return [
         r
         for r in active_runs(instance, now)
-        if r.dagster_run.run_id != run_id
-        and (r.create_timestamp, r.dagster_run.run_id) < (created, run_id)
+        if (r.create_timestamp, r.dagster_run.run_id) < order
         and wanted & set(r.dagster_run.asset_selection or ())
     ]
 
@@ -68,9 +64,12 @@ def wait_for_earlier_writers(
 ) -> float:
     """Block until no earlier active run selects one of `assets`; the seconds waited."""
     started = clock()
+    mine = instance.get_run_record_by_id(run_id)
+    if mine is None:
+        return 0.0
     shown: set[str] = set()
     while True:
-        before = earlier_writers(instance, run_id, assets, clock())
+        before = earlier_writers(instance, mine, assets, clock())
         if not before:
             return clock() - started
         new = [r.dagster_run.run_id for r in before if r.dagster_run.run_id not in shown]

@@ -17,6 +17,7 @@ changed.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -60,8 +61,6 @@ class LazyQueueAttributes(Mapping[str, Any]):
         self.names = list(dict.fromkeys(names))
 
     def __getitem__(self, name: str) -> Any:
-        import json
-
         from moto.core.utils import camelcase_to_underscores
 
         if name not in self.names:
