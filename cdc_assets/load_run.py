@@ -29,7 +29,7 @@ from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import COMMIT_TS
-from cdc_assets.writers import wait_for_earlier_writers
+from cdc_assets.writers import table_names, wait_for_earlier_writers
 
 LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
 NO_DUPLICATES = "no_duplicate_changes"
@@ -354,7 +354,11 @@ def load_selected_tables(
     if unselected:
         raise dg.Failure(description=f"run config names tables this run does not select: {unselected}")
     waited = wait_for_earlier_writers(
-        context.instance, context.run_id, context.selected_asset_keys, context.log.info
+        context.instance,
+        context.run_id,
+        context.selected_asset_keys,
+        context.log.info,
+        table_names(by_key.values()),
     )
     if waited >= 1:
         context.log.info(f"the earlier run(s) of these tables ended after {waited:.1f} s; loading")

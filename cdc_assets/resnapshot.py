@@ -20,8 +20,8 @@ from cdc_assets.landed_files import read_landed
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource, MySqlSourceResource
 from cdc_assets.stream_loader import STATE_ROOT, StreamLoader
+from cdc_assets.writers import RESNAPSHOT_JOB, RESNAPSHOT_OP, table_names, wait_for_earlier_writers
 
-RESNAPSHOT_JOB = "resnapshot_table"
 HEAVY_RUN_TAG = "cdc/heavy"  # runs that read whole tables: the low-latency instance runs few of them at once
 
 
@@ -43,8 +43,10 @@ def find_table(mappings: Mappings, name: str) -> tuple[ClusterMapping, TableMapp
 
 
 def build_resnapshot_job(mappings: Mappings, settings: Settings) -> dg.JobDefinition:
+    names = table_names(t for _, t in mappings.tables())
+
     @dg.op(
-        name="resnapshot_from_source",
+        name=RESNAPSHOT_OP,
         description="New full load of one table from its source, loaded as the table's new snapshot horizon.",
     )
     def resnapshot_from_source(
@@ -84,6 +86,13 @@ def build_resnapshot_job(mappings: Mappings, settings: Settings) -> dg.JobDefini
             f"{table.source}: {rows} row(s) in {len(keys)} file(s) at binlog {position.file}:{position.pos}; "
             "loading them as the table's new snapshot"
         )
+        # one writer per table: a load run created before this one (it may read these very files) ends first;
+        # the ones created after wait for this run (cdc_assets.writers)
+        waited = wait_for_earlier_writers(
+            context.instance, context.run_id, {bigquery_asset_key(table)}, context.log.info, names
+        )
+        if waited >= 1:
+            context.log.info(f"{table.source}: the earlier run(s) writing it ended after {waited:.1f} s")
         horizon = position.sequence(0)
         mode = table.load_mode or settings.load_mode
         new_changes, load_jobs = _load_snapshot(mode, table, keys, horizon, landing, bigquery, settings)

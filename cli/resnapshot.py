@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from cdc_assets.resnapshot import RESNAPSHOT_JOB
+from cdc_assets.writers import RESNAPSHOT_JOB
 from cli.common import config, platform_mappings
 from definitions import build_definitions
 from local_stack.dagster import open_instance

@@ -11,8 +11,8 @@ import dagster as dg
 
 from cdc.landing import ControlDocuments, resnapshot_requests
 from cdc.mappings import Mappings
-from cdc_assets.resnapshot import RESNAPSHOT_JOB
 from cdc_assets.resources import LandingResource
+from cdc_assets.writers import RESNAPSHOT_JOB
 
 
 def build_resnapshot_request_sensor(mappings: Mappings) -> dg.SensorDefinition:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from cdc_assets import quota
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, load_run_config
 from cdc_assets.resources import LandingResource
-from cdc_assets.writers import RUNS_PER_TABLE, active_runs, runs_per_asset
+from cdc_assets.writers import RUNS_PER_TABLE, active_runs, runs_per_asset, table_names
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
 # every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
@@ -185,10 +186,12 @@ def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
     return None
 
 
-def assets_in_flight(instance: dg.DagsterInstance, now: float) -> set[dg.AssetKey]:
-    """The assets whose tables have RUNS_PER_TABLE active runs (a load, a backfill): one loading, one waiting to
-    follow it (cdc_assets.writers). Their files wait in the cursor for a later run."""
-    return {asset for asset, runs in runs_per_asset(instance, now).items() if runs >= RUNS_PER_TABLE}
+def assets_in_flight(
+    instance: dg.DagsterInstance, now: float, names: Mapping[str, dg.AssetKey]
+) -> set[dg.AssetKey]:
+    """The assets whose tables have RUNS_PER_TABLE active runs (a load, a backfill, a re-snapshot): one writing,
+    one waiting to follow it (cdc_assets.writers). Their files wait in the cursor for a later run."""
+    return {asset for asset, runs in runs_per_asset(instance, now, names).items() if runs >= RUNS_PER_TABLE}
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
@@ -281,6 +284,7 @@ def build_sqs_sensor(
     mappings: Mappings, asset_keys: list[dg.AssetKey], settings: Settings
 ) -> dg.SensorDefinition:
     batch_tables = {t.target for _, t in mappings.tables() if (t.load_mode or settings.load_mode) == "batch"}
+    names = table_names(t for _, t in mappings.tables())
 
     @dg.sensor(
         name="landed_files_sqs",
@@ -295,7 +299,7 @@ def build_sqs_sensor(
     ) -> dg.SensorResult | dg.SkipReason:
         now = time.time()
         cursor = json.loads(context.cursor) if context.cursor else {}
-        held_assets = assets_in_flight(context.instance, now)
+        held_assets = assets_in_flight(context.instance, now, names)
         waiting_free = any(
             bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
         )

@@ -11,11 +11,18 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from cdc.mappings import TableMapping
-from cdc_assets.writers import ACTIVE_RUN_MAX_AGE_S, wait_for_earlier_writers
+from cdc_assets.writers import (
+    ACTIVE_RUN_MAX_AGE_S,
+    RESNAPSHOT_JOB,
+    RESNAPSHOT_OP,
+    table_names,
+    wait_for_earlier_writers,
+)
 from local_stack.dagster import fail_orphaned_runs
 from sensors.sqs_sensor import (
     LOAD_RUN_MAX_RUNTIME_S,
@@ -32,15 +39,28 @@ def _add_run(
     status: dg.DagsterRunStatus,
     tags: dict[str, str],
     assets: frozenset[dg.AssetKey] | None = None,
+    job_name: str = "__ASSET_JOB",
+    run_config: dict[str, Any] | None = None,
 ) -> str:
     run = dg.DagsterRun(
-        job_name="__ASSET_JOB", run_id=str(uuid.uuid4()), status=status, tags=tags, asset_selection=assets
+        job_name=job_name,
+        run_id=str(uuid.uuid4()),
+        status=status,
+        tags=tags,
+        asset_selection=assets,
+        run_config=run_config or {},
     )
     instance.add_run(run)
     return run.run_id
 
 
 HOT, COLD = dg.AssetKey(["bigquery", "game", "hot"]), dg.AssetKey(["bigquery", "game", "cold"])
+NAMES = table_names(
+    [
+        TableMapping(source="game_db.hot", target="game.hot", primary_key=["id"]),
+        TableMapping(source="game_db.cold", target="game.cold", primary_key=["id"]),
+    ]
+)
 
 
 def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> None:
@@ -50,25 +70,68 @@ def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> N
     with dg.instance_for_test() as instance:
         first = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
         _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({COLD}))
-        assert assets_in_flight(instance, time.time()) == set()  # each table may take a next run
+        assert assets_in_flight(instance, time.time(), NAMES) == set()  # each table may take a next run
         second = _add_run(
             instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
         )
-        assert assets_in_flight(instance, time.time()) == {HOT, COLD}  # both have two: a third waits
-        assert wait_for_earlier_writers(instance, first, {HOT}, print) < 1  # nothing earlier holds HOT
+        assert assets_in_flight(instance, time.time(), NAMES) == {HOT, COLD}  # both have two: a third waits
+        assert wait_for_earlier_writers(instance, first, {HOT}, print, NAMES) < 1  # nothing earlier holds HOT
         logged: list[str] = []
         ended = threading.Timer(1.0, lambda: instance.report_run_failed(instance.get_run_by_id(first)))
         ended.start()
         try:
-            waited = wait_for_earlier_writers(instance, second, {HOT}, logged.append)
+            waited = wait_for_earlier_writers(instance, second, {HOT}, logged.append, NAMES)
         finally:
             ended.join()
         assert waited >= 0.9 and logged == [
-            f"waiting for run(s) {first} to finish loading the same table(s) (one writer per table)"
+            f"waiting for run(s) {first} to finish writing the same table(s) (one writer per table)"
         ]
         # an earlier run older than any load is taken for dead: it holds nothing
         later = time.time() + ACTIVE_RUN_MAX_AGE_S + 1
-        assert wait_for_earlier_writers(instance, second, {COLD}, print, clock=lambda: later) == 0
+        assert wait_for_earlier_writers(instance, second, {COLD}, print, NAMES, clock=lambda: later) == 0
+
+
+def _resnapshot_run(instance: dg.DagsterInstance, table: str) -> str:
+    config = {"ops": {RESNAPSHOT_OP: {"config": {"table": table}}}}
+    return _add_run(instance, dg.DagsterRunStatus.STARTED, {}, job_name=RESNAPSHOT_JOB, run_config=config)
+
+
+def test_a_resnapshot_is_a_writer_of_the_table_its_config_names() -> None:
+    """A re-snapshot selects no asset (an op job): the table its config names (target or source) counts as
+    written, so a load run created after it waits for it, and it waits for a load run created before it - the
+    two never append the same snapshot rows at once."""
+    with dg.instance_for_test() as instance:
+        load = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
+        resnapshot = _resnapshot_run(instance, "game_db.hot")  # by its source name
+        cold = _resnapshot_run(instance, "game.cold")  # by its target
+        _resnapshot_run(instance, "game.unknown")  # names no table: writes none
+        assert assets_in_flight(instance, time.time(), NAMES) == {HOT}  # a load + a re-snapshot: two writers
+        assert (
+            assets_in_flight(instance, time.time(), {}) == set()
+        )  # without the names, no re-snapshot counts
+        later_load = _add_run(
+            instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({COLD})
+        )
+        logged: list[str] = []
+        ended = threading.Timer(0.5, lambda: instance.report_run_failed(instance.get_run_by_id(load)))
+        ended.start()
+        try:
+            waited = wait_for_earlier_writers(instance, resnapshot, {HOT}, logged.append, NAMES)
+        finally:
+            ended.join()
+        assert waited >= 0.4 and logged == [
+            f"waiting for run(s) {load} to finish writing the same table(s) (one writer per table)"
+        ]
+        cold_logged: list[str] = []  # a load created after a re-snapshot of its table waits for it
+        ended = threading.Timer(0.5, lambda: instance.report_run_failed(instance.get_run_by_id(cold)))
+        ended.start()
+        try:
+            waited = wait_for_earlier_writers(instance, later_load, {COLD}, cold_logged.append, NAMES)
+        finally:
+            ended.join()
+        assert waited >= 0.4 and cold_logged == [
+            f"waiting for run(s) {cold} to finish writing the same table(s) (one writer per table)"
+        ]
 
 
 def test_the_sensor_waits_only_for_its_own_recent_load_runs() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +157,32 @@ def test_resnapshot_in_streaming_mode_sets_the_current_state_from_the_snapshot(
     s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in lost]})
 
     job = build_resnapshot_job(Mappings(Path("."), (cluster,)), Settings.load())
-    result = job.execute_in_process(
-        run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
-        resources=pipeline_resources(env),
-    )
+    with dg.instance_for_test() as instance:
+        # a load run of the table is in progress (it may read the snapshot's files too): the job writes after it
+        load_run = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id=str(uuid.uuid4()),
+            status=dg.DagsterRunStatus.STARTED,
+            asset_selection=frozenset({bigquery_asset_key(table)}),
+        )
+        instance.add_run(load_run)
+        ended = threading.Timer(
+            3.0, lambda: instance.report_run_failed(instance.get_run_by_id(load_run.run_id))
+        )
+        ended.start()
+        try:
+            result = job.execute_in_process(
+                run_config={"ops": {"resnapshot_from_source": {"config": {"table": table.target}}}},
+                resources=pipeline_resources(env),
+                instance=instance,
+            )
+        finally:
+            ended.join()
+        logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert result.success
+    waits = [i for i, m in enumerate(logged) if f"waiting for run(s) {load_run.run_id}" in m]
+    writes = [i for i, m in enumerate(logged) if "current state re-derived from the snapshot" in m]
+    assert waits and writes and waits[0] < writes[0], logged  # it waited for the load run, then wrote
     [materialization] = result.asset_materializations_for_node("resnapshot_from_source")
     assert (
         materialization.metadata["load_mode"].value == "streaming"
