@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 LOCATION = "mysql_bigquery_cdc"  # workspace.yaml
 DEFAULT_INSTANCE_YAML = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
+# its sitecustomize makes the code server fork run workers from a pre-loaded fork server (docstring there)
+RUN_WORKER_PRELOAD = Path(__file__).parent / "run_worker_preload"
 
 
 class LocalDagster:
@@ -50,8 +52,15 @@ class LocalDagster:
             with urllib.request.urlopen(f"{url}/server_info", timeout=1) as response:
                 return bool(response.status == 200)
 
+        path = os.pathsep.join(
+            p for p in (str(RUN_WORKER_PRELOAD), env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))) if p
+        )
         self.process.start(
-            argv, ready=ready, env={**env, "DAGSTER_HOME": str(self.home)}, timeout=120, extra_ports=(port,)
+            argv,
+            ready=ready,
+            env={**env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": path},
+            timeout=120,
+            extra_ports=(port,),
         )
         return notes
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cdc.clients import aws_client
+from local_stack.dagster import processes_of_instance
 from local_stack.stack import LocalStack
 from tests.support.accounts import (
     DDL,
@@ -37,6 +38,20 @@ def _s3_event(key: str) -> dict[str, Any]:
             {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "s3": {"object": {"key": key}}}
         ]
     }
+
+
+def _forked_run_workers_cpu(home: Path) -> int:
+    """The CPU ticks of the ended children of the local code server's fork server (which has imported Dagster and
+    the code location): its only children are run workers (local_stack/run_worker_preload)."""
+    for pid in processes_of_instance(home):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if "multiprocessing.forkserver" in command and "'definitions'" in command:
+            return int(stat[13]) + int(stat[14])  # cutime + cstime: children that ran and were reaped
+    raise AssertionError(f"no pre-loaded fork server among the processes of the Dagster instance at {home}")
 
 
 def _queued(sqs: Any, queue: str) -> int:
@@ -81,6 +96,8 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         loader = accounts_loader(local_stack, env, env.schema)
         wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
         changes = assert_changelog_has_no_duplicates(loader)
+        # the load runs' workers were forked from the code server's pre-loaded fork server, not spawned
+        assert _forked_run_workers_cpu(local_stack.state_dir / "dagster" / "home") > 0
 
         # S3 delivers events at least once: every landed file's event arrives twice more (one SNS-wrapped, one
         # in a two-record message), and loads that ran already are not run again - nothing is doubled
