@@ -6,10 +6,14 @@ the Google clients use their default endpoints and credential chains).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 import grpc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -60,6 +64,35 @@ def bigquery_write_client(write_endpoint: str | None = None) -> Any:
     return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
 
 
+_loader: botocore.loaders.Loader | None = None
+_loader_lock = threading.Lock()
+
+
+def aws_session(profile_name: str | None = None) -> boto3.session.Session:
+    """A boto3 session that shares this process's botocore data loader: the service models (JSON files of
+    hundreds of KB) are parsed once per process, not again for each new session's client - a sensor tick and a run
+    each make one, and the parsing costs more CPU than most of their calls."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+    core = botocore.session.Session()
+    core.register_component("data_loader", _loader)
+    return boto3.session.Session(botocore_session=core, profile_name=profile_name)
+
+
+def preload_aws_models(services: Iterable[str] = ("s3", "sqs")) -> None:
+    """Parse the models of `services` (and their paginators) into the shared loader; no request is made. For a
+    process whose children are forked (the local run workers' fork server)."""
+    session = aws_session()
+    for service in services:
+        client = session.client(  # type: ignore[call-overload]
+            service, region_name="us-east-1", aws_access_key_id="-", aws_secret_access_key="-"
+        )
+        if client.can_paginate("list_objects_v2" if service == "s3" else "list_queues"):
+            client.get_paginator("list_objects_v2" if service == "s3" else "list_queues")
+
+
 def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:
     """A boto3 client from the platform's configuration (see cdc.settings).
 
@@ -67,7 +100,7 @@ def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:
     (instance/task role, profile) and AWS's endpoints.
     """
     values = settings.resolved(environ)
-    return boto3.client(  # type: ignore[call-overload]
+    return aws_session().client(  # type: ignore[call-overload]
         service,
         endpoint_url=values.get(settings.AWS_ENDPOINT_URL) or None,
         region_name=values.get(settings.AWS_REGION) or None,

@@ -100,7 +100,7 @@ class Settings:
     content_check_max_rows: int = 200_000
     freshness_warn_minutes: float = 30.0
     freshness_fail_minutes: float = 120.0
-    max_parallel_loads: int = 8
+    max_parallel_loads: int = 24
     partitions_start: str = "2026-01-01"
     alert_webhook_url: str = field(default="", repr=False)  # a secret
     values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -135,7 +135,7 @@ class Settings:
             content_check_max_rows=_integer(values, CONTENT_CHECK_MAX_ROWS, 200_000, 100_000, 1_000_000_000),
             freshness_warn_minutes=_number(values, FRESHNESS_WARN_MINUTES, 30.0, 1.0, 10_080.0),
             freshness_fail_minutes=_number(values, FRESHNESS_FAIL_MINUTES, 120.0, 1.0, 10_080.0),
-            max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 8, 1, 256),
+            max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 24, 1, 256),
             partitions_start=text(PARTITIONS_START) or "2026-01-01",
             alert_webhook_url=text(ALERT_WEBHOOK_URL, ""),
             values=values,

@@ -12,19 +12,18 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote_plus
 
-import boto3
 import botocore.config
 import dagster as dg
+from botocore.handlers import disable_signing
 from dagster_aws.s3 import S3Resource
 from google.cloud import bigquery
 from pydantic import PrivateAttr
 
 from cdc import settings
-from cdc.clients import bigquery_client, bigquery_write_client
+from cdc.clients import aws_session, bigquery_client, bigquery_write_client
 from cdc.mappings import ClusterMapping
 from cdc.settings import Settings
 from cdc.source import MySQLConnection, cluster_connection
@@ -37,8 +36,9 @@ class LandingResource(S3Resource):
     prefix: str = settings.DEFAULT_LANDING_PREFIX
     queue_url: str = ""
     dead_letter_queue_url: str = ""
-    # one S3 and one SQS client per resource (a run, a sensor tick): creating a boto3 client costs more CPU than the
-    # calls most uses make; clients are thread-safe, their creation is not (hence the lock)
+    # one S3 and one SQS client per resource (a run, a sensor tick), made from sessions sharing the process's parsed
+    # service models: creating a client costs more CPU than the calls most uses make; clients are thread-safe,
+    # their creation is not (hence the lock)
     _clients: dict[str, Any] = PrivateAttr(default_factory=dict)
     _clients_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -58,21 +58,22 @@ class LandingResource(S3Resource):
         )
 
     def s3(self) -> Any:
-        return self._client("s3", self.get_client)
+        return self._client("s3")
 
     def sqs(self) -> Any:
-        return self._client("sqs", self._new_sqs_client)
+        return self._client("sqs")
 
-    def _client(self, name: str, create: Callable[[], Any]) -> Any:
+    def _client(self, service: str) -> Any:
         with self._clients_lock:
-            if name not in self._clients:
-                self._clients[name] = create()
-            return self._clients[name]
+            if service not in self._clients:
+                self._clients[service] = self._new_client(service)
+            return self._clients[service]
 
-    def _new_sqs_client(self) -> Any:
-        session = boto3.session.Session(profile_name=self.profile_name)
-        return session.client(
-            "sqs",
+    def _new_client(self, service: str) -> Any:
+        """A client with the resource's settings (S3Resource's fields), from a session sharing the process's
+        parsed service models (cdc.clients.aws_session)."""
+        client = aws_session(self.profile_name).client(  # type: ignore[call-overload,misc]
+            service,
             region_name=self.region_name,
             endpoint_url=self.endpoint_url,
             use_ssl=self.use_ssl,
@@ -82,6 +83,9 @@ class LandingResource(S3Resource):
             aws_session_token=self.aws_session_token,
             config=botocore.config.Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
         )
+        if self.use_unsigned_session:
+            client.meta.events.register(f"choose-signer.{service}.*", disable_signing)
+        return client
 
     def dead_letter(self, body: str, reason: str, receipt_handle: str | None = None) -> None:
         """Put a message on the dead-letter queue with the reason as its `cdc_reason` attribute (then delete the

@@ -322,3 +322,47 @@ def test_content_check_windows_rotate_through_a_big_table() -> None:
     assert small.mysql_scope == "TRUE" and small.bigquery_chunk == "CAST(DIV(`id`, 100000) AS STRING)"
     unsigned = chunking_for(table, specs, [], (1, 150_000), 200_000, now=0.0, key_type="NUMERIC")
     assert unsigned.bigquery_chunk == "CAST(CAST(TRUNC(`id` / 100000) AS INT64) AS STRING)"
+
+
+def test_landing_clients_share_the_parsed_service_models_of_the_process() -> None:
+    """Each LandingResource (a run, a sensor tick) makes its own S3 and SQS clients, but the service models behind
+    them are parsed once per process (cdc.clients.aws_session), and the resource's settings still apply."""
+    from botocore import UNSIGNED
+
+    from cdc.clients import aws_session
+    from cdc_assets.resources import LandingResource
+
+    def resource(**extra: Any) -> LandingResource:
+        return LandingResource(
+            bucket="landing",
+            endpoint_url="http://127.0.0.1:9",
+            region_name="eu-west-1",
+            max_attempts=7,
+            **extra,
+        )
+
+    first, second = resource(), resource(use_unsigned_session=True)
+    s3, sqs, other_s3 = first.s3(), first.sqs(), second.s3()
+    assert first.s3() is s3 and s3 is not other_s3  # one client per resource
+    loader = aws_session()._session.get_component("data_loader")
+    assert s3._loader is sqs._loader is other_s3._loader is loader
+    assert s3.meta.endpoint_url == "http://127.0.0.1:9" and s3.meta.region_name == "eu-west-1"
+    assert s3.meta.config.retries["total_max_attempts"] == 8  # 7 retries
+    signer = other_s3.meta.events.emit_until_response(
+        "choose-signer.s3.ListObjectsV2",
+        signing_name="s3",
+        region_name="eu-west-1",
+        signature_version="s3v4",
+        context={},
+    )[1]
+    assert (
+        signer is UNSIGNED
+        and first.s3().meta.events.emit_until_response(
+            "choose-signer.s3.ListObjectsV2",
+            signing_name="s3",
+            region_name="eu-west-1",
+            signature_version="s3v4",
+            context={},
+        )[1]
+        is not UNSIGNED
+    )

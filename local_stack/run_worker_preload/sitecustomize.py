@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-PRELOAD = ["dagster._grpc.impl", "definitions"]  # Dagster's run entry point and the code location's module
+PRELOAD = ["dagster._grpc.impl", "definitions", "run_worker_warmup"]  # run entry point, code location, AWS models
 ENABLED_ENV = "CDC_PRELOADED_RUN_WORKERS"
 
 
