@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any
 
-PRELOAD = ["dagster._grpc.impl", "definitions", "run_worker_warmup"]  # run entry point, code location, AWS models
+# Dagster's run entry point, the code location, the S3/SQS service models (run_worker_warmup)
+PRELOAD = ["dagster._grpc.impl", "definitions", "run_worker_warmup"]
 ENABLED_ENV = "CDC_PRELOADED_RUN_WORKERS"
 
 
