@@ -96,8 +96,12 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         loader = accounts_loader(local_stack, env, env.schema)
         wait_until_equal(lambda: assert_current_state_equals_source(loader, env), pipeline)
         changes = assert_changelog_has_no_duplicates(loader)
-        # the load runs' workers were forked from the code server's pre-loaded fork server, not spawned
-        assert _forked_run_workers_cpu(local_stack.state_dir / "dagster" / "home") > 0
+        # the load runs' workers were forked from the code server's pre-loaded fork server, not spawned (a worker
+        # counts once it has ended and been reaped: the run that made the tables equal may still be finishing)
+        home, deadline = local_stack.state_dir / "dagster" / "home", time.monotonic() + 120
+        while _forked_run_workers_cpu(home) == 0:
+            assert time.monotonic() < deadline, "no run worker forked from the fork server has ended in 120 s"
+            time.sleep(1)
 
         # S3 delivers events at least once: every landed file's event arrives twice more (one SNS-wrapped, one
         # in a two-record message), and loads that ran already are not run again - nothing is doubled
