@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.asset_check_execution_record import COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
 from google.api_core import exceptions
 from google.cloud import bigquery
 
@@ -104,22 +105,33 @@ def last_checks(instance: dg.DagsterInstance | None, tables: list[TableMapping])
         for asset in target_of
         for name in (NO_DUPLICATES, ROW_COUNT, CONTENT, FILES_LOADED)
     ]
-    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    storage = instance.event_log_storage
     out: dict[str, dict[str, Any]] = {}
-    for key, record in records.items():
+    for key, record in storage.get_latest_asset_check_execution_by_key(keys).items():
         checks = out.setdefault(target_of[key.asset_key], {})
-        entry = record.event
-        evaluation: Any = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
-        if entry is None or evaluation is None or not hasattr(evaluation, "passed"):
-            checks[key.name] = {"status": str(record.status.value).lower()}  # e.g. planned: running now
+        result = _evaluation(record)
+        if result is None:  # planned: a run evaluating it now - show the last result until it has a new one
+            [*done] = storage.get_asset_check_execution_history(
+                key, limit=1, status=COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
+            )
+            result = _evaluation(done[0]) if done else None
+            checks[key.name] = {**(result or {}), "status": str(record.status.value).lower()}
             continue
-        checks[key.name] = {
-            "passed": bool(evaluation.passed),
-            "severity": evaluation.severity.value,
-            "at": dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="seconds"),
-            "description": evaluation.description or "",
-        }
+        checks[key.name] = result
     return out
+
+
+def _evaluation(record: Any) -> dict[str, Any] | None:
+    entry = record.event
+    evaluation: Any = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+    if entry is None or evaluation is None or not hasattr(evaluation, "passed"):
+        return None
+    return {
+        "passed": bool(evaluation.passed),
+        "severity": evaluation.severity.value,
+        "at": dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="seconds"),
+        "description": evaluation.description or "",
+    }
 
 
 def table_status(
