@@ -81,6 +81,9 @@ def aws_session(profile_name: str | None = None) -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core, profile_name=profile_name)
 
 
+PAGINATED_CALLS = {"s3": "list_objects_v2", "sqs": "list_queues"}  # whose paginator models to parse too
+
+
 def preload_aws_models(services: Iterable[str] = ("s3", "sqs")) -> None:
     """Parse the models of `services` (and their paginators) into the shared loader; no request is made. For a
     process whose children are forked (the local run workers' fork server)."""
@@ -89,8 +92,8 @@ def preload_aws_models(services: Iterable[str] = ("s3", "sqs")) -> None:
         client = session.client(  # type: ignore[call-overload]
             service, region_name="us-east-1", aws_access_key_id="-", aws_secret_access_key="-"
         )
-        if client.can_paginate("list_objects_v2" if service == "s3" else "list_queues"):
-            client.get_paginator("list_objects_v2" if service == "s3" else "list_queues")
+        if service in PAGINATED_CALLS:
+            client.get_paginator(PAGINATED_CALLS[service])
 
 
 def aws_client(service: str, environ: Mapping[str, str] | None = None) -> Any:

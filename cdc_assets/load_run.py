@@ -29,7 +29,7 @@ from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import COMMIT_TS
-from cdc_assets.writers import table_names, wait_for_earlier_writers
+from cdc_assets.writers import wait_for_earlier_writers
 
 LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
 NO_DUPLICATES = "no_duplicate_changes"
@@ -347,6 +347,7 @@ def load_selected_tables(
     bigquery: BigQueryCdcResource,
     by_key: Mapping[dg.AssetKey, TableMapping],
     settings: LoadStepSettings,
+    names: Mapping[str, dg.AssetKey],
 ) -> Iterator[dg.MaterializeResult]:
     """The load step's body: the run's selected tables, loaded in parallel threads (a load mostly waits)."""
     selected = [by_key[key] for key in sorted(context.selected_asset_keys, key=lambda k: k.path)]
@@ -358,7 +359,7 @@ def load_selected_tables(
         context.run_id,
         context.selected_asset_keys,
         context.log.info,
-        table_names(by_key.values()),
+        names,
     )
     if waited >= 1:
         context.log.info(f"the earlier run(s) of these tables ended after {waited:.1f} s; loading")

@@ -111,7 +111,7 @@ def last_checks(instance: dg.DagsterInstance | None, tables: list[TableMapping])
         checks = out.setdefault(target_of[key.asset_key], {})
         result = _evaluation(record)
         if result is None:  # planned: a run evaluating it now - show the last result until it has a new one
-            [*done] = storage.get_asset_check_execution_history(
+            done = storage.get_asset_check_execution_history(
                 key, limit=1, status=COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES
             )
             result = _evaluation(done[0]) if done else None

@@ -17,6 +17,7 @@ from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key, landing_asset_key
 from cdc_assets.load_run import LOADER, NO_DUPLICATES, LoadFilesConfig, LoadStepSettings, load_selected_tables
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.writers import table_names
 
 
 def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
@@ -37,6 +38,7 @@ def build_table_assets(
 ) -> dg.AssetsDefinition:
     """The BigQuery asset of every mapped table, materialized by one subsettable loader step."""
     by_key = {bigquery_asset_key(table): table for _, table in tables}
+    names = table_names(by_key.values())  # a re-snapshot's table by the names its config may give
     partitions = daily_partitions(settings)
     freshness = freshness_policy(settings)
     specs = [
@@ -89,6 +91,6 @@ def build_table_assets(
         landing: LandingResource,
         bigquery: BigQueryCdcResource,
     ) -> Iterator[dg.MaterializeResult]:
-        yield from load_selected_tables(context, config, landing, bigquery, by_key, step_settings)
+        yield from load_selected_tables(context, config, landing, bigquery, by_key, step_settings, names)
 
     return load_landed_files

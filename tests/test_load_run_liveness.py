@@ -63,6 +63,23 @@ NAMES = table_names(
 )
 
 
+def _wait_ending_after(
+    instance: dg.DagsterInstance, waiting: str, assets: set[dg.AssetKey], ending: str, seconds: float
+) -> tuple[float, list[str]]:
+    """wait_for_earlier_writers for the run `waiting` while the run `ending` fails after `seconds`: (waited, log)."""
+    logged: list[str] = []
+    ended = threading.Timer(seconds, lambda: instance.report_run_failed(instance.get_run_by_id(ending)))
+    ended.start()
+    try:
+        return wait_for_earlier_writers(instance, waiting, assets, logged.append, NAMES), logged
+    finally:
+        ended.join()
+
+
+def _waiting_for(run_id: str) -> list[str]:
+    return [f"waiting for run(s) {run_id} to finish writing the same table(s) (one writer per table)"]
+
+
 def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> None:
     """The sensor holds a table's files only when it has two active runs (one loading, one waiting to follow);
     the second run's step waits until the first has ended; runs of other tables, later runs and dead ones are
@@ -76,16 +93,8 @@ def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> N
         )
         assert assets_in_flight(instance, time.time(), NAMES) == {HOT, COLD}  # both have two: a third waits
         assert wait_for_earlier_writers(instance, first, {HOT}, print, NAMES) < 1  # nothing earlier holds HOT
-        logged: list[str] = []
-        ended = threading.Timer(1.0, lambda: instance.report_run_failed(instance.get_run_by_id(first)))
-        ended.start()
-        try:
-            waited = wait_for_earlier_writers(instance, second, {HOT}, logged.append, NAMES)
-        finally:
-            ended.join()
-        assert waited >= 0.9 and logged == [
-            f"waiting for run(s) {first} to finish writing the same table(s) (one writer per table)"
-        ]
+        waited, logged = _wait_ending_after(instance, second, {HOT}, first, 1.0)
+        assert waited >= 0.9 and logged == _waiting_for(first)
         # an earlier run older than any load is taken for dead: it holds nothing
         later = time.time() + ACTIVE_RUN_MAX_AGE_S + 1
         assert wait_for_earlier_writers(instance, second, {COLD}, print, NAMES, clock=lambda: later) == 0
@@ -112,26 +121,11 @@ def test_a_resnapshot_is_a_writer_of_the_table_its_config_names() -> None:
         later_load = _add_run(
             instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({COLD})
         )
-        logged: list[str] = []
-        ended = threading.Timer(0.5, lambda: instance.report_run_failed(instance.get_run_by_id(load)))
-        ended.start()
-        try:
-            waited = wait_for_earlier_writers(instance, resnapshot, {HOT}, logged.append, NAMES)
-        finally:
-            ended.join()
-        assert waited >= 0.4 and logged == [
-            f"waiting for run(s) {load} to finish writing the same table(s) (one writer per table)"
-        ]
-        cold_logged: list[str] = []  # a load created after a re-snapshot of its table waits for it
-        ended = threading.Timer(0.5, lambda: instance.report_run_failed(instance.get_run_by_id(cold)))
-        ended.start()
-        try:
-            waited = wait_for_earlier_writers(instance, later_load, {COLD}, cold_logged.append, NAMES)
-        finally:
-            ended.join()
-        assert waited >= 0.4 and cold_logged == [
-            f"waiting for run(s) {cold} to finish writing the same table(s) (one writer per table)"
-        ]
+        waited, logged = _wait_ending_after(instance, resnapshot, {HOT}, load, 0.5)
+        assert waited >= 0.4 and logged == _waiting_for(load)
+        # a load created after a re-snapshot of its table waits for it
+        waited, logged = _wait_ending_after(instance, later_load, {COLD}, cold, 0.5)
+        assert waited >= 0.4 and logged == _waiting_for(cold)
 
 
 def test_the_sensor_waits_only_for_its_own_recent_load_runs() -> None:

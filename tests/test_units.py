@@ -348,21 +348,14 @@ def test_landing_clients_share_the_parsed_service_models_of_the_process() -> Non
     assert s3._loader is sqs._loader is other_s3._loader is loader
     assert s3.meta.endpoint_url == "http://127.0.0.1:9" and s3.meta.region_name == "eu-west-1"
     assert s3.meta.config.retries["total_max_attempts"] == 8  # 7 retries
-    signer = other_s3.meta.events.emit_until_response(
-        "choose-signer.s3.ListObjectsV2",
-        signing_name="s3",
-        region_name="eu-west-1",
-        signature_version="s3v4",
-        context={},
-    )[1]
-    assert (
-        signer is UNSIGNED
-        and first.s3().meta.events.emit_until_response(
+
+    def signer(client: Any) -> Any:
+        return client.meta.events.emit_until_response(
             "choose-signer.s3.ListObjectsV2",
             signing_name="s3",
             region_name="eu-west-1",
             signature_version="s3v4",
             context={},
         )[1]
-        is not UNSIGNED
-    )
+
+    assert signer(other_s3) is UNSIGNED and signer(s3) is not UNSIGNED
