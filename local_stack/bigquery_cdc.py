@@ -356,24 +356,82 @@ def _locked_connection(self: Any) -> Any:
     return _LockedConnection(self._connection)
 
 
-class _LockedConnection:
-    """A DuckDB connection whose calls (execute, fetchone, register, ...) each hold ENGINE_LOCK; `execute` returns
-    the connection itself as its cursor, so that comes back locked too."""
+class _Locked:
+    """An object of the DuckDB connection (the connection, a result relation) whose every call holds ENGINE_LOCK."""
 
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
+    def __init__(self, target: Any) -> None:
+        self._target = target
 
     def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._connection, name)
+        attribute = getattr(self._target, name)
         if not callable(attribute):
             return attribute
 
         def locked(*args: Any, **kwargs: Any) -> Any:
             with ENGINE_LOCK:
                 result = attribute(*args, **kwargs)
-            return self if result is self._connection else result
+            return self if result is self._target else result
 
         return locked
+
+
+class _LockedConnection(_Locked):
+    """The DuckDB connection, each call under ENGINE_LOCK. `execute` returns the statement's result taken off the
+    connection in the same hold (`_detached_result`): DuckDB keeps one pending result per connection, so fetching it
+    in a second hold let another thread's statement replace it (a load job's `fetchone()` then got None)."""
+
+    def execute(self, sql: str, parameters: Any = None) -> Any:
+        with ENGINE_LOCK:
+            return _detached_result(self._target, sql, parameters)
+
+
+def _detached_result(connection: Any, sql: str, parameters: Any) -> Any:
+    """Run `sql` and return its result as an object of its own (call with ENGINE_LOCK held). A query becomes a
+    materialised DuckDB relation, so rows and Arrow come out exactly as `connection.execute(...)` gives them; any
+    other statement (DML, DDL, SET, ...) runs as before and its small status table is kept as Arrow."""
+    import duckdb
+
+    statements = connection.extract_statements(sql)
+    if statements and statements[-1].type == duckdb.StatementType.SELECT:
+        relation = connection.sql(sql, params=parameters)
+        if relation is not None:
+            return _Locked(relation.execute())  # fetching a relation runs a scan on the connection
+    connection.execute(sql, parameters) if parameters is not None else connection.execute(sql)
+    description = connection.description
+    table = connection.to_arrow_table() if description else None
+    return _StatusResult(description, table)
+
+
+class _StatusResult:
+    """The result of a statement that is not a query, held apart from the connection: DuckDB's status table
+    (`Count` or `Success`), or nothing."""
+
+    def __init__(self, description: Any, table: Any) -> None:
+        self.description = description
+        self._table = table
+        self._rows = [tuple(row.values()) for row in table.to_pylist()] if table is not None else []
+        self._next = 0
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        rows = self._rows[self._next : self._next + size]
+        self._next += len(rows)
+        return rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.fetchmany(len(self._rows))
+
+    def to_arrow_table(self) -> Any:
+        import pyarrow as pa
+
+        return self._table if self._table is not None else pa.table({})
+
+    fetch_arrow_table = arrow = to_arrow_table
 
 
 # -- tables: primary keys and max_staleness in REST ---------------------------------------------------------------
