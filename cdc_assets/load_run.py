@@ -11,6 +11,7 @@ import datetime as dt
 import math
 import queue
 import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
 from cdc_assets.targets import COMMIT_TS
-from cdc_assets.writers import wait_for_earlier_writers
+from cdc_assets.writers import POLL_SECONDS, HandOver
 
 LOADER = "load_landed_files"  # the step (op) that materializes every BigQuery table asset
 NO_DUPLICATES = "no_duplicate_changes"
@@ -354,21 +355,16 @@ def load_selected_tables(
     unselected = sorted(set(config.tables) - {t.target for t in selected})
     if unselected:
         raise dg.Failure(description=f"run config names tables this run does not select: {unselected}")
-    waited = wait_for_earlier_writers(
-        context.instance,
-        context.run_id,
-        context.selected_asset_keys,
-        context.log.info,
-        names,
-    )
-    if waited >= 1:
-        context.log.info(f"the earlier run(s) of these tables ended after {waited:.1f} s; loading")
     lines: queue.Queue[tuple[str, str]] = queue.Queue()
     tasks = [_task(context, config, table, lines, settings) for table in selected]
     # one client each for the run's threads: clients are thread-safe, creating them concurrently is not
     s3, sqs, bq = landing.s3(), landing.sqs(), bigquery.client()
     write = bigquery.write_client() if any(t.mode == "streaming" for t in tasks) else None
     failures: list[str] = []
+    # each table loads as soon as no earlier run holds it (docs/design.md, "Sensor")
+    hand_over = HandOver(context.instance, context.run_id, names, context.log.info)
+    waiting = {bigquery_asset_key(task.table): task for task in tasks}
+    started = time.monotonic()
 
     def show_lines() -> None:
         while not lines.empty():
@@ -376,11 +372,20 @@ def load_selected_tables(
             getattr(context.log, level)(message)
 
     with ThreadPoolExecutor(max_workers=min(settings.max_parallel_loads, len(tasks)) or 1) as pool:
-        pending: dict[Future[TableTask], TableTask] = {
-            pool.submit(task.run, landing, s3, bq, write, context.partition_keys): task for task in tasks
-        }
-        while pending:
-            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        pending: dict[Future[TableTask], TableTask] = {}
+        while waiting or pending:
+            if waiting:
+                for asset in hand_over.free(list(waiting)):
+                    task = waiting.pop(asset)
+                    pending[pool.submit(task.run, landing, s3, bq, write, context.partition_keys)] = task
+                if not waiting and time.monotonic() - started >= 1:
+                    context.log.info(
+                        f"the earlier run(s) handed over the last table after {time.monotonic() - started:.1f} s"
+                    )
+            if not pending:
+                time.sleep(POLL_SECONDS)
+                continue
+            done, _ = wait(pending, timeout=POLL_SECONDS if waiting else 0.5, return_when=FIRST_COMPLETED)
             show_lines()
             for future in done:
                 task = pending.pop(future)

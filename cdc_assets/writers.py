@@ -1,14 +1,16 @@
 """One writer per table: which Dagster runs hold which tables, and a load run's wait for the runs before it.
 
 A table may have two runs at a time: the one loading it and the next, launched while the first loads so that its
-worker's start-up (seconds: a new process loading the code location) overlaps that load. The next run's step waits
-until every earlier run that selects one of its tables has ended, then loads (a streaming table: all that landed
-meanwhile, as its loader reads every file not read yet). The SQS sensor launches a run only for tables
-with fewer than RUNS_PER_TABLE runs (docs/design.md, "Sensor").
+worker's start-up (seconds: a new process loading the code location) overlaps that load. A run holds a table from
+its creation until it has materialized that table (its load step reports each table as soon as it is loaded, and
+goes on with its others) or has ended. The next run loads a table as soon as no earlier run holds it (a streaming
+table: all that landed meanwhile, as its loader reads every file not read yet): a table is handed over, not the
+whole run. The SQS sensor launches a run only for tables held by fewer than RUNS_PER_TABLE runs (docs/design.md,
+"Sensor").
 
 A run writes the assets it selects (loads, backfills) or, for a `resnapshot_table` run (an op job that selects no
-asset), the table named in its run config: a re-snapshot and a load of the same table never append at once.
-"""
+asset, so it holds its table until it ends), the table named in its run config: a re-snapshot and a load of the
+same table never append at once."""
 
 from __future__ import annotations
 
@@ -61,32 +63,87 @@ def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
     return [r for r in records if now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S]
 
 
+def materialized_assets(instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
+    """The assets a run has materialized so far."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return {
+        r.event_log_entry.dagster_event.asset_key
+        for r in records
+        if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
+    }
+
+
+def held_assets(
+    instance: dg.DagsterInstance, record: dg.RunRecord, names: Mapping[str, dg.AssetKey]
+) -> set[dg.AssetKey]:
+    """The tables an active run still holds: those it writes and has not materialized yet."""
+    written = written_assets(record.dagster_run, names)
+    if not written or record.dagster_run.status != dg.DagsterRunStatus.STARTED:
+        return written  # a run not started has materialized nothing
+    return written - materialized_assets(instance, record.dagster_run.run_id)
+
+
 def runs_per_asset(
     instance: dg.DagsterInstance, now: float, names: Mapping[str, dg.AssetKey]
 ) -> Counter[dg.AssetKey]:
-    """How many active runs (loads, backfills, re-snapshots) write each asset."""
+    """How many active runs (loads, backfills, re-snapshots) hold each asset."""
     counts: Counter[dg.AssetKey] = Counter()
     for record in active_runs(instance, now):
-        counts.update(written_assets(record.dagster_run, names))
+        counts.update(held_assets(instance, record, names))
     return counts
 
 
-def earlier_writers(
+def earlier_holders(
     instance: dg.DagsterInstance,
     mine: dg.RunRecord,
     assets: Collection[dg.AssetKey],
     now: float,
     names: Mapping[str, dg.AssetKey],
-) -> list[dg.RunRecord]:
-    """Active runs created before the run `mine` that write one of `assets`."""
+) -> dict[dg.AssetKey, list[str]]:
+    """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs."""
     wanted = set(assets)
     order = (mine.create_timestamp, mine.dagster_run.run_id)
-    return [
-        r
-        for r in active_runs(instance, now)
-        if (r.create_timestamp, r.dagster_run.run_id) < order
-        and wanted & written_assets(r.dagster_run, names)
-    ]
+    holders: dict[dg.AssetKey, list[str]] = {}
+    for record in active_runs(instance, now):
+        if (record.create_timestamp, record.dagster_run.run_id) >= order:
+            continue
+        if wanted & written_assets(record.dagster_run, names):
+            for asset in wanted & held_assets(instance, record, names):
+                holders.setdefault(asset, []).append(record.dagster_run.run_id)
+    return holders
+
+
+class HandOver:
+    """A run's wait for its tables: which of them no earlier run holds any more (polled), logging each earlier
+    run it waits for once."""
+
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        run_id: str,
+        names: Mapping[str, dg.AssetKey],
+        log: Callable[[str], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._instance = instance
+        self._mine = instance.get_run_record_by_id(run_id)
+        self._names = names
+        self._log = log
+        self._clock = clock
+        self._shown: set[str] = set()
+
+    def free(self, assets: Collection[dg.AssetKey]) -> set[dg.AssetKey]:
+        """Those of `assets` that no earlier active run holds."""
+        if self._mine is None or not assets:
+            return set(assets)
+        holders = earlier_holders(self._instance, self._mine, assets, self._clock(), self._names)
+        new = sorted({run for runs in holders.values() for run in runs} - self._shown)
+        if new:
+            self._log(
+                f"waiting for run(s) {', '.join(new)} to finish writing the same table(s) (one writer per table)"
+            )
+            self._shown.update(new)
+        return set(assets) - set(holders)
 
 
 def wait_for_earlier_writers(
@@ -97,20 +154,9 @@ def wait_for_earlier_writers(
     names: Mapping[str, dg.AssetKey],
     clock: Callable[[], float] = time.time,
 ) -> float:
-    """Block until no earlier active run writes one of `assets`; the seconds waited."""
+    """Block until no earlier active run holds one of `assets`; the seconds waited."""
     started = clock()
-    mine = instance.get_run_record_by_id(run_id)
-    if mine is None:
-        return 0.0
-    shown: set[str] = set()
-    while True:
-        before = earlier_writers(instance, mine, assets, clock(), names)
-        if not before:
-            return clock() - started
-        new = [r.dagster_run.run_id for r in before if r.dagster_run.run_id not in shown]
-        if new:
-            log(
-                f"waiting for run(s) {', '.join(new)} to finish writing the same table(s) (one writer per table)"
-            )
-            shown.update(new)
+    hand_over = HandOver(instance, run_id, names, log, clock)
+    while len(hand_over.free(assets)) < len(set(assets)):
         time.sleep(POLL_SECONDS)
+    return clock() - started

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 
 from cdc.mappings import TableMapping
 from cdc_assets.writers import (
     ACTIVE_RUN_MAX_AGE_S,
     RESNAPSHOT_JOB,
     RESNAPSHOT_OP,
+    HandOver,
     table_names,
     wait_for_earlier_writers,
 )
@@ -98,6 +100,42 @@ def test_a_table_takes_a_second_run_that_waits_for_the_first_and_no_third() -> N
         # an earlier run older than any load is taken for dead: it holds nothing
         later = time.time() + ACTIVE_RUN_MAX_AGE_S + 1
         assert wait_for_earlier_writers(instance, second, {COLD}, print, NAMES, clock=lambda: later) == 0
+
+
+def _report_materialized(instance: dg.DagsterInstance, run_id: str, asset: dg.AssetKey) -> None:
+    """The event a load step stores when it has loaded one of its tables."""
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+        job_name="__ASSET_JOB",
+        event_specific_data=StepMaterializationData(dg.AssetMaterialization(asset_key=asset)),
+    )
+    instance.report_dagster_event(event, run_id)
+
+
+def test_a_run_hands_each_table_over_once_it_has_materialized_it() -> None:
+    """A run still loading other tables no longer holds a table it has materialized: the next run of that table
+    loads it at once, and the sensor may launch another run for it; a table not yet materialized stays held."""
+    with dg.instance_for_test() as instance:
+        first = _add_run(
+            instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
+        )
+        second = _add_run(
+            instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
+        )
+        assert assets_in_flight(instance, time.time(), NAMES) == {HOT, COLD}
+        logged: list[str] = []
+        hand_over = HandOver(instance, second, NAMES, logged.append)
+        assert hand_over.free([HOT, COLD]) == set() and logged == _waiting_for(first)
+        threading.Timer(0.5, _report_materialized, (instance, first, HOT)).start()
+        waited = wait_for_earlier_writers(instance, second, {HOT}, print, NAMES)
+        assert 0.4 <= waited < 5  # handed over while the first run goes on
+        assert instance.get_run_by_id(first).status == dg.DagsterRunStatus.STARTED
+        assert hand_over.free([HOT, COLD]) == {HOT}
+        assert logged == _waiting_for(first)  # each earlier run named once
+        assert assets_in_flight(instance, time.time(), NAMES) == {COLD}  # HOT: only the second run holds it
+        # a later run of HOT now waits for the second, which has not materialized it
+        third = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
+        assert HandOver(instance, third, NAMES, print).free([HOT]) == set()
 
 
 def _resnapshot_run(instance: dg.DagsterInstance, table: str) -> str:
