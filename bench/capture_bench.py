@@ -41,6 +41,7 @@ def _mapping_dir(work: Path) -> Path:
             "port_env": "CDC_MYSQL_BENCH_PORT",
             "user_env": "CDC_MYSQL_BENCH_USER",
             "password_env": "CDC_MYSQL_BENCH_PASSWORD",
+            "tls_env": "CDC_MYSQL_BENCH_TLS",
         },
         "tables": [{"source": "bench.bets", "target": "bench.bets", "primary_key": ["id"]}],
     }

@@ -22,8 +22,13 @@ from botocore.exceptions import ClientError
 from cdc import settings
 from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN
 from cdc.mappings import ClusterMapping, Mappings
+from cdc.source import tls_mode
 
 log = logging.getLogger("cdc.dms")
+
+# The mapping's TLS modes as the DMS source endpoint's SslMode: DMS cannot fall back to plain TCP, so `preferred`
+# (the default) asks for TLS, which RDS and Aurora always offer.
+DMS_SSL_MODES = {"required": "require", "preferred": "require", "disabled": "none"}
 
 # The mapping's BigQuery override types, as DMS data types (what DMS writes into Parquet for them).
 DMS_TYPES: dict[str, dict[str, Any]] = {
@@ -210,6 +215,7 @@ class DmsApplier:
             "Port": int(settings.require(c.port_env, self.values)),
             "Username": settings.require(c.user_env, self.values),
             "Password": settings.require(c.password_env, self.values),
+            "SslMode": DMS_SSL_MODES[tls_mode(cluster, self.values)],
         }
 
     def _endpoint(self, spec: dict[str, Any], actions: list[str]) -> str:

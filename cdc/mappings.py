@@ -64,6 +64,13 @@ class Connection(_Strict):
     port_env: EnvVarName
     user_env: EnvVarName
     password_env: EnvVarName
+    tls_env: EnvVarName | None = Field(
+        default=None,
+        description="Variable holding the connection's TLS mode: `required` (encrypted, or the connection fails), "
+        "`preferred` (encrypted when the server offers TLS; the default, also when the variable is unset or not "
+        "named) or `disabled` (plain TCP: only for a source on the same host or a private network - it saves the "
+        "capture's encryption CPU).",
+    )
 
 
 class TableMapping(_Strict):

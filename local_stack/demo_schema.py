@@ -409,6 +409,7 @@ def mapping_document(cluster: DemoCluster) -> dict[str, object]:
             "port_env": f"{prefix}_PORT",
             "user_env": f"{prefix}_USER",
             "password_env": f"{prefix}_PASSWORD",
+            "tls_env": f"{prefix}_TLS",
         },
         "tables": tables,
     }

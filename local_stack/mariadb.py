@@ -158,6 +158,7 @@ class MariaDBServer:
             database=database,
             charset="utf8mb4",
             autocommit=False,
+            ssl_disabled=True,  # local: plain TCP, as the local capture's connection
         )
 
 

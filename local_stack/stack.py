@@ -237,6 +237,8 @@ class LocalStack:
             values[connection.port_env] = str(s.cluster_ports[cluster.cluster])
             values[connection.user_env] = REPLICATION_USER
             values[connection.password_env] = s.passwords[cluster.cluster]["replication"]
+            if connection.tls_env:  # the capture and MariaDB share this host (the local MariaDB has no TLS)
+                values[connection.tls_env] = "disabled"
         return values
 
     def admin_credentials(self, cluster: str) -> tuple[str, str]:

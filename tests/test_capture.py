@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pymysql
 import pytest
 
 from capture.service import ClusterCapture
 from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, NotALandingFile, parse_key
+from cdc.mappings import ClusterMapping
+from cdc.settings import SettingError, Settings
+from cdc.source import cluster_connection
 from local_stack.stack import LocalStack
 from tests.support.capture import (
     FAST,
@@ -427,3 +431,41 @@ def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tm
         assert cdc_run("capture", "stop").strip() == "capture stopped"
     assert "stopped" in cdc_run("capture", "status")
     assert compare_with_source(env, "bg", ["id"]) == 3
+
+
+def test_a_cluster_connection_uses_tls_as_its_mapping_variable_says(local_stack: LocalStack) -> None:
+    """`tls_env` names the variable holding the TLS mode, for the capture's binlog connection (the reader's
+    settings) and the snapshot/check connection alike: `disabled` connects over plain TCP, `preferred` (also when
+    unset) falls back to it on a server without TLS (the local MariaDB has none), `required` refuses such a server;
+    another value is refused naming the variable."""
+    env = new_env(local_stack, "slots_accounts")
+    server = env.replication()
+    document = env.mapping().model_dump()
+    document["connection"]["tls_env"] = "CDC_MYSQL_SLOTS_ACCOUNTS_TLS"
+    cluster = ClusterMapping.model_validate(document)
+    values = {
+        "CDC_MYSQL_SLOTS_ACCOUNTS_HOST": server.host,
+        "CDC_MYSQL_SLOTS_ACCOUNTS_PORT": str(server.port),
+        "CDC_MYSQL_SLOTS_ACCOUNTS_USER": server.user,
+        "CDC_MYSQL_SLOTS_ACCOUNTS_PASSWORD": server.password,
+    }
+
+    def connections(mode: str) -> list[pymysql.connections.Connection]:
+        connection = cluster_connection(
+            cluster, Settings.load({**values, "CDC_MYSQL_SLOTS_ACCOUNTS_TLS": mode})
+        )
+        assert connection.tls == (mode or "preferred")
+        return [
+            connection.connect(),
+            pymysql.connect(**connection.settings()),
+        ]  # the latter as the binlog reader
+
+    for mode in ("disabled", "preferred", ""):
+        for connection in connections(mode):
+            with connection, connection.cursor() as cursor:
+                cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+                assert cursor.fetchone()[1] == "", mode  # plain TCP
+    with pytest.raises(pymysql.err.OperationalError, match="SSL is required"):
+        connections("required")
+    with pytest.raises(SettingError, match=r"CDC_MYSQL_SLOTS_ACCOUNTS_TLS='off'.*slots_accounts.*disabled"):
+        cluster_connection(cluster, Settings.load({**values, "CDC_MYSQL_SLOTS_ACCOUNTS_TLS": "off"}))

@@ -138,6 +138,7 @@ def _cluster_file(folder: Path, cluster: str, tables: list[str]) -> None:
         "connection": {
             k: f"{prefix}_{k.split('_')[0].upper()}"
             for k in ("host_env", "port_env", "user_env", "password_env")
+            + (("tls_env",) if cluster == "dms_b" else ())
         },
         "tables": [
             {"source": f"{cluster}.{t}", "target": f"{cluster}.{t}", "primary_key": ["id"]} for t in tables
@@ -156,6 +157,7 @@ def dms_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, tmp_path: 
             ("PORT", "3306"),
             ("USER", "replicator"),
             ("PASSWORD", "s3cr3t-pw"),
+            ("TLS", "disabled"),
         ):
             monkeypatch.setenv(f"CDC_MYSQL_{cluster.upper()}_{part}", value)
     monkeypatch.setenv("CDC_MAPPINGS_DIR", str(tmp_path))
@@ -202,6 +204,16 @@ def test_apply_creates_is_idempotent_and_follows_a_mapping_change(dms_env: Path)
         Filters=[{"Name": "endpoint-id", "Values": ["cdc-s3-landing"]}]
     )
     assert endpoint["Endpoints"][0]["S3Settings"]["DataFormat"] == "parquet"
+    # the source endpoints' TLS: dms_a names no TLS variable (the default, TLS), dms_b's says disabled
+    sources = {
+        e["EndpointIdentifier"]: e
+        for e in aws_client("dms").describe_endpoints()["Endpoints"]
+        if e["EndpointType"].lower() == "source"
+    }
+    assert {i: e["SslMode"] for i, e in sources.items()} == {
+        "cdc-dms-a-source": "require",
+        "cdc-dms-b-source": "none",
+    }
 
 
 def test_render_cli_prints_json() -> None:
