@@ -65,6 +65,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,  # survives the `cdc` command that started it
+                preexec_fn=_default_stop_signals,
             )
         self.pid_file.write_text(f"{process.pid}\n")
         wait_until(self, ready, timeout, process=process)
@@ -101,6 +102,16 @@ def background_service(name: str) -> ServerProcess:
 
     root = state_dir() / name
     return ServerProcess(name, 0, root / f"{name}.pid", root / f"{name}.log")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _default_stop_signals() -> None:
+    """In the server's process, before it runs: the stop signals' default actions. An ignored signal is inherited
+    across exec, and a starter that ignored SIGTERM (a test session did) made every `stop` wait for its SIGKILL."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:

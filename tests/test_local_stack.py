@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from cdc.clients import aws_client, bigquery_client
 from cdc.mappings import load_mappings
 from cdc.settings import MAPPINGS_DIR, STATE_DIR
+from local_stack.processes import ServerProcess, free_port
 from local_stack.stack import LocalStack
 from tests.support.capture import drain_queue
 from tests.support.commands import run_cdc
@@ -299,3 +301,29 @@ def test_moto_queue_attributes_are_computed_when_read_with_moto_s_own_values() -
         finally:
             models.Queue.attributes = stock
             models.SQSBackend.get_queue_attributes = models.SQSBackend.get_queue_attributes.__wrapped__
+
+
+def test_a_server_started_by_a_process_ignoring_sigterm_still_stops_at_once(tmp_path: Path) -> None:
+    """Ignored signals are inherited across exec: a service started from a process ignoring SIGTERM (a test session
+    did) ignored every stop and was only killed at the stop's deadline (a minute per Dagster stop). Services start
+    with the stop signals' default actions."""
+    server = ServerProcess("sleeper", free_port(), tmp_path / "sleeper.pid", tmp_path / "sleeper.log")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        server.start([sys.executable, "-c", "import time; time.sleep(120)"], ready=lambda: True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    pid = server.pid()
+    assert pid is not None
+    ignored = int(
+        next(
+            line
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("SigIgn:")
+        ).split()[1],
+        16,
+    )
+    assert not ignored & (1 << (signal.SIGTERM - 1))
+    started = time.monotonic()
+    assert server.stop(timeout=30)
+    assert time.monotonic() - started < 10 and server.pid() is None
