@@ -158,7 +158,6 @@ class MariaDBServer:
             database=database,
             charset="utf8mb4",
             autocommit=False,
-            ssl_disabled=True,  # local: plain TCP, as the local capture's connection
         )
 
 
