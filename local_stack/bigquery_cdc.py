@@ -335,18 +335,6 @@ async def _write_lock(self: Any) -> AsyncIterator[None]:
         WRITE_LOCK.release()
 
 
-def _serialised(original: Callable[..., Any]) -> Callable[..., Any]:
-    """One thread at a time in the DuckDB connection; what a call returns (the connection, as a cursor) is fetched
-    from under the lock too."""
-
-    @functools.wraps(original)
-    def serialised(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with ENGINE_LOCK:
-            return original(self, *args, **kwargs)
-
-    return serialised
-
-
 def _locked_connection(self: Any) -> Any:
     """DuckDBEngine.connection: the connection with each call under ENGINE_LOCK."""
     from bqemulator.domain.errors import InternalError
@@ -618,8 +606,6 @@ def apply() -> None:
 
     DuckDBEngine.write_lock = _write_lock  # type: ignore[method-assign,assignment]
     DuckDBEngine.connection = property(_locked_connection)  # type: ignore[method-assign,assignment]
-    DuckDBEngine.execute = _serialised(DuckDBEngine.execute)  # type: ignore[method-assign]
-    DuckDBEngine.fetch_arrow = _serialised(DuckDBEngine.fetch_arrow)  # type: ignore[method-assign]
     handler = write_servicer.BigQueryWriteHandler
     handler._flush_to_target = _flush_to_target  # type: ignore[method-assign]
     handler._perform_append = _perform_append(handler._perform_append)  # type: ignore[method-assign]
