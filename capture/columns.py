@@ -312,6 +312,8 @@ def spec_from_table_map(column: Any, nullable: bool = True) -> ColumnSpec:
         column_type = "enum(" + ",".join(f"'{v}'" for v in column.enum_values or []) + ")"
     elif t == FIELD_TYPE.SET or getattr(column, "set_values", None):
         column_type = "set(" + ",".join(f"'{v}'" for v in column.set_values or []) + ")"
+    elif t == FIELD_TYPE.STRING and getattr(column, "character_set_name", None) == "binary":
+        column_type = f"binary({column.max_length})"  # fixed width: the binlog drops its 0x00 padding
     elif t in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING, FIELD_TYPE.VAR_STRING, FIELD_TYPE.BLOB):
         binary = getattr(column, "character_set_name", None) in (None, "binary")
         column_type = (
@@ -320,3 +322,49 @@ def spec_from_table_map(column: Any, nullable: bool = True) -> ColumnSpec:
     else:
         raise UnsupportedColumn(f"column {column.name}: binlog type code {t} is not supported")
     return ColumnSpec(name=column.name, column_type=column_type, nullable=nullable)
+
+
+# the binlog's type families: a column whose information_schema type is in another family than its table-map type
+# was retyped after the event was logged
+_FAMILIES = {
+    "integer": "int",
+    "numeric": "decimal",
+    "real": "double",
+    **dict.fromkeys(("char", "varchar", "binary", "varbinary"), "string"),
+    **dict.fromkeys(("tinytext", "text", "mediumtext", "longtext", "json"), "blob"),
+    **dict.fromkeys(("tinyblob", "blob", "mediumblob", "longblob"), "blob"),
+}
+
+
+def _family(data_type: str) -> str:
+    return _FAMILIES.get(data_type, data_type)
+
+
+def agrees_with_table_map(spec: ColumnSpec, column: Any) -> bool:
+    """Whether values of a binlog table-map `column` are exactly representable by `spec` as it is normalised:
+    same type family, signedness, DECIMAL precision and scale, BIT width, TIME fractions, BINARY width, ENUM/SET
+    members and binary-or-text (each compared where the table map carries it)."""
+    try:
+        logged = spec_from_table_map(column)
+    except UnsupportedColumn:
+        return True  # the table map cannot say better than information_schema
+    kind = spec.data_type
+    if _family(kind) != _family(logged.data_type):
+        return False
+    if kind in INTEGER_TYPES and getattr(column, "unsigned", None) is not None:
+        return spec.unsigned == bool(column.unsigned)
+    if kind in ("decimal", "numeric"):
+        return (spec.length or 10, spec.scale) == (logged.length, logged.scale)
+    if kind == "bit":
+        return (spec.length or 1) == logged.length
+    if kind == "time":
+        return (spec.length or 0) == (getattr(column, "fsp", None) or 0)
+    if kind in ("enum", "set"):
+        members = getattr(column, "enum_values" if kind == "enum" else "set_values", None)
+        return members is None or list(members) == spec.members
+    if _family(kind) in ("string", "blob") and getattr(column, "character_set_name", None) is not None:
+        if (kind in BINARY_TYPES) != (column.character_set_name == "binary"):
+            return False
+        if kind == "binary" and getattr(column, "max_length", None) is not None:
+            return spec.length == column.max_length
+    return True

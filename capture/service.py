@@ -440,7 +440,9 @@ class ClusterCapture:
 
     def _shape_for(self, key: TableKey, event: Any) -> SourceTable:
         """The table's columns for this rows event: re-read after a DDL statement (a MODIFY keeps the names but
-        changes the type), and when the binlog's column names or types differ from the last event's."""
+        changes the type), when the binlog's column names or types differ from the last event's, and when the
+        first event after columns were read from information_schema was logged with other types (the capture is
+        behind a type change)."""
         shape = self.tables.get(key)
         signature = tuple((column.name, column.type) for column in event.columns)
         if (
@@ -448,6 +450,7 @@ class ClusterCapture:
             or shape.stale
             or shape.names != [column.name for column in event.columns]
             or shape.signature not in (None, signature)
+            or (shape.signature is None and not shape.agrees_with(event.columns))
         ):
             shape = self._follow_schema_change(key, event)
         shape.signature = signature

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from capture.columns import ColumnSpec, spec_from_table_map
+from capture.columns import ColumnSpec, agrees_with_table_map, spec_from_table_map
 from cdc.landing import ADDED_COLUMNS
 from cdc.mappings import TableMapping
 
@@ -35,6 +35,13 @@ class SourceTable:
         self.temporal_indexes = [i for i, c in enumerate(self.columns) if c.temporal]
         normalisers = [(i, c.name, c.normaliser()) for i, c in enumerate(self.columns)]
         self.active = [(i, name, n) for i, name, n in normalisers if n is not None]
+
+    def agrees_with(self, event_columns: Any) -> bool:
+        """Whether a binlog event's table-map columns are this table's (names and types)."""
+        return all(
+            agrees_with_table_map(spec, column)
+            for spec, column in zip(self.columns, event_columns, strict=True)
+        )
 
     def normalise(self, row: Any, none_sources: dict[str, str] | None) -> tuple[list[Any], int]:
         """(exact values in column order, zero dates among them) from a binlog row (dict) or a snapshot row
@@ -93,11 +100,14 @@ def check_columns(table: TableMapping, specs: list[ColumnSpec]) -> None:
 def columns_of_event(
     mapping: TableMapping, current: dict[str, ColumnSpec], event_columns: Any
 ) -> list[ColumnSpec]:
-    """The columns a binlog rows event was written with: today's definition where the column still exists,
-    otherwise one synthesised from the event's table map (the schema has moved on since)."""
+    """The columns a binlog rows event was written with: today's definition where the column still exists with the
+    type the event was logged with, otherwise one synthesised from the event's table map (the schema has moved on
+    since: a capture behind the source reads rows logged before an ALTER after it)."""
     specs = []
     for column in event_columns:
-        spec = current.get(column.name) or spec_from_table_map(column)
+        spec = current.get(column.name)
+        if spec is None or not agrees_with_table_map(spec, column):
+            spec = spec_from_table_map(column, nullable=spec.nullable if spec else True)
         override = mapping.type_overrides.get(column.name)
         if override and spec.override is None:
             spec = ColumnSpec(spec.name, spec.column_type, spec.nullable, override)

@@ -222,6 +222,51 @@ def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> 
     assert compare_with_source(env, "evolving", ["id"]) == 5
 
 
+def test_rows_logged_before_a_type_change_keep_their_types_when_the_capture_reads_them_after_it(
+    local_stack: LocalStack,
+) -> None:
+    """The capture is behind (here: stopped) while a column changes type: the rows logged before the ALTER are
+    decoded by the binlog's own column types, not by today's information_schema."""
+    env = new_env(local_stack, "poker_play")
+    run_sql(
+        env,
+        "CREATE TABLE `{schema}`.retyped (id INT PRIMARY KEY, n INT, u INT, d DECIMAL(5,2), t TIME, "
+        "b BINARY(2), e ENUM('x','y'))",
+    )
+    table = env.table("retyped", ["id"])
+    with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
+        wait_caught_up(env)
+    run_sql(
+        env,
+        "INSERT INTO `{schema}`.retyped VALUES (1, -5, -7, 123.45, '-01:02:03', 'a', 'y')",
+        "ALTER TABLE `{schema}`.retyped MODIFY n VARCHAR(20), MODIFY u INT UNSIGNED, MODIFY d DECIMAL(9,4), "
+        "MODIFY t TIME(3), MODIFY b BINARY(4), MODIFY e ENUM('w','x','y')",
+        "INSERT INTO `{schema}`.retyped VALUES (2, 'text', 7, 1.2345, '01:02:03.5', 'b', 'w')",
+    )
+    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+    with running(capture):
+        wait_caught_up(env)
+    assert not capture.status_document().get("errors"), capture.status_document()
+    changes = {r["id"]: r for r in landed_rows(env, "retyped") if "LOAD" not in r["_key"]}
+    before, after = changes[1], changes[2]
+    assert (before["n"], before["u"], str(before["d"]), before["t"], before["b"], before["e"]) == (
+        -5,
+        -7,
+        "123.45",
+        "-01:02:03",
+        b"a\x00",
+        "y",
+    )
+    assert (after["n"], after["u"], str(after["d"]), after["t"], after["b"], after["e"]) == (
+        "text",
+        7,
+        "1.2345",
+        "01:02:03.500",
+        b"b\x00\x00\x00",
+        "w",
+    )
+
+
 def test_replayed_changes_carry_identical_sequences(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "roulette_play")
     run_sql(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY, v INT)")
