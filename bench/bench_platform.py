@@ -69,8 +69,18 @@ class BenchPlatform:
         return found
 
 
-def _processes() -> dict[int, tuple[int, str, float, int]]:
-    """Every process: pid -> (session id, command line, CPU seconds, RSS bytes)."""
+@dataclass(frozen=True)
+class ProcessSample:
+    session: int
+    parent: int
+    command: str
+    cpu: float  # CPU seconds of the process itself
+    children_cpu: float  # CPU seconds of its children that ended and were reaped by it (and theirs)
+    rss: int  # bytes
+
+
+def _processes() -> dict[int, ProcessSample]:
+    """Every process, from /proc/<pid>/stat (proc(5): utime, stime, cutime, cstime, rss)."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -79,14 +89,18 @@ def _processes() -> dict[int, tuple[int, str, float, int]]:
             with open(f"/proc/{entry.name}/stat", "rb") as handle:
                 stat = handle.read().decode(errors="replace")
             fields = stat.rsplit(")", 1)[1].split()
-            session = int(fields[3])
-            cpu = (int(fields[11]) + int(fields[12])) / TICKS
-            rss = int(fields[21]) * PAGE
             with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
                 command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            table[int(entry.name)] = ProcessSample(
+                session=int(fields[3]),
+                parent=int(fields[1]),
+                command=command,
+                cpu=(int(fields[11]) + int(fields[12])) / TICKS,
+                children_cpu=(int(fields[13]) + int(fields[14])) / TICKS,
+                rss=int(fields[21]) * PAGE,
+            )
         except (OSError, IndexError, ValueError):
             continue
-        table[int(entry.name)] = (session, command, cpu, rss)
     return table
 
 
@@ -107,17 +121,26 @@ def component_of(name: str, command: str) -> str:
 
 
 class Sampler(threading.Thread):
-    """Samples RSS and CPU of every component every `interval` seconds until stopped."""
+    """Samples RSS and CPU of every component every `interval` seconds until stopped.
 
-    def __init__(self, platform: BenchPlatform, interval: float = 0.5):
+    CPU includes processes shorter than the interval (Dagster's run workers): a process's children that ended are
+    in its `cutime`/`cstime` once it has reaped them. That share is counted for the component of the children
+    (`child_component`), and what was already sampled of a reaped child is taken off again, so each CPU second
+    is counted once, by the component whose process used it."""
+
+    def __init__(self, platform: BenchPlatform | None, interval: float = 0.5):
         super().__init__(daemon=True)
         self.platform = platform
         self.interval = interval
         self.extra: dict[int, str] = {}  # session -> component (the benchmark's own load generators)
         self.stop_event = threading.Event()
         self.totals: list[tuple[float, dict[str, int]]] = []  # (time, RSS bytes per component)
-        self.cpu: dict[int, list[tuple[float, float]]] = defaultdict(list)  # pid -> [(time, CPU seconds)]
+        # pid -> [(time, own CPU seconds, reaped children's CPU seconds)]
+        self.cpu: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
         self.owner: dict[int, str] = {}  # pid -> component
+        self.parent: dict[int, int] = {}  # pid -> parent pid
+        self.child_component: dict[int, str] = {}  # pid -> component of the children it started
+        self.sample_times: list[float] = []
 
     def register(self, pid: int, component: str) -> None:
         self.extra[pid] = component
@@ -129,19 +152,25 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         now = time.time()
-        services = {pid: name for name, pid in self.platform.service_pids().items()}
+        services = {pid: name for name, pid in self.platform.service_pids().items()} if self.platform else {}
         rss: dict[str, int] = defaultdict(int)
-        for pid, (session, command, cpu, resident) in _processes().items():
-            if session in self.extra:  # a load generator (started in its own session) and its children
-                component = self.extra[session]
-            elif session in services:
-                component = component_of(services[session], command)
+        for pid, process in _processes().items():
+            if (
+                process.session in self.extra
+            ):  # a load generator (started in its own session) and its children
+                component = self.extra[process.session]
+            elif process.session in services:
+                component = component_of(services[process.session], process.command)
             else:
                 continue
-            rss[component] += resident
+            rss[component] += process.rss
             self.owner[pid] = component
-            self.cpu[pid].append((now, cpu))
+            self.parent[pid] = process.parent
+            if self.child_component.get(process.parent) in (None, self.owner.get(process.parent)):
+                self.child_component[process.parent] = component  # a run worker's kind wins over helpers
+            self.cpu[pid].append((now, process.cpu, process.children_cpu))
         self.totals.append((now, dict(rss)))
+        self.sample_times.append(now)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -163,14 +192,21 @@ class Sampler(threading.Thread):
     def cpu_seconds(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each component used between `start` and `end` (wall-clock epoch seconds)."""
         used: dict[str, float] = defaultdict(float)
+        last_sample = max((t for t in self.sample_times if t <= end), default=start)
         for pid, series in self.cpu.items():
-            before = [c for t, c in series if t <= start]
-            within = [c for t, c in series if t <= end]
+            within = [s for s in series if s[0] <= end]
             if not within:
                 continue
-            base = before[-1] if before else 0.0 if series[0][0] > start else within[0]
-            used[self.owner[pid]] += max(0.0, within[-1] - base)
-        return {k: round(v, 1) for k, v in sorted(used.items())}
+            before = [s for s in series if s[0] <= start]
+            _, base_own, base_children = before[-1] if before else (0.0, 0.0, 0.0)
+            seen_at, own, children = within[-1]
+            used[self.owner[pid]] += max(0.0, own - base_own)
+            used[self.child_component.get(pid, self.owner[pid])] += max(0.0, children - base_children)
+            parent = self.parent.get(pid, 0)
+            if start <= seen_at < last_sample and parent in self.cpu:
+                # ended and reaped within the window: its parent's children CPU holds all of it
+                used[self.child_component.get(parent, self.owner[pid])] -= own + children
+        return {k: round(max(0.0, v), 1) for k, v in sorted(used.items())}
 
 
 def stop_leftovers(state: Path) -> list[int]:

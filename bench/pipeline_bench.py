@@ -598,8 +598,8 @@ def start_profiles(platform: BenchPlatform, cluster: str, seconds: float) -> lis
         parents=True, exist_ok=True
     )  # py-spy writes there (a fresh clone has no results folder yet)
     targets = {"BigQuery server": platform.service_pids()["bigquery"]}
-    for pid, (_, command, _, _) in _processes().items():
-        if "capture run" in command and f"--cluster {cluster}" in command:
+    for pid, process in _processes().items():
+        if "capture run" in process.command and f"--cluster {cluster}" in process.command:
             targets[f"capture ({cluster})"] = pid
     started = []
     for name, pid in targets.items():

@@ -1,10 +1,16 @@
-"""The benchmark's own arithmetic: GTID positions compared per domain, and py-spy samples summed per module."""
+"""The benchmark's own arithmetic: GTID positions compared per domain, py-spy samples summed per module, CPU of
+short-lived processes counted once."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from bench.bench_platform import Sampler
 from bench.capture_bench import gtid_numbers
 from bench.pipeline_bench import profile_summary
 
@@ -37,3 +43,41 @@ def test_profile_self_time_is_shared_per_module(tmp_path: Path) -> None:
 
 def test_a_missing_profile_is_reported_not_raised(tmp_path: Path) -> None:
     assert profile_summary(_Finished(), tmp_path / "none.txt") == {"(no profile: py-spy exited 1)": 0.0}
+
+
+_WORKERS = """
+import json, resource, subprocess, sys, time
+burn = "import time\\nend = time.process_time() + {}\\nwhile time.process_time() < end: pass"
+for seconds in (0.3, 1.3, 0.3, 0.3, 1.3, 0.3):  # shorter and longer than the sampling interval
+    subprocess.run([sys.executable, "-c", burn.format(seconds)], check=True)
+children = resource.getrusage(resource.RUSAGE_CHILDREN)
+own = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"children": children.ru_utime + children.ru_stime, "own": own.ru_utime + own.ru_stime}))
+sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_the_sampler_counts_workers_shorter_than_its_interval_once() -> None:
+    """Run workers live shorter than a sampling interval: their CPU must be counted (from the parent's reaped
+    children's time) and a worker that was also sampled alive must not be counted twice."""
+    sampler = Sampler(None, interval=0.5)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        sampler.register(process.pid, "workers")
+        start = time.time()
+        sampler.start()
+        assert process.stdout is not None
+        used = json.loads(process.stdout.readline())
+        time.sleep(1.2)  # a sample after the last worker was reaped
+        end = time.time()
+        sampler.stop()
+    finally:
+        process.kill()
+        process.wait()
+    counted = sampler.cpu_seconds(start, end)["workers"]
+    expected = used["children"] + used["own"]
+    assert used["children"] >= 3.5
+    assert 0.85 * expected <= counted <= 1.1 * expected + 0.2, (counted, used)
