@@ -340,6 +340,27 @@ def _family(data_type: str) -> str:
     return _FAMILIES.get(data_type, data_type)
 
 
+_TABLE_MAP_ATTRIBUTES = (
+    "unsigned", "precision", "decimals", "bits", "fsp", "max_length", "character_set_name",
+)  # fmt: skip
+
+
+def table_map_signature(columns: Any) -> tuple[Any, ...]:
+    """What a binlog table map says of each column that can change its values' type or normalisation: name, type
+    code, signedness, DECIMAL precision/scale, BIT width, fractions, width, character set, ENUM/SET members. Two
+    events with one signature decode alike, so the capture re-reads a table's columns only when it changes."""
+    return tuple(
+        (
+            column.name,
+            column.type,
+            *(getattr(column, name, None) for name in _TABLE_MAP_ATTRIBUTES),
+            tuple(getattr(column, "enum_values", None) or ()),
+            tuple(getattr(column, "set_values", None) or ()),
+        )
+        for column in columns
+    )
+
+
 def agrees_with_table_map(spec: ColumnSpec, column: Any) -> bool:
     """Whether values of a binlog table-map `column` are exactly representable by `spec` as it is normalised:
     same type family, signedness, DECIMAL precision and scale, BIT width, TIME fractions, BINARY width, ENUM/SET

@@ -33,7 +33,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
 from capture.charsets import learn_single_byte_tables
-from capture.columns import UnsupportedColumn
+from capture.columns import UnsupportedColumn, table_map_signature
 from capture.ddl import emptied_tables, refilled_tables
 from capture.full_load import full_load
 from capture.sink import S3Store, TableBuffer, parquet_bytes
@@ -328,9 +328,7 @@ class ClusterCapture:
 
     def _on_commit(self, event: Any, stream: BinLogStreamReader, cursor: StreamCursor) -> None:
         """A transaction ended (XID) or a statement was logged (DDL): its rows get their commit time."""
-        if isinstance(event, QueryEvent):  # DDL: the next rows of each table re-read its columns
-            for shape in self.tables.values():
-                shape.stale = True
+        if isinstance(event, QueryEvent):  # a statement: DDL may empty or refill a table without row events
             self._on_emptied(event, cursor)
             self._on_refilled(event, cursor)
         cursor.in_transaction = False
@@ -439,21 +437,24 @@ class ClusterCapture:
         return values
 
     def _shape_for(self, key: TableKey, event: Any) -> SourceTable:
-        """The table's columns for this rows event: re-read after a DDL statement (a MODIFY keeps the names but
-        changes the type), when the binlog's column names or types differ from the last event's, and when the
-        first event after columns were read from information_schema was logged with other types (the capture is
-        behind a type change)."""
+        """The table's columns for this rows event, re-read when the binlog's table map of the table changed
+        (names, types, or anything else that changes how values decode: `table_map_signature`) and when the first
+        event after columns were read from information_schema was logged with other types (the capture is behind
+        a type change). Other statements (DDL of other tables, GRANT, ANALYZE ...) cost nothing."""
         shape = self.tables.get(key)
-        signature = tuple((column.name, column.type) for column in event.columns)
+        columns = event.columns
+        if shape is not None and columns is shape.table_map:
+            return shape  # the same table map as the last event's
+        signature = table_map_signature(columns)
         if (
             shape is None
-            or shape.stale
-            or shape.names != [column.name for column in event.columns]
+            or shape.names != [column.name for column in columns]
             or shape.signature not in (None, signature)
-            or (shape.signature is None and not shape.agrees_with(event.columns))
+            or (shape.signature is None and not shape.agrees_with(columns))
         ):
             shape = self._follow_schema_change(key, event)
         shape.signature = signature
+        shape.table_map = columns
         return shape
 
     def _follow_schema_change(self, key: TableKey, event: Any) -> SourceTable:

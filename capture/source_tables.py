@@ -26,8 +26,8 @@ class SourceTable:
     active: list[tuple[int, str, Callable[[Any, str], Any]]] = field(
         init=False
     )  # normalisers that change values
-    signature: tuple[tuple[str, int], ...] | None = None  # the binlog's (name, type) per column, once seen
-    stale: bool = False  # a DDL statement passed since the columns were read
+    signature: tuple[Any, ...] | None = None  # the binlog table map's `table_map_signature`, once seen
+    table_map: Any = None  # the columns of the last event's table map (the same object while it holds)
 
     def __post_init__(self) -> None:
         self.names = [c.name for c in self.columns]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ from local_stack.stack import LocalStack
 from tests.support.capture import (
     FAST,
     CaptureEnv,
+    capture_changes,
     compare_with_source,
     landed_rows,
     new_env,
@@ -222,49 +224,48 @@ def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> 
     assert compare_with_source(env, "evolving", ["id"]) == 5
 
 
-def test_rows_logged_before_a_type_change_keep_their_types_when_the_capture_reads_them_after_it(
-    local_stack: LocalStack,
+@pytest.mark.parametrize("capture_during_alter", [False, True], ids=["capture-behind", "capture-following"])
+def test_rows_logged_before_and_after_a_type_change_keep_their_own_types(
+    local_stack: LocalStack, capture_during_alter: bool
 ) -> None:
-    """The capture is behind (here: stopped) while a column changes type: the rows logged before the ALTER are
-    decoded by the binlog's own column types, not by today's information_schema."""
+    """Rows logged before an ALTER ... MODIFY are decoded by the binlog's own column types, not today's
+    information_schema (the capture behind: here stopped while the statements run), and rows after it by the new
+    types - also where only metadata changes (DECIMAL scale, TIME fractions, BINARY width, signedness)."""
     env = new_env(local_stack, "poker_play")
     run_sql(
         env,
         "CREATE TABLE `{schema}`.retyped (id INT PRIMARY KEY, n INT, u INT, d DECIMAL(5,2), t TIME, "
         "b BINARY(2), e ENUM('x','y'))",
+        "CREATE TABLE `{schema}`.unmapped (id INT PRIMARY KEY)",
     )
     table = env.table("retyped", ["id"])
-    with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
-        wait_caught_up(env)
-    run_sql(
-        env,
+    statements = (
         "INSERT INTO `{schema}`.retyped VALUES (1, -5, -7, 123.45, '-01:02:03', 'a', 'y')",
-        "ALTER TABLE `{schema}`.retyped MODIFY n VARCHAR(20), MODIFY u INT UNSIGNED, MODIFY d DECIMAL(9,4), "
-        "MODIFY t TIME(3), MODIFY b BINARY(4), MODIFY e ENUM('w','x','y')",
-        "INSERT INTO `{schema}`.retyped VALUES (2, 'text', 7, 1.2345, '01:02:03.5', 'b', 'w')",
+        "ALTER TABLE `{schema}`.unmapped ADD COLUMN x INT",  # another table's DDL changes nothing here
+        "INSERT INTO `{schema}`.retyped VALUES (3, 3, 3, 3, '03:00:00', 'c', 'x')",
+        # only metadata changes: the type codes stay (a DECIMAL, TIME, BINARY, INT, ENUM each)
+        "ALTER TABLE `{schema}`.retyped MODIFY u INT UNSIGNED, MODIFY d DECIMAL(9,4), MODIFY t TIME(3), "
+        "MODIFY b BINARY(4), MODIFY e ENUM('w','x','y')",
+        "INSERT INTO `{schema}`.retyped VALUES (2, 8, 7, 1.2345, '01:02:03.5', 'b', 'w')",
+        "ALTER TABLE `{schema}`.retyped MODIFY n VARCHAR(20)",
+        "INSERT INTO `{schema}`.retyped VALUES (4, 'text', 4, 4, '04:00:00', 'd', 'w')",
     )
-    capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
-    with running(capture):
-        wait_caught_up(env)
-    assert not capture.status_document().get("errors"), capture.status_document()
+    if capture_during_alter:
+        capture_changes(env, env.mapping(table), *statements)
+    else:
+        with running(ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)):
+            wait_caught_up(env)
+        run_sql(env, *statements)
+        capture = ClusterCapture(env.mapping(table), env.replication(), env.store(), FAST)
+        with running(capture):
+            wait_caught_up(env)
+        assert not capture.status_document().get("errors"), capture.status_document()
     changes = {r["id"]: r for r in landed_rows(env, "retyped") if "LOAD" not in r["_key"]}
-    before, after = changes[1], changes[2]
-    assert (before["n"], before["u"], str(before["d"]), before["t"], before["b"], before["e"]) == (
-        -5,
-        -7,
-        "123.45",
-        "-01:02:03",
-        b"a\x00",
-        "y",
-    )
-    assert (after["n"], after["u"], str(after["d"]), after["t"], after["b"], after["e"]) == (
-        "text",
-        7,
-        "1.2345",
-        "01:02:03.500",
-        b"b\x00\x00\x00",
-        "w",
-    )
+    columns = ["n", "u", "d", "t", "b", "e"]
+    before, after = ([changes[i][c] for c in columns] for i in (1, 2))
+    assert before == [-5, -7, Decimal("123.45"), "-01:02:03", b"a\x00", "y"]
+    assert after == [8, 7, Decimal("1.2345"), "01:02:03.500", b"b\x00\x00\x00", "w"]
+    assert (changes[3]["n"], changes[4]["n"], sorted(changes)) == (3, "text", [1, 2, 3, 4])
 
 
 def test_replayed_changes_carry_identical_sequences(local_stack: LocalStack) -> None:
