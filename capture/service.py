@@ -31,7 +31,8 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-import capture.binlog_fixes  # noqa: F401 - corrects the reader's TIME2 decoding
+# the reader's decoding corrected (TIME2, invalid dates) and each table definition's table map parsed once
+from capture import binlog_fixes, table_map_cache  # noqa: F401
 from capture.charsets import learn_single_byte_tables
 from capture.columns import UnsupportedColumn, table_map_signature
 from capture.ddl import emptied_tables, refilled_tables

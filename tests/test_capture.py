@@ -11,11 +11,15 @@ import sys
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pymysql
 import pytest
+from pymysqlreplication import BinLogStreamReader
+from pymysqlreplication.row_event import WriteRowsEvent
 
+from capture import table_map_cache
 from capture.service import ClusterCapture
 from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, NotALandingFile, parse_key
 from cdc.mappings import ClusterMapping
@@ -515,3 +519,48 @@ def test_a_cluster_connection_uses_tls_as_its_mapping_variable_says(local_stack:
         connections("required")
     with pytest.raises(SettingError, match=r"CDC_MYSQL_SLOTS_ACCOUNTS_TLS='off'.*slots_accounts.*disabled"):
         cluster_connection(cluster, Settings.load({**values, "CDC_MYSQL_SLOTS_ACCOUNTS_TLS": "off"}))
+
+
+def _binlog_rows(env: CaptureEnv, start: tuple[str, int], table: str) -> list[tuple[int, list[Any]]]:
+    """(id of the event's column list, row values) of every rows event of `table` since `start`."""
+    stream = BinLogStreamReader(
+        connection_settings=env.replication().settings(),
+        server_id=4242,
+        log_file=start[0],
+        log_pos=start[1],
+        resume_stream=True,
+        blocking=False,
+        only_events=[WriteRowsEvent],
+        only_schemas=[env.schema],
+        only_tables=[table],
+    )
+    try:
+        return [(id(event.columns), list(row["values"].values())) for event in stream for row in event.rows]
+    finally:
+        stream.close()
+
+
+def test_a_table_map_is_parsed_once_per_table_definition(local_stack: LocalStack) -> None:
+    """Each transaction repeats the table map; identical ones share one parse (capture.table_map_cache), a new
+    definition is parsed again, and the rows decode exactly as with the reader's own parsing."""
+    env = new_env(local_stack, "slots_play")
+    run_sql(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v DECIMAL(5,2), s VARCHAR(8))")
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW MASTER STATUS")
+        start = (str(cursor.fetchone()[0]), 4)
+    run_sql(
+        env,
+        *[f"INSERT INTO `{{schema}}`.busy VALUES ({i}, {i}.25, 'r{i}')" for i in range(5)],
+        "ALTER TABLE `{schema}`.busy MODIFY v DECIMAL(9,4)",
+        *[f"INSERT INTO `{{schema}}`.busy VALUES ({i}, {i}.1234, 'r{i}')" for i in range(5, 10)],
+    )
+    cached = _binlog_rows(env, start, "busy")
+    table_map_cache.apply(False)
+    try:
+        parsed_each_time = _binlog_rows(env, start, "busy")
+    finally:
+        table_map_cache.apply(True)
+    assert [values for _, values in cached] == [values for _, values in parsed_each_time]
+    assert [values[1] for _, values in cached][4:6] == [Decimal("4.25"), Decimal("5.1234")]
+    assert len({columns for columns, _ in cached}) == 2  # one parse per definition
+    assert len({columns for columns, _ in parsed_each_time}) == 10
