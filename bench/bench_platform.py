@@ -104,6 +104,9 @@ def _processes() -> dict[int, ProcessSample]:
     return table
 
 
+RUN_WORKER_MARKS = ("execute_run", "api execute", "spawn_main", "multiprocessing.forkserver")
+
+
 def component_of(name: str, command: str) -> str:
     """The component a process of service `name` belongs to (Dagster's run workers are counted apart)."""
     if name.startswith("mariadb["):
@@ -111,8 +114,9 @@ def component_of(name: str, command: str) -> str:
     if name == "dagster":
         return (
             "Dagster run workers"
-            # a run worker: `dagster api execute_run`, or the code server's multiprocessing child
-            if "execute_run" in command or "api execute" in command or "spawn_main" in command
+            # a run worker: `dagster api execute_run`, the code server's multiprocessing child (spawned, or forked
+            # from the pre-loaded fork server, which counts with them: local_stack/run_worker_preload)
+            if any(mark in command for mark in RUN_WORKER_MARKS)
             else "Dagster services"
         )
     return {"moto": "moto (S3+SQS)", "bigquery": "BigQuery server", "capture": "capture (6 clusters)"}.get(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_platform import Sampler
+from bench.bench_platform import Sampler, component_of
 from bench.capture_bench import gtid_numbers
 from bench.pipeline_bench import profile_summary
 
@@ -81,3 +81,18 @@ def test_the_sampler_counts_workers_shorter_than_its_interval_once() -> None:
     expected = used["children"] + used["own"]
     assert used["children"] >= 3.5
     assert 0.85 * expected <= counted <= 1.1 * expected + 0.2, (counted, used)
+
+
+def test_run_workers_are_told_from_dagster_services_however_they_start() -> None:
+    python = "/work/.venv/bin/python3"
+    workers = [
+        f"{python} -c from multiprocessing.forkserver import main; main(11, 12, ['definitions'], **{{}})",
+        f"{python} -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5, pipe_handle=7)",
+        f"{python} -m dagster api execute_run {{}}",
+    ]
+    services = [
+        f"{python} -m dagster dev -w workspace.yaml",
+        f"{python} -m dagster api grpc --lazy-load-user-code",
+    ]
+    assert {component_of("dagster", command) for command in workers} == {"Dagster run workers"}
+    assert {component_of("dagster", command) for command in services} == {"Dagster services"}
