@@ -79,6 +79,19 @@ class ProcessSample:
     rss: int  # bytes
 
 
+def proportional_set_size(pid: int) -> int | None:
+    """A process's PSS in bytes (/proc/<pid>/smaps_rollup): each page shared by n processes counts 1/n in each,
+    so processes forked from one parent (run workers from the fork server) are not counted n times, as RSS does."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _processes() -> dict[int, ProcessSample]:
     """Every process, from /proc/<pid>/stat (proc(5): utime, stime, cutime, cstime, rss)."""
     table = {}
@@ -125,7 +138,7 @@ def component_of(name: str, command: str) -> str:
 
 
 class Sampler(threading.Thread):
-    """Samples RSS and CPU of every component every `interval` seconds until stopped.
+    """Samples memory (PSS, else RSS) and CPU of every component every `interval` seconds until stopped.
 
     CPU includes processes shorter than the interval (Dagster's run workers): a process's children that ended are
     in its `cutime`/`cstime` once it has reaped them. That share is counted for the component of the children
@@ -167,7 +180,8 @@ class Sampler(threading.Thread):
                 component = component_of(services[process.session], process.command)
             else:
                 continue
-            rss[component] += process.rss
+            pss = proportional_set_size(pid)
+            rss[component] += process.rss if pss is None else pss
             self.owner[pid] = component
             self.parent[pid] = process.parent
             if self.child_component.get(process.parent) in (None, self.owner.get(process.parent)):

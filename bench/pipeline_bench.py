@@ -15,7 +15,8 @@ before the phases - last night's copy - and once after) and a scheduled incremen
   the staging load job and merge transaction inside the load (from the materialization metadata);
 - rows/s: the workload's, the capture's, the pipeline's; capture against raw binlog decoding of the same binlog
   (one cluster's range of the 10x phase, decoded again both ways after the run, alternating);
-- peak RSS and CPU seconds of every component (sampled from /proc every 0.5 s);
+- peak memory (PSS: shared pages split between their processes) and CPU seconds of every component (sampled
+  from /proc every 0.5 s);
 - load jobs per table per day projected from the run, against BigQuery's 1,500 per table and 100,000 per project;
 - the peers' latency, cost (jobs, bytes) and correctness (missed inserts, updates, deletes), and ours.
 
@@ -871,8 +872,13 @@ def print_mode(mode: str, measured: dict[str, Any]) -> None:
             [f"{100 * p['cpu_seconds'].get(component, 0) / p['seconds']:.0f}" for p in phases],
         )
     memory = measured["memory_mb"]
-    print("peak RSS (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in memory["peak_per_component"].items()))
-    print(f"peak RSS of the platform (all but workload and peers): {memory['peak_platform_total']:,.0f} MB")
+    print(
+        "peak memory, PSS (MB): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in memory["peak_per_component"].items())
+    )
+    print(
+        f"peak memory (PSS) of the platform (all but workload and peers): {memory['peak_platform_total']:,.0f} MB"
+    )
     ours = measured["ours_correctness"]
     print(
         f"correctness: {ours['rows']:,} rows in the {ours['tables']} caught-up tables compared value for value: "

@@ -4,6 +4,8 @@ short-lived processes counted once."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,3 +98,31 @@ def test_run_workers_are_told_from_dagster_services_however_they_start() -> None
     ]
     assert {component_of("dagster", command) for command in workers} == {"Dagster run workers"}
     assert {component_of("dagster", command) for command in services} == {"Dagster services"}
+
+
+def test_memory_of_forked_processes_counts_shared_pages_once() -> None:
+    """Run workers are forked from one fork server and share its pages: the sampler must not count them per
+    process (RSS would count 150 MB four times here)."""
+    script = (
+        "import os, time\n"
+        "shared = bytearray(os.urandom(1 << 20) * 150)\n"  # 150 MB, written, so resident
+        "for _ in range(3):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(60)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    sampler = Sampler(None)
+    try:
+        sampler.register(process.pid, "forked")
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        sampler.sample()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    counted_mb = sampler.peak_rss_mb()["forked"]
+    assert 150 <= counted_mb <= 250, counted_mb
