@@ -380,8 +380,11 @@ def agrees_with_table_map(spec: ColumnSpec, column: Any) -> bool:
         return (spec.length or 1) == logged.length
     if kind == "time":
         return (spec.length or 0) == (getattr(column, "fsp", None) or 0)
-    if kind in ("enum", "set"):
-        members = getattr(column, "enum_values" if kind == "enum" else "set_values", None)
+    if kind == "enum":  # the reader puts '' (the invalid value, index 0) before an ENUM's members
+        members = getattr(column, "enum_values", None)
+        return members is None or list(members)[1:] == spec.members
+    if kind == "set":
+        members = getattr(column, "set_values", None)
         return members is None or list(members) == spec.members
     if _family(kind) in ("string", "blob") and getattr(column, "character_set_name", None) is not None:
         if (kind in BINARY_TYPES) != (column.character_set_name == "binary"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,7 +21,9 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.row_event import WriteRowsEvent
 
 from capture import table_map_cache
+from capture.columns import ColumnSpec, agrees_with_table_map
 from capture.service import ClusterCapture
+from capture.source_tables import SourceTable, read_columns
 from cdc.landing import CHANGE_SEQUENCE_COLUMN, COMMIT_TIMESTAMP_COLUMN, NotALandingFile, parse_key
 from cdc.mappings import ClusterMapping
 from cdc.settings import SettingError, Settings
@@ -564,3 +567,41 @@ def test_a_table_map_is_parsed_once_per_table_definition(local_stack: LocalStack
     assert [values[1] for _, values in cached][4:6] == [Decimal("4.25"), Decimal("5.1234")]
     assert len({columns for columns, _ in cached}) == 2  # one parse per definition
     assert len({columns for columns, _ in parsed_each_time}) == 10
+
+
+def test_information_schema_agrees_with_the_binlog_table_map_for_every_type(local_stack: LocalStack) -> None:
+    """Unchanged columns must agree with their table map (else every table's first event would re-read its
+    columns and take them from the table map); a changed one must not."""
+    env = new_env(local_stack, "slots_accounts")
+    create_every_type(env)
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW MASTER STATUS")
+        start = (str(cursor.fetchone()[0]), 4)
+    insert_every_type(env, EDGE_ROWS[:1])
+    stream = BinLogStreamReader(
+        connection_settings=env.replication().settings(),
+        server_id=4243,
+        log_file=start[0],
+        log_pos=start[1],
+        resume_stream=True,
+        blocking=False,
+        only_events=[WriteRowsEvent],
+        only_schemas=[env.schema],
+        only_tables=["every_type"],
+    )
+    try:
+        event = next(iter(stream))
+    finally:
+        stream.close()
+    mapping = env.table("every_type", ["id"])
+    with contextlib.closing(env.admin()) as connection:
+        shape = SourceTable(mapping, read_columns(connection, mapping, env.cluster_name))
+    assert shape.agrees_with(event.columns)
+    disagreeing = [
+        spec.name
+        for spec in shape.columns
+        if not agrees_with_table_map(spec, next(c for c in event.columns if c.name == spec.name))
+    ]
+    assert disagreeing == []
+    retyped = [ColumnSpec(c.name, "varchar(3)" if c.name != "id" else c.column_type) for c in shape.columns]
+    assert not SourceTable(mapping, retyped).agrees_with(event.columns)
