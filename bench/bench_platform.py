@@ -151,7 +151,7 @@ class Sampler(threading.Thread):
         self.interval = interval
         self.extra: dict[int, str] = {}  # session -> component (the benchmark's own load generators)
         self.stop_event = threading.Event()
-        self.totals: list[tuple[float, dict[str, int]]] = []  # (time, RSS bytes per component)
+        self.totals: list[tuple[float, dict[str, int]]] = []  # (time, memory bytes per component)
         # pid -> [(time, own CPU seconds, reaped children's CPU seconds)]
         self.cpu: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
         self.owner: dict[int, str] = {}  # pid -> component
@@ -170,24 +170,23 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         now = time.time()
         services = {pid: name for name, pid in self.platform.service_pids().items()} if self.platform else {}
-        rss: dict[str, int] = defaultdict(int)
+        memory: dict[str, int] = defaultdict(int)  # bytes of PSS (RSS where PSS cannot be read)
         for pid, process in _processes().items():
-            if (
-                process.session in self.extra
-            ):  # a load generator (started in its own session) and its children
+            # a load generator (started in its own session) and its children
+            if process.session in self.extra:
                 component = self.extra[process.session]
             elif process.session in services:
                 component = component_of(services[process.session], process.command)
             else:
                 continue
             pss = proportional_set_size(pid)
-            rss[component] += process.rss if pss is None else pss
+            memory[component] += process.rss if pss is None else pss
             self.owner[pid] = component
             self.parent[pid] = process.parent
             if self.child_component.get(process.parent) in (None, self.owner.get(process.parent)):
                 self.child_component[process.parent] = component  # a run worker's kind wins over helpers
             self.cpu[pid].append((now, process.cpu, process.children_cpu))
-        self.totals.append((now, dict(rss)))
+        self.totals.append((now, dict(memory)))
         self.sample_times.append(now)
 
     def stop(self) -> None:

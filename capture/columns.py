@@ -331,8 +331,9 @@ _FAMILIES = {
     "numeric": "decimal",
     "real": "double",
     **dict.fromkeys(("char", "varchar", "binary", "varbinary"), "string"),
-    **dict.fromkeys(("tinytext", "text", "mediumtext", "longtext", "json"), "blob"),
-    **dict.fromkeys(("tinyblob", "blob", "mediumblob", "longblob"), "blob"),
+    **dict.fromkeys(
+        ("tinytext", "text", "mediumtext", "longtext", "json", "tinyblob", "mediumblob", "longblob"), "blob"
+    ),
 }
 
 

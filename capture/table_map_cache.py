@@ -17,15 +17,9 @@ from typing import Any
 from pymysqlreplication.event import BinLogEvent
 from pymysqlreplication.row_event import TableMapEvent
 
-HEADER = (
-    20  # the OK byte and the 19-byte event header (timestamp, type, server id, size, next position, flags)
-)
+# the OK byte and the 19-byte event header (timestamp, type, server id, size, next position, flags)
+HEADER = 20
 _parse_in_full = TableMapEvent.__init__
-# what TableMapEvent.__init__ sets beyond BinLogEvent.__init__, taken from the parse of identical bytes
-_PARSED = (
-    "table_id", "flags", "schema_length", "schema", "table_length", "table", "column_count", "columns", "dbms",
-    "null_bitmask", "table_obj", "optional_metadata",
-)  # fmt: skip
 
 
 def _payload(from_packet: Any, event_size: int) -> bytes:
@@ -45,16 +39,14 @@ def _init(
     parsed = getattr(known, "_cdc_parsed", None)
     if parsed is not None and parsed[0] == payload and not kwargs.get("freeze_schema"):
         BinLogEvent.__init__(self, from_packet, event_size, table_map, ctl_connection, **kwargs)
-        self.__dict__.update(parsed[1])
-        for name in ("only_tables", "ignored_tables", "only_schemas", "ignored_schemas", "freeze_schema"):
-            setattr(self, f"_TableMapEvent__{name}", kwargs[name])
-        self._TableMapEvent__optional_meta_data = kwargs["optional_meta_data"]
-        self._TableMapEvent__enable_logging = kwargs.get("enable_logging", False)
-        self._TableMapEvent__use_column_name_cache = kwargs.get("use_column_name_cache", False)
+        # this event's own header and packet stay; the rest is the earlier parse's (the table, its columns, the
+        # reader's per-stream options)
+        own = vars(self)
+        own.update({name: value for name, value in parsed[1].items() if name not in own})
         return
     _parse_in_full(self, from_packet, event_size, table_map, ctl_connection, **kwargs)
     if self._processed and getattr(self, "table_obj", None) is not None:
-        self.table_obj._cdc_parsed = (payload, {name: getattr(self, name) for name in _PARSED})
+        self.table_obj._cdc_parsed = (payload, dict(vars(self)))
 
 
 def apply(enabled: bool = True) -> None:

@@ -524,13 +524,20 @@ def test_a_cluster_connection_uses_tls_as_its_mapping_variable_says(local_stack:
         cluster_connection(cluster, Settings.load({**values, "CDC_MYSQL_SLOTS_ACCOUNTS_TLS": "off"}))
 
 
-def _binlog_rows(env: CaptureEnv, start: tuple[str, int], table: str) -> list[tuple[int, list[Any]]]:
-    """(id of the event's column list, row values) of every rows event of `table` since `start`."""
+def _binlog_file(env: CaptureEnv) -> str:
+    """The source's current binlog file: events since its start are read again by `_write_events`."""
+    with env.admin() as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW MASTER STATUS")
+        return str(cursor.fetchone()[0])
+
+
+def _write_events(env: CaptureEnv, binlog_file: str, table: str) -> list[WriteRowsEvent]:
+    """Every insert event of the env's `table` in `binlog_file` and after, read to the end (rows decoded)."""
     stream = BinLogStreamReader(
         connection_settings=env.replication().settings(),
         server_id=4242,
-        log_file=start[0],
-        log_pos=start[1],
+        log_file=binlog_file,
+        log_pos=4,
         resume_stream=True,
         blocking=False,
         only_events=[WriteRowsEvent],
@@ -538,9 +545,16 @@ def _binlog_rows(env: CaptureEnv, start: tuple[str, int], table: str) -> list[tu
         only_tables=[table],
     )
     try:
-        return [(id(event.columns), list(row["values"].values())) for event in stream for row in event.rows]
+        events = list(stream)
+        for event in events:
+            event.rows  # noqa: B018 - decoded while the stream is open
+        return events
     finally:
         stream.close()
+
+
+def _rows_and_column_lists(events: list[WriteRowsEvent]) -> list[tuple[int, list[Any]]]:
+    return [(id(event.columns), list(row["values"].values())) for event in events for row in event.rows]
 
 
 def test_a_table_map_is_parsed_once_per_table_definition(local_stack: LocalStack) -> None:
@@ -548,19 +562,17 @@ def test_a_table_map_is_parsed_once_per_table_definition(local_stack: LocalStack
     definition is parsed again, and the rows decode exactly as with the reader's own parsing."""
     env = new_env(local_stack, "slots_play")
     run_sql(env, "CREATE TABLE `{schema}`.busy (id INT PRIMARY KEY, v DECIMAL(5,2), s VARCHAR(8))")
-    with env.admin() as connection, connection.cursor() as cursor:
-        cursor.execute("SHOW MASTER STATUS")
-        start = (str(cursor.fetchone()[0]), 4)
+    start = _binlog_file(env)
     run_sql(
         env,
         *[f"INSERT INTO `{{schema}}`.busy VALUES ({i}, {i}.25, 'r{i}')" for i in range(5)],
         "ALTER TABLE `{schema}`.busy MODIFY v DECIMAL(9,4)",
         *[f"INSERT INTO `{{schema}}`.busy VALUES ({i}, {i}.1234, 'r{i}')" for i in range(5, 10)],
     )
-    cached = _binlog_rows(env, start, "busy")
+    cached = _rows_and_column_lists(_write_events(env, start, "busy"))
     table_map_cache.apply(False)
     try:
-        parsed_each_time = _binlog_rows(env, start, "busy")
+        parsed_each_time = _rows_and_column_lists(_write_events(env, start, "busy"))
     finally:
         table_map_cache.apply(True)
     assert [values for _, values in cached] == [values for _, values in parsed_each_time]
@@ -574,25 +586,9 @@ def test_information_schema_agrees_with_the_binlog_table_map_for_every_type(loca
     columns and take them from the table map); a changed one must not."""
     env = new_env(local_stack, "slots_accounts")
     create_every_type(env)
-    with env.admin() as connection, connection.cursor() as cursor:
-        cursor.execute("SHOW MASTER STATUS")
-        start = (str(cursor.fetchone()[0]), 4)
+    start = _binlog_file(env)
     insert_every_type(env, EDGE_ROWS[:1])
-    stream = BinLogStreamReader(
-        connection_settings=env.replication().settings(),
-        server_id=4243,
-        log_file=start[0],
-        log_pos=start[1],
-        resume_stream=True,
-        blocking=False,
-        only_events=[WriteRowsEvent],
-        only_schemas=[env.schema],
-        only_tables=["every_type"],
-    )
-    try:
-        event = next(iter(stream))
-    finally:
-        stream.close()
+    event = _write_events(env, start, "every_type")[0]
     mapping = env.table("every_type", ["id"])
     with contextlib.closing(env.admin()) as connection:
         shape = SourceTable(mapping, read_columns(connection, mapping, env.cluster_name))
