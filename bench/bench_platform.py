@@ -2,8 +2,8 @@
 (`cdc` commands, in a private state folder), and a sampler of every component's memory and CPU.
 
 Components are found by process session: every background service is started in its own session, so all its
-processes (Dagster's webserver, daemon, code servers and run workers; the capture's supervisor and per-cluster
-processes) carry the service's pid as their session id. The benchmark's own load generators are registered by pid.
+processes (Dagster's webserver, daemon, code servers and run workers; the capture's supervisor and the process
+capturing every cluster) carry the service's pid as their session id. The benchmark's own load generators are registered by pid.
 """
 
 from __future__ import annotations

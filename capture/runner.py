@@ -1,17 +1,20 @@
-"""Running the capture: a process per cluster under a supervisor that restarts crashed ones, the stopped-capture
-alert, and reading or resetting a cluster's status and checkpoint. Configuration comes from `cdc.settings`."""
+"""Running the capture: every cluster in one process, a thread each, failures isolated; the stopped-capture alert;
+reading or resetting a cluster's status and checkpoint. Configuration comes from `cdc.settings`; the process's
+supervisor is `capture.supervisor` (docs/design.md, "Capture")."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
-import subprocess
-import time
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-from capture.service import CaptureError, CaptureSettings, ClusterCapture
+from capture.service import TRANSIENT_ERRORS, CaptureError, CaptureSettings, ClusterCapture
 from capture.sink import S3Store
+from capture.supervisor import CAPTURE_STOPPED, RESTART_DELAY_S
 from cdc import settings
 from cdc.alerts import Webhook
 from cdc.clients import aws_client
@@ -19,12 +22,10 @@ from cdc.mappings import ClusterMapping, Mappings
 from cdc.settings import Settings
 from cdc.source import cluster_connection
 
-# Exit code of a cluster's capture that stopped on a CaptureError (needs an operator: e.g. a purged binlog). The
-# supervisor restarts a capture that exited any other way (a crash); this one it leaves stopped.
-CAPTURE_STOPPED = 3
-RESTART_DELAY_S = 5.0
+__all__ = ["CAPTURE_STOPPED", "capture_status", "forget_checkpoint", "run_clusters"]
 
 log = logging.getLogger("cdc.capture")
+RESET_POLL_S = 2.0  # a stopped cluster looks this often for `cdc capture reset`
 
 
 def s3_store(config: Settings) -> S3Store:
@@ -35,24 +36,111 @@ def s3_store(config: Settings) -> S3Store:
     )
 
 
-def run_cluster(
-    cluster: ClusterMapping, mappings: Mappings, capture_settings: CaptureSettings, config: Settings
-) -> None:
-    """Capture one cluster in this process until SIGTERM; a CaptureError is alerted, then raised."""
+class ClusterThread(threading.Thread):
+    """One cluster's capture on a thread of its own. A CaptureError (a purged binlog) or a configuration error stops
+    this cluster only, with its status and an alert; anything else (a bug met on some row) is logged and the
+    cluster's capture starts again from its checkpoint after `restart_delay_s`. No error leaves the thread."""
+
+    def __init__(
+        self,
+        cluster: ClusterMapping,
+        mappings: Mappings,
+        capture_settings: CaptureSettings,
+        config: Settings,
+        store: S3Store,
+        stop: threading.Event,
+        restart_delay_s: float,
+    ):
+        super().__init__(name=cluster.cluster, daemon=True)
+        self.cluster = cluster
+        self.mappings = mappings
+        self.capture_settings = capture_settings
+        self.config = config
+        self.store = store
+        self.stop_requested = stop
+        self.restart_delay_s = restart_delay_s
+        self.stopped_on: str | None = None  # the error that stopped this cluster for good
+
+    def run(self) -> None:
+        name = self.cluster.cluster
+        try:
+            connection = cluster_connection(self.cluster, self.config)
+        except RuntimeError as exc:  # a variable its mapping names is unset or not a number
+            self._stopped(f"cluster {name}: {exc}")
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                self.store.write_json(
+                    "status",
+                    name,
+                    {"cluster": name, "state": "failed", "pid": os.getpid(), "errors": [str(exc)]},
+                )
+            return
+        while not self.stop_requested.is_set():
+            capture = ClusterCapture(
+                self.cluster,
+                connection,
+                self.store,
+                self.capture_settings,
+                self.mappings.directory,
+                stop_requested=self.stop_requested,
+            )
+            try:
+                capture.run()
+                return
+            except CaptureError as exc:  # its status says so already
+                self._stopped(str(exc))
+                if not self._wait_for_reset():
+                    return
+            except Exception:
+                log.exception(
+                    "capture of %s failed; starting it again from its checkpoint in %.0f s",
+                    name,
+                    self.restart_delay_s,
+                )
+                self.stop_requested.wait(self.restart_delay_s)
+
+    def _wait_for_reset(self) -> bool:
+        """Wait until an operator forgets this cluster's checkpoint (`cdc capture reset`, the remedy its error
+        names); True: start again, with a new full load. False: the process is stopping."""
+        while not self.stop_requested.wait(RESET_POLL_S):
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                if self.store.read_json("checkpoints", self.cluster.cluster) is None:
+                    log.info("checkpoint of %s reset: starting again with a full load", self.cluster.cluster)
+                    self.stopped_on = None
+                    return True
+        return False
+
+    def _stopped(self, reason: str) -> None:
+        self.stopped_on = reason
+        log.error("capture of %s stopped: %s", self.cluster.cluster, reason)
+        alert_capture_stopped(self.cluster.cluster, reason, self.config)
+
+
+def run_clusters(
+    clusters: Sequence[ClusterMapping],
+    mappings: Mappings,
+    capture_settings: CaptureSettings,
+    config: Settings,
+    restart_delay_s: float = RESTART_DELAY_S,
+) -> dict[str, str]:
+    """Capture `clusters` in this process, a thread each, until SIGTERM/SIGINT (each flushes and checkpoints
+    first) or until every one has stopped on an error; return the clusters that stopped on one, with the error."""
     logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s capture[{cluster.cluster}] %(levelname)s %(message)s",
-        force=True,
+        level=logging.INFO, format="%(asctime)s capture[%(threadName)s] %(levelname)s %(message)s", force=True
     )
-    capture = ClusterCapture(
-        cluster, cluster_connection(cluster, config), s3_store(config), capture_settings, mappings.directory
-    )
-    capture.install_signal_handlers()
-    try:
-        capture.run()
-    except CaptureError as exc:
-        alert_capture_stopped(cluster.cluster, str(exc), config)
-        raise
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # each cluster its own S3 client, made here: creating boto3 clients is not thread-safe (using them is)
+    threads = [
+        ClusterThread(cluster, mappings, capture_settings, config, s3_store(config), stop, restart_delay_s)
+        for cluster in clusters
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timed join, so the signal handlers run
+            thread.join(timeout=0.5)
+    return {thread.cluster.cluster: thread.stopped_on for thread in threads if thread.stopped_on is not None}
 
 
 def alert_capture_stopped(cluster: str, reason: str, config: Settings) -> None:
@@ -61,48 +149,6 @@ def alert_capture_stopped(cluster: str, reason: str, config: Settings) -> None:
         Webhook(config.alert_webhook_url).post(f"CDC capture of {cluster} stopped", [reason], log)
     except Exception as exc:  # the capture's own error is what matters; the status keeps it too
         log.error("could not post the alert (%s)", exc)
-
-
-def run_clusters(argv_for: Sequence[list[str]], restart_delay_s: float = RESTART_DELAY_S) -> int:
-    """Supervise one capture process per cluster; SIGTERM/SIGINT are passed on, and it waits for all. A capture
-    that crashed is started again after `restart_delay_s` (it resumes from its checkpoint); one that stopped on a
-    CaptureError (exit code CAPTURE_STOPPED) stays stopped: its status and alert say what to do."""
-    children = [subprocess.Popen(argv) for argv in argv_for]
-    restart_at: dict[int, float] = {}
-    stopping = False
-
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while True:
-        running = False
-        for index, child in enumerate(children):
-            code = child.poll()
-            if code is None:
-                running = True
-            elif not stopping and code not in (0, CAPTURE_STOPPED):
-                running = True
-                if index not in restart_at:
-                    log.error(
-                        "capture %s exited with %s; starting it again in %.0f s",
-                        " ".join(argv_for[index][1:]),
-                        code,
-                        restart_delay_s,
-                    )
-                    restart_at[index] = time.monotonic() + restart_delay_s
-                elif time.monotonic() >= restart_at[index]:
-                    del restart_at[index]
-                    children[index] = subprocess.Popen(argv_for[index])
-        if not running:
-            break
-        time.sleep(0.2)
-    return max(child.returncode or 0 for child in children)
 
 
 def capture_status(mappings: Mappings, config: Settings) -> list[dict[str, Any]]:

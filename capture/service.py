@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import signal
 import threading
 import time
 import zlib
@@ -111,13 +110,14 @@ class ClusterCapture:
         store: S3Store,
         settings: CaptureSettings | None = None,
         mappings_dir: Path | None = None,
+        stop_requested: threading.Event | None = None,
     ):
         self.cluster = cluster
         self.connection = connection
         self.store = store
         self.settings = settings or CaptureSettings()
         self.mappings_dir = mappings_dir
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested or threading.Event()  # shared by the clusters of one process
         self.stats = CaptureStats()
         self.state = "starting"
         self.tables: dict[TableKey, SourceTable] = {}
@@ -189,10 +189,6 @@ class ClusterCapture:
 
     def stop(self) -> None:
         self.stop_requested.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
 
     # -- full loads --------------------------------------------------------------------------------------------
 
@@ -405,8 +401,8 @@ class ClusterCapture:
         return CaptureError(
             f"cluster {name}: the source no longer has the binlog at the capture's checkpoint "
             f"({self.checkpoint.get('gtid')}): it was purged, so the changes since cannot be read. "
-            f"Re-snapshot the cluster: `cdc capture reset --cluster {name}`, start the capture again (a new "
-            f"full load; streaming resumes from it), then `cdc resnapshot --cluster {name}` (each table is "
+            f"Re-snapshot the cluster: `cdc capture reset --cluster {name}` (its capture starts again with a "
+            f"new full load; streaming resumes from it), then `cdc resnapshot --cluster {name}` (each table is "
             f"re-derived from the source: rows deleted meanwhile disappear). Source said: {exc.args[1]}"
         )
 

@@ -7,8 +7,9 @@ import sys
 
 import click
 
-from capture.runner import CAPTURE_STOPPED, capture_status, forget_checkpoint, run_cluster, run_clusters
-from capture.service import CaptureError, CaptureSettings
+from capture.runner import CAPTURE_STOPPED, capture_status, forget_checkpoint, run_clusters
+from capture.service import CaptureSettings
+from capture.supervisor import exec_supervisor
 from cdc.settings import installed_command
 from cli.common import config, deploy_working_mappings, mappings, platform_env, platform_mappings
 from cli.mappings import reload_dagster
@@ -43,30 +44,31 @@ def command() -> None:
     show_default=True,
     help="DMS DatePartitionEnabled layout.",
 )
-def run(clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool) -> None:
-    """Full load, then stream each cluster's binlog until SIGTERM (one process per cluster, restarted if it
-    crashes; with one --cluster, in this process)."""
+@click.option(
+    "--unsupervised",
+    is_flag=True,
+    help="Run without the supervisor that restarts a crashed capture (its own child; implied by one --cluster).",
+)
+def run(
+    clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool, unsupervised: bool
+) -> None:
+    """Full load, then stream each cluster's binlog until SIGTERM: every cluster in one process, a thread each, its
+    failures its own; a supervisor starts the process again if it crashes (with one --cluster: no supervisor)."""
     loaded = mappings()
     try:
         chosen = [loaded.cluster(name) for name in clusters] if clusters else list(loaded.clusters)
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from exc
+    if not (unsupervised or len(clusters) == 1):
+        exec_supervisor([installed_command("cdc"), *sys.argv[1:], "--unsupervised"])
     settings = CaptureSettings(
         flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders
     )
-    if clusters and len(chosen) == 1:  # one named cluster: run here; otherwise supervise one process each
-        try:
-            run_cluster(chosen[0], loaded, settings, config())
-        except CaptureError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(CAPTURE_STOPPED)
-        except RuntimeError as exc:
-            raise click.ClickException(str(exc)) from exc
-        return
-    options = ["--flush-interval", str(flush_interval), "--flush-rows", str(flush_rows)]
-    options.append("--date-folders" if date_folders else "--no-date-folders")
-    cdc = installed_command("cdc")
-    sys.exit(run_clusters([[cdc, "capture", "run", "--cluster", c.cluster, *options] for c in chosen]))
+    stopped = run_clusters(chosen, loaded, settings, config())
+    for cluster, error in stopped.items():
+        click.echo(f"Error: capture of {cluster} stopped: {error}", err=True)
+    if stopped:
+        sys.exit(CAPTURE_STOPPED)
 
 
 @command.command("start")
@@ -117,10 +119,14 @@ def status(as_json: bool) -> None:
 @command.command("reset")
 @click.option("--cluster", required=True, help="The cluster whose checkpoint to forget.")
 def reset(cluster: str) -> None:
-    """Forget a cluster's checkpoint: its next run starts with a new full load (re-snapshot)."""
+    """Forget a cluster's checkpoint: its next run starts with a new full load (re-snapshot); a running capture
+    whose cluster stopped on an error starts that cluster again at once."""
     try:
         platform_mappings().cluster(cluster)
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from exc
     forget_checkpoint(cluster, config())
-    click.echo(f"{cluster}: checkpoint removed; the next `cdc capture run` makes a new full load")
+    click.echo(
+        f"{cluster}: checkpoint removed; a new full load follows (at once where its capture stopped on an error; "
+        "otherwise at the next `cdc capture run`)"
+    )

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -423,6 +424,62 @@ def test_two_clusters_at_once_through_the_cli(local_stack: LocalStack, tmp_path:
         assert "stopped" in line and "I 1" in line and "U 1" in line and "checkpoint 0-" in line
 
 
+def background_service_pid(stack: LocalStack) -> int:
+    return int((stack.state_dir / "capture" / "capture.pid").read_text())
+
+
+def test_clusters_in_one_process_fail_alone(local_stack: LocalStack, tmp_path: Path) -> None:
+    """One process captures every cluster, a thread each: a cluster whose source is unreachable keeps retrying and
+    one whose mapping names an unset variable stops with its error, while the healthy cluster streams as usual."""
+    healthy, unreachable, misconfigured = (
+        new_env(local_stack, name) for name in ("poker_accounts", "roulette_accounts", "slots_accounts")
+    )
+    unreachable.prefix = misconfigured.prefix = healthy.prefix
+    for env in (healthy, unreachable, misconfigured):
+        run_sql(env, "CREATE TABLE `{schema}`.t (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.t VALUES (1)")
+        write_mapping(env, tmp_path / "mappings", env.cluster_name, ["t"])
+    document = json.loads((tmp_path / "mappings" / "slots_accounts.json").read_text())
+    document["connection"]["password_env"] = "CDC_TEST_UNSET_PASSWORD"
+    (tmp_path / "mappings" / "slots_accounts.json").write_text(json.dumps(document))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    environment = {
+        **os.environ,
+        **healthy.stack.environment(),
+        "CDC_LANDING_PREFIX": healthy.prefix,
+        "CDC_MAPPINGS_DIR": str(tmp_path / "mappings"),
+        "CDC_MYSQL_ROULETTE_ACCOUNTS_PORT": str(closed_port),
+    }
+    environment.pop("CDC_TEST_UNSET_PASSWORD", None)
+    argv = [str(Path(sys.executable).with_name("cdc")), "capture", "run", "--flush-interval", "0.3"]
+    with (tmp_path / "stderr").open("wb") as stderr:
+        process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_caught_up(healthy)
+        run_sql(healthy, "INSERT INTO `{schema}`.t VALUES (2)", "UPDATE `{schema}`.t SET id = 3 WHERE id = 1")
+        wait_caught_up(healthy, timeout=20)
+        statuses = {
+            cluster: healthy.store().read_json("status", cluster)
+            for cluster in ("poker_accounts", "roulette_accounts", "slots_accounts")
+        }
+        assert statuses["poker_accounts"]["state"] == "streaming"
+        assert statuses["roulette_accounts"]["state"] == "reconnecting"
+        assert "source or S3 unreachable" in statuses["roulette_accounts"]["errors"][0]
+        assert statuses["slots_accounts"]["state"] == "failed"
+        assert "CDC_TEST_UNSET_PASSWORD" in statuses["slots_accounts"]["errors"][0]
+        assert len({status["pid"] for status in statuses.values()}) == 1  # one process for all three
+        assert statuses["poker_accounts"]["pid"] != process.pid  # ... under its supervisor
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code == 3  # a cluster stopped on an error: the supervisor leaves it stopped
+    errors = (tmp_path / "stderr").read_text()
+    assert "Error: capture of slots_accounts stopped" in errors and "CDC_TEST_UNSET_PASSWORD" in errors
+    assert compare_with_source(healthy, "t", ["id"]) == 2
+    assert healthy.store().read_json("status", "poker_accounts")["state"] == "stopped"
+
+
 @pytest.mark.parametrize(
     ("key", "kind", "table"),
     [
@@ -472,14 +529,17 @@ def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tm
         run_sql(env, "INSERT INTO `{schema}`.bg VALUES (2)")
         wait_caught_up(env)
         assert "streaming" in cdc_run("capture", "status")
-        # a cluster's capture that crashes is started again by its supervisor and resumes at its checkpoint
+        # the capture process that crashes is started again by its supervisor and resumes at its checkpoint
         crashed = json.loads(cdc_run("capture", "status", "--json"))[0]["pid"]
+        assert crashed != background_service_pid(local_stack)  # the clusters' process, not its supervisor
         os.kill(crashed, signal.SIGKILL)
         run_sql(env, "INSERT INTO `{schema}`.bg VALUES (3)")
         wait_caught_up(env, timeout=90)
         assert json.loads(cdc_run("capture", "status", "--json"))[0]["pid"] != crashed
         log = (local_stack.state_dir / "capture" / "capture.log").read_text()
-        assert "--cluster poker_accounts" in log and "exited with -9; starting it again in 5 s" in log
+        assert (
+            "capture run --flush-interval 5.0 --unsupervised exited with -9; starting it again in 5 s" in log
+        )
     finally:
         assert cdc_run("capture", "stop").strip() == "capture stopped"
     assert "stopped" in cdc_run("capture", "status")
