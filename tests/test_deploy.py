@@ -17,7 +17,15 @@ from cli import main as cdc_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-SHARED = ("storage", "run_coordinator", "run_monitoring", "concurrency", "sensors", "telemetry")
+SHARED = (
+    "storage",
+    "run_coordinator",
+    "run_monitoring",
+    "concurrency",
+    "sensors",
+    "compute_logs",
+    "telemetry",
+)
 ENV = {
     "DAGSTER_PG_HOST": "db.internal",
     "DAGSTER_PG_PORT": "5432",
@@ -54,6 +62,7 @@ def test_production_variants_are_the_tested_postgres_instance_plus_a_run_launche
     from dagster_postgres import DagsterPostgresStorage
 
     assert process_config(DagsterPostgresStorage.config_type(), instance["storage"]["postgres"]).success
+    _validate(instance["compute_logs"])
     assert instance["run_coordinator"]["config"]["dequeue_interval_seconds"] == 1
     assert instance["sensors"]["use_threads"]  # the SQS sensor's long poll does not hold up the alert sensors
     from dagster._core.instance.config import dagster_instance_config_schema
