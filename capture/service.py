@@ -55,6 +55,9 @@ class CaptureSettings:
     # and a read downstream, so shorter flushes trade throughput for seconds (docs/design.md, "Capture")
     flush_interval_s: float = 5.0
     flush_rows: int = 50_000  # per flush, over all tables
+    # per flush, over all tables, counted as the binlog bytes of the buffered rows (wide rows reach it before
+    # flush_rows; held in Python they take a few times as much): the capture's memory stays bounded
+    flush_bytes: int = 16 * 1024 * 1024
     date_folders: bool = True  # DMS DatePartitionEnabled
     load_file_rows: int = 100_000  # rows per LOAD file
     heartbeat_s: float = 1.0
@@ -129,6 +132,8 @@ class ClusterCapture:
         self.errors: list[str] = []
         self._passing_errors: set[str] = set()  # errors that clear once the capture writes to S3 again
         self._buffered_rows = 0
+        self._buffered_bytes = 0  # binlog bytes of the buffered rows
+        self._pending_bytes = 0  # binlog bytes of the open transaction's rows
         # rows of the open transaction, not yet given a commit time: (table key, op, values, sequence)
         self._pending: list[tuple[TableKey, str, list[Any], str]] = []
         self._completed: dict[str, Any] | None = None  # position of the last complete transaction seen
@@ -177,6 +182,7 @@ class ClusterCapture:
         self._pending.clear()
         self.buffers.clear()
         self._buffered_rows = 0
+        self._buffered_bytes = self._pending_bytes = 0
         self._completed = None
         detail = str(exc) or type(exc).__name__
         self._record_error(
@@ -309,6 +315,7 @@ class ClusterCapture:
         elif isinstance(event, MariadbGtidEvent):
             # rows left pending here: the reader reconnected inside a transaction, which comes again whole
             self._pending.clear()
+            self._pending_bytes = 0
             cursor.tx_gtid, cursor.in_transaction = event.gtid, True
             self._tx_timestamp = event.timestamp
         elif isinstance(event, (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)):
@@ -425,7 +432,8 @@ class ClusterCapture:
                 op = "I" if isinstance(event, WriteRowsEvent) else "D"
                 values = self._normalise(shape, row["values"], row.get("none_sources"))
                 pending.append((key, op, values, position.sequence(2 * index + 1)))
-        if len(pending) >= self.settings.flush_rows:
+        self._pending_bytes += event.event_size
+        if self._buffer_full(len(pending), self._pending_bytes):
             self._commit_pending()  # a huge transaction: hand its rows to the table buffers early
 
     def _normalise(self, shape: SourceTable, row: Any, none_sources: dict[str, str] | None) -> list[Any]:
@@ -497,6 +505,8 @@ class ClusterCapture:
             buffer.rows.append((op, stamp, *values, sequence))
             self.stats.rows[op] += 1
         self._buffered_rows += len(pending)
+        self._buffered_bytes += self._pending_bytes
+        self._pending_bytes = 0
         pending.clear()
 
     def _maybe_flush(self) -> None:
@@ -505,10 +515,13 @@ class ClusterCapture:
             (b.first_buffered for b in self.buffers.values() if b.first_buffered is not None), default=None
         )
         due = oldest is not None and now - oldest >= self.settings.flush_interval_s
-        if due or self._buffered_rows >= self.settings.flush_rows:
+        if due or self._buffer_full(self._buffered_rows, self._buffered_bytes):
             self._flush()
         elif oldest is None and now - self._last_checkpoint >= self.settings.flush_interval_s:
             self._advance_checkpoint()  # only unmapped traffic: move on so a restart does not re-read it
+
+    def _buffer_full(self, rows: int, binlog_bytes: int) -> bool:
+        return rows >= self.settings.flush_rows or binlog_bytes >= self.settings.flush_bytes
 
     def _flush(self, force: bool = False, at_boundary: bool = True) -> None:
         """Write every buffered table (concurrently), then (at a transaction boundary) checkpoint what is now in
@@ -517,6 +530,7 @@ class ClusterCapture:
             [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
         )
         self._buffered_rows = 0
+        self._buffered_bytes = 0
         self.stats.recent.append((time.monotonic(), flushed))
         if at_boundary:
             self._advance_checkpoint()

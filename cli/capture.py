@@ -39,6 +39,13 @@ def command() -> None:
     help="Flush once this many rows are buffered.",
 )
 @click.option(
+    "--flush-mb",
+    type=float,
+    default=CaptureSettings.flush_bytes / 2**20,
+    show_default=True,
+    help="Flush once the buffered rows took this many MiB in the binlog (bounds the capture's memory).",
+)
+@click.option(
     "--date-folders/--no-date-folders",
     default=True,
     show_default=True,
@@ -50,7 +57,12 @@ def command() -> None:
     help="Run without the supervisor that restarts a crashed capture (its own child; implied by one --cluster).",
 )
 def run(
-    clusters: tuple[str, ...], flush_interval: float, flush_rows: int, date_folders: bool, unsupervised: bool
+    clusters: tuple[str, ...],
+    flush_interval: float,
+    flush_rows: int,
+    flush_mb: float,
+    date_folders: bool,
+    unsupervised: bool,
 ) -> None:
     """Full load, then stream each cluster's binlog until SIGTERM: every cluster in one process, a thread each, its
     failures its own; a supervisor starts the process again if it crashes (with one --cluster: no supervisor)."""
@@ -62,7 +74,10 @@ def run(
     if not (unsupervised or len(clusters) == 1):
         exec_supervisor([installed_command("cdc"), *sys.argv[1:], "--unsupervised"])
     settings = CaptureSettings(
-        flush_interval_s=flush_interval, flush_rows=flush_rows, date_folders=date_folders
+        flush_interval_s=flush_interval,
+        flush_rows=flush_rows,
+        flush_bytes=int(flush_mb * 2**20),
+        date_folders=date_folders,
     )
     stopped = run_clusters(chosen, loaded, settings, config())
     for cluster, error in stopped.items():

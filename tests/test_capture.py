@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -192,6 +193,28 @@ def test_a_100k_row_transaction_arrives_whole_and_ordered(local_stack: LocalStac
     ordered = sorted(rows, key=lambda r: r[CHANGE_SEQUENCE_COLUMN])
     assert [r["id"] for r in ordered] == list(range(1, 100_001))
     assert compare_with_source(env, "big", ["id"]) == 100_000
+
+
+def test_buffers_flush_by_binlog_bytes_before_the_interval(local_stack: LocalStack) -> None:
+    """Wide rows flush when their binlog bytes reach flush_bytes, long before the flush interval or row limit:
+    the capture's memory is bounded by bytes, not only rows."""
+    env = new_env(local_stack, "roulette_play")
+    run_sql(env, "CREATE TABLE `{schema}`.wide (id INT PRIMARY KEY, note VARCHAR(300))")
+    settings = dataclasses.replace(FAST, flush_interval_s=120, flush_bytes=50_000)
+    capture = ClusterCapture(env.mapping(env.table("wide", ["id"])), env.replication(), env.store(), settings)
+    with running(capture):
+        wait_caught_up(env)  # the full load of the empty table
+        for batch in range(20):  # 20 transactions of 100 rows of ~250 bytes: ~25 KB of binlog each
+            run_sql(
+                env,
+                f"INSERT INTO `{{schema}}`.wide SELECT seq + {batch * 100}, REPEAT(CHAR(65 + {batch}), 250) "
+                "FROM `{schema}`.seq_1_to_100",
+            )
+        deadline = time.monotonic() + 30
+        while len({row["_key"] for row in landed_rows(env, "wide")}) < 8:  # ~500 KB / 50 KB per flush
+            assert time.monotonic() < deadline, "the capture did not flush by bytes"
+            time.sleep(0.5)
+    assert compare_with_source(env, "wide", ["id"]) == 2_000  # what was left is flushed at stop
 
 
 def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> None:
