@@ -32,7 +32,7 @@ class TableBuffer:
     table: str
     columns: list[ColumnSpec]
     rows: list[tuple[Any, ...]] = field(default_factory=list)  # (op, commit_ts_text, *values, sequence)
-    first_buffered: float | None = None  # monotonic time of the oldest buffered row
+    first_buffered: float | None = None  # when the oldest buffered row was buffered (epoch seconds)
 
     def arrow_schema(self) -> pa.Schema:
         fields = [pa.field(OP_COLUMN, pa.string(), nullable=False)]

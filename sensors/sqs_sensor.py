@@ -35,6 +35,11 @@ from cdc_assets.writers import RUNS_PER_TABLE, active_runs, runs_per_asset, tabl
 LONG_POLL_SECONDS = 4
 MAX_POLL_SECONDS = 20.0
 MAX_MESSAGES_PER_TICK = 1000
+# Once messages arrive, the tick also takes those that follow within QUIET_SECONDS of the last one (the rest of a
+# capture flush's files, uploaded at once), for at most SETTLE_SECONDS: a flush's tables load in one run, instead of
+# the late ones waiting for the next tick (the daemon's 5 s loop)
+QUIET_SECONDS = 0.3
+SETTLE_SECONDS = 1.5
 IN_FLIGHT_HOLD_SECONDS = (
     300  # a message of a table in flight stays invisible this long (it is held again after)
 )
@@ -85,17 +90,23 @@ def collect(
     sqs = landing.sqs()
     deadline = time.monotonic() + MAX_POLL_SECONDS
     received = 0
+    first_at = last_at = 0.0
     while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
-        # the first call waits for a message; then take what is there and go (files that keep landing meanwhile
-        # are the next tick's: the capture writes a file per table every few seconds)
+        # the first call waits for a message; then take what is there and what follows it closely, and go (files
+        # that keep landing later are the next tick's: the capture writes a file per table every few seconds)
         messages = sqs.receive_message(
             QueueUrl=landing.queue_url,
             MaxNumberOfMessages=10,
             WaitTimeSeconds=0 if received else wait_seconds,
             AttributeNames=["All"],
         ).get("Messages", [])
+        now = time.monotonic()
         if not messages:
-            break
+            if not received or now - last_at >= QUIET_SECONDS or now - first_at >= SETTLE_SECONDS:
+                break
+            time.sleep(0.1)
+            continue
+        first_at, last_at = first_at or now, now
         received += len(messages)
         for message in messages:
             try:

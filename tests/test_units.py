@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from google.cloud import bigquery
 
 from capture.columns import ColumnSpec
 from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
+from capture.service import flush_time
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
 from cdc_assets.content_check import ColumnDigest, chunking_for, column_digest
@@ -234,6 +236,51 @@ def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> N
     assert queue.deleted == ["r2", "r5"]  # the TestEvent and the deletion: nothing to load
     reasons = " | ".join(reason for _, reason in queue.dead)
     assert "neither an S3 event notification" in reasons and "db.unmapped is not in the mappings" in reasons
+
+
+class TimedQueue(FakeQueue):
+    """Messages that become visible at given seconds after the first receive (a flush's files land over time)."""
+
+    def __init__(self, waves: list[tuple[float, list[dict[str, Any]]]]):
+        super().__init__([body for _, bodies in waves for body in bodies])
+        self.visible_at = [at for at, bodies in waves for _ in bodies]
+        self.started: float | None = None
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        self.started = self.started or time.monotonic()
+        elapsed = time.monotonic() - self.started
+        ready = [i for i, at in enumerate(self.visible_at) if at <= elapsed][:10]
+        batch = [self.messages[i] for i in ready]
+        self.messages = [m for i, m in enumerate(self.messages) if i not in ready]
+        self.visible_at = [at for i, at in enumerate(self.visible_at) if i not in ready]
+        return {"Messages": batch}
+
+
+def test_a_tick_takes_the_files_that_land_right_after_its_first_and_leaves_later_ones() -> None:
+    tables = [TableMapping(source=f"db.t{i}", target=f"game.t{i}", primary_key=["id"]) for i in range(3)]
+    mappings = Mappings(
+        directory=Path("."),
+        clusters=(
+            ClusterMapping.model_validate(
+                {
+                    "cluster": "c",
+                    "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
+                    "tables": [t.model_dump() for t in tables],
+                }
+            ),
+        ),
+    )
+    key = "cdc/db/t{}/20261201-0400000000.parquet".format
+    queue = TimedQueue([(0.0, [_event(key(0))]), (0.15, [_event(key(1))]), (2.5, [_event(key(2))])])
+    log = type("Log", (), {"error": lambda self, m: None})()
+    grouped = collect(FakeLanding(queue), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
+    assert sorted(f.table.source for f in grouped) == ["db.t0", "db.t1"]  # the third is the next tick's
+    assert len(queue.messages) == 1
+
+
+def test_captures_flush_on_the_same_clock_multiples() -> None:
+    assert flush_time(1_000.2, 5) == flush_time(1_004.9, 5) == 1_005.0
+    assert flush_time(1_005.0, 5) == 1_010.0 and flush_time(12.1, 0.3) == pytest.approx(12.3)
 
 
 def test_the_oracle_compares_numeric_keys_by_value_and_keeps_other_text() -> None:
