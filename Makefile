@@ -61,9 +61,11 @@ demo: deps
 	@echo "Capture and Dagster keep running in the background (logs under .state/capture and .state/dagster)."
 	@echo "Stop everything with: $(BIN)/cdc stack down"
 
-# Run the test suite; the tests start (and stop) the servers they need on free ports.
+# Run the test suite; the tests start (and stop) the servers they need on free ports. Two pytest workers, each with
+# its own servers and state folder: most of a case's time is waiting for the platform, which two at once overlap.
+TEST_WORKERS ?= 2
 test: deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Faults injected into the live platform under load; prints the fault table, writes bench/results/faults.json.
 faults: deps
