@@ -40,6 +40,7 @@ from tests.support.capture import (
     run_sql,
 )
 from tests.support.commands import run_cdc
+from tests.support.runs import end_once_waited_for
 
 
 def test_resnapshot_restores_a_table_whose_landing_files_are_gone(
@@ -166,9 +167,7 @@ def test_resnapshot_in_streaming_mode_sets_the_current_state_from_the_snapshot(
             asset_selection=frozenset({bigquery_asset_key(table)}),
         )
         instance.add_run(load_run)
-        ended = threading.Timer(
-            3.0, lambda: instance.report_run_failed(instance.get_run_by_id(load_run.run_id))
-        )
+        ended = threading.Thread(target=end_once_waited_for, args=(instance, load_run), daemon=True)
         ended.start()
         try:
             result = job.execute_in_process(

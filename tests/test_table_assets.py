@@ -23,6 +23,7 @@ from tests.support.accounts import (
     insert_accounts,
 )
 from tests.support.capture import capture_changes, landed_keys, landing_resource, new_env, run_sql
+from tests.support.runs import end_once_waited_for
 
 
 def test_every_mapped_table_has_source_landing_and_bigquery_assets() -> None:
@@ -142,7 +143,7 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
         asset_selection=frozenset(asset.keys),
     )
     instance.add_run(earlier)
-    ended = threading.Timer(1.0, lambda: instance.report_run_failed(earlier))
+    ended = threading.Thread(target=end_once_waited_for, args=(instance, earlier), daemon=True)
     ended.start()
     loaded = dg.materialize(
         [asset],

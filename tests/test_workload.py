@@ -20,12 +20,17 @@ def _admin(stack: LocalStack, cluster: str) -> pymysql.connections.Connection:
     return stack.mariadb(cluster).connect(user, password)
 
 
+# changes per second per cluster: what the workload must reach with the suite's other worker busy beside it (the
+# benchmark measures its full rate on a quiet machine)
+RATE = 300
+
+
 @pytest.fixture(scope="module")
 def workload_output(local_stack: LocalStack) -> str:
     result = run_cdc(
         "workload",
         "--rate",
-        "800",
+        str(RATE),
         "--duration",
         "6",
         "--seed",
@@ -38,7 +43,7 @@ def workload_output(local_stack: LocalStack) -> str:
 def test_workload_reports_its_rate_and_mix(workload_output: str) -> None:
     match = re.search(r"workload: (\d+) changes in ([\d.]+) s \((\d+)/s\) across 6 clusters", workload_output)
     assert match, workload_output
-    assert int(match[1]) >= 0.9 * 800 * 6
+    assert int(match[1]) >= 0.9 * RATE * 6
     for op in ("insert", "update", "delete", "pk_change"):
         assert re.search(rf"\b{op} [1-9]\d*", workload_output), f"no {op} in: {workload_output}"
 
