@@ -7,8 +7,11 @@ account with only the grants CDC capture needs, and an admin account that the de
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import subprocess
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import pymysql
 from local_stack.processes import ServerProcess, StackError
 
 REPLICATION_USER = "cdc_replicator"
+MAX_SOCKET_PATH = 100  # bytes; a Unix socket's path has at most 107
 ADMIN_USER = "cdc_admin"
 # What the capture needs: snapshot reads, binlog streaming, binlog positions (MariaDB's BINLOG MONITOR).
 REPLICATION_GRANTS = "SELECT, REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR"
@@ -42,8 +46,20 @@ class MariaDBServer:
         return self.root / "data"
 
     @property
+    def tmpdir(self) -> Path:
+        """Its own: a starting server removes every `#sql*` file in its temporary folder, so servers sharing /tmp
+        (two stacks at once) deleted each other's temporary tables."""
+        return self.root / "tmp"
+
+    @property
     def socket(self) -> Path:
-        return self.root / "mysqld.sock"
+        """In the cluster's folder; in the temporary folder, named after it, where that path would pass the
+        108 bytes a Unix socket's path may have (a deep state folder, e.g. a pytest worker's)."""
+        beside = self.root / "mysqld.sock"
+        if len(str(beside)) <= MAX_SOCKET_PATH:
+            return beside
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"cdc-mysqld-{digest}.sock"
 
     @property
     def process(self) -> ServerProcess:
@@ -59,6 +75,7 @@ class MariaDBServer:
             return
         install_db = _binary("mariadb-install-db")
         self.datadir.mkdir(parents=True, exist_ok=True)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [
                 install_db,
@@ -71,6 +88,7 @@ class MariaDBServer:
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, "TMPDIR": str(self.tmpdir)},
         )
         if result.returncode != 0:
             shutil.rmtree(self.datadir, ignore_errors=True)
@@ -82,11 +100,13 @@ class MariaDBServer:
     def argv(self) -> list[str]:
         binlog_dir = self.root / "binlog"
         binlog_dir.mkdir(parents=True, exist_ok=True)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         return [
             _binary("mariadbd"),
             "--no-defaults",
             f"--datadir={self.datadir}",
             f"--socket={self.socket}",
+            f"--tmpdir={self.tmpdir}",
             f"--port={self.port}",
             "--bind-address=127.0.0.1",
             "--skip-name-resolve",
