@@ -15,15 +15,12 @@ from collections.abc import Generator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-import dagster._check as check
 from dagster import Field, Float, StringSource
 from dagster._core.execution.compute_logs import redirect_to_file
 from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
 from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
 from dagster._serdes import ConfigurableClassData
 from dagster._utils import ensure_file, touch_file
-
-STREAMS = ((ComputeIOType.STDOUT, sys.stdout), (ComputeIOType.STDERR, sys.stderr))
 
 
 class FileComputeLogManager(LocalComputeLogManager):
@@ -59,9 +56,9 @@ class FileComputeLogManager(LocalComputeLogManager):
 
     @contextmanager
     def capture_logs(self, log_key: Sequence[str]) -> Generator[CapturedLogContext, None, None]:
-        check.invariant(bool(self._base_dir), "FileComputeLogManager has no base_dir and no instance")
         with ExitStack() as streams:
-            for io_type, stream in STREAMS:
+            # the process's streams as they are now (as Dagster's manager takes them), not as they were at import
+            for io_type, stream in ((ComputeIOType.STDOUT, sys.stdout), (ComputeIOType.STDERR, sys.stderr)):
                 path = self.get_captured_local_path(log_key, IO_TYPE_EXTENSION[io_type])
                 ensure_file(path)
                 streams.enter_context(redirect_to_file(stream, path))

@@ -199,20 +199,16 @@ def _event(*keys: str) -> dict[str, Any]:
     return {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": k}}} for k in keys]}
 
 
+def _mappings(*tables: TableMapping) -> Mappings:
+    """One cluster mapping `tables`."""
+    connection = {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"}
+    cluster = {"cluster": "c", "connection": connection, "tables": [t.model_dump() for t in tables]}
+    return Mappings(directory=Path("."), clusters=(ClusterMapping.model_validate(cluster),))
+
+
 def test_collect_groups_files_per_table_and_day_and_dead_letters_the_rest() -> None:
     table = TableMapping(source="db.bets", target="game.bets", primary_key=["id"])
-    mappings = Mappings(
-        directory=Path("."),
-        clusters=(
-            ClusterMapping.model_validate(
-                {
-                    "cluster": "c",
-                    "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
-                    "tables": [table.model_dump()],
-                }
-            ),
-        ),
-    )
+    mappings = _mappings(table)
     day1, day2 = (
         "cdc/db/bets/2026/11/29/20261129-2359590000.parquet",
         "cdc/db/bets/2026/11/30/20261130-0000010000.parquet",
@@ -258,18 +254,7 @@ class TimedQueue(FakeQueue):
 
 def test_a_tick_takes_the_files_that_land_right_after_its_first_and_leaves_later_ones() -> None:
     tables = [TableMapping(source=f"db.t{i}", target=f"game.t{i}", primary_key=["id"]) for i in range(3)]
-    mappings = Mappings(
-        directory=Path("."),
-        clusters=(
-            ClusterMapping.model_validate(
-                {
-                    "cluster": "c",
-                    "connection": {"host_env": "H", "port_env": "P", "user_env": "U", "password_env": "W"},
-                    "tables": [t.model_dump() for t in tables],
-                }
-            ),
-        ),
-    )
+    mappings = _mappings(*tables)
     key = "cdc/db/t{}/20261201-0400000000.parquet".format
     queue = TimedQueue([(0.0, [_event(key(0))]), (0.15, [_event(key(1))]), (2.5, [_event(key(2))])])
     log = type("Log", (), {"error": lambda self, m: None})()
