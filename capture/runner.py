@@ -123,7 +123,8 @@ def run_clusters(
     restart_delay_s: float = RESTART_DELAY_S,
 ) -> dict[str, str]:
     """Capture `clusters` in this process, a thread each, until SIGTERM/SIGINT (each flushes and checkpoints
-    first) or until every one has stopped on an error; return the clusters that stopped on one, with the error."""
+    first; a cluster stopped on a CaptureError waits for `cdc capture reset` meanwhile) or until every thread has
+    ended (e.g. each cluster's mapping names an unset variable); return the clusters stopped on an error then."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s capture[%(threadName)s] %(levelname)s %(message)s", force=True
     )

@@ -2,7 +2,7 @@
 
 It imports the standard library only, so the process that waits beside the capture costs a few megabytes, not the
 capture's own pyarrow, boto3 and binlog reader (`cdc capture run` replaces itself with it: `exec_supervisor`). A
-capture that exits 0 (stopped by a signal) or CAPTURE_STOPPED (every cluster it ran stopped on an error that needs
+capture that exits 0 (stopped by a signal) or CAPTURE_STOPPED (a cluster it ran had stopped on an error that needs
 an operator, e.g. a purged binlog: its status and alert say what to do) is left stopped; any other exit (kill -9,
 a crash) is started again after a delay, and every cluster resumes from its own checkpoint (docs/design.md,
 "Capture"). SIGTERM and SIGINT are passed on to the capture, which flushes and checkpoints before it exits.
@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-# Exit code of a capture whose clusters all stopped on a CaptureError (needs an operator).
+# Exit code of a capture in which a cluster had stopped on an error that needs an operator.
 CAPTURE_STOPPED = 3
 RESTART_DELAY_S = 5.0
 
