@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import time
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
 import pytest
 from google.cloud import bigquery
+from pymysqlreplication.packet import BinLogPacketWrapper
+from pymysqlreplication.row_event import RowsEvent
+
+from capture import binlog_fixes
 
 from capture.columns import ColumnSpec
 from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
@@ -391,3 +397,99 @@ def test_landing_clients_share_the_parsed_service_models_of_the_process() -> Non
         )[1]
 
     assert signer(other_s3) is UNSIGNED and signer(s3) is not UNSIGNED
+
+
+class _Packet(BinLogPacketWrapper):
+    """The reader's packet over fixed bytes, with its own integer readers (the stock decoders call them)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: float) -> bytes:
+        chunk, self.data = self.data[: int(size)], self.data[int(size) :]
+        return chunk
+
+    def unread(self, data: bytes) -> None:
+        self.data = data + self.data
+
+
+def _stock(method: str, raw: bytes, column: Any) -> Any:
+    """Decode `raw` with mysql-replication's own (unpatched) decoder; assert it read exactly `raw`."""
+    event = object.__new__(RowsEvent)
+    event.packet = _Packet(raw)  # type: ignore[assignment]
+    if method == "timestamp2":  # inline in the reader: seconds, then its fraction reader
+        seconds = event.packet.read_int_be_by_size(4)
+        value = dt.datetime.utcfromtimestamp(seconds)
+        fraction = binlog_fixes.STOCK_DECODERS["_RowsEvent__read_fsp"](event, column)
+        value = value.replace(microsecond=fraction) if fraction else value
+    else:
+        value = binlog_fixes.STOCK_DECODERS[method](event, column)
+    assert event.packet.data == b"", f"{method} left bytes unread"
+    return value
+
+
+def _decimal_binary(text: str, precision: int, scale: int) -> bytes:
+    """MySQL's decimal2bin (sql-common/decimal.c), written from its description, for the comparison."""
+    negative = text.startswith("-")
+    whole, _, fraction = text.lstrip("-").partition(".")
+    whole = whole.rjust(precision - scale, "0") if precision > scale else ""  # DECIMAL(9,9): no integer digits
+    fraction = fraction.ljust(scale, "0")
+    sizes = binlog_fixes.BYTES_FOR_DIGITS
+    chunks: list[tuple[str, int]] = []
+    lead = len(whole) % 9
+    if lead:
+        chunks.append((whole[:lead], sizes[lead]))
+    chunks += [(whole[i : i + 9], 4) for i in range(lead, len(whole), 9)]
+    chunks += [(fraction[i : i + 9], 4) for i in range(0, scale - scale % 9, 9)]
+    if scale % 9:
+        chunks.append((fraction[scale - scale % 9 :], sizes[scale % 9]))
+    raw = bytearray(b"".join(int(digits).to_bytes(width, "big") for digits, width in chunks))
+    if negative:
+        raw = bytearray(byte ^ 0xFF for byte in raw)
+    raw[0] ^= 0x80
+    return bytes(raw)
+
+
+def test_fast_decimal_decoder_equals_the_readers_value_for_value() -> None:
+    rng = random.Random(15)
+    for precision, scale in [(18, 4), (65, 10), (38, 10), (10, 0), (65, 30), (9, 9), (1, 0), (12, 2), (20, 19)]:
+        integral = precision - scale
+        samples = ["0", "1", "-1", "9" * integral or "0", "-" + ("9" * integral or "0")]
+        samples += [("-" if rng.random() < 0.5 else "") + str(rng.randrange(10**integral)) for _ in range(200)]
+        samples = samples if integral else ["0", "-0"] * 50  # DECIMAL(9,9): a fraction only
+        for whole in samples:
+            for _ in range(3):
+                text = f"{whole}.{rng.randrange(10**scale):0{scale}d}" if scale else whole
+                raw = _decimal_binary(text, precision, scale)
+                column = SimpleNamespace(precision=precision, decimals=scale)
+                fast = binlog_fixes.decode_decimal(raw, precision, scale)
+                stock = _stock("_RowsEvent__read_new_decimal", raw, column)
+                assert fast == Decimal(text), (precision, scale, text)
+                assert str(fast) == str(stock), (precision, scale, text)  # same digits, sign and exponent
+
+
+def test_fast_datetime2_and_timestamp2_decoders_equal_the_readers() -> None:
+    rng = random.Random(15)
+    moments = [(0, 0, 0, 0, 0, 0), (2026, 2, 30, 1, 2, 3), (1000, 1, 1, 0, 0, 0), (9999, 12, 31, 23, 59, 59)]
+    moments += [
+        (rng.randrange(1, 10000), rng.randrange(1, 13), rng.randrange(1, 29), rng.randrange(24), rng.randrange(60),
+         rng.randrange(60))
+        for _ in range(500)
+    ]  # fmt: skip
+    for fsp in range(7):
+        column = SimpleNamespace(fsp=fsp)
+        width = (fsp + 1) // 2
+        for year, month, day, hour, minute, second in moments:
+            fraction = rng.randrange(10**fsp) * 10 ** (2 * width - fsp) if fsp else 0
+            packed = 1 << 39 | (year * 13 + month) << 22 | day << 17 | hour << 12 | minute << 6 | second
+            raw = packed.to_bytes(5, "big") + fraction.to_bytes(width, "big")
+            fast = binlog_fixes.decode_datetime2(raw, fsp)
+            assert fast == _stock("_RowsEvent__read_datetime2", raw, column), (fsp, raw)
+            if fast is not None:
+                assert fast.microsecond == fraction * 10 ** (6 - 2 * width)
+            seconds = rng.randrange(2**31)
+            raw = seconds.to_bytes(4, "big") + fraction.to_bytes(width, "big")
+            event = object.__new__(RowsEvent)
+            event.packet = _Packet(raw[4:])  # type: ignore[assignment]
+            fast_ts = dt.datetime.utcfromtimestamp(seconds).replace(microsecond=binlog_fixes._read_fsp(event, column))
+            assert fast_ts == _stock("timestamp2", raw, column), (fsp, raw)
