@@ -1,9 +1,10 @@
 """Capture throughput against raw binlog decoding of the same binlog, measured side by side in one run.
 
 Generates a binlog of N changes (inserts, updates, deletes on a table shaped like `bets`) in a private MariaDB,
-then alternates, R times: (A) raw decode - mysql-replication reading the same binlog range and touching every
-value, nothing else; (B) the capture - normalising, Parquet, S3 PUTs and checkpoints - over the same range. Each
-run is a separate process so its peak RSS is its own. Prints medians, the ratio B/A per pair, writes JSON.
+then alternates, R times: (A) raw decode - the stock mysql-replication reading the same binlog range and touching
+every value, nothing else; (A') the same with the capture's decoders (capture/binlog_fixes.py, table_map_cache.py);
+(B) the capture - decoding, normalising, Parquet, S3 PUTs and checkpoints - over the same range. Each run is a
+separate process so its peak RSS is its own. Prints medians, the ratios B/A and B/A' per pair, writes JSON.
 
     python -m bench.capture_bench [--rows 200000] [--repeats 3]
 """
@@ -90,8 +91,17 @@ def measure_range(env: dict[str, str], start: str, end: str, repeats: int) -> di
     for _ in range(repeats):
         raw = _measure("raw", env, start, end)
         rows = int(raw["rows"])
+        fast = _measure("raw-fast", env, start, end)
         cap = _measure("capture", env, start, end, rows)
-        pairs.append({"raw": raw, "capture": cap, "ratio": cap["rows_per_s"] / raw["rows_per_s"]})
+        pairs.append(
+            {
+                "raw": raw,
+                "raw_fast": fast,
+                "capture": cap,
+                "ratio": cap["rows_per_s"] / raw["rows_per_s"],
+                "ratio_same_decoders": cap["rows_per_s"] / fast["rows_per_s"],
+            }
+        )
     return {
         "rows": rows,
         "repeats": repeats,
@@ -99,6 +109,11 @@ def measure_range(env: dict[str, str], start: str, end: str, repeats: int) -> di
         "capture_rows_per_s_median": statistics.median(p["capture"]["rows_per_s"] for p in pairs),
         "capture_vs_raw_ratio_median": statistics.median(p["ratio"] for p in pairs),
         "ratios": [round(p["ratio"], 3) for p in pairs],
+        "raw_decode_same_decoders_rows_per_s_median": statistics.median(
+            p["raw_fast"]["rows_per_s"] for p in pairs
+        ),
+        "capture_vs_same_decoders_ratio_median": statistics.median(p["ratio_same_decoders"] for p in pairs),
+        "ratios_same_decoders": [round(p["ratio_same_decoders"], 3) for p in pairs],
         "raw_peak_rss_mb_median": statistics.median(p["raw"]["peak_rss_mb"] for p in pairs),
         "capture_peak_rss_mb_median": statistics.median(p["capture"]["peak_rss_mb"] for p in pairs),
         "pairs": pairs,
@@ -153,6 +168,13 @@ def gtid_numbers(state: str) -> dict[str, int]:
         domain, _, sequence = gtid.split("-")
         numbers[domain] = int(sequence)
     return numbers
+
+
+def _raw_decode_fast(start: str, end: str) -> tuple[float, int]:
+    """The raw decode with the capture's own decoders in place."""
+    from capture import binlog_fixes, table_map_cache  # noqa: F401
+
+    return _raw_decode(start, end)
 
 
 def _raw_decode(start: str, end: str) -> tuple[float, int]:
@@ -235,13 +257,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--role", choices=["raw", "capture"])
+    parser.add_argument("--role", choices=["raw", "raw-fast", "capture"])
     parser.add_argument("--start")
     parser.add_argument("--end")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.role:
-        run = _raw_decode if args.role == "raw" else _capture
+        run = {"raw": _raw_decode, "raw-fast": _raw_decode_fast, "capture": _capture}[args.role]
         if os.environ.get("CDC_BENCH_PROFILE"):  # where the time goes: a cProfile dump per role
             import cProfile
 
@@ -280,17 +302,22 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "capture.json").write_text(json.dumps(result, indent=2))
     print(f"\ncapture benchmark: {rows} row changes, {args.repeats} alternating pairs ({result['machine']})")
-    print(f"{'':28}{'raw decode':>14}{'capture':>14}{'capture/raw':>14}")
+    print(f"{'':28}{'raw (stock)':>14}{'raw (ours)':>14}{'capture':>14}{'vs stock':>10}{'vs ours':>10}")
     print(
         f"{'rows/s (median)':28}{result['raw_decode_rows_per_s_median']:>14,.0f}"
-        f"{result['capture_rows_per_s_median']:>14,.0f}{result['capture_vs_raw_ratio_median']:>14.2f}"
+        f"{result['raw_decode_same_decoders_rows_per_s_median']:>14,.0f}"
+        f"{result['capture_rows_per_s_median']:>14,.0f}{result['capture_vs_raw_ratio_median']:>10.2f}"
+        f"{result['capture_vs_same_decoders_ratio_median']:>10.2f}"
     )
     print(
-        f"{'peak RSS MB (median)':28}{result['raw_peak_rss_mb_median']:>14.0f}{result['capture_peak_rss_mb_median']:>14.0f}"
+        f"{'peak RSS MB (median)':28}{result['raw_peak_rss_mb_median']:>14.0f}"
+        f"{statistics.median(p['raw_fast']['peak_rss_mb'] for p in pairs):>14.0f}"
+        f"{result['capture_peak_rss_mb_median']:>14.0f}"
     )
     for index, pair in enumerate(pairs, 1):
         print(
-            f"  pair {index}: raw {pair['raw']['rows_per_s']:,.0f}/s, capture {pair['capture']['rows_per_s']:,.0f}/s, ratio {pair['ratio']:.2f}"
+            f"  pair {index}: raw {pair['raw']['rows_per_s']:,.0f}/s, raw (ours) {pair['raw_fast']['rows_per_s']:,.0f}/s, "
+            f"capture {pair['capture']['rows_per_s']:,.0f}/s, ratios {pair['ratio']:.2f} / {pair['ratio_same_decoders']:.2f}"
         )
     print(f"written: {RESULTS / 'capture.json'}")
 

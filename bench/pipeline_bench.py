@@ -815,7 +815,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"capture vs raw binlog decode of the 10x phase's binlog ({REPLAY_CLUSTER}, {replay['rows']:,} row changes): "
             f"raw {replay['raw_decode_rows_per_s_median']:,.0f}/s, capture {replay['capture_rows_per_s_median']:,.0f}/s, "
-            f"ratio {replay['capture_vs_raw_ratio_median']:.2f} (pairs: {', '.join(f'{p:.2f}' for p in replay['ratios'])})"
+            f"ratio {replay['capture_vs_raw_ratio_median']:.2f} (pairs: {', '.join(f'{p:.2f}' for p in replay['ratios'])}); "
+            f"raw with the capture's decoders {replay['raw_decode_same_decoders_rows_per_s_median']:,.0f}/s, "
+            f"ratio {replay['capture_vs_same_decoders_ratio_median']:.2f}"
         )
 
 

@@ -156,6 +156,13 @@ def decode_datetime2(raw: bytes, fsp: int) -> dt.datetime | None:
         return None
 
 
+def decode_timestamp2(raw: bytes, fsp: int) -> dt.datetime:
+    """Decode TIMESTAMP2: big-endian signed seconds since the epoch, then the fraction; naive UTC, as the reader."""
+    value = dt.datetime.utcfromtimestamp(int.from_bytes(raw[:4], "big", signed=True))
+    fraction = microseconds(raw[4:], fsp)
+    return value.replace(microsecond=fraction) if fraction else value
+
+
 def _read_new_decimal(self: Any, column: Any) -> Decimal:
     layout = decimal_layout(column.precision, column.decimals)
     return _decode_decimal(self.packet.read(layout[0]), layout, column.decimals)
@@ -189,7 +196,7 @@ _INTEGERS = {  # (type, unsigned) -> (bytes, struct): the reader's own formats
     (FIELD_TYPE.FLOAT, False): (4, struct.Struct("<f").unpack),
     (FIELD_TYPE.FLOAT, True): (4, struct.Struct("<f").unpack),
 }
-_FIXED, _DECIMAL, _DATETIME2, _STRING, _OTHER = range(5)
+_FIXED, _DECIMAL, _DATETIME2, _TIMESTAMP2, _STRING, _ENUM, _OTHER = range(7)
 RowPlan = tuple[tuple[str, int, Any, Any], ...]  # (name, kind, column, kind's argument) per column
 
 
@@ -212,6 +219,10 @@ def row_plan(event: Any) -> RowPlan | None:
             plan.append((column.name, _DECIMAL, column, decimal_layout(column.precision, column.decimals)))
         elif column.type == FIELD_TYPE.DATETIME2:
             plan.append((column.name, _DATETIME2, column, 5 + ((column.fsp or 0) + 1) // 2))
+        elif column.type == FIELD_TYPE.TIMESTAMP2:
+            plan.append((column.name, _TIMESTAMP2, column, 4 + ((column.fsp or 0) + 1) // 2))
+        elif column.type == FIELD_TYPE.ENUM and column.enum_values and column.size in (1, 2):
+            plan.append((column.name, _ENUM, column, (column.size, column.enum_values)))
         elif column.type in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
             plan.append((column.name, _STRING, column, 2 if column.max_length > 255 else 1))
         elif column.type == FIELD_TYPE.BLOB:
@@ -249,6 +260,10 @@ def _read_column_data(self: Any, cols_bitmap: bytes, row_image_type: Any = None)
             if value is None:
                 none_sources[name] = NONE_SOURCE.OUT_OF_DATETIME2_RANGE
             values[name] = value
+        elif kind == _TIMESTAMP2:
+            values[name] = decode_timestamp2(read(argument), column.fsp or 0)
+        elif kind == _ENUM:
+            values[name] = argument[1][int.from_bytes(read(argument[0]), "little")]
         else:
             values[name] = self._RowsEvent__read_values_name(
                 column, null_bitmap, index, False, cols_bitmap, column.unsigned, index

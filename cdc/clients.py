@@ -9,24 +9,27 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.loaders
 import botocore.session
-import grpc
-from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery
 
 from cdc import settings
 from cdc.settings import Settings
+
+if TYPE_CHECKING:  # the Google libraries load where a BigQuery client is built: the capture never needs them
+    from google.cloud import bigquery
 
 
 def bigquery_client(
     project: str, endpoint: str | None = None, location: str | None = None
 ) -> bigquery.Client:
     """A BigQuery client; with ``endpoint`` set it talks to that API server without Google credentials."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
     if endpoint:
         return bigquery.Client(
             project=project,
@@ -49,6 +52,7 @@ def bigquery_client_from(config: Settings) -> bigquery.Client:
 def bigquery_write_client(write_endpoint: str | None = None) -> Any:
     """A Storage Write API client; with ``write_endpoint`` (`host:port`) it talks to that server over plain gRPC
     (a local BigQuery API server), otherwise to Google's with application default credentials."""
+    import grpc
     from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
     from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
         BigQueryWriteGrpcTransport,

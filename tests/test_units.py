@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import subprocess
+import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +21,6 @@ from pymysqlreplication.packet import BinLogPacketWrapper
 from pymysqlreplication.row_event import RowsEvent
 
 from capture import binlog_fixes
-
 from capture.columns import ColumnSpec
 from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
 from capture.service import flush_time
@@ -432,7 +433,9 @@ def _decimal_binary(text: str, precision: int, scale: int) -> bytes:
     """MySQL's decimal2bin (sql-common/decimal.c), written from its description, for the comparison."""
     negative = text.startswith("-")
     whole, _, fraction = text.lstrip("-").partition(".")
-    whole = whole.rjust(precision - scale, "0") if precision > scale else ""  # DECIMAL(9,9): no integer digits
+    whole = (
+        whole.rjust(precision - scale, "0") if precision > scale else ""
+    )  # DECIMAL(9,9): no integer digits
     fraction = fraction.ljust(scale, "0")
     sizes = binlog_fixes.BYTES_FOR_DIGITS
     chunks: list[tuple[str, int]] = []
@@ -452,10 +455,22 @@ def _decimal_binary(text: str, precision: int, scale: int) -> bytes:
 
 def test_fast_decimal_decoder_equals_the_readers_value_for_value() -> None:
     rng = random.Random(15)
-    for precision, scale in [(18, 4), (65, 10), (38, 10), (10, 0), (65, 30), (9, 9), (1, 0), (12, 2), (20, 19)]:
+    for precision, scale in [
+        (18, 4),
+        (65, 10),
+        (38, 10),
+        (10, 0),
+        (65, 30),
+        (9, 9),
+        (1, 0),
+        (12, 2),
+        (20, 19),
+    ]:
         integral = precision - scale
         samples = ["0", "1", "-1", "9" * integral or "0", "-" + ("9" * integral or "0")]
-        samples += [("-" if rng.random() < 0.5 else "") + str(rng.randrange(10**integral)) for _ in range(200)]
+        samples += [
+            ("-" if rng.random() < 0.5 else "") + str(rng.randrange(10**integral)) for _ in range(200)
+        ]
         samples = samples if integral else ["0", "-0"] * 50  # DECIMAL(9,9): a fraction only
         for whole in samples:
             for _ in range(3):
@@ -489,7 +504,23 @@ def test_fast_datetime2_and_timestamp2_decoders_equal_the_readers() -> None:
                 assert fast.microsecond == fraction * 10 ** (6 - 2 * width)
             seconds = rng.randrange(2**31)
             raw = seconds.to_bytes(4, "big") + fraction.to_bytes(width, "big")
+            assert binlog_fixes.decode_timestamp2(raw, fsp) == _stock("timestamp2", raw, column), (fsp, raw)
             event = object.__new__(RowsEvent)
             event.packet = _Packet(raw[4:])  # type: ignore[assignment]
-            fast_ts = dt.datetime.utcfromtimestamp(seconds).replace(microsecond=binlog_fixes._read_fsp(event, column))
-            assert fast_ts == _stock("timestamp2", raw, column), (fsp, raw)
+            assert binlog_fixes._read_fsp(event, column) == binlog_fixes.microseconds(raw[4:], fsp)
+
+
+def test_the_capture_process_loads_no_bigquery_or_dagster_libraries() -> None:
+    """The capture writes to S3 only: the Google clients and gRPC (~100 MB and seconds of start each process) stay
+    out of it (docs/benchmarks.md, the capture's memory)."""
+    probe = "import sys, capture.runner, capture.supervisor; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    ).stdout.split()
+    assert "capture.service" in loaded
+    heavy = [m for m in loaded if m.split(".")[0] in ("grpc", "dagster") or m.startswith("google.cloud")]
+    assert heavy == []
