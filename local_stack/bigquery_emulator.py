@@ -5,6 +5,8 @@ not have (docs/local-stack.md). This launcher replaces a handful of its internal
 runs its normal `start` command. Each patch restores one documented BigQuery behaviour:
 
 - offline start: DuckDB's spatial extension is loaded from the `duckdb-extension-spatial` wheel (no download);
+- sized for a laptop: DuckDB's memory limit is `CDC_STACK_BIGQUERY_MEMORY` (default 512MB; DuckDB's own default
+  is 80 % of the machine's memory, which its buffer pool filled with cached table pages), spilling to disk beyond;
 - job ids: inserting a job whose id exists answers 409 Conflict (reason "duplicate") for every job kind, and
   an uploaded load (`load_table_from_file`) keeps the job id the client chose, so `get_job` finds it;
 - Parquet loads match columns by NAME; a missing table is created from the Parquet schema (autodetect);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import re
 import sys
 import urllib.request
@@ -57,6 +60,27 @@ def patch_offline_spatial() -> None:
         self._connection.execute(f"LOAD '{extension}'")
 
     DuckDBEngine._load_spatial = _load_spatial  # type: ignore[method-assign]
+
+
+MEMORY_ENV = "CDC_STACK_BIGQUERY_MEMORY"
+DEFAULT_MEMORY = "512MB"
+
+
+def patch_memory_limit() -> None:
+    """Bound DuckDB's memory (its buffer pool, hash tables, sorts) to `CDC_STACK_BIGQUERY_MEMORY`; beyond it
+    DuckDB evicts cached pages and spills work to its temporary folder beside the database file."""
+    from bqemulator.storage.engine import DuckDBEngine
+
+    stock_pragmas = DuckDBEngine._apply_session_pragmas
+
+    def _apply_session_pragmas(self: Any) -> None:
+        stock_pragmas(self)
+        limit = os.environ.get(MEMORY_ENV, DEFAULT_MEMORY)
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", limit, re.IGNORECASE):
+            raise SystemExit(f"{MEMORY_ENV}={limit!r}: give a size such as 512MB or 2GB")
+        self._connection.execute(f"SET memory_limit = '{limit}'")
+
+    DuckDBEngine._apply_session_pragmas = _apply_session_pragmas  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,6 +481,7 @@ def apply_patches(*, stock: bool = False) -> None:
             "reinstall with `pip install -e '.[local]'`."
         )
     patch_offline_spatial()
+    patch_memory_limit()
     if stock:
         return
     patch_job_ids()

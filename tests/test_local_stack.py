@@ -327,3 +327,30 @@ def test_a_server_started_by_a_process_ignoring_sigterm_still_stops_at_once(tmp_
     started = time.monotonic()
     assert server.stop(timeout=30)
     assert time.monotonic() - started < 10 and server.pid() is None
+
+
+def test_the_bigquery_servers_duckdb_memory_is_bounded_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB's default limit is 80 % of the machine's memory, which its buffer pool filled under the benchmark;
+    the launcher bounds it (CDC_STACK_BIGQUERY_MEMORY) and names a malformed value."""
+    import duckdb
+    from bqemulator.storage.engine import DuckDBEngine
+
+    from local_stack import bigquery_emulator
+
+    monkeypatch.setattr(DuckDBEngine, "_apply_session_pragmas", DuckDBEngine._apply_session_pragmas)
+    bigquery_emulator.patch_memory_limit()
+
+    def limit_after_start() -> str:
+        engine = object.__new__(DuckDBEngine)
+        engine._connection = duckdb.connect()
+        engine._apply_session_pragmas()
+        (setting,) = engine._connection.execute("SELECT current_setting('memory_limit')").fetchone()  # type: ignore[misc]
+        return str(setting)
+
+    monkeypatch.delenv(bigquery_emulator.MEMORY_ENV, raising=False)
+    assert limit_after_start() == "488.2 MiB"  # 512 MB
+    monkeypatch.setenv(bigquery_emulator.MEMORY_ENV, "2GB")
+    assert limit_after_start() == "1.8 GiB"
+    monkeypatch.setenv(bigquery_emulator.MEMORY_ENV, "lots")
+    with pytest.raises(SystemExit, match="CDC_STACK_BIGQUERY_MEMORY='lots'"):
+        limit_after_start()
