@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,9 +125,12 @@ class ClusterCapture:
         self.state = "starting"
         self.tables: dict[TableKey, SourceTable] = {}
         self.buffers: dict[TableKey, TableBuffer] = {}
-        # a flush's files go to S3 at once (not one after another while the stream waits); the checkpoint follows
-        # only when every one of them is there
+        # a flush's files go to S3 at once (not one after another) and off the decoding thread, which reads on
+        # while they upload; the checkpoint follows only when every one of them is there. One flush at a time is
+        # in flight, so a table's files land in order and memory holds at most two flushes.
         self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="s3-upload")
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
+        self._flush_in_flight: Future[None] | None = None
         self.checkpoint: dict[str, Any] = {}
         self.errors: list[str] = []
         self._passing_errors: set[str] = set()  # errors that clear once the capture writes to S3 again
@@ -159,6 +162,8 @@ class ClusterCapture:
                 self._catch_up_snapshots()
                 restart = self._stream()
             except CaptureError as exc:
+                with contextlib.suppress(Exception):
+                    self._wait_for_flush()
                 self.state = "failed"
                 self._record_error(str(exc))
                 with contextlib.suppress(*TRANSIENT_ERRORS):
@@ -179,6 +184,8 @@ class ClusterCapture:
     def _interrupted(self, exc: BaseException, delay: float) -> None:
         """The source or S3 went away: forget everything not yet flushed (it is read again from the checkpoint)."""
         self.state = "reconnecting"
+        with contextlib.suppress(Exception):  # its rows are read again from the checkpoint if it failed
+            self._wait_for_flush()
         self._pending.clear()
         self.buffers.clear()
         self._buffered_rows = 0
@@ -498,6 +505,7 @@ class ClusterCapture:
             shape = self.tables[key]
             if buffer is None or buffer.columns is not shape.columns:
                 if buffer is not None and buffer.rows:  # the old columns' rows: a file of their own
+                    self._wait_for_flush()
                     self._write_files([self._take_file(key, buffer)])
                 buffer = self.buffers[key] = TableBuffer(key[0], key[1], shape.columns)
             if buffer.first_buffered is None:
@@ -514,27 +522,50 @@ class ClusterCapture:
             (b.first_buffered for b in self.buffers.values() if b.first_buffered is not None), default=None
         )
         due = oldest is not None and time.time() >= flush_time(oldest, self.settings.flush_interval_s)
+        if self._flush_in_flight is not None and self._flush_in_flight.done():
+            self._wait_for_flush()  # a failed upload surfaces now, not at the next flush
         if due or self._buffer_full(self._buffered_rows, self._buffered_bytes):
             self._flush()
-        elif oldest is None and time.monotonic() - self._last_checkpoint >= self.settings.flush_interval_s:
-            self._advance_checkpoint()  # only unmapped traffic: move on so a restart does not re-read it
+        elif (
+            oldest is None
+            and self._flush_in_flight is None
+            and time.monotonic() - self._last_checkpoint >= self.settings.flush_interval_s
+        ):
+            self._flush()  # only unmapped traffic: checkpoint, so a restart does not re-read it
 
     def _buffer_full(self, rows: int, binlog_bytes: int) -> bool:
         return rows >= self.settings.flush_rows or binlog_bytes >= self.settings.flush_bytes
 
     def _flush(self, force: bool = False, at_boundary: bool = True) -> None:
-        """Write every buffered table (concurrently), then (at a transaction boundary) checkpoint what is now in
-        S3."""
-        flushed = self._write_files(
-            [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
-        )
+        """Hand every buffered table to the flusher, which writes them (concurrently) and then (at a transaction
+        boundary) checkpoints what is now in S3, while this thread reads on. The flush before it must have
+        finished first (its error is raised here: the rows are read again from the checkpoint). `force` waits for
+        this one too (before a stop, a schema change or a full load)."""
+        files = [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
         self._buffered_rows = 0
         self._buffered_bytes = 0
+        self._last_checkpoint = time.monotonic()
+        completed = dict(self._completed) if at_boundary and self._completed else None
+        self._wait_for_flush()
+        self._flush_in_flight = self._flusher.submit(self._write_flush, files, completed, force)
+        if force:
+            self._wait_for_flush()
+
+    def _write_flush(
+        self, files: list[tuple[str, pa.Table, dict[str, str]]], completed: dict[str, Any] | None, force: bool
+    ) -> None:
+        flushed = self._write_files(files)
         self.stats.recent.append((time.monotonic(), flushed))
-        if at_boundary:
-            self._advance_checkpoint()
+        if completed is not None:
+            self._advance_checkpoint(completed)
         if flushed or force:
             self._write_status(force=True)
+
+    def _wait_for_flush(self) -> None:
+        """Wait for the flush in flight, if any; raise its error."""
+        in_flight, self._flush_in_flight = self._flush_in_flight, None
+        if in_flight is not None:
+            in_flight.result()
 
     def _write_files(self, files: list[tuple[str, pa.Table, dict[str, str]]]) -> int:
         """Upload files made by `_take_file` concurrently and wait for all (the first error is raised); the rows."""
@@ -561,11 +592,9 @@ class ClusterCapture:
         buffer.first_buffered = None
         return object_key, rows, metadata
 
-    def _advance_checkpoint(self) -> None:
-        """Checkpoint the last complete transaction; callers guarantee every row up to it is in S3."""
-        self._last_checkpoint = time.monotonic()
-        completed = self._completed
-        if completed and completed.get("gtid") != self.checkpoint.get("gtid"):
+    def _advance_checkpoint(self, completed: dict[str, Any]) -> None:
+        """Checkpoint a complete transaction; the caller guarantees every row up to it is in S3."""
+        if completed.get("gtid") != self.checkpoint.get("gtid"):
             self.checkpoint.update(completed)
             self._save_checkpoint()
 

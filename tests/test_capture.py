@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -215,6 +216,43 @@ def test_buffers_flush_by_binlog_bytes_before_the_interval(local_stack: LocalSta
             assert time.monotonic() < deadline, "the capture did not flush by bytes"
             time.sleep(0.5)
     assert compare_with_source(env, "wide", ["id"]) == 2_000  # what was left is flushed at stop
+
+
+def test_the_stream_reads_on_while_a_flush_uploads_and_checkpoints_only_after_it(
+    local_stack: LocalStack,
+) -> None:
+    """A flush's S3 PUTs run off the decoding thread: while they hang, the capture goes on reading the binlog, and
+    its checkpoint does not move past what is in S3 until they are done."""
+    env = new_env(local_stack, "poker_play")
+    run_sql(env, "CREATE TABLE `{schema}`.slow (id INT PRIMARY KEY, v INT)")
+    store = env.store()
+    uploads_may_go = threading.Event()
+    uploads_may_go.set()
+    put_file = store.put_file
+
+    def held_put_file(key: str, body: bytes) -> None:
+        assert uploads_may_go.wait(60), "the test never let the upload go"
+        put_file(key, body)
+
+    store.put_file = held_put_file  # type: ignore[method-assign]
+    capture = ClusterCapture(env.mapping(env.table("slow", ["id"])), env.replication(), store, FAST)
+    with running(capture):
+        caught_up = wait_caught_up(env)["gtid"]  # the full load of the empty table
+        uploads_may_go.clear()
+        run_sql(env, "INSERT INTO `{schema}`.slow SELECT seq, seq FROM `{schema}`.seq_1_to_100")
+        time.sleep(2 * FAST.flush_interval_s + 1)  # its flush is due and hangs in its PUT
+        run_sql(env, "INSERT INTO `{schema}`.slow SELECT seq, seq FROM `{schema}`.seq_101_to_200")
+        deadline = time.monotonic() + 30
+        while capture.stats.rows["I"] < 200:  # inserts
+            assert time.monotonic() < deadline, (
+                f"the stream stopped at {capture.stats.rows} while a flush uploads"
+            )
+            time.sleep(0.1)
+        assert capture.checkpoint["gtid"] == caught_up
+        assert landed_rows(env, "slow") == []
+        uploads_may_go.set()
+        wait_caught_up(env)
+    assert compare_with_source(env, "slow", ["id"]) == 200
 
 
 def test_alter_table_mid_stream_keeps_columns_right(local_stack: LocalStack) -> None:
