@@ -182,22 +182,38 @@ def _read_fsp(self: Any, column: Any) -> int:
 # A row image: the common column types decoded in one loop, the others by the reader's own dispatch
 # --------------------------------------------------------------------------------------------------------------
 
-_INTEGERS = {  # (type, unsigned) -> (bytes, struct): the reader's own formats
-    (FIELD_TYPE.TINY, False): (1, struct.Struct("<b").unpack),
-    (FIELD_TYPE.TINY, True): (1, struct.Struct("<B").unpack),
-    (FIELD_TYPE.SHORT, False): (2, struct.Struct("<h").unpack),
-    (FIELD_TYPE.SHORT, True): (2, struct.Struct("<H").unpack),
-    (FIELD_TYPE.LONG, False): (4, struct.Struct("<i").unpack),
-    (FIELD_TYPE.LONG, True): (4, struct.Struct("<I").unpack),
-    (FIELD_TYPE.LONGLONG, False): (8, struct.Struct("<q").unpack),
-    (FIELD_TYPE.LONGLONG, True): (8, struct.Struct("<Q").unpack),
-    (FIELD_TYPE.DOUBLE, False): (8, struct.Struct("<d").unpack),
-    (FIELD_TYPE.DOUBLE, True): (8, struct.Struct("<d").unpack),
-    (FIELD_TYPE.FLOAT, False): (4, struct.Struct("<f").unpack),
-    (FIELD_TYPE.FLOAT, True): (4, struct.Struct("<f").unpack),
+_FIXED_WIDTH = {  # struct formats the reader uses; an unsigned integer's is the upper-case letter
+    FIELD_TYPE.TINY: "b",
+    FIELD_TYPE.SHORT: "h",
+    FIELD_TYPE.LONG: "i",
+    FIELD_TYPE.LONGLONG: "q",
+    FIELD_TYPE.FLOAT: "f",
+    FIELD_TYPE.DOUBLE: "d",
 }
 _FIXED, _DECIMAL, _DATETIME2, _TIMESTAMP2, _STRING, _ENUM, _OTHER = range(7)
-RowPlan = tuple[tuple[str, int, Any, Any], ...]  # (name, kind, column, kind's argument) per column
+RowPlan = tuple[tuple[str, int, Any, Any], ...]  # (name, kind, kind's argument, column) per column
+
+
+def _column_plan(column: Any) -> tuple[int, Any]:
+    """How one column's value is read: (kind, its argument)."""
+    fsp_bytes = ((getattr(column, "fsp", 0) or 0) + 1) // 2
+    if column.type in _FIXED_WIDTH:
+        letter = _FIXED_WIDTH[column.type]
+        unpack = struct.Struct("<" + (letter.upper() if column.unsigned and letter in "bhiq" else letter))
+        return _FIXED, (unpack.size, unpack.unpack)
+    if column.type == FIELD_TYPE.NEWDECIMAL:
+        return _DECIMAL, decimal_layout(column.precision, column.decimals)
+    if column.type == FIELD_TYPE.DATETIME2:
+        return _DATETIME2, 5 + fsp_bytes
+    if column.type == FIELD_TYPE.TIMESTAMP2:
+        return _TIMESTAMP2, 4 + fsp_bytes
+    if column.type == FIELD_TYPE.ENUM and column.enum_values and column.size in (1, 2):
+        return _ENUM, (column.size, column.enum_values)
+    if column.type in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
+        return _STRING, 2 if column.max_length > 255 else 1
+    if column.type == FIELD_TYPE.BLOB:
+        return _STRING, column.length_size
+    return _OTHER, None
 
 
 def row_plan(event: Any) -> RowPlan | None:
@@ -205,32 +221,11 @@ def row_plan(event: Any) -> RowPlan | None:
     no name (the reader then looks the names up itself)."""
     table = event.table_map[event.table_id]
     cached = table.__dict__.get("_cdc_row_plan")
-    if cached is not None:
-        return cached or None
-    plan: list[tuple[str, int, Any, Any]] = []
-    for column in event.columns:
-        if not column.name:
-            table.__dict__["_cdc_row_plan"] = ()
-            return None
-        fixed = _INTEGERS.get((column.type, bool(column.unsigned)))
-        if fixed is not None:
-            plan.append((column.name, _FIXED, column, fixed))
-        elif column.type == FIELD_TYPE.NEWDECIMAL:
-            plan.append((column.name, _DECIMAL, column, decimal_layout(column.precision, column.decimals)))
-        elif column.type == FIELD_TYPE.DATETIME2:
-            plan.append((column.name, _DATETIME2, column, 5 + ((column.fsp or 0) + 1) // 2))
-        elif column.type == FIELD_TYPE.TIMESTAMP2:
-            plan.append((column.name, _TIMESTAMP2, column, 4 + ((column.fsp or 0) + 1) // 2))
-        elif column.type == FIELD_TYPE.ENUM and column.enum_values and column.size in (1, 2):
-            plan.append((column.name, _ENUM, column, (column.size, column.enum_values)))
-        elif column.type in (FIELD_TYPE.VARCHAR, FIELD_TYPE.STRING):
-            plan.append((column.name, _STRING, column, 2 if column.max_length > 255 else 1))
-        elif column.type == FIELD_TYPE.BLOB:
-            plan.append((column.name, _STRING, column, column.length_size))
-        else:
-            plan.append((column.name, _OTHER, column, None))
-    table.__dict__["_cdc_row_plan"] = tuple(plan)
-    return tuple(plan)
+    if cached is None:
+        named = all(column.name for column in event.columns)
+        cached = tuple((c.name, *_column_plan(c), c) for c in event.columns) if named else ()
+        table.__dict__["_cdc_row_plan"] = cached
+    return cached or None
 
 
 def _read_column_data(self: Any, cols_bitmap: bytes, row_image_type: Any = None) -> dict[str, Any]:
@@ -245,7 +240,7 @@ def _read_column_data(self: Any, cols_bitmap: bytes, row_image_type: Any = None)
     none_sources = self._RowsEvent__none_sources
     null_bitmap = read((count + 7) >> 3)
     values: dict[str, Any] = {}
-    for index, (name, kind, column, argument) in enumerate(plan):
+    for index, (name, kind, argument, column) in enumerate(plan):
         if null_bitmap[index >> 3] & (1 << (index & 7)):
             none_sources[name] = NONE_SOURCE.NULL
             values[name] = None

@@ -142,7 +142,7 @@ class ClusterCapture:
         self._completed: dict[str, Any] | None = None  # position of the last complete transaction seen
         # MariaDB writes a transaction's GTID event at commit, with the commit time (row events carry statement times)
         self._tx_timestamp: float | None = None
-        self._last_checkpoint = time.monotonic()
+        self._last_flush = time.monotonic()
         self._last_status = 0.0
         self._last_mapping_check = time.monotonic()
         self._server_id = 100_000 + zlib.crc32(cluster.cluster.encode()) % 1_000_000
@@ -162,8 +162,7 @@ class ClusterCapture:
                 self._catch_up_snapshots()
                 restart = self._stream()
             except CaptureError as exc:
-                with contextlib.suppress(Exception):
-                    self._wait_for_flush()
+                self._settle_flush()
                 self.state = "failed"
                 self._record_error(str(exc))
                 with contextlib.suppress(*TRANSIENT_ERRORS):
@@ -184,8 +183,7 @@ class ClusterCapture:
     def _interrupted(self, exc: BaseException, delay: float) -> None:
         """The source or S3 went away: forget everything not yet flushed (it is read again from the checkpoint)."""
         self.state = "reconnecting"
-        with contextlib.suppress(Exception):  # its rows are read again from the checkpoint if it failed
-            self._wait_for_flush()
+        self._settle_flush()
         self._pending.clear()
         self.buffers.clear()
         self._buffered_rows = 0
@@ -529,7 +527,7 @@ class ClusterCapture:
         elif (
             oldest is None
             and self._flush_in_flight is None
-            and time.monotonic() - self._last_checkpoint >= self.settings.flush_interval_s
+            and time.monotonic() - self._last_flush >= self.settings.flush_interval_s
         ):
             self._flush()  # only unmapped traffic: checkpoint, so a restart does not re-read it
 
@@ -544,7 +542,7 @@ class ClusterCapture:
         files = [self._take_file(key, buffer) for key, buffer in self.buffers.items() if buffer.rows]
         self._buffered_rows = 0
         self._buffered_bytes = 0
-        self._last_checkpoint = time.monotonic()
+        self._last_flush = time.monotonic()
         completed = dict(self._completed) if at_boundary and self._completed else None
         self._wait_for_flush()
         self._flush_in_flight = self._flusher.submit(self._write_flush, files, completed, force)
@@ -566,6 +564,12 @@ class ClusterCapture:
         in_flight, self._flush_in_flight = self._flush_in_flight, None
         if in_flight is not None:
             in_flight.result()
+
+    def _settle_flush(self) -> None:
+        """Let the flush in flight end before the stream starts again; its error is not raised (its rows are read
+        again from the checkpoint, which it did not move)."""
+        with contextlib.suppress(Exception):
+            self._wait_for_flush()
 
     def _write_files(self, files: list[tuple[str, pa.Table, dict[str, str]]]) -> int:
         """Upload files made by `_take_file` concurrently and wait for all (the first error is raised); the rows."""
