@@ -16,6 +16,9 @@ server by `tests/test_bigquery_conformance_fails_on_stock.py`. What BigQuery doc
 - a table with CDC active refuses UPDATE, DELETE and MERGE;
 - one lock orders every write, REST or gRPC; a request may be up to 20 MB; BatchCommit commits only streams of
   its `parent` table.
+
+Held under that one lock, an append is kept short (docs/local-stack.md, "BigQuery"): a CDC apply runs its statements
+on DuckDB directly, and a table's row count (numRows) is written to the catalog in the background (`RowCounts`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import contextlib
 import functools
 import json
 import re
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -36,6 +41,7 @@ WRITE_LOCK = threading.Lock()  # every write, REST (event loop) or gRPC (thread 
 # Every call into the one DuckDB connection, from any thread: two threads in it at once (a REST read during a gRPC
 # write's transaction) deadlock it, and a read must not see a CDC apply half done. Taken after WRITE_LOCK.
 ENGINE_LOCK = threading.RLock()
+LEDGERS: set[str] = set()  # the sequence ledgers created (a ledger's name carries its table's creation time)
 
 
 class CdcError(ValueError):
@@ -68,6 +74,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.ready = False
+        # (project, dataset, table) -> (created, entry): this process is the registry's only writer
+        self._cache: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {}
 
     def _ensure(self, engine: Any) -> None:
         if not self.ready:
@@ -86,6 +94,14 @@ class Registry:
             return self._entry(ctx, project, dataset, table, str(meta.creation_time))
 
     def _entry(self, ctx: Any, project: str, dataset: str, table: str, created: str) -> dict[str, Any]:
+        cached = self._cache.get((project, dataset, table))
+        if cached is not None and cached[0] == created:
+            return dict(cached[1])
+        entry = self._read(ctx, project, dataset, table, created)
+        self._cache[(project, dataset, table)] = (created, entry)
+        return dict(entry)
+
+    def _read(self, ctx: Any, project: str, dataset: str, table: str, created: str) -> dict[str, Any]:
         self._ensure(ctx.engine)
         row = ctx.engine.execute(
             f'SELECT created, primary_key, max_staleness, cdc_active FROM "{SCHEMA}".tables '
@@ -130,6 +146,7 @@ class Registry:
                 entry["cdc_active"],
             ],
         )
+        self._cache[(project, dataset, table)] = (created, entry)
 
 
 REGISTRY = Registry()
@@ -180,47 +197,113 @@ def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -
     target = quoted_table_ref(project, dataset, table)
     meta = ctx.catalog.get_table(project, dataset, table)
     ledger = _sequence_table(project, dataset, table, meta.creation_time if meta else None)
-    engine = ctx.engine
+    # our own statements, straight to DuckDB (the caller holds ENGINE_LOCK): no result objects to build
+    connection = ctx.engine.connection.raw
     quoted = [f'"{k}"' for k in key]
     same = " AND ".join(f"a.{q} = b.{q}" for q in quoted)
-    engine.connection.register("__cdc_incoming", incoming)
+    connection.register("__cdc_incoming", incoming)
     try:
-        engine.execute("BEGIN TRANSACTION")
+        connection.execute("BEGIN TRANSACTION")
         try:
-            engine.execute(
-                f"CREATE TABLE IF NOT EXISTS {ledger} AS SELECT {', '.join(quoted)}, __seq, __type "
-                "FROM __cdc_incoming WHERE false"
-            )
-            engine.execute(
+            if ledger not in LEDGERS:
+                connection.execute(
+                    f"CREATE TABLE IF NOT EXISTS {ledger} AS SELECT {', '.join(quoted)}, __seq, __type "
+                    "FROM __cdc_incoming WHERE false"
+                )
+            connection.execute(
                 "CREATE OR REPLACE TEMP TABLE __cdc_winners AS SELECT a.* FROM __cdc_incoming AS a "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {ledger} AS b WHERE {same} AND b.__seq > a.__seq)"
+                f"ANTI JOIN {ledger} AS b ON {same} AND b.__seq > a.__seq"
             )
-            engine.execute(
+            connection.execute(
                 f"DELETE FROM {target} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
             )
             columns = ", ".join(f'"{name}"' for name in data.column_names)
-            engine.execute(
+            connection.execute(
                 f"INSERT INTO {target} ({columns}) SELECT {columns} FROM __cdc_winners WHERE __type = 'UPSERT'"
             )
-            engine.execute(
+            connection.execute(
                 f"DELETE FROM {ledger} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
             )
-            engine.execute(
+            connection.execute(
                 f"INSERT INTO {ledger} SELECT {', '.join(quoted)}, __seq, __type FROM __cdc_winners"
             )
-            engine.execute("COMMIT")
+            count = connection.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
+            connection.execute("COMMIT")
         except BaseException:
-            engine.execute("ROLLBACK")
+            connection.execute("ROLLBACK")
             raise
+        LEDGERS.add(ledger)
     finally:
-        engine.connection.unregister("__cdc_incoming")
+        connection.unregister("__cdc_incoming")
     if not entry.get("cdc_active"):
         REGISTRY.update(ctx, project, dataset, table, cdc_active=True)
-    count = engine.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
-    meta = ctx.catalog.get_table(project, dataset, table)
-    if meta is not None:
-        ctx.catalog.update_table(meta.model_copy(update={"num_rows": int(count)}))
+    ROW_COUNTS.record(ctx, (project, dataset, table), int(count))
     ctx.snapshots.record_change(project, dataset, table)
+
+
+class RowCounts:
+    """Tables' row counts after Write API writes: in the catalog's memory at once (tables.get shows them), written
+    to its DuckDB table by a background thread every FLUSH_SECONDS and when the engine stops. Writing the whole
+    table entry in every append cost as much as the append itself; BigQuery's numRows is not immediate either (it
+    leaves out the streaming buffer). A catalog without the memory cache is written through."""
+
+    FLUSH_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str, str], Any] = {}  # table -> the context (catalog, engine) it is in
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def record(self, ctx: Any, ids: tuple[str, str, str], num_rows: int) -> None:
+        meta = ctx.catalog.get_table(*ids)
+        if meta is None:
+            return
+        updated = meta.model_copy(update={"num_rows": num_rows})
+        cache = getattr(ctx.catalog, "_cache", None)
+        if cache is None or not hasattr(ctx.catalog, "_write_table"):
+            ctx.catalog.update_table(updated)
+            return
+        cache.update_table(updated)
+        with self._lock:
+            self._pending[ids] = ctx
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="row-counts", daemon=True)
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Write each pending table's entry as the catalog's memory holds it (a table dropped meanwhile: none)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        with WRITE_LOCK, ENGINE_LOCK:
+            for ids, ctx in pending.items():
+                meta = ctx.catalog._cache.get_table(*ids)
+                if meta is not None:
+                    ctx.catalog._write_table(meta)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_SECONDS)
+            try:
+                self.flush()
+            except Exception as exc:  # the engine stopped: what is left is written by the stop hook, if any
+                print(f"bigquery_cdc: row counts not written: {exc!r}", file=sys.stderr)
+
+
+ROW_COUNTS = RowCounts()
+
+
+def _writing_row_counts_first(stop: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """DuckDBEngine.stop: the pending row counts written before the connection closes."""
+
+    @functools.wraps(stop)
+    async def stop_engine(self: Any) -> None:
+        if self._connection is not None:
+            ROW_COUNTS.flush()
+        await stop(self)
+
+    return stop_engine
 
 
 # -- the Storage Write API service -------------------------------------------------------------------------------
@@ -274,7 +357,7 @@ def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:
             ctx.engine.connection.unregister(name)
         meta = ctx.catalog.get_table(*ids)
         if meta is not None:
-            ctx.catalog.update_table(meta.model_copy(update={"num_rows": meta.num_rows + rows.num_rows}))
+            ROW_COUNTS.record(ctx, ids, meta.num_rows + rows.num_rows)
         ctx.snapshots.record_change(*ids)
 
 
@@ -371,6 +454,11 @@ class _LockedConnection(_Locked):
     def execute(self, sql: str, parameters: Any = None) -> Any:
         with ENGINE_LOCK:
             return _detached_result(self._target, sql, parameters)
+
+    @property
+    def raw(self) -> Any:
+        """The DuckDB connection itself, for a caller that holds ENGINE_LOCK."""
+        return self._target
 
 
 def _detached_result(connection: Any, sql: str, parameters: Any) -> Any:
@@ -606,6 +694,7 @@ def apply() -> None:
 
     DuckDBEngine.write_lock = _write_lock  # type: ignore[method-assign,assignment]
     DuckDBEngine.connection = property(_locked_connection)  # type: ignore[method-assign,assignment]
+    DuckDBEngine.stop = _writing_row_counts_first(DuckDBEngine.stop)  # type: ignore[method-assign,assignment]
     handler = write_servicer.BigQueryWriteHandler
     handler._flush_to_target = _flush_to_target  # type: ignore[method-assign]
     handler._perform_append = _perform_append(handler._perform_append)  # type: ignore[method-assign]

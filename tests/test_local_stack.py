@@ -354,3 +354,64 @@ def test_the_bigquery_servers_duckdb_memory_is_bounded_as_configured(monkeypatch
     monkeypatch.setenv(bigquery_emulator.MEMORY_ENV, "lots")
     with pytest.raises(SystemExit, match="CDC_STACK_BIGQUERY_MEMORY='lots'"):
         limit_after_start()
+
+
+def test_row_counts_after_write_api_appends_show_at_once_and_survive_a_restart(tmp_path: Path) -> None:
+    """The local server keeps a table's row count in memory at each Write API append and writes it to its catalog
+    later (`bigquery_cdc.RowCounts`): tables.get shows it at once, and a server stopped right after the appends
+    still has it when started again on the same data."""
+    import pyarrow as pa
+    from google.cloud import bigquery
+    from google.cloud.bigquery_storage_v1 import types
+
+    from cdc.clients import bigquery_write_client
+    from cdc_assets.proto_rows import ProtoRows
+    from local_stack.bigquery_emulator import BigQueryEmulatorServer
+
+    server = BigQueryEmulatorServer(rest_port=free_port(), grpc_port=free_port(), project="p", root=tmp_path)
+    server.start()
+    try:
+        bq = bigquery_client("p", endpoint=server.endpoint)
+        write = bigquery_write_client(server.write_endpoint)
+        bq.create_dataset("d")
+        schema = [bigquery.SchemaField("id", "INTEGER"), bigquery.SchemaField("v", "STRING")]
+        keyed = bigquery.Table("p.d.keyed", schema=schema)
+        keyed.table_constraints = bigquery.table.TableConstraints(
+            primary_key=bigquery.table.PrimaryKey(columns=["id"]), foreign_keys=None
+        )
+        bq.create_table(keyed)
+        bq.create_table(bigquery.Table("p.d.plain", schema=schema))
+
+        def append(table: str, request: types.AppendRowsRequest) -> None:
+            request.write_stream = f"projects/p/datasets/d/tables/{table}/streams/_default"
+            for response in write.append_rows(iter([request])):
+                assert not response.error.code, response.error.message
+
+        proto = ProtoRows(schema)
+        upserts = pa.table({"id": [1, 2, 3], "v": ["a", "b", "c"]})
+        for rows, kinds, sequences in (
+            (upserts, ["UPSERT"] * 3, ["1", "2", "3"]),
+            (upserts.slice(1, 1), ["DELETE"], ["4"]),
+        ):
+            request = types.AppendRowsRequest()
+            request.proto_rows = types.AppendRowsRequest.ProtoData(
+                writer_schema=types.ProtoSchema(proto_descriptor=proto.descriptor),
+                rows=types.ProtoRows(serialized_rows=proto.encode(rows, kinds, sequences)),
+            )
+            append("keyed", request)
+        plain = pa.table({"id": pa.array([1, 2, 3, 4], pa.int64()), "v": ["w", "x", "y", "z"]})
+        request = types.AppendRowsRequest()
+        request.arrow_rows = types.AppendRowsRequest.ArrowData(
+            writer_schema=types.ArrowSchema(serialized_schema=plain.schema.serialize().to_pybytes()),
+            rows=types.ArrowRecordBatch(
+                serialized_record_batch=plain.to_batches()[0].serialize().to_pybytes()
+            ),
+        )
+        append("plain", request)
+
+        assert (bq.get_table("p.d.keyed").num_rows, bq.get_table("p.d.plain").num_rows) == (2, 4)
+        server.stop()
+        server.start()
+        assert (bq.get_table("p.d.keyed").num_rows, bq.get_table("p.d.plain").num_rows) == (2, 4)
+    finally:
+        server.stop()
