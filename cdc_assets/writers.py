@@ -63,33 +63,63 @@ def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
     return [r for r in records if now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S]
 
 
-def materialized_assets(instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
-    """The assets a run has materialized so far."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    return {
-        r.event_log_entry.dagster_event.asset_key
-        for r in records
-        if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
-    }
+class Materialized:
+    """The assets each run has materialized so far, read incrementally: a run's materializations only grow, so each
+    read fetches only the events after the cursor of the last one (a waiting run polls this several times a
+    second, and a run's materialization events carry each table's metadata). One per reader: a run's hand-over, or
+    the sensor across its ticks."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str | None, set[dg.AssetKey]]] = {}
+
+    def of(self, instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
+        cursor, assets = self._seen.get(run_id, (None, set()))
+        while True:
+            result = instance.get_records_for_run(
+                run_id, cursor=cursor, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=500
+            )
+            assets.update(
+                r.event_log_entry.dagster_event.asset_key
+                for r in result.records
+                if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
+            )
+            cursor = result.cursor
+            if not result.has_more:
+                break
+        self._seen[run_id] = (cursor, assets)
+        return set(assets)
+
+    def keep_only(self, run_ids: Collection[str]) -> None:
+        """Forget runs no longer active."""
+        self._seen = {run: seen for run, seen in self._seen.items() if run in run_ids}
 
 
 def held_assets(
-    instance: dg.DagsterInstance, record: dg.RunRecord, names: Mapping[str, dg.AssetKey]
+    instance: dg.DagsterInstance,
+    record: dg.RunRecord,
+    names: Mapping[str, dg.AssetKey],
+    materialized: Materialized | None = None,
 ) -> set[dg.AssetKey]:
     """The tables an active run still holds: those it writes and has not materialized yet."""
     written = written_assets(record.dagster_run, names)
     if not written or record.dagster_run.status != dg.DagsterRunStatus.STARTED:
         return written  # a run not started has materialized nothing
-    return written - materialized_assets(instance, record.dagster_run.run_id)
+    return written - (materialized or Materialized()).of(instance, record.dagster_run.run_id)
 
 
 def runs_per_asset(
-    instance: dg.DagsterInstance, now: float, names: Mapping[str, dg.AssetKey]
+    instance: dg.DagsterInstance,
+    now: float,
+    names: Mapping[str, dg.AssetKey],
+    materialized: Materialized | None = None,
 ) -> Counter[dg.AssetKey]:
     """How many active runs (loads, backfills, re-snapshots) hold each asset."""
     counts: Counter[dg.AssetKey] = Counter()
-    for record in active_runs(instance, now):
-        counts.update(held_assets(instance, record, names))
+    records = active_runs(instance, now)
+    if materialized is not None:
+        materialized.keep_only({record.dagster_run.run_id for record in records})
+    for record in records:
+        counts.update(held_assets(instance, record, names, materialized))
     return counts
 
 
@@ -99,6 +129,7 @@ def earlier_holders(
     assets: Collection[dg.AssetKey],
     now: float,
     names: Mapping[str, dg.AssetKey],
+    materialized: Materialized | None = None,
 ) -> dict[dg.AssetKey, list[str]]:
     """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs."""
     wanted = set(assets)
@@ -108,7 +139,7 @@ def earlier_holders(
         if (record.create_timestamp, record.dagster_run.run_id) >= order:
             continue
         if wanted & written_assets(record.dagster_run, names):
-            for asset in wanted & held_assets(instance, record, names):
+            for asset in wanted & held_assets(instance, record, names, materialized):
                 holders.setdefault(asset, []).append(record.dagster_run.run_id)
     return holders
 
@@ -131,12 +162,15 @@ class HandOver:
         self._log = log
         self._clock = clock
         self._shown: set[str] = set()
+        self._materialized = Materialized()
 
     def free(self, assets: Collection[dg.AssetKey]) -> set[dg.AssetKey]:
         """Those of `assets` that no earlier active run holds."""
         if self._mine is None or not assets:
             return set(assets)
-        holders = earlier_holders(self._instance, self._mine, assets, self._clock(), self._names)
+        holders = earlier_holders(
+            self._instance, self._mine, assets, self._clock(), self._names, self._materialized
+        )
         new = sorted({run for runs in holders.values() for run in runs} - self._shown)
         if new:
             self._log(

@@ -243,11 +243,12 @@ def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -
 
 class RowCounts:
     """Tables' row counts after Write API writes: in the catalog's memory at once (tables.get shows them), written
-    to its DuckDB table by a background thread every FLUSH_SECONDS and when the engine stops. Writing the whole
-    table entry in every append cost as much as the append itself; BigQuery's numRows is not immediate either (it
-    leaves out the streaming buffer). A catalog without the memory cache is written through."""
+    to its DuckDB table by a background thread every FLUSH_SECONDS in one transaction, and when the engine stops
+    (a server killed loses at most that much of them). Writing the whole table entry in every append cost as much as
+    the append itself; BigQuery's numRows is not immediate either (it leaves out the streaming buffer). A catalog
+    without the memory cache is written through."""
 
-    FLUSH_SECONDS = 1.0
+    FLUSH_SECONDS = 10.0
 
     def __init__(self) -> None:
         self._pending: dict[tuple[str, str, str], Any] = {}  # table -> the context (catalog, engine) it is in
@@ -276,11 +277,23 @@ class RowCounts:
             pending, self._pending = self._pending, {}
         if not pending:
             return
-        with WRITE_LOCK, ENGINE_LOCK:
-            for ids, ctx in pending.items():
-                meta = ctx.catalog._cache.get_table(*ids)
-                if meta is not None:
-                    ctx.catalog._write_table(meta)
+        with WRITE_LOCK, ENGINE_LOCK:  # one transaction: the lock is held for one commit, not one per table
+            engines = {id(ctx.engine): ctx.engine for ctx in pending.values()}
+            for engine in engines.values():
+                engine.execute("BEGIN TRANSACTION")
+            try:
+                for ids, ctx in pending.items():
+                    meta = ctx.catalog._cache.get_table(*ids)
+                    if meta is not None:
+                        ctx.catalog._write_table(meta)
+            except BaseException:
+                for engine in engines.values():
+                    engine.execute("ROLLBACK")
+                with self._lock:  # written by the next flush
+                    self._pending = {**pending, **self._pending}
+                raise
+            for engine in engines.values():
+                engine.execute("COMMIT")
 
     def _run(self) -> None:
         while True:

@@ -28,7 +28,7 @@ from cdc_assets import quota
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, load_run_config
 from cdc_assets.resources import LandingResource
-from cdc_assets.writers import RUNS_PER_TABLE, active_runs, runs_per_asset, table_names
+from cdc_assets.writers import RUNS_PER_TABLE, Materialized, active_runs, runs_per_asset, table_names
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
 # every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
@@ -197,12 +197,17 @@ def active_load_run(instance: dg.DagsterInstance, now: float) -> str | None:
     return None
 
 
+# what active runs have materialized, read on from tick to tick (the code server keeps this module loaded)
+MATERIALIZED = Materialized()
+
+
 def assets_in_flight(
     instance: dg.DagsterInstance, now: float, names: Mapping[str, dg.AssetKey]
 ) -> set[dg.AssetKey]:
     """The assets whose tables have RUNS_PER_TABLE active runs (a load, a backfill, a re-snapshot): one writing,
     one waiting to follow it (cdc_assets.writers). Their files wait in the cursor for a later run."""
-    return {asset for asset, runs in runs_per_asset(instance, now, names).items() if runs >= RUNS_PER_TABLE}
+    counts = runs_per_asset(instance, now, names, MATERIALIZED)
+    return {asset for asset, runs in counts.items() if runs >= RUNS_PER_TABLE}
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load

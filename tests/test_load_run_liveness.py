@@ -22,6 +22,7 @@ from cdc_assets.writers import (
     RESNAPSHOT_JOB,
     RESNAPSHOT_OP,
     HandOver,
+    Materialized,
     table_names,
     wait_for_earlier_writers,
 )
@@ -136,6 +137,34 @@ def test_a_run_hands_each_table_over_once_it_has_materialized_it() -> None:
         # a later run of HOT now waits for the second, which has not materialized it
         third = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
         assert HandOver(instance, third, NAMES, print).free([HOT]) == set()
+
+
+def test_what_a_run_has_materialized_is_read_on_from_the_last_event_seen() -> None:
+    """A waiting run polls what earlier runs have materialized several times a second: each read fetches only the
+    events after the last one it saw, and still returns every table the run has materialized."""
+    with dg.instance_for_test() as instance:
+        run = _add_run(
+            instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
+        )
+        fetched: list[int] = []
+        read = instance.get_records_for_run
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            result = read(*args, **kwargs)
+            fetched.append(len(result.records))
+            return result
+
+        instance.get_records_for_run = counting  # type: ignore[method-assign]
+        materialized = Materialized()
+        assert materialized.of(instance, run) == set()
+        _report_materialized(instance, run, HOT)
+        assert materialized.of(instance, run) == {HOT}
+        _report_materialized(instance, run, COLD)
+        assert materialized.of(instance, run) == {HOT, COLD}
+        assert materialized.of(instance, run) == {HOT, COLD}
+        assert fetched == [0, 1, 1, 0]  # each event read once
+        materialized.keep_only(set())
+        assert materialized.of(instance, run) == {HOT, COLD} and fetched[-1] == 2  # forgotten: read again
 
 
 def _resnapshot_run(instance: dg.DagsterInstance, table: str) -> str:
