@@ -5,7 +5,8 @@ brought up in `.state/bench` as a user brings it up. Then the seed-shaped worklo
 deletes over all 70 tables, one load process per cluster) runs in phases: 1x the seed's rate (40M changed rows a
 day = 463 rows/s), 10x, and a burst. Beside it, in the same run and on the same data: the daily batch (copied once
 before the phases - last night's copy - and once after) and a scheduled incremental copy on a cursor column
-(`bench/peers.py`). Measured:
+(`bench/peers.py`), on a BigQuery server of their own: the local server applies one write at a time, so their
+load jobs and MERGEs would otherwise hold up the pipeline's appends (BigQuery does not serialise the two). Measured:
 
 - end-to-end latency of every change, from its commit in MariaDB to the commit of the BigQuery transaction that
   made it visible in the current-state table (the ledger's `loaded_at`, written in that transaction); MariaDB's
@@ -376,6 +377,33 @@ def source_table(
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
+PEER_BIGQUERY = "peer: BigQuery server"
+PEER_BIGQUERY_DIR = "peer-bigquery"
+
+
+def start_peer_bigquery(platform: BenchPlatform, sampler: Sampler) -> Any:
+    """The peers' own BigQuery server (same project), counted as a peer, not as the platform."""
+    from local_stack.bigquery_emulator import BigQueryEmulatorServer
+
+    server = BigQueryEmulatorServer(
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        project=platform.stack_env()["CDC_BIGQUERY_PROJECT"],
+        root=platform.state / PEER_BIGQUERY_DIR,
+    )
+    server.start()
+    pid = server.process.pid()
+    if pid is not None:
+        sampler.register(pid, PEER_BIGQUERY)
+    return server
+
+
+def peer_env(platform: BenchPlatform) -> dict[str, str]:
+    """The platform's environment with the peers' BigQuery server (its endpoint in the state folder)."""
+    endpoint = (platform.state / PEER_BIGQUERY_DIR / "endpoint").read_text().strip()
+    return {**platform.env, "CDC_BIGQUERY_ENDPOINT": endpoint}
+
+
 def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, duration: float, interval: float) -> Any:
     """The incremental copy: its first (full) copy now, then one every `interval` for `duration` seconds."""
     out = platform.state / f"peer-{mode}.json"
@@ -384,7 +412,7 @@ def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, duration: f
         sys.executable, "-m", "bench.peers", mode, "--prefix", f"peer_{mode}", "--out", str(out),
         "--interval", str(interval), "--duration", str(duration), "--ready-file", str(ready),
     ]  # fmt: skip
-    process = subprocess.Popen(argv, env=platform.env, cwd=ROOT, start_new_session=True)
+    process = subprocess.Popen(argv, env=peer_env(platform), cwd=ROOT, start_new_session=True)
     sampler.register(process.pid, f"peer: {mode} copy")
     wait_for(ready.exists, "the incremental copy's initial full copy", timeout=300, interval=1)
     return process, out
@@ -507,10 +535,13 @@ def measure(
     client = bigquery(platform)
     drain(platform, client)  # the full loads of the 70 tables are in BigQuery
     incremental = None
+    peer_bigquery = None
     if extras:  # last night's copy of the daily batch: what the day's queries see until the next one
+        peer_bigquery = start_peer_bigquery(platform, sampler)
+        (platform.state / PEER_BIGQUERY_DIR / "endpoint").write_text(peer_bigquery.endpoint + "\n")
         subprocess.run(
             [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily", "--out",
-             str(platform.state / "peer-daily-before.json")], env=platform.env, cwd=ROOT, check=True,
+             str(platform.state / "peer-daily-before.json")], env=peer_env(platform), cwd=ROOT, check=True,
         )  # fmt: skip
         total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
         incremental = start_peer(platform, sampler, "incremental", total_seconds, args.peer_interval)
@@ -546,7 +577,7 @@ def measure(
         "memory_mb": {
             "peak_per_component": sampler.peak_rss_mb(),
             "peak_platform_total": sampler.peak_total_rss_mb(
-                exclude=("workload (6 processes; the game servers)", "peer: incremental copy")
+                exclude=("workload (6 processes; the game servers)", "peer: incremental copy", PEER_BIGQUERY)
             ),
         },
     }
@@ -554,9 +585,19 @@ def measure(
         daily_out = platform.state / "peer-daily.json"
         subprocess.run(
             [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
-            env=platform.env, cwd=ROOT, check=True,
+            env=peer_env(platform), cwd=ROOT, check=True,
         )  # fmt: skip
-        report["peers"] = peers_report(phases, incremental[1], daily_out, args.peer_interval)
+        endpoint = os.environ.get("CDC_BIGQUERY_ENDPOINT")
+        os.environ["CDC_BIGQUERY_ENDPOINT"] = peer_env(platform)["CDC_BIGQUERY_ENDPOINT"]
+        try:  # the peers' tables are compared where they are
+            report["peers"] = peers_report(phases, incremental[1], daily_out, args.peer_interval)
+        finally:
+            if endpoint is None:
+                del os.environ["CDC_BIGQUERY_ENDPOINT"]
+            else:
+                os.environ["CDC_BIGQUERY_ENDPOINT"] = endpoint
+    if peer_bigquery is not None:
+        peer_bigquery.stop()
     if profiles:
         report["profiles_self_time_share"] = {
             name: profile_summary(process, out) for name, process, out in profiles
