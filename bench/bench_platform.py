@@ -31,6 +31,12 @@ class BenchPlatform:
 
     state: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    peer_bigquery_endpoint: str = ""  # the peers' own BigQuery server, once started
+
+    @property
+    def peer_env(self) -> dict[str, str]:
+        """The environment of the peers: the platform's, with their own BigQuery server."""
+        return {**self.env, "CDC_BIGQUERY_ENDPOINT": self.peer_bigquery_endpoint}
 
     @property
     def env(self) -> dict[str, str]:

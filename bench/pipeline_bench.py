@@ -44,6 +44,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.bench_platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftovers, wait_for
 from bench.capture_bench import gtid_numbers
@@ -392,16 +393,11 @@ def start_peer_bigquery(platform: BenchPlatform, sampler: Sampler) -> Any:
         root=platform.state / PEER_BIGQUERY_DIR,
     )
     server.start()
+    platform.peer_bigquery_endpoint = server.endpoint
     pid = server.process.pid()
     if pid is not None:
         sampler.register(pid, PEER_BIGQUERY)
     return server
-
-
-def peer_env(platform: BenchPlatform) -> dict[str, str]:
-    """The platform's environment with the peers' BigQuery server (its endpoint in the state folder)."""
-    endpoint = (platform.state / PEER_BIGQUERY_DIR / "endpoint").read_text().strip()
-    return {**platform.env, "CDC_BIGQUERY_ENDPOINT": endpoint}
 
 
 def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, duration: float, interval: float) -> Any:
@@ -412,7 +408,7 @@ def start_peer(platform: BenchPlatform, sampler: Sampler, mode: str, duration: f
         sys.executable, "-m", "bench.peers", mode, "--prefix", f"peer_{mode}", "--out", str(out),
         "--interval", str(interval), "--duration", str(duration), "--ready-file", str(ready),
     ]  # fmt: skip
-    process = subprocess.Popen(argv, env=peer_env(platform), cwd=ROOT, start_new_session=True)
+    process = subprocess.Popen(argv, env=platform.peer_env, cwd=ROOT, start_new_session=True)
     sampler.register(process.pid, f"peer: {mode} copy")
     wait_for(ready.exists, "the incremental copy's initial full copy", timeout=300, interval=1)
     return process, out
@@ -538,10 +534,9 @@ def measure(
     peer_bigquery = None
     if extras:  # last night's copy of the daily batch: what the day's queries see until the next one
         peer_bigquery = start_peer_bigquery(platform, sampler)
-        (platform.state / PEER_BIGQUERY_DIR / "endpoint").write_text(peer_bigquery.endpoint + "\n")
         subprocess.run(
             [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily", "--out",
-             str(platform.state / "peer-daily-before.json")], env=peer_env(platform), cwd=ROOT, check=True,
+             str(platform.state / "peer-daily-before.json")], env=platform.peer_env, cwd=ROOT, check=True,
         )  # fmt: skip
         total_seconds = sum(p.seconds for p in phases) + 12 * len(phases)
         incremental = start_peer(platform, sampler, "incremental", total_seconds, args.peer_interval)
@@ -585,17 +580,11 @@ def measure(
         daily_out = platform.state / "peer-daily.json"
         subprocess.run(
             [sys.executable, "-m", "bench.peers", "daily", "--prefix", "peer_daily_after", "--out", str(daily_out)],
-            env=peer_env(platform), cwd=ROOT, check=True,
+            env=platform.peer_env, cwd=ROOT, check=True,
         )  # fmt: skip
-        endpoint = os.environ.get("CDC_BIGQUERY_ENDPOINT")
-        os.environ["CDC_BIGQUERY_ENDPOINT"] = peer_env(platform)["CDC_BIGQUERY_ENDPOINT"]
-        try:  # the peers' tables are compared where they are
+        # the peers' tables are compared where they are
+        with mock.patch.dict(os.environ, {"CDC_BIGQUERY_ENDPOINT": platform.peer_bigquery_endpoint}):
             report["peers"] = peers_report(phases, incremental[1], daily_out, args.peer_interval)
-        finally:
-            if endpoint is None:
-                del os.environ["CDC_BIGQUERY_ENDPOINT"]
-            else:
-                os.environ["CDC_BIGQUERY_ENDPOINT"] = endpoint
     if peer_bigquery is not None:
         peer_bigquery.stop()
     if profiles:

@@ -237,7 +237,8 @@ def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -
         connection.unregister("__cdc_incoming")
     if not entry.get("cdc_active"):
         REGISTRY.update(ctx, project, dataset, table, cdc_active=True)
-    ROW_COUNTS.record(ctx, (project, dataset, table), int(count))
+    if meta is not None:
+        ROW_COUNTS.record(ctx, meta, int(count))
     ctx.snapshots.record_change(project, dataset, table)
 
 
@@ -255,10 +256,9 @@ class RowCounts:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def record(self, ctx: Any, ids: tuple[str, str, str], num_rows: int) -> None:
-        meta = ctx.catalog.get_table(*ids)
-        if meta is None:
-            return
+    def record(self, ctx: Any, meta: Any, num_rows: int) -> None:
+        """`num_rows` for the table of catalog entry `meta`."""
+        ids = (meta.project_id, meta.dataset_id, meta.table_id)
         updated = meta.model_copy(update={"num_rows": num_rows})
         cache = getattr(ctx.catalog, "_cache", None)
         if cache is None or not hasattr(ctx.catalog, "_write_table"):
@@ -370,7 +370,7 @@ def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:
             ctx.engine.connection.unregister(name)
         meta = ctx.catalog.get_table(*ids)
         if meta is not None:
-            ROW_COUNTS.record(ctx, ids, meta.num_rows + rows.num_rows)
+            ROW_COUNTS.record(ctx, meta, meta.num_rows + rows.num_rows)
         ctx.snapshots.record_change(*ids)
 
 
