@@ -15,7 +15,10 @@ server by `tests/test_bigquery_conformance_fails_on_stock.py`. What BigQuery doc
   returns the merged state (applied on write: as fresh as `max_staleness` 0);
 - a table with CDC active refuses UPDATE, DELETE and MERGE;
 - one lock orders every write, REST or gRPC; a request may be up to 20 MB; BatchCommit commits only streams of
-  its `parent` table.
+  its `parent` table;
+- a query never waits for the writes, nor they for it: a SELECT runs on a DuckDB cursor of its own in a worker
+  thread (stock runs it on the REST event loop under the connection's lock, so one long query stalled every other
+  REST call and every append), and sees the last committed state (DuckDB's snapshot isolation).
 
 Held under that one lock, an append is kept short (docs/local-stack.md, "BigQuery"): a CDC apply runs its statements
 on DuckDB directly, and a table's row count (numRows) is written to the catalog in the background (`RowCounts`).
@@ -696,6 +699,72 @@ def _execute_query_job(original: Callable[..., Awaitable[Any]]) -> Callable[...,
     return execute_query_job
 
 
+# -- queries beside the writes ---------------------------------------------------------------------------------
+
+_READERS = threading.local()  # per worker thread: (the engine's connection, this thread's cursor on it)
+
+
+def _reader(engine: Any) -> Any:
+    """This thread's own DuckDB cursor on the engine's database (a connection of its own: it sees every committed
+    table and the connection's functions, and runs beside the writes; re-made if the engine was restarted)."""
+    connection = engine._connection
+    held = getattr(_READERS, "held", None)
+    if held is None or held[0] is not connection:
+        with ENGINE_LOCK:
+            cursor = connection.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")  # as the engine's own session (BigQuery TIMESTAMPs are UTC)
+        held = _READERS.held = (connection, cursor)
+    return held[1]
+
+
+def _is_query(engine: Any, sql: str) -> bool:
+    """Whether `sql` is one SELECT (parsed by DuckDB, not run)."""
+    import duckdb
+
+    statements = _reader(engine).extract_statements(sql)
+    return len(statements) == 1 and statements[0].type == duckdb.StatementType.SELECT
+
+
+def _query_arrow(engine: Any, sql: str, parameters: Any) -> Any:
+    """What `DuckDBEngine.fetch_arrow` returns for a SELECT, run on this thread's cursor outside ENGINE_LOCK."""
+    from bqemulator.storage.engine import _annotate_with_duckdb_types
+
+    cursor = _reader(engine)
+    result = cursor.execute(sql, parameters) if parameters is not None else cursor.execute(sql)
+    return _annotate_with_duckdb_types(result.to_arrow_table(), result.description)
+
+
+async def _run_single_sql(project_id: str, bq_sql: str, query_params: Any, ctx: Any, *, caller: Any) -> Any:
+    """bqemulator's `executor._run_single_sql` (same translation and error mapping), a SELECT run by `_query_arrow`
+    in a worker thread instead of on the event loop."""
+    from bqemulator.domain.errors import DomainError
+    from bqemulator.jobs.error_mapper import translate_runtime_error
+    from bqemulator.jobs.executor import _translator
+    from bqemulator.sql.inner_query import rewrite_and_translate_statement
+    from bqemulator.sql.parameters import bind_parameters
+    from bqemulator.sql.table_rewriter import rewrite_table_refs
+
+    translated_sql = await rewrite_and_translate_statement(
+        bq_sql, project_id=project_id, ctx=ctx, caller=caller, translator=_translator
+    )
+    duckdb_sql = translated_sql
+    try:
+        duckdb_sql = rewrite_table_refs(translated_sql, project_id)
+        duckdb_sql, param_values = bind_parameters(duckdb_sql, query_params)
+        if not _is_query(
+            ctx.engine, duckdb_sql
+        ):  # DML, DDL: on the event loop under the engine's locks, as stock
+            return ctx.engine.fetch_arrow(duckdb_sql, param_values or None)
+        return await asyncio.to_thread(_query_arrow, ctx.engine, duckdb_sql, param_values or None)
+    except DomainError as exc:
+        translated = translate_runtime_error(exc, duckdb_sql=duckdb_sql)
+        if translated is exc:
+            raise
+        raise translated from exc
+    except Exception as exc:
+        raise translate_runtime_error(exc, duckdb_sql=duckdb_sql) from exc
+
+
 # -- installing ------------------------------------------------------------------------------------------------
 
 
@@ -727,6 +796,7 @@ def apply() -> None:
             route.endpoint = _recording_constraints(route.endpoint)  # type: ignore[attr-defined]
         elif "GET" in methods and (path.endswith("/tables") or path.endswith("/tables/{table_id}")):
             route.endpoint = _with_context(route.endpoint)  # type: ignore[attr-defined]
+    executor._run_single_sql = _run_single_sql  # type: ignore[assignment]
     wrapped = _execute_query_job(executor.execute_query_job)
     executor.execute_query_job = wrapped  # type: ignore[assignment]
     jobs.execute_query_job = wrapped  # type: ignore[assignment]

@@ -340,3 +340,40 @@ def test_reads_during_cdc_writes_see_whole_applies_and_never_hang(
     assert not failures, failures[:3]
     assert counts and set(counts) == {50}, f"reads saw a half-applied change: {sorted(set(counts))}"
     assert state(bq, table) == [(k, "41") for k in keys]
+
+
+def test_a_long_query_does_not_hold_up_table_reads_or_appends(
+    bq: bigquery.Client, dataset: str, write: Any
+) -> None:
+    """BigQuery runs queries beside the writes: a query scanning for seconds delays no tables.get and no append (the
+    stock server runs a query on its REST event loop, holding its DuckDB connection, until it returns)."""
+    bq.query(
+        f"CREATE TABLE {dataset}.numbers AS SELECT x AS id FROM UNNEST(GENERATE_ARRAY(1, 12000)) AS x"
+    ).result(timeout=60)
+    table = keyed_table(bq, dataset)
+    finished = threading.Event()
+    counted: list[int] = []
+
+    def long_query() -> None:  # 144 million pairs: seconds of DuckDB on this machine
+        job = bq.query(
+            f"SELECT COUNT(*) AS c FROM {dataset}.numbers AS a CROSS JOIN {dataset}.numbers AS b "
+            "WHERE MOD(a.id * b.id, 7) = 3",
+            timeout=120,
+        )
+        counted.extend(row.c for row in job.result(timeout=120))
+        finished.set()
+
+    query = threading.Thread(target=long_query)
+    query.start()
+    try:
+        time.sleep(0.5)  # the query is running at the server
+        assert bq.get_table(table.reference, timeout=60).table_id == table.table_id
+        changes(write, table, (1, "written during the query", "UPSERT", "1"))
+        assert not finished.is_set(), "the read and the append waited for the query"
+    finally:
+        query.join(timeout=120)
+    per_residue = [sum(1 for i in range(1, 12001) if i % 7 == r) for r in range(7)]
+    assert counted == [
+        sum(per_residue[a] * per_residue[b] for a in range(7) for b in range(7) if a * b % 7 == 3)
+    ]
+    assert state(bq, table) == [(1, "written during the query")]
