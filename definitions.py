@@ -18,8 +18,8 @@ from sensors.alerts import (
 )
 from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from sensors.sqs_sensor import build_sqs_sensor
+from sensors.table_checks_rotation import build_table_checks_sensor
 
-TABLE_CHECKS_CRON = "*/10 * * * *"
 TABLE_CHECKS_JOB = "table_checks"
 
 
@@ -31,8 +31,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     table_checks = dg.define_asset_job(
         TABLE_CHECKS_JOB,
         selection=dg.AssetSelection.checks(*checks),
-        description="Row counts (source vs BigQuery) and landed-vs-loaded files for every table; in streaming mode "
-        "also the changelog's recent duplicates.",
+        description="Row counts and contents (source vs BigQuery) and landed-vs-loaded files of every table (or of "
+        "the tables the table_checks_rotation sensor picks); in streaming mode also the changelog's recent duplicates.",
         tags={HEAVY_RUN_TAG: "true"},
     )
     return dg.Definitions(
@@ -43,14 +43,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         ],
         asset_checks=checks,
         jobs=[table_checks, build_resnapshot_job(mappings, settings)],
-        schedules=[
-            dg.ScheduleDefinition(
-                job=table_checks,
-                cron_schedule=TABLE_CHECKS_CRON,
-                default_status=dg.DefaultScheduleStatus.RUNNING,
-            )
-        ],
         sensors=[
+            build_table_checks_sensor(table_checks, checks, settings.table_checks_cycle_minutes),
             build_sqs_sensor(mappings, [bigquery_asset_key(t) for _, t in tables], settings),
             alert_failed_checks,
             alert_failed_runs,

@@ -56,6 +56,8 @@ LOAD_GRACE_SECONDS = "CDC_LOAD_GRACE_SECONDS"
 # a partition column (bigger tables are compared a window of key ranges per run, a different one each time)
 CONTENT_CHECK_SEVERITY = "CDC_CONTENT_CHECK_SEVERITY"
 CONTENT_CHECK_MAX_ROWS = "CDC_CONTENT_CHECK_MAX_ROWS"
+# The table checks run a few tables at a time, one run a minute, so that every table is checked once per cycle.
+TABLE_CHECKS_CYCLE_MINUTES = "CDC_TABLE_CHECKS_CYCLE_MINUTES"
 FRESHNESS_WARN_MINUTES = "CDC_FRESHNESS_WARN_MINUTES"
 FRESHNESS_FAIL_MINUTES = "CDC_FRESHNESS_FAIL_MINUTES"
 MAX_PARALLEL_LOADS = "CDC_MAX_PARALLEL_LOADS"
@@ -98,6 +100,7 @@ class Settings:
     load_grace_seconds: float = 300.0
     content_check_severity: str = "WARN"
     content_check_max_rows: int = 200_000
+    table_checks_cycle_minutes: int = 10
     freshness_warn_minutes: float = 30.0
     freshness_fail_minutes: float = 120.0
     max_parallel_loads: int = 24
@@ -133,6 +136,7 @@ class Settings:
             load_grace_seconds=_number(values, LOAD_GRACE_SECONDS, 300.0, 0.0, 86_400.0),
             content_check_severity=_choice(values, CONTENT_CHECK_SEVERITY, "WARN", ("WARN", "ERROR")),
             content_check_max_rows=_integer(values, CONTENT_CHECK_MAX_ROWS, 200_000, 100_000, 1_000_000_000),
+            table_checks_cycle_minutes=_integer(values, TABLE_CHECKS_CYCLE_MINUTES, 10, 1, 1_440),
             freshness_warn_minutes=_number(values, FRESHNESS_WARN_MINUTES, 30.0, 1.0, 10_080.0),
             freshness_fail_minutes=_number(values, FRESHNESS_FAIL_MINUTES, 120.0, 1.0, 10_080.0),
             max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 24, 1, 256),

@@ -311,19 +311,31 @@ def content_result(
     landing: LandingResource,
     targets: TableTargets,
     mysql: MySqlSourceResource,
-    severity: str,
-    max_rows: int,
+    settings: Settings,
 ) -> dg.AssetCheckResult:
     """content_matches_source: the digests of both sides at one consistent snapshot (see cdc_assets.content_check);
-    passed while the pipeline has not caught up with that snapshot (then `exact` is false), as the row count."""
+    passed while the pipeline has not caught up with that snapshot (then `exact` is false), as the row count. A
+    table too big to compare whole is compared a different window of keys each cycle of the checks."""
     with consistent_snapshot(mysql, cluster) as (cursor, snapshot):
         comparison = (
-            compare_content(cursor, targets, cluster, table, snapshot.boundary() or "9" * 35, max_rows)
+            compare_content(
+                cursor,
+                targets,
+                cluster,
+                table,
+                snapshot.boundary() or "9" * 35,
+                settings.content_check_max_rows,
+                settings.table_checks_cycle_minutes * 60,
+            )
             if targets.exists(targets.current)
             else None
         )
     state = completeness(landing, targets, cluster, snapshot)
-    level = dg.AssetCheckSeverity.ERROR if severity == "ERROR" else dg.AssetCheckSeverity.WARN
+    level = (
+        dg.AssetCheckSeverity.ERROR
+        if settings.content_check_severity == "ERROR"
+        else dg.AssetCheckSeverity.WARN
+    )
     if comparison is None:
         return dg.AssetCheckResult(
             check_name=CONTENT,
@@ -412,15 +424,7 @@ def build_table_checks(
         if FILES_LOADED in selected:
             yield files_loaded_result(table, landing, targets, settings.load_grace_seconds)
         if CONTENT in selected:
-            yield content_result(
-                cluster,
-                table,
-                landing,
-                targets,
-                mysql,
-                settings.content_check_severity,
-                settings.content_check_max_rows,
-            )
+            yield content_result(cluster, table, landing, targets, mysql, settings)
         if streaming and NO_DUPLICATES in selected:
             yield recent_duplicates_result(table, targets)
 

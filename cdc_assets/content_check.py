@@ -158,6 +158,7 @@ def chunking_for(
     max_rows: int,
     now: float,
     key_type: str | None = None,
+    rotation_seconds: float = 600,
 ) -> Chunking:
     if table.partition_column:
         days = check_days()
@@ -177,7 +178,8 @@ def chunking_for(
         window = max(CHUNK_KEYS, max_rows // CHUNK_KEYS * CHUNK_KEYS)
         first_chunk = math.floor(low / CHUNK_KEYS) * CHUNK_KEYS
         windows = max(1, math.ceil((high + 1 - first_chunk) / window))
-        start = first_chunk + int(now // 600) % windows * window  # a different window every 10 minutes
+        # a different window each cycle of the table checks (each table is checked once per cycle)
+        start = first_chunk + int(now // rotation_seconds) % windows * window
         scope = ("TRUE", "TRUE") if windows == 1 else (f"{m} >= {start} AND {m} < {start + window}",) * 2
         return Chunking(
             f"CAST({m} DIV {CHUNK_KEYS} AS CHAR)",  # both truncate toward zero
@@ -303,6 +305,7 @@ def compare_content(
     table: TableMapping,
     boundary: str,
     max_rows: int,
+    rotation_seconds: float = 600,
 ) -> ContentComparison:
     """Digests of both sides (the cursor is inside the source's consistent snapshot; BigQuery is rolled back to
     `boundary`), and for mismatched chunks the first differing keys and columns."""
@@ -327,7 +330,9 @@ def compare_content(
         low, high = cursor.fetchone()
         key_range = (int(low), int(high)) if low is not None else (0, 0)
     key_type = schema.get(table.primary_key[0]) if table.primary_key else None
-    chunking = chunking_for(table, by_name, key_digests, key_range, max_rows, time.time(), key_type)
+    chunking = chunking_for(
+        table, by_name, key_digests, key_range, max_rows, time.time(), key_type, rotation_seconds
+    )
 
     ref = f"{quote_mysql(table.source_schema)}.{quote_mysql(table.source_table)}"
     inner, outer = _aggregate_sql(_mysql_row_text(digests), chunking.mysql_chunk, MYSQL_HEX, MYSQL_INT)

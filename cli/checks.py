@@ -1,5 +1,6 @@
 """`cdc checks`: the table_checks job (source vs BigQuery, landed files, and in streaming mode the changelog's
-duplicates) run here and recorded in the Dagster instance, as the schedule runs it every 10 minutes."""
+duplicates) for every table, run here and recorded in the Dagster instance (the table_checks_rotation sensor runs it
+a few tables a minute)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def test_the_workspace_file_loads_with_the_dagster_cli() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_table_has_its_checks_freshness_alerts_and_the_checks_schedule() -> None:
+def test_every_table_has_its_checks_freshness_alerts_and_the_checks_rotation() -> None:
     defs = build_definitions()
     checks = {key for key in defs.resolve_asset_graph().asset_check_keys}
     bets = dg.AssetKey(["bigquery", "slots", "bets"])
@@ -74,7 +74,44 @@ def test_every_table_has_its_checks_freshness_alerts_and_the_checks_schedule() -
         "alert_failed_runs",
         "alert_dead_letters",
         "resnapshot_requests",
+        "table_checks_rotation",
     }
-    [schedule] = list(defs.schedules or [])
-    assert schedule.cron_schedule == "*/10 * * * *"
-    assert len(defs.resolve_job_def("table_checks").asset_layer.asset_graph.asset_check_keys) >= 140
+    assert not list(defs.schedules or [])
+    assert len(defs.resolve_job_def("table_checks").asset_layer.asset_graph.asset_check_keys) == 4 * 70
+
+
+def test_the_table_checks_rotate_a_few_tables_a_minute_each_table_once_per_cycle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CDC_TABLE_CHECKS_CYCLE_MINUTES", "15")
+    defs = build_definitions()
+    sensor = defs.resolve_sensor_def("table_checks_rotation")
+    assert sensor.minimum_interval_seconds == 60
+    with dg.instance_for_test() as instance:
+        cursor = None
+        launched: list[dg.RunRequest] = []
+        for _ in range(16):  # a whole cycle and the first group of the next
+            context = dg.build_sensor_context(instance=instance, cursor=cursor)
+            [request] = sensor.evaluate_tick(context).run_requests
+            launched.append(request)
+            cursor = context.cursor
+        groups = [set(r.asset_check_keys or []) for r in launched]
+        tables_per_group = [len({key.asset_key for key in group}) for group in groups[:15]]
+        assert sorted(tables_per_group) == [4] * 5 + [5] * 10  # 70 tables over 15 minutes
+        assert all(len(group) == 4 * n for group, n in zip(groups, tables_per_group, strict=False))
+        assert set().union(*groups[:15]) == defs.resolve_asset_graph().asset_check_keys  # every check once...
+        assert sum(len(group) for group in groups[:15]) == 4 * 70  # ...and only once per cycle
+        assert groups[15] == groups[0]
+        assert len({r.run_key for r in launched}) == 16
+        assert launched[2].tags["cdc/checks_group"] == "3/15"
+        # a group waits while a checks run is in progress: the rotation slows down and skips no table
+        run = instance.create_run_for_job(
+            defs.resolve_job_def("table_checks"), status=dg.DagsterRunStatus.STARTED
+        )
+        context = dg.build_sensor_context(instance=instance, cursor=cursor)
+        result = sensor.evaluate_tick(context)
+        assert not result.run_requests and run.run_id in str(result.skip_message)
+        assert context.cursor == cursor
+        instance.report_run_failed(run)
+        [request] = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor)).run_requests
+        assert set(request.asset_check_keys or []) == groups[1]

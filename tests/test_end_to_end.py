@@ -152,7 +152,7 @@ def test_changes_reach_bigquery_through_the_sensor_and_dagster_runs(
         assert status["last_commit_loaded"] and 0 <= status["lag_s"] < 600
         assert status["files_waiting"] == 1  # the poison file
         if mode == "streaming":
-            # its duplicate check runs with the table checks (a schedule every 10 minutes, which may have run
+            # its duplicate check runs with the table checks (a few tables a minute, which may have run it
             # already): run them now and see this run's result
             asked = dt.datetime.now(dt.UTC).replace(microsecond=0)
             checked = pipeline.cdc_result("checks")
