@@ -19,7 +19,8 @@ def command() -> None:
 @command.command("start")
 @click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port.")
 def start(port: int) -> None:
-    """Start `dagster dev` in the background with DAGSTER_HOME under the state folder; print the UI URL."""
+    """Start Dagster (code server, webserver, daemon) in the background with DAGSTER_HOME under the state folder;
+    print the UI URL."""
     local = LocalDagster(config())
     if local.is_running():
         click.echo(f"dagster already running (pid {local.process.pid()}): {local.url()}")

@@ -1,5 +1,5 @@
-"""The local Dagster: `dagster dev` (webserver + daemon + code server) in the background, with DAGSTER_HOME under the
-state folder; reloading its code location after a mappings deploy; and failing the runs a stopped or killed
+"""The local Dagster: its code server, webserver and daemon in the background (`local_stack.dagster_services`),
+with DAGSTER_HOME under the state folder; reloading its code location after a mappings deploy; and failing the runs a stopped or killed
 Dagster left in progress (the local run launcher has no health check of its own). Dagster itself is imported only
 by the functions that open an instance: starting or stopping the capture should not pay for it."""
 
@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from cdc.settings import PROJECT_ROOT, Settings, installed_command
-from local_stack.processes import ServerProcess, background_service
+from local_stack.processes import ServerProcess, background_service, free_port
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -31,6 +34,9 @@ class LocalDagster:
         self.root = config.state_dir / "dagster"
         self.home = self.root / "home"
         self.url_file = self.root / "url"
+        self.code_server_file = (
+            self.root / "code_server"
+        )  # '<starts> ready|failed', by local_stack.dagster_services
 
     def is_running(self) -> bool:
         return self.process.is_running()
@@ -39,28 +45,50 @@ class LocalDagster:
         return self.url_file.read_text().strip() if self.url_file.is_file() else None
 
     def start(self, port: int, env: dict[str, str], instance_yaml: Path | None = None) -> list[str]:
-        """Start `dagster dev` on `port` (waits until the UI answers); returns what it did about leftover runs."""
+        """Start the code server, webserver and daemon (`local_stack.dagster_services`) with the UI on `port`;
+        waits until the UI answers; returns what it did about leftover runs."""
         url = f"http://127.0.0.1:{port}"
         self.home.mkdir(parents=True, exist_ok=True)
         self.url_file.write_text(url + "\n")
         shutil.copy(instance_yaml or DEFAULT_INSTANCE_YAML, self.home / "dagster.yaml")
         notes = fail_orphaned_runs(self.home)
-        argv = [installed_command("dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml")]
-        argv += ["-h", "127.0.0.1", "-p", str(port)]
+        grpc_port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "local_stack.dagster_services",
+            "--workspace",
+            str(self.root / "workspace.yaml"),
+        ]
+        argv += [
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--ready-file",
+            str(self.code_server_file),
+        ]
+        argv += [str(Path(installed_command("dagster")).parent)]
 
         def ready() -> bool:
             with urllib.request.urlopen(f"{url}/server_info", timeout=1) as response:
                 return bool(response.status == 200)
 
         path = os.pathsep.join(
-            p for p in (str(RUN_WORKER_PRELOAD), env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))) if p
+            p
+            for p in (
+                str(RUN_WORKER_PRELOAD),
+                str(PROJECT_ROOT),
+                env.get("PYTHONPATH", os.environ.get("PYTHONPATH")),
+            )
+            if p
         )
         self.process.start(
             argv,
             ready=ready,
             env={**env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": path},
-            timeout=120,
-            extra_ports=(port,),
+            timeout=180,
+            extra_ports=(port, grpc_port),
         )
         return notes
 
@@ -68,10 +96,20 @@ class LocalDagster:
         return self.process.stop(timeout=timeout)
 
     def reload_code_location(self) -> str:
-        """Reload the code location, whose definitions are built from the mappings; a failure raises naming why."""
-        url = self.url()
-        if not self.is_running() or url is None:
+        """Load the deployed mappings: restart the code server (its definitions are built from them), then reload
+        the location in the webserver; a failure raises naming why."""
+        url, pid = self.url(), self.process.pid()
+        if pid is None or url is None:
             return "Dagster is not running: it loads the deployed mappings when it starts"
+        reloads, _ = self._code_server_state()
+        os.kill(pid, signal.SIGHUP)  # local_stack.dagster_services restarts the code server
+        deadline = time.monotonic() + 300
+        while (state := self._code_server_state())[0] <= reloads:
+            if time.monotonic() > deadline or not self.is_running():
+                raise RuntimeError(f"Dagster did not restart its code server: see {self.process.log_file}")
+            time.sleep(0.2)
+        if state[1] != "ready":
+            raise RuntimeError(f"Dagster could not load the deployed mappings: see {self.process.log_file}")
         from dagster_graphql import DagsterGraphQLClient, ReloadRepositoryLocationStatus
 
         parsed = urlparse(url)
@@ -79,8 +117,18 @@ class LocalDagster:
             LOCATION
         )
         if info.status != ReloadRepositoryLocationStatus.SUCCESS:
-            raise RuntimeError(f"Dagster could not load the deployed mappings: {info.message}")
+            raise RuntimeError(
+                f"Dagster could not load the deployed mappings: {info.message} (log: {self.process.log_file})"
+            )
         return f"Dagster code location {LOCATION} reloaded"
+
+    def _code_server_state(self) -> tuple[int, str]:
+        """(reloads done, whether the code server's last start is 'ready' or 'failed')."""
+        try:
+            _, reloads, status = self.code_server_file.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return 0, ""
+        return int(reloads), status
 
 
 def instance_home(config: Settings) -> Path:
@@ -117,9 +165,9 @@ def processes_of_instance(home: Path) -> list[int]:
 def fail_orphaned_runs(home: Path) -> list[str]:
     """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED, when no process of it is left.
 
-    Locally a run's worker is a child of `dagster dev`, so it dies with it, and the default run launcher has no
-    worker health check: such a run would stay "started" forever, holding its pool slots and making the SQS sensor
-    wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never acknowledged
+    Locally a run's worker is a process of the local Dagster's session, so it stops with it, and the default run
+    launcher has no worker health check: such a run would stay "started" forever, holding its pool slots and making
+    the SQS sensor wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never acknowledged
     in SQS) load in a later run."""
     leftovers = processes_of_instance(home)
     if leftovers:  # a worker of the earlier Dagster may still be running its run: leave the runs to it

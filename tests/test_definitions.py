@@ -113,5 +113,7 @@ def test_the_table_checks_rotate_a_few_tables_a_minute_each_table_once_per_cycle
         assert not result.run_requests and run.run_id in str(result.skip_message)
         assert context.cursor == cursor
         instance.report_run_failed(run)
-        [request] = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor)).run_requests
+        [request] = sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, cursor=cursor)
+        ).run_requests
         assert set(request.asset_check_keys or []) == groups[1]

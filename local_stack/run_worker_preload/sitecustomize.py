@@ -1,7 +1,7 @@
 """Local Dagster only: each run's worker forked from a fork server that has already imported Dagster and the code
 location, instead of a new Python process that imports them again (seconds of CPU, more on a busy machine).
 
-`cdc dagster start` puts this folder first on the PYTHONPATH of `dagster dev`, so Python imports this module at
+`cdc dagster start` puts this folder first on the PYTHONPATH of the Dagster processes, so Python imports this module at
 start-up in each of its processes. In the code server only (the process that starts run workers: `dagster api grpc`
 or `dagster code-server start`), it makes Dagster's `DagsterApiServer` start run workers from a `forkserver`
 multiprocessing context instead of `spawn`, with `PRELOAD` imported in the fork server, and starts that fork server

@@ -1,0 +1,102 @@
+"""The local Dagster (`cdc dagster start`): one code server, the webserver and the daemon under a supervisor of our
+own (local_stack/dagster_services.py), which starts a crashed code server again and restarts it to load deployed
+mappings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cdc.settings import STATE_DIR, Settings
+from local_stack.dagster import LocalDagster
+from local_stack.processes import free_port
+
+
+def _session_commands(session: int) -> dict[int, str]:
+    commands = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session and fields[0] != "Z":  # a zombie has ended: only not reaped yet
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                commands[int(stat.parent.name)] = cmdline
+        except (OSError, ValueError, IndexError):
+            continue
+    return commands
+
+
+def _code_servers(session: int) -> list[int]:
+    return [pid for pid, command in _session_commands(session).items() if " api grpc " in command]
+
+
+def _location_loaded(port: int) -> bool:
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename } } } } }"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        entries = json.load(response)["data"]["workspaceOrError"]["locationEntries"]
+    return [(e["name"], (e["locationOrLoadError"] or {}).get("__typename")) for e in entries] == [
+        ("mysql_bigquery_cdc", "RepositoryLocation")
+    ]
+
+
+def _wait(condition: object, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps_its_code_server_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STATE_DIR, str(tmp_path / "state"))
+    local = LocalDagster(Settings.load())
+    port = free_port()
+    local.start(port, {STATE_DIR: str(tmp_path / "state")})
+    try:
+        session = local.process.pid()
+        assert session is not None
+        _wait(lambda: _location_loaded(port), "the code location in the UI")
+        commands = list(_session_commands(session).values())
+        kinds = {
+            "supervisor": [c for c in commands if "local_stack.dagster_services" in c],
+            "code server": [c for c in commands if " api grpc " in c],
+            "webserver": [c for c in commands if "dagster-webserver" in c],
+            "daemon": [c for c in commands if "dagster-daemon run" in c],
+            "run workers' fork server": [c for c in commands if "multiprocessing.forkserver" in c],
+            "its resource tracker": [c for c in commands if "multiprocessing.resource_tracker" in c],
+        }
+        assert {kind: len(found) for kind, found in kinds.items()} == dict.fromkeys(kinds, 1), commands
+        assert len(commands) == 6, "\n".join(
+            commands
+        )  # no `dagster dev`, no code-server proxy, no second code server
+
+        [crashed] = _code_servers(session)
+        os.kill(crashed, signal.SIGKILL)  # the supervisor starts it again; the UI finds it again
+        _wait(lambda: local.code_server_file.read_text().split()[::2] == ["2", "ready"], "a new code server")
+        assert _code_servers(session) not in ([], [crashed])
+        _wait(lambda: _location_loaded(port), "the code location after the code server crashed")
+
+        [before] = _code_servers(session)
+        assert local.reload_code_location() == "Dagster code location mysql_bigquery_cdc reloaded"
+        [after] = _code_servers(session)
+        assert after != before  # restarted: it built its definitions from the mappings again
+        assert _location_loaded(port)
+    finally:
+        assert local.stop()
+    assert not _session_commands(session)  # all of it stopped
