@@ -10,6 +10,7 @@ from cdc_assets.lineage import bigquery_asset_key, landing_asset_specs, source_a
 from cdc_assets.resnapshot import HEAVY_RUN_TAG, build_resnapshot_job
 from cdc_assets.resources import build_resources
 from cdc_assets.tables import build_table_assets
+from sensors import shared_instance
 from sensors.alerts import (
     alert_failed_checks,
     alert_failed_runs,
@@ -21,6 +22,7 @@ from sensors.sqs_sensor import build_sqs_sensor
 from sensors.table_checks_rotation import build_table_checks_sensor
 
 TABLE_CHECKS_JOB = "table_checks"
+shared_instance.install()  # sensor ticks reuse this process's Dagster instance
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:

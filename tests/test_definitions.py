@@ -117,3 +117,33 @@ def test_the_table_checks_rotate_a_few_tables_a_minute_each_table_once_per_cycle
             dg.build_sensor_context(instance=instance, cursor=cursor)
         ).run_requests
         assert set(request.asset_check_keys or []) == groups[1]
+
+
+def test_sensor_ticks_share_the_process_s_dagster_instance_and_resources_make_no_boto3_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dagster opens the instance from its reference at each tick of a sensor with resources and disposes of it
+    after (with SQLite: every migration script read again); the landing resource is handed to a tick as itself,
+    not as a new boto3 client from a new session (S3Resource's default)."""
+    from dagster._core.definitions.sensor_definition import SensorEvaluationContext
+
+    from cdc_assets.resources import LandingResource
+
+    build_definitions()  # installs sensors.shared_instance
+    opened: list[object] = []
+    stock = dg.DagsterInstance.from_ref
+
+    def from_ref(ref: object) -> dg.DagsterInstance:
+        opened.append(ref)
+        return stock(ref)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dg.DagsterInstance, "from_ref", from_ref)
+    landing = LandingResource(bucket="b", endpoint_url="http://127.0.0.1:1", region_name="us-east-1")
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        seen = []
+        for _ in range(3):  # three ticks
+            with SensorEvaluationContext(instance_ref=instance.get_ref(), resources={"landing": landing}) as tick:
+                assert isinstance(tick.resources.landing, LandingResource)  # not an S3 client
+                seen.append(tick.instance)
+        assert len(opened) == 1 and seen[0] is seen[1] is seen[2]
+        assert seen[2].get_runs() == []  # not disposed of by the ticks that ended
