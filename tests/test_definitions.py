@@ -142,7 +142,9 @@ def test_sensor_ticks_share_the_process_s_dagster_instance_and_resources_make_no
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         seen = []
         for _ in range(3):  # three ticks
-            with SensorEvaluationContext(instance_ref=instance.get_ref(), resources={"landing": landing}) as tick:
+            with SensorEvaluationContext(
+                instance_ref=instance.get_ref(), resources={"landing": landing}
+            ) as tick:
                 assert isinstance(tick.resources.landing, LandingResource)  # not an S3 client
                 seen.append(tick.instance)
         assert len(opened) == 1 and seen[0] is seen[1] is seen[2]
