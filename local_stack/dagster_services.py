@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ready-file",
         type=Path,
         required=True,
-        help="gets '<starts> ready|failed' at each start of the code server",
+        help="gets '<starts> <reloads> ready|failed' at each start of the code server",
     )
     parser.add_argument("bin_dir", type=Path, help="the folder of the dagster console scripts")
     args = parser.parse_args(argv)
