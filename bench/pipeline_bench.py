@@ -473,6 +473,12 @@ def main() -> None:
     print(f"written: {RESULTS / 'pipeline.json'}, {RESULTS / 'latency_cdf.png'}")
 
 
+def report_row(label: str, values: list[Any]) -> str:
+    """A row of the printed report: the label, then one column per phase ('-' where a phase has no value, e.g. no
+    Write API load measured in a phase whose files all loaded in the next one)."""
+    return f"{label[:40]:40}" + "".join(f"{'-' if v is None else v:>14}" for v in values)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every load mode in turn, each on a fresh platform with the same workload; the peers, the profiles and the
     capture replay once, with the first mode."""
@@ -857,7 +863,7 @@ def print_mode(mode: str, measured: dict[str, Any]) -> None:
     print(f"{'':40}" + "".join(f"{p['phase']:>14}" for p in phases))
 
     def row(label: str, values: list[Any]) -> None:
-        print(f"{label[:40]:40}" + "".join(f"{v:>14}" for v in values))
+        print(report_row(label, values))
 
     row("rows/s asked", [f"{p['asked_rows_per_s']:,}" for p in phases])
     row("rows/s written (workload)", [f"{p['workload_rows_per_s']:,}" for p in phases])

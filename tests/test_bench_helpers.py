@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.bench_platform import Sampler, component_of
 from bench.capture_bench import gtid_numbers
-from bench.pipeline_bench import profile_summary
+from bench.pipeline_bench import profile_summary, report_row
 
 
 class _Finished:
@@ -126,3 +126,18 @@ def test_memory_of_forked_processes_counts_shared_pages_once() -> None:
         process.wait()
     counted_mb = sampler.peak_rss_mb()["forked"]
     assert 150 <= counted_mb <= 250, counted_mb
+
+
+def test_a_phase_without_a_value_prints_a_dash_not_a_crash() -> None:
+    """A 10x run's report crashed at its last line when a phase had no Write API load measured (None)."""
+    assert report_row("Write API load (3 appends) p50 (s)", [None, 12.6]).split() == [
+        "Write",
+        "API",
+        "load",
+        "(3",
+        "appends)",
+        "p50",
+        "(s)",
+        "-",
+        "12.6",
+    ]
