@@ -751,9 +751,7 @@ async def _run_single_sql(project_id: str, bq_sql: str, query_params: Any, ctx: 
     try:
         duckdb_sql = rewrite_table_refs(translated_sql, project_id)
         duckdb_sql, param_values = bind_parameters(duckdb_sql, query_params)
-        if not _is_query(
-            ctx.engine, duckdb_sql
-        ):  # DML, DDL: on the event loop under the engine's locks, as stock
+        if not _is_query(ctx.engine, duckdb_sql):  # DML, DDL: on the event loop, under the locks
             return ctx.engine.fetch_arrow(duckdb_sql, param_values or None)
         return await asyncio.to_thread(_query_arrow, ctx.engine, duckdb_sql, param_values or None)
     except DomainError as exc:

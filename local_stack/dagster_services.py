@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+
+from local_stack.processes import tcp_open  # standard library only, as this module
 
 LOCATION = "mysql_bigquery_cdc"  # workspace.yaml's location name, kept for the UI and run records
 HOST = "127.0.0.1"
@@ -91,10 +92,8 @@ def wait_for_port(port: int, child: Child, timeout: float, unless: Callable[[], 
     while time.monotonic() < deadline and not unless():
         if child.process is None or child.process.poll() is not None:
             return False
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((HOST, port)) == 0:
-                return True
+        if tcp_open(port, HOST):
+            return True
         time.sleep(0.2)
     return False
 

@@ -12,15 +12,11 @@ from collections.abc import Sequence
 
 import dagster as dg
 
+from cdc_assets.writers import ACTIVE_RUN_STATUSES
+
 ROTATION_TAG = "cdc/checks_group"  # "3/10": the group a run checks, of how many
 STALE_RUN_SECONDS = 3600  # a checks run started longer ago than this no longer holds the rotation back
-IN_PROGRESS = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
+IN_PROGRESS = [*ACTIVE_RUN_STATUSES, dg.DagsterRunStatus.CANCELING]  # a canceling run still reads the sources
 
 
 def table_check_groups(

@@ -48,6 +48,7 @@ from tests.support.capture import (
 )
 from tests.support.faults import TcpProxy, tcp_proxy
 from tests.support.pipeline import RunningPipeline, running_pipeline, wait_until_equal
+from tests.support.waiting import wait_for
 from tests.support.webhook import Receiver
 
 pytestmark = pytest.mark.faults
@@ -101,15 +102,6 @@ class FaultRun:
                     return line.lstrip("• ").strip()
             time.sleep(1)
         raise AssertionError(f"no alert naming {needles}; received:\n{self.receiver.texts()[-3000:]}")
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the workload ----------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from cdc.settings import STATE_DIR, Settings
 from local_stack.dagster import LocalDagster
 from local_stack.processes import free_port
+from tests.support.waiting import wait_for
 
 
 def _session_commands(session: int) -> dict[int, str]:
@@ -42,23 +42,14 @@ def _location_loaded(port: int) -> bool:
         data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        entries = json.load(response)["data"]["workspaceOrError"]["locationEntries"]
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            entries = json.load(response)["data"]["workspaceOrError"]["locationEntries"]
+    except OSError:  # the webserver is not answering (yet)
+        return False
     return [(e["name"], (e["locationOrLoadError"] or {}).get("__typename")) for e in entries] == [
         ("mysql_bigquery_cdc", "RepositoryLocation")
     ]
-
-
-def _wait(condition: object, what: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():  # type: ignore[operator]
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps_its_code_server_up(
@@ -71,7 +62,7 @@ def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps
     try:
         session = local.process.pid()
         assert session is not None
-        _wait(lambda: _location_loaded(port), "the code location in the UI")
+        wait_for(lambda: _location_loaded(port), "the code location in the UI")
         commands = list(_session_commands(session).values())
         kinds = {
             "supervisor": [c for c in commands if "local_stack.dagster_services" in c],
@@ -88,9 +79,11 @@ def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps
 
         [crashed] = _code_servers(session)
         os.kill(crashed, signal.SIGKILL)  # the supervisor starts it again; the UI finds it again
-        _wait(lambda: local.code_server_file.read_text().split()[::2] == ["2", "ready"], "a new code server")
+        wait_for(
+            lambda: local.code_server_file.read_text().split()[::2] == ["2", "ready"], "a new code server"
+        )
         assert _code_servers(session) not in ([], [crashed])
-        _wait(lambda: _location_loaded(port), "the code location after the code server crashed")
+        wait_for(lambda: _location_loaded(port), "the code location after the code server crashed")
 
         [before] = _code_servers(session)
         assert local.reload_code_location() == "Dagster code location mysql_bigquery_cdc reloaded"
