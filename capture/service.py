@@ -150,7 +150,19 @@ class ClusterCapture:
     # -- the run loop ------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Full load if needed, then stream until stop() or SIGTERM; wait out an unreachable source or S3."""
+        """Full load if needed, then stream until stop() or SIGTERM; wait out an unreachable source or S3. A stopped
+        capture says so in its status, also when the way out failed (closing the stream, the last flush: their rows
+        are read again from the checkpoint at the next start)."""
+        try:
+            self._run()
+        except Exception as exc:
+            if not self.stop_requested.is_set() or self.state == "failed":
+                raise
+            self._record_error(f"cluster {self.cluster.cluster}: while stopping: {type(exc).__name__}: {exc}")
+        if self.state != "failed":
+            self._write_stopped()
+
+    def _run(self) -> None:
         failures = 0
         last_failure = 0.0
         loaded = False
@@ -177,8 +189,22 @@ class ClusterCapture:
                 continue
             if not restart:
                 break
+
+    def _write_stopped(self, attempts: int = 3) -> None:
+        """The status `stopped`, the last thing this capture writes: an S3 error is retried (`cdc capture status`
+        would show the capture streaming for good otherwise), and a flush still in flight ends first (its status
+        would land after this one)."""
+        self._settle_flush()
         self.state = "stopped"
-        self._write_status(force=True)
+        for attempt in range(1, attempts + 1):
+            try:
+                self._write_status(force=True)
+                break
+            except TRANSIENT_ERRORS:
+                if attempt == attempts:
+                    raise
+                time.sleep(1.0)
+        log.info("capture of %s stopped", self.cluster.cluster)
 
     def _interrupted(self, exc: BaseException, delay: float) -> None:
         """The source or S3 went away: forget everything not yet flushed (it is read again from the checkpoint)."""

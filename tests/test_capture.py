@@ -129,6 +129,47 @@ def test_every_character_set_is_decoded_exactly_from_the_binlog(local_stack: Loc
         assert cursor.fetchone()[0][:2] == "€\x81"  # a byte cp1252 leaves undefined: MySQL's latin1 has it
 
 
+def test_a_stopped_capture_says_stopped_even_when_the_way_out_fails(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last status a capture writes is `stopped`: its first write failing in S3 is retried, and an error on the
+    way out (here the last flush) is recorded in it instead of leaving the status `streaming` for good."""
+    from botocore.exceptions import ClientError
+
+    env = new_env(local_stack, "slots_play")
+    run_sql(env, "CREATE TABLE `{schema}`.st (id INT PRIMARY KEY)", "INSERT INTO `{schema}`.st VALUES (1)")
+    store = env.store()
+    refused: list[str] = []
+    write_json = store.write_json
+
+    def flaky_write(kind: str, cluster: str, document: dict[str, Any]) -> None:
+        if document.get("state") == "stopped" and not refused:
+            refused.append(kind)
+            raise ClientError(
+                {"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "PutObject"
+            )
+        write_json(kind, cluster, document)
+
+    monkeypatch.setattr(store, "write_json", flaky_write)
+    capture = ClusterCapture(env.mapping(env.table("st", ["id"])), env.replication(), store, FAST)
+    flush = capture._flush
+
+    def failing_last_flush(force: bool = False, at_boundary: bool = True) -> None:
+        if force and capture.stop_requested.is_set():
+            raise RuntimeError("the last flush failed")
+        flush(force, at_boundary)
+
+    monkeypatch.setattr(capture, "_flush", failing_last_flush)
+    with running(capture):
+        wait_caught_up(env)
+        run_sql(env, "INSERT INTO `{schema}`.st VALUES (2)")
+        wait_caught_up(env)
+    status = env.store().read_json("status", "slots_play")
+    assert refused == ["status"]
+    assert status is not None and status["state"] == "stopped"
+    assert any("while stopping: RuntimeError: the last flush failed" in e for e in status["errors"])
+
+
 def test_zero_dates_are_counted_in_the_status(local_stack: LocalStack) -> None:
     env = new_env(local_stack, "slots_accounts")
     create_every_type(env)
@@ -603,7 +644,9 @@ def test_background_capture_starts_reports_and_stops(local_stack: LocalStack, tm
         )
     finally:
         assert cdc_run("capture", "stop").strip() == "capture stopped"
-    assert "stopped" in cdc_run("capture", "status")
+    status = cdc_run("capture", "status")
+    log = (local_stack.state_dir / "capture" / "capture.log").read_text()
+    assert "stopped" in status, status + "\ncapture log:\n" + log[-4000:]
     assert compare_with_source(env, "bg", ["id"]) == 3
 
 
