@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +60,7 @@ REQUEST_BYTES = (
 CHANGE_TYPES = {"I": "UPSERT", "U": "UPSERT", "D": "DELETE"}
 LOAD_FILE = re.compile(r"/LOAD[0-9A-F]{8}\.parquet$")
 STATE_ROOT = "_cdc_loader"
+RECENT_FILES = 256  # CDC files a table's state remembers as read (StreamState.recent)
 
 
 class StreamConflict(RuntimeError):
@@ -75,6 +77,12 @@ class StreamState:
     cursor: str = ""  # the last CDC file read (keys sort by write time)
     loads: dict[str, str] = field(default_factory=dict)  # full-load file -> ETag read
     columns: list[str] = field(default_factory=list)  # the changelog's columns when the stream was opened
+    # the CDC files of the last loads, in the ledger already: a message naming one of them again (the run after the
+    # one that listed and read it) is answered without asking the ledger
+    recent: list[str] = field(default_factory=list)
+    # the three tables' schemas as the last load ensured them, and for which batch columns (TableSchemas)
+    tables_for: str = ""
+    schemas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     day: str = ""  # usage today (UTC), for the quota report
     calls: int = 0
     bytes: int = 0
@@ -144,6 +152,8 @@ class StreamLoader(TableTargets):
         self.control = control
         self.max_staleness_minutes = max_staleness_minutes
         self.state_name = f"{self.dataset}.{self.current}"
+        self.tables_for = ""  # the batch columns the tables were last ensured for (ensure_tables)
+        self.from_state = False  # whether their schemas came from the state, not from BigQuery
         self.calls = 0
         self.bytes = 0
 
@@ -178,23 +188,39 @@ class StreamLoader(TableTargets):
 
     # -- tables --------------------------------------------------------------------------------------------------
 
-    def ensure_tables(self, data: pa.Table) -> list[bigquery.SchemaField]:
+    def ensure_tables(self, data: pa.Table, state: StreamState | None = None) -> list[bigquery.SchemaField]:
         """Create or widen the changelog, the current state (primary key, clustering, max_staleness) and the ledger
-        for the batch's columns; the changelog's schema."""
+        for the batch's columns; the changelog's schema. When `state` says the last load ensured them for the same
+        columns, their schemas come from it and BigQuery is not asked (`from_state`; a table dropped since makes
+        the load ensure them again: `_load`)."""
         fields = _schema_of(data)
         meta = {f.name: f for f in fields}
         data_fields = [f for f in fields if f.name not in METADATA_COLUMNS]
         changelog = [meta[c] for c in (OP, COMMIT_TS, CHANGE_SEQ, SOURCE_FILE, LOADED_AT)] + data_fields
         key = list(self.mapping.primary_key)
+        staleness = staleness_interval(self.max_staleness_minutes) if self.max_staleness_minutes > 0 else ""
+        self.tables_for = json.dumps(
+            [[f.to_api_repr() for f in changelog], key, staleness, self.dataset], sort_keys=True
+        )
+        names = [self.changelog, self.ledger] + ([self.current] if key else [])
+        if state and state.tables_for == self.tables_for and all(n in state.schemas for n in names):
+            for name in names:
+                self.schemas[name] = [bigquery.SchemaField.from_api_repr(f) for f in state.schemas[name]]
+            self.from_state = True
+            return self.schemas[self.changelog]
+        self.from_state = False
         schema = self.ensure(self.changelog, changelog, partition=COMMIT_TS, cluster=key[:4])
         if key:
-            staleness = (
-                staleness_interval(self.max_staleness_minutes) if self.max_staleness_minutes > 0 else ""
-            )
             current = [*data_fields, meta[COMMIT_TS], meta[CHANGE_SEQ]]
             self.ensure(self.current, current, cluster=key[:4], primary_key=key, max_staleness=staleness)
         self.ensure(self.ledger, LEDGER_FIELDS)
         return schema
+
+    def _remember_tables(self, state: StreamState) -> None:
+        """The schemas this load ensured (or took from the state), for the next load's `ensure_tables`."""
+        names = [self.changelog, self.ledger] + ([self.current] if self.mapping.primary_key else [])
+        state.tables_for = self.tables_for
+        state.schemas = {n: [f.to_api_repr() for f in self.schemas[n]] for n in names}
 
     def type_change_remedy(self) -> str:
         return (
@@ -271,7 +297,7 @@ class StreamLoader(TableTargets):
         if data is None:
             return replace(result, files=len(keys))
         try:
-            schema = self.ensure_tables(data)
+            schema = self.ensure_tables(data, state)
         except LoadError as exc:
             if horizon is None and self._superseded(data):
                 # files from before a type change whose remedy (tables dropped, re-snapshot) has run since: the
@@ -284,14 +310,26 @@ class StreamLoader(TableTargets):
         truncate = truncated_at(data) if self.mapping.primary_key and not horizon else None
         if truncate and self.horizon() >= truncate:
             truncate = None  # applied by an earlier attempt (its marker is in the ledger)
-        state, appended, resynced = self._append(data, state, schema, late, resend, horizon, truncate)
-        if truncate:
-            self._record_files(data, keys, truncate, TRUNCATE_MARKER)
-        else:
-            self._record_files(data, keys, horizon)
-        state.cursor = max([state.cursor, *(k for k in keys if not LOAD_FILE.search(k))])
+        try:
+            state, appended, resynced = self._write(
+                data, keys, state, schema, late, resend, horizon, truncate
+            )
+        except exceptions.NotFound:
+            if not self.from_state:
+                raise
+            # a table dropped since the state was written (the type-change remedy): ensured again, then written
+            # again - the current state takes a change twice harmlessly, the changelog's offsets and high-water mark
+            # keep it once, and the ledger is only written after both
+            schema = self.ensure_tables(data)
+            state, appended, resynced = self._write(
+                data, keys, state, schema, late, resend, horizon, truncate
+            )
+        read = [k for k in keys if not LOAD_FILE.search(k)]
+        state.cursor = max([state.cursor, *read])
+        state.recent = sorted(set(state.recent) | set(read))[-RECENT_FILES:]
         state.loads.update({k: versions[k] for k in keys if LOAD_FILE.search(k) and k in versions})
         state.count(self.calls, self.bytes)
+        self._remember_tables(state)
         self.write_state(state)
         ops = {item["values"]: item["counts"] for item in pc.value_counts(data[OP]).to_pylist()}
         return StreamResult(
@@ -313,12 +351,38 @@ class StreamLoader(TableTargets):
             commit_times=pc.unique(data[COMMIT_TS]).to_pylist(),
         )
 
+    def _write(
+        self,
+        data: pa.Table,
+        keys: list[str],
+        state: StreamState | None,
+        schema: list[bigquery.SchemaField],
+        late: set[str],
+        resend: bool,
+        horizon: str | None,
+        truncate: str | None,
+    ) -> tuple[StreamState, int, bool]:
+        """The batch's changes appended (`_append`), then its files recorded in the ledger."""
+        state, appended, resynced = self._append(data, state, schema, late, resend, horizon, truncate)
+        if truncate:
+            self._record_files(data, keys, truncate, TRUNCATE_MARKER)
+        else:
+            self._record_files(data, keys, horizon)
+        return state, appended, resynced
+
     def _late_files(self, named: Sequence[str], state: StreamState | None, listed: list[str]) -> list[str]:
         """Files a message named that sort before the cursor and are not in the ledger: written late (a producer
         that named a file earlier than the last one read). Their changes below the high-water mark are checked
-        against the changelog one by one (rare: a query)."""
+        against the changelog one by one (rare: a query). A file among the state's recent files is in the ledger
+        (the state is written after it): the usual case - the run before listed and read the files this run's
+        messages name - asks BigQuery nothing."""
         cursor = state.cursor if state else ""
-        older = [k for k in named if k not in listed and not LOAD_FILE.search(k) and k <= cursor]
+        recent = set(state.recent) if state else set()
+        older = [
+            k
+            for k in named
+            if k not in listed and k not in recent and not LOAD_FILE.search(k) and k <= cursor
+        ]
         if not older:
             return []
         return sorted(set(older) - self.loaded_files(older))

@@ -37,6 +37,19 @@ from tests.support.capture import (
 from tests.support.every_type import capture_every_type
 
 
+def record_calls(client: Any, method: str) -> list[str]:
+    """The first argument of every call of the client's `method` from now on (the call itself goes through)."""
+    calls: list[str] = []
+    original = getattr(client, method)
+
+    def recording(first: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(str(first))
+        return original(first, *args, **kwargs)
+
+    setattr(client, method, recording)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def landed(local_stack: LocalStack) -> tuple[CaptureEnv, list[str]]:
     """Captured changes of one table: a full load, then inserts, updates, a key change and deletes, in many files."""
@@ -80,10 +93,11 @@ def test_every_change_once_and_the_current_state_equal_to_the_source(
     assert first.write_calls >= 3  # current state, changelog, ledger; no load job
     assert_current_state_equals_source(loader, env)
     assert assert_changelog_has_no_duplicates(loader) == first.rows
-    again = stream_all(
-        accounts_stream_loader(local_stack, env, "stream_once"), env, named=keys
-    )  # redelivered
+    redelivery = accounts_stream_loader(local_stack, env, "stream_once")
+    queries = record_calls(redelivery.bq, "query")
+    again = stream_all(redelivery, env, named=keys)  # redelivered
     assert again.files == 0 and again.inserted_changes == 0
+    assert queries == []  # files the state remembers as read: the ledger is not asked
     assert loader.loaded_files(keys) == set(keys)  # the ledger names every file
 
 
@@ -144,6 +158,33 @@ def test_a_late_file_is_loaded_and_its_present_changes_skipped(
     total = assert_changelog_has_no_duplicates(loader)
     redelivered = stream_all(accounts_stream_loader(local_stack, env, "stream_late"), env, named=keys)
     assert redelivered.inserted_changes == 0 and assert_changelog_has_no_duplicates(loader) == total
+
+
+def test_a_load_takes_the_tables_schemas_from_the_state_and_recreates_tables_dropped_since(
+    local_stack: LocalStack, landed: tuple[CaptureEnv, list[str]]
+) -> None:
+    env, keys = landed
+    s3, bucket = env.s3(), local_stack.settings.bucket
+    first = accounts_stream_loader(local_stack, env, "stream_schemas")
+    total = stream_all(first, env).rows
+    state = first.read_state()
+    assert state is not None and set(state.schemas) == {
+        "accounts",
+        "accounts_changelog",
+        "accounts_loaded_files",
+    }
+    # the same columns again (a backfill of the day): BigQuery is not asked for the tables
+    again = accounts_stream_loader(local_stack, env, "stream_schemas")
+    asked = record_calls(again.bq, "get_table")
+    assert again.rebuild(s3, bucket, keys).inserted_changes == 0
+    assert asked == []
+    # the tables dropped since (the type-change remedy's first step): the next load makes them again and loads
+    for name in ("accounts", "accounts_changelog"):
+        again.bq.delete_table(again.table_id(name))
+    rebuilt = accounts_stream_loader(local_stack, env, "stream_schemas").rebuild(s3, bucket, keys)
+    assert rebuilt.inserted_changes == total
+    assert assert_changelog_has_no_duplicates(first) == total
+    assert_current_state_equals_source(first, env)
 
 
 @pytest.mark.parametrize("mode", ["streaming", "batch"])
