@@ -300,6 +300,12 @@ class TableTask:
             self.table, result.batch_changes, result.duplicated_changes, scope="this batch"
         )
 
+    @property
+    def routine(self) -> bool:
+        """A streaming load with nothing to remark (no rebuild, no resync): its materialization's metadata says what
+        it did, and the run logs one line for all of them (a log event per table costs a storage write each)."""
+        return self.streamed is not None and not self.rebuild_id and not self.streamed.resynced
+
     def summary(self) -> str:
         if self.streamed is not None:
             done = self.streamed
@@ -397,6 +403,13 @@ def load_selected_tables(
                     continue
                 yield _finish(context, task, landing, sqs, settings)
     show_lines()
+    routine = [t.streamed for t in tasks if t.routine and t.streamed is not None]
+    if routine:
+        context.log.info(
+            f"{len(routine)} table(s) streamed in {time.monotonic() - started:.1f} s: "
+            f"{sum(r.files for r in routine)} file(s), {sum(r.rows for r in routine)} row(s), "
+            f"{sum(r.inserted_changes for r in routine)} new change(s) (per table: each materialization's metadata)"
+        )
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} of {len(tasks)} table(s) failed to load (the others were loaded): "
@@ -437,7 +450,8 @@ def _finish(
             key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
         )
     acknowledged = acknowledge(sqs, landing.queue_url, task.receipts, context.log)
-    context.log.info(task.summary())
+    if not task.routine:
+        context.log.info(task.summary())
     result = task.materialization(acknowledged, settings.load_job_cap_per_table_day)
     asset_key = bigquery_asset_key(task.table)
     if (

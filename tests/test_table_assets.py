@@ -174,6 +174,28 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     assert 0 <= values["lag_s"] <= values["latency_p50_s"] <= values["latency_max_s"]
     loader = accounts_stream_loader(local_stack, env, "stream_asset_test")
     assert_current_state_equals_source(loader, env)
+
+    def logged_lines(run_id: str) -> list[str]:
+        return [entry.user_message for entry in instance.all_logs(run_id) if not entry.is_dagster_event]
+
+    # the first load opened the table's stream: its own line says so
+    assert [
+        line for line in logged_lines(loaded.run_id) if "(streaming):" in line and "re-synchronised" in line
+    ]
+    # a routine streaming load (here: the same files redelivered) logs no line of its own - a storage write each -
+    # but one line per run for all its tables
+    redelivered = dg.materialize(
+        [asset],
+        partition_key=today,
+        resources=resources,
+        instance=instance,
+        run_config=load_run_config({target.target: (named, [])}),
+    )
+    lines = logged_lines(redelivered.run_id)
+    assert not [line for line in lines if "(streaming):" in line], lines
+    assert [line for line in lines if line.startswith("1 table(s) streamed in ") and "0 file(s)" in line], (
+        lines
+    )
     backfill = dg.materialize(
         [asset], partition_key=today, resources=resources, instance=instance
     )  # no files named
@@ -181,5 +203,6 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     assert metadata["rebuild"].value and metadata["new_changes"].value == 0  # every change was there already
     logged = "\n".join(entry.user_message for entry in instance.all_logs(backfill.run_id))
     assert f"(files): {len(named)} of ~{len(named)} (100 %)" in logged, logged
+    assert "(streaming): " in logged and "(rebuild)" in logged  # a backfill's load has its own line
     assert assert_changelog_has_no_duplicates(loader) == values["rows"]
     assert_current_state_equals_source(loader, env)
