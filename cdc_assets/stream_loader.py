@@ -80,7 +80,7 @@ class StreamState:
     # the CDC files of the last loads, in the ledger already: a message naming one of them again (the run after the
     # one that listed and read it) is answered without asking the ledger
     recent: list[str] = field(default_factory=list)
-    # the three tables' schemas as the last load ensured them, and for which batch columns (TableSchemas)
+    # the three tables' schemas as the last load ensured them, and for which batch columns (ensure_tables)
     tables_for: str = ""
     schemas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     day: str = ""  # usage today (UTC), for the quota report
