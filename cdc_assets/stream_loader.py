@@ -202,7 +202,7 @@ class StreamLoader(TableTargets):
         self.tables_for = json.dumps(
             [[f.to_api_repr() for f in changelog], key, staleness, self.dataset], sort_keys=True
         )
-        names = [self.changelog, self.ledger] + ([self.current] if key else [])
+        names = self._table_names()
         if state and state.tables_for == self.tables_for and all(n in state.schemas for n in names):
             for name in names:
                 self.schemas[name] = [bigquery.SchemaField.from_api_repr(f) for f in state.schemas[name]]
@@ -216,11 +216,14 @@ class StreamLoader(TableTargets):
         self.ensure(self.ledger, LEDGER_FIELDS)
         return schema
 
+    def _table_names(self) -> list[str]:
+        """The tables a load writes: changelog, ledger, and the current state of a table with a primary key."""
+        return [self.changelog, self.ledger] + ([self.current] if self.mapping.primary_key else [])
+
     def _remember_tables(self, state: StreamState) -> None:
         """The schemas this load ensured (or took from the state), for the next load's `ensure_tables`."""
-        names = [self.changelog, self.ledger] + ([self.current] if self.mapping.primary_key else [])
         state.tables_for = self.tables_for
-        state.schemas = {n: [f.to_api_repr() for f in self.schemas[n]] for n in names}
+        state.schemas = {n: [f.to_api_repr() for f in self.schemas[n]] for n in self._table_names()}
 
     def type_change_remedy(self) -> str:
         return (

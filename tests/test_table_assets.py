@@ -145,13 +145,18 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     instance.add_run(earlier)
     ended = threading.Thread(target=end_once_waited_for, args=(instance, earlier), daemon=True)
     ended.start()
-    loaded = dg.materialize(
-        [asset],
-        partition_key=today,
-        resources=resources,
-        instance=instance,
-        run_config=load_run_config({target.target: (named, [])}),
-    )
+
+    def load_named() -> dg.ExecuteInProcessResult:
+        """A load run as the sensor requests it: the table's landed files named."""
+        return dg.materialize(
+            [asset],
+            partition_key=today,
+            resources=resources,
+            instance=instance,
+            run_config=load_run_config({target.target: (named, [])}),
+        )
+
+    loaded = load_named()
     ended.join()
     waited = [
         e for e in instance.all_logs(loaded.run_id) if "waiting for run(s) earlier-load-run" in e.user_message
@@ -184,13 +189,7 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     ]
     # a routine streaming load (here: the same files redelivered) logs no line of its own - a storage write each -
     # but one line per run for all its tables
-    redelivered = dg.materialize(
-        [asset],
-        partition_key=today,
-        resources=resources,
-        instance=instance,
-        run_config=load_run_config({target.target: (named, [])}),
-    )
+    redelivered = load_named()
     lines = logged_lines(redelivered.run_id)
     assert not [line for line in lines if "(streaming):" in line], lines
     assert [line for line in lines if line.startswith("1 table(s) streamed in ") and "0 file(s)" in line], (
@@ -201,7 +200,7 @@ def test_streaming_a_partition_loads_the_landed_files_through_the_write_api(loca
     )  # no files named
     metadata = backfill.asset_materializations_for_node(LOADER)[0].metadata
     assert metadata["rebuild"].value and metadata["new_changes"].value == 0  # every change was there already
-    logged = "\n".join(entry.user_message for entry in instance.all_logs(backfill.run_id))
+    logged = "\n".join(logged_lines(backfill.run_id))
     assert f"(files): {len(named)} of ~{len(named)} (100 %)" in logged, logged
     assert "(streaming): " in logged and "(rebuild)" in logged  # a backfill's load has its own line
     assert assert_changelog_has_no_duplicates(loader) == values["rows"]
