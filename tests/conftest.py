@@ -7,7 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from google.cloud import bigquery
@@ -28,7 +28,13 @@ STOCK_EMULATOR = os.environ.get("CDC_TEST_BIGQUERY_STOCK") == "1"
 TEST_PROJECT = "test-project"
 
 
-@pytest.fixture(scope="session")
+def bigquery_scope(fixture_name: str, config: pytest.Config) -> Literal["session", "function"]:
+    """One BigQuery server for the session; under the meta-test one per test, so that a test which wedges the stock
+    server fails alone and every other test fails (or not) on its own deviation."""
+    return "function" if STOCK_EMULATOR else "session"
+
+
+@pytest.fixture(scope=bigquery_scope)
 def bigquery_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulatorServer]:
     server = BigQueryEmulatorServer(
         rest_port=free_port(),
@@ -42,7 +48,7 @@ def bigquery_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQue
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=bigquery_scope)
 def bq(bigquery_server: BigQueryEmulatorServer) -> bigquery.Client:
     return bigquery_client(bigquery_server.project, endpoint=bigquery_server.endpoint)
 

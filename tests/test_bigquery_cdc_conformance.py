@@ -25,6 +25,7 @@ from google.cloud.bigquery_storage_v1 import types, writer
 from cdc.clients import bigquery_write_client
 from cdc_assets.proto_rows import ProtoRows
 from local_stack.bigquery_emulator import BigQueryEmulatorServer
+from tests.conftest import bigquery_scope
 
 SCHEMA = [
     bigquery.SchemaField("id", "INTEGER", mode="REQUIRED"),
@@ -32,7 +33,7 @@ SCHEMA = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=bigquery_scope)
 def write(bigquery_server: BigQueryEmulatorServer) -> Any:
     return bigquery_write_client(bigquery_server.write_endpoint)
 

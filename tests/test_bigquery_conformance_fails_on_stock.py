@@ -25,13 +25,13 @@ def test_every_conformance_test_fails_on_the_unpatched_emulator(tmp_path: Path) 
             "-q",
             "-p",
             "no:cacheprovider",
-            "--timeout=10",  # the stock server deadlocks on some of them: a hang is a failure, not a stall
+            "--timeout=30",  # the stock server deadlocks on some of them: a hang is a failure, not a stall
             f"--junitxml={report}",
         ],
         env={**os.environ, "CDC_TEST_BIGQUERY_STOCK": "1"},
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=1200,
         check=False,
     )
     cases = ET.parse(report).getroot().iter("testcase")

@@ -55,6 +55,9 @@ pytestmark = pytest.mark.faults
 
 CLUSTER = "roulette_play"
 WORKLOAD_SECONDS = 15.0  # the fault is injected 5 s in; long faults outlast it
+MIN_TRANSACTIONS = (
+    60  # the workload goes on until it has committed this many, so every fault meets real changes
+)
 
 
 @dataclass
@@ -108,17 +111,20 @@ class FaultRun:
 
 
 @contextmanager
-def workload(env: CaptureEnv, seconds: float, rate: float = 10.0) -> Iterator[dict[str, int]]:
-    """Transactions of 1-3 changes (inserts, updates, key changes, deletes) on the accounts table for `seconds`, in a
-    thread; a lost connection (the server restarted) is reconnected and counted. Leaving the block waits for it."""
+def workload(
+    env: CaptureEnv, seconds: float, rate: float = 10.0, at_least: int = MIN_TRANSACTIONS
+) -> Iterator[dict[str, int]]:
+    """Transactions of 1-3 changes (inserts, updates, key changes, deletes) on the accounts table for `seconds` and
+    until `at_least` committed (a loaded machine or a long fault slows it; at most 120 s more), in a thread; a lost
+    connection (the server restarted) is reconnected and counted. Leaving the block waits for it."""
     done = {"transactions": 0, "interrupted": 0}
 
     def write() -> None:
         rng = random.Random(7)
         next_id = 100
-        deadline = time.monotonic() + seconds
+        deadline, ceiling = time.monotonic() + seconds, time.monotonic() + seconds + 120
         connection = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < ceiling and (time.monotonic() < deadline or done["transactions"] < at_least):
             try:
                 if connection is None:
                     connection = env.admin()
@@ -138,7 +144,7 @@ def workload(env: CaptureEnv, seconds: float, rate: float = 10.0) -> Iterator[di
         if connection is not None:
             connection.close()
 
-    with in_thread(write, stop=lambda: None, join_timeout=seconds + 120):
+    with in_thread(write, stop=lambda: None, join_timeout=seconds + 240):
         yield done
 
 
@@ -487,7 +493,7 @@ def test_a_fault_under_load_loses_and_doubles_nothing(
         }
     )
     assert outcome["missing"] == 0 and outcome["duplicated"] == 0
-    assert written["transactions"] > 50, written
+    assert written["transactions"] >= MIN_TRANSACTIONS, written
     passwords = {
         f"{cluster} {kind} password": value
         for cluster, kinds in local_stack.settings.passwords.items()
