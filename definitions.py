@@ -9,6 +9,7 @@ from cdc_assets.checks import build_table_checks
 from cdc_assets.lineage import bigquery_asset_key, landing_asset_specs, source_asset_specs
 from cdc_assets.resnapshot import HEAVY_RUN_TAG, build_resnapshot_job
 from cdc_assets.resources import build_resources
+from cdc_assets.stream_run import build_stream_job
 from cdc_assets.tables import build_table_assets
 from sensors import shared_instance
 from sensors.alerts import (
@@ -19,6 +20,7 @@ from sensors.alerts import (
 )
 from sensors.resnapshot_requests import build_resnapshot_request_sensor
 from sensors.sqs_sensor import build_sqs_sensor
+from sensors.stream_runs import build_stream_run_sensor
 from sensors.table_checks_rotation import build_table_checks_sensor
 
 TABLE_CHECKS_JOB = "table_checks"
@@ -37,6 +39,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         "the tables the table_checks_rotation sensor picks); in streaming mode also the changelog's recent duplicates.",
         tags={HEAVY_RUN_TAG: "true"},
     )
+    stream_job = build_stream_job(mappings, settings)
     return dg.Definitions(
         assets=[
             *source_asset_specs(mappings),
@@ -44,10 +47,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             build_table_assets(tables, settings),
         ],
         asset_checks=checks,
-        jobs=[table_checks, build_resnapshot_job(mappings, settings)],
+        jobs=[table_checks, build_resnapshot_job(mappings, settings), stream_job],
         sensors=[
             build_table_checks_sensor(table_checks, checks, settings.table_checks_cycle_minutes),
             build_sqs_sensor(mappings, [bigquery_asset_key(t) for _, t in tables], settings),
+            build_stream_run_sensor(stream_job, mappings, settings),
             alert_failed_checks,
             alert_failed_runs,
             build_dead_letter_alert_sensor(),

@@ -431,7 +431,12 @@ def main() -> None:
         type=float,
         help="the capture's flush interval (s): a file per table per flush (default 5, as the capture's)",
     )
-    parser.add_argument("--modes", default="streaming,batch", help="the load modes to measure, in turn")
+    parser.add_argument(
+        "--modes",
+        default="streaming,batch",
+        help=f"the load modes to measure, in turn, of {', '.join(MODE_ENVIRONMENT)} (stream-run: streaming in a "
+        "standing stream run)",
+    )
     parser.add_argument(
         "--peer-interval", type=float, default=120.0, help="the incremental copy's schedule (s)"
     )
@@ -484,6 +489,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     capture replay once, with the first mode."""
     began = time.monotonic()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODE_ENVIRONMENT))
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {unknown}; choose from {', '.join(MODE_ENVIRONMENT)}")
     report: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -501,10 +509,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+# what each measured mode sets: the load mode, and for "stream-run" streaming in a standing stream run
+MODE_ENVIRONMENT = {
+    "streaming": {"CDC_LOAD_MODE": "streaming"},
+    "batch": {"CDC_LOAD_MODE": "batch"},
+    "stream-run": {"CDC_LOAD_MODE": "streaming", "CDC_STREAM_RUN_MINUTES": "5"},
+}
+
+
 def run_mode(args: argparse.Namespace, mode: str, extras: bool) -> dict[str, Any]:
     began = time.monotonic()
     state = ROOT / ".state" / "bench"
-    platform = BenchPlatform(state, extra_env={"CDC_LOAD_MODE": mode})
+    platform = BenchPlatform(state, extra_env=MODE_ENVIRONMENT[mode])
     if state.exists():  # an earlier run's platform: stopped whole before its folder goes
         subprocess.run([CDC, "stack", "down"], env=platform.env, check=False, capture_output=True)
         stopped = stop_leftovers(state)

@@ -133,6 +133,20 @@ def acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
     return done
 
 
+def set_visibility(sqs: Any, queue_url: str, receipts: Sequence[str], seconds: float) -> None:
+    """Make messages visible again after `seconds` (0: now, for another consumer), ten per call; a handle that
+    expired meanwhile is harmless (its message is visible already)."""
+    timeout = int(min(43_200, max(0, seconds)))
+    for start in range(0, len(receipts), 10):
+        entries = [
+            {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout}
+            for n, r in enumerate(receipts[start : start + 10])
+        ]
+        failed = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries).get("Failed")
+        if failed and timeout:  # held messages that come back early are held again: no loss, only a repeat
+            raise RuntimeError(f"could not keep SQS messages invisible: {failed}")
+
+
 # -- one table's part of a run ---------------------------------------------------------------------------------
 
 

@@ -10,13 +10,19 @@ whole run. The SQS sensor launches a run only for tables held by fewer than RUNS
 
 A run writes the assets it selects (loads, backfills) or, for a `resnapshot_table` run (an op job that selects no
 asset, so it holds its table until it ends), the table named in its run config: a re-snapshot and a load of the
-same table never append at once."""
+same table never append at once.
+
+A standing stream run (`cdc_assets.stream_run`) holds the tables its run config names for its whole life, except
+those it has released to a later run: it logs an observation of the table naming that run once it no longer loads
+the table, and loads it again only after that run has materialized it or ended. A stream run whose heartbeat stopped
+(its worker died) holds nothing."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import dagster as dg
 
@@ -35,6 +41,13 @@ ACTIVE_RUN_MAX_AGE_S = 600
 POLL_SECONDS = 0.25
 RESNAPSHOT_JOB = "resnapshot_table"
 RESNAPSHOT_OP = "resnapshot_from_source"
+STREAM_JOB = "stream_landed_files"
+STREAM_OP = "stream_tables"
+RELEASED_TO = "released_to"  # metadata of a stream run's observation that hands a table to a later run
+HEARTBEAT_KEY = (
+    "cdc/stream-heartbeat/"  # + run id: a stream run's last sign of life (instance key-value store)
+)
+HEARTBEAT_STALE_S = 30.0
 
 
 def table_names(tables: Iterable[TableMapping]) -> dict[str, dg.AssetKey]:
@@ -49,12 +62,19 @@ def table_names(tables: Iterable[TableMapping]) -> dict[str, dg.AssetKey]:
 def written_assets(run: dg.DagsterRun, names: Mapping[str, dg.AssetKey]) -> set[dg.AssetKey]:
     """The tables a run writes: the assets it selects, or the table a re-snapshot's run config names."""
     assets = set(run.asset_selection or ())
+    ops = run.run_config.get("ops", {}) if isinstance(run.run_config, dict) else {}
     if run.job_name == RESNAPSHOT_JOB:
-        ops = run.run_config.get("ops", {}) if isinstance(run.run_config, dict) else {}
         table = (ops.get(RESNAPSHOT_OP) or {}).get("config", {}).get("table")
         if isinstance(table, str) and table in names:
             assets.add(names[table])
+    if run.job_name == STREAM_JOB:
+        tables = (ops.get(STREAM_OP) or {}).get("config", {}).get("tables") or []
+        assets.update(names[table] for table in tables if isinstance(table, str) and table in names)
     return assets
+
+
+def is_stream_run(run: dg.DagsterRun) -> bool:
+    return run.job_name == STREAM_JOB
 
 
 def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
@@ -63,35 +83,73 @@ def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
     return [r for r in records if now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S]
 
 
-class Materialized:
-    """The assets each run has materialized so far, read incrementally: a run's materializations only grow, so each
-    read fetches only the events after the cursor of the last one (a waiting run polls this several times a
-    second, and a run's materialization events carry each table's metadata). One per reader: a run's hand-over, or
-    the sensor across its ticks."""
+class _RunEvents:
+    """What the events of one type of each run say, read incrementally: a run's events only grow, so each read
+    fetches only the events after the cursor of the last one (a waiting run polls this several times a second).
+    One per reader: a run's hand-over, or the sensor across its ticks."""
+
+    event_type = dg.DagsterEventType.ASSET_MATERIALIZATION
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[str | None, set[dg.AssetKey]]] = {}
+        self._seen: dict[str, tuple[str | None, set[Any]]] = {}
 
-    def of(self, instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
-        cursor, assets = self._seen.get(run_id, (None, set()))
+    def _item(self, event: dg.DagsterEvent) -> Any:
+        return event.asset_key
+
+    def _read(self, instance: dg.DagsterInstance, run_id: str) -> set[Any]:
+        cursor, items = self._seen.get(run_id, (None, set()))
         while True:
-            result = instance.get_records_for_run(
-                run_id, cursor=cursor, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=500
-            )
-            assets.update(
-                r.event_log_entry.dagster_event.asset_key
-                for r in result.records
-                if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.asset_key
+            result = instance.get_records_for_run(run_id, cursor=cursor, of_type=self.event_type, limit=500)
+            events = [r.event_log_entry.dagster_event for r in result.records]
+            items.update(
+                item for event in events if event is not None and (item := self._item(event)) is not None
             )
             cursor = result.cursor
             if not result.has_more:
                 break
-        self._seen[run_id] = (cursor, assets)
-        return set(assets)
+        self._seen[run_id] = (cursor, items)
+        return set(items)
 
     def keep_only(self, run_ids: Collection[str]) -> None:
         """Forget runs no longer active."""
         self._seen = {run: seen for run, seen in self._seen.items() if run in run_ids}
+
+
+class Materialized(_RunEvents):
+    """The assets each run has materialized so far."""
+
+    def of(self, instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
+        return self._read(instance, run_id)
+
+
+class Released(_RunEvents):
+    """The (asset, later run id) pairs each stream run has released."""
+
+    event_type = dg.DagsterEventType.ASSET_OBSERVATION
+
+    def _item(self, event: dg.DagsterEvent) -> Any:
+        data = event.event_specific_data
+        observation = getattr(data, "asset_observation", None)
+        entry = observation.metadata.get(RELEASED_TO) if observation is not None else None
+        return (event.asset_key, entry.value) if entry is not None else None
+
+    def to(self, instance: dg.DagsterInstance, run_id: str, later_run_id: str) -> set[dg.AssetKey]:
+        """The assets stream run `run_id` has released to `later_run_id`."""
+        return {asset for asset, later in self._read(instance, run_id) if later == later_run_id}
+
+
+def stream_run_alive(instance: dg.DagsterInstance, record: dg.RunRecord, now: float) -> bool:
+    """A stream run not started yet, or started and beating (its first beat is its first act)."""
+    if record.dagster_run.status != dg.DagsterRunStatus.STARTED:
+        return True
+    started = record.start_time or record.create_timestamp.timestamp()
+    key = HEARTBEAT_KEY + record.dagster_run.run_id
+    value = instance.run_storage.get_cursor_values({key}).get(key)
+    try:
+        beat = float(value) if value is not None else started
+    except ValueError:
+        beat = started
+    return now - beat < HEARTBEAT_STALE_S
 
 
 def held_assets(
@@ -99,9 +157,18 @@ def held_assets(
     record: dg.RunRecord,
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
+    released: Released | None = None,
+    asked_by: str | None = None,
 ) -> set[dg.AssetKey]:
-    """The tables an active run still holds: those it writes and has not materialized yet."""
+    """The tables an active run still holds: those it writes and has not materialized yet; for a stream run, those
+    it writes and has not released to the run `asked_by` (none once its heartbeat stopped)."""
     written = written_assets(record.dagster_run, names)
+    if is_stream_run(record.dagster_run):
+        if not written or not stream_run_alive(instance, record, time.time()):
+            return set()
+        if asked_by is None:
+            return written
+        return written - (released or Released()).to(instance, record.dagster_run.run_id, asked_by)
     if not written or record.dagster_run.status != dg.DagsterRunStatus.STARTED:
         return written  # a run not started has materialized nothing
     return written - (materialized or Materialized()).of(instance, record.dagster_run.run_id)
@@ -113,9 +180,9 @@ def runs_per_asset(
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
 ) -> Counter[dg.AssetKey]:
-    """How many active runs (loads, backfills, re-snapshots) hold each asset."""
+    """How many active runs (loads, backfills, re-snapshots; not stream runs) hold each asset."""
     counts: Counter[dg.AssetKey] = Counter()
-    records = active_runs(instance, now)
+    records = [r for r in active_runs(instance, now) if not is_stream_run(r.dagster_run)]
     if materialized is not None:
         materialized.keep_only({record.dagster_run.run_id for record in records})
     for record in records:
@@ -130,6 +197,7 @@ def earlier_holders(
     now: float,
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
+    released: Released | None = None,
 ) -> dict[dg.AssetKey, list[str]]:
     """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs."""
     wanted = set(assets)
@@ -139,8 +207,30 @@ def earlier_holders(
         if (record.create_timestamp, record.dagster_run.run_id) >= order:
             continue
         if wanted & written_assets(record.dagster_run, names):
-            for asset in wanted & held_assets(instance, record, names, materialized):
+            held = held_assets(instance, record, names, materialized, released, mine.dagster_run.run_id)
+            for asset in wanted & held:
                 holders.setdefault(asset, []).append(record.dagster_run.run_id)
+    return holders
+
+
+def later_holders(
+    instance: dg.DagsterInstance,
+    mine: dg.RunRecord,
+    now: float,
+    names: Mapping[str, dg.AssetKey],
+    materialized: Materialized | None = None,
+) -> dict[dg.AssetKey, list[str]]:
+    """What a stream run yields: the assets held by active runs created after it (a later stream run's once it has
+    started), with the ids of those runs."""
+    order = (mine.create_timestamp, mine.dagster_run.run_id)
+    holders: dict[dg.AssetKey, list[str]] = {}
+    for record in active_runs(instance, now):
+        if (record.create_timestamp, record.dagster_run.run_id) <= order:
+            continue
+        if is_stream_run(record.dagster_run) and record.dagster_run.status != dg.DagsterRunStatus.STARTED:
+            continue
+        for asset in held_assets(instance, record, names, materialized):
+            holders.setdefault(asset, []).append(record.dagster_run.run_id)
     return holders
 
 
@@ -163,13 +253,14 @@ class HandOver:
         self._clock = clock
         self._shown: set[str] = set()
         self._materialized = Materialized()
+        self._released = Released()
 
     def free(self, assets: Collection[dg.AssetKey]) -> set[dg.AssetKey]:
         """Those of `assets` that no earlier active run holds."""
         if self._mine is None or not assets:
             return set(assets)
         holders = earlier_holders(
-            self._instance, self._mine, assets, self._clock(), self._names, self._materialized
+            self._instance, self._mine, assets, self._clock(), self._names, self._materialized, self._released
         )
         new = sorted({run for runs in holders.values() for run in runs} - self._shown)
         if new:

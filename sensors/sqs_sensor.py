@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,17 @@ from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets import quota
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import NO_DUPLICATES, load_run_config
+from cdc_assets.load_run import NO_DUPLICATES, load_run_config, set_visibility
 from cdc_assets.resources import LandingResource
-from cdc_assets.writers import RUNS_PER_TABLE, Materialized, active_runs, runs_per_asset, table_names
+from cdc_assets.stream_run import ORDER_SLOTS, TableFiles, current_stream_run, send_order
+from cdc_assets.writers import (
+    RUNS_PER_TABLE,
+    Materialized,
+    active_runs,
+    runs_per_asset,
+    table_names,
+    written_assets,
+)
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
 # every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
@@ -202,12 +210,30 @@ MATERIALIZED = Materialized()
 
 
 def assets_in_flight(
-    instance: dg.DagsterInstance, now: float, names: Mapping[str, dg.AssetKey]
+    instance: dg.DagsterInstance,
+    now: float,
+    names: Mapping[str, dg.AssetKey],
+    streamed: Collection[dg.AssetKey] = (),
 ) -> set[dg.AssetKey]:
     """The assets whose tables have RUNS_PER_TABLE active runs (a load, a backfill, a re-snapshot): one writing,
-    one waiting to follow it (cdc_assets.writers). Their files wait in the cursor for a later run."""
+    one waiting to follow it (cdc_assets.writers); of the `streamed` ones (a stream run takes their files), those
+    with any such run. Their files wait in the cursor for a later run."""
     counts = runs_per_asset(instance, now, names, MATERIALIZED)
-    return {asset for asset, runs in counts.items() if runs >= RUNS_PER_TABLE}
+    return {asset for asset, runs in counts.items() if runs >= (1 if asset in streamed else RUNS_PER_TABLE)}
+
+
+def order_for_stream_run(
+    instance: dg.DagsterInstance, stream: dg.RunRecord, ready: list[QueuedFiles], cursor: dict[str, Any]
+) -> None:
+    """Send the ready files of the stream run's tables to it, as one order in the next ring slot."""
+    slot = int(cursor.get("order_slot", 0))
+    send_order(
+        instance,
+        stream.dagster_run.run_id,
+        slot,
+        [TableFiles(f.table.target, f.day, set(f.keys), set(f.receipts.values())) for f in ready],
+    )
+    cursor["order_slot"] = (slot + 1) % ORDER_SLOTS
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
@@ -215,19 +241,8 @@ HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the tabl
 
 def hold(landing: LandingResource, queued: list[QueuedFiles], seconds: float) -> None:
     """Keep the held files' messages invisible until their table may load again (receipts stay valid)."""
-    sqs = landing.sqs()
     receipts = sorted({r for files in queued for r in files.receipts.values()})
-    timeout = int(min(43_200, seconds + HOLD_MARGIN_SECONDS))
-    for start in range(0, len(receipts), 10):
-        entries = [
-            {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout}
-            for n, r in enumerate(receipts[start : start + 10])
-        ]
-        failed = sqs.change_message_visibility_batch(QueueUrl=landing.queue_url, Entries=entries).get(
-            "Failed"
-        )
-        if failed:  # the message comes back early and is held again: no loss, only a repeat
-            raise RuntimeError(f"could not keep held SQS messages invisible: {failed}")
+    set_visibility(landing.sqs(), landing.queue_url, receipts, seconds + HOLD_MARGIN_SECONDS)
 
 
 def merge_held(cursor: dict[str, Any], queued: list[QueuedFiles], mappings: Mappings) -> list[QueuedFiles]:
@@ -315,12 +330,18 @@ def build_sqs_sensor(
     ) -> dg.SensorResult | dg.SkipReason:
         now = time.time()
         cursor = json.loads(context.cursor) if context.cursor else {}
-        held_assets = assets_in_flight(context.instance, now, names)
+        stream = current_stream_run(context.instance, now) if settings.stream_run_minutes else None
+        streamed = written_assets(stream.dagster_run, names) if stream else set()
+        held_assets = assets_in_flight(context.instance, now, names, streamed)
         waiting_free = any(
             bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
         )
         queued = collect(landing, mappings, context.log, 0 if waiting_free else LONG_POLL_SECONDS)
         plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
+        plan.cursor["order_slot"] = cursor.get("order_slot", 0)
+        ordered = [f for f in plan.ready if bigquery_asset_key(f.table) in streamed]
+        if stream is not None and ordered:
+            order_for_stream_run(context.instance, stream, ordered, plan.cursor)
         received = {r for files in queued for r in files.receipts.values()}
         newly_in_flight = [
             QueuedFiles(f.table, f.day, receipts={m: r for m, r in f.receipts.items() if r in received})
@@ -339,13 +360,19 @@ def build_sqs_sensor(
             context.log.info(
                 f"{files} landed file(s) for {len({f.table.target for f in plan.ready})} table(s)"
                 + (
+                    f" ({len(ordered)} to stream run {stream.dagster_run.run_id})"
+                    if stream and ordered
+                    else ""
+                )
+                + (
                     f"; {len(plan.in_flight)} table(s) in flight keep theirs for their next run"
                     if plan.in_flight
                     else ""
                 )
             )
+        to_run = [f for f in plan.ready if f not in ordered]
         return dg.SensorResult(
-            run_requests=run_requests(plan.ready, batch_tables), cursor=json.dumps(plan.cursor)
+            run_requests=run_requests(to_run, batch_tables), cursor=json.dumps(plan.cursor)
         )
 
     return landed_files_sqs

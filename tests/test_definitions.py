@@ -75,9 +75,30 @@ def test_every_table_has_its_checks_freshness_alerts_and_the_checks_rotation() -
         "alert_dead_letters",
         "resnapshot_requests",
         "table_checks_rotation",
+        "standing_stream_run",
     }
     assert not list(defs.schedules or [])
     assert len(defs.resolve_job_def("table_checks").asset_layer.asset_graph.asset_check_keys) == 4 * 70
+
+
+def test_a_stream_run_is_kept_going_only_when_stream_runs_are_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    with dg.instance_for_test() as instance:
+        keeper = build_definitions().resolve_sensor_def("standing_stream_run")
+        skipped = keeper(dg.build_sensor_context(instance=instance))
+        assert isinstance(skipped, dg.SkipReason) and "CDC_STREAM_RUN_MINUTES is 0" in str(
+            skipped.skip_message
+        )
+        monkeypatch.setenv("CDC_STREAM_RUN_MINUTES", "4")
+        defs = build_definitions()
+        request = defs.resolve_sensor_def("standing_stream_run")(dg.build_sensor_context(instance=instance))
+        assert isinstance(request, dg.RunRequest)
+        config = request.run_config["ops"]["stream_tables"]["config"]
+        assert config["minutes"] == 4.0 and len(config["tables"]) == 70 and "slots.bets" in config["tables"]
+        assert request.tags[dg.MAX_RUNTIME_SECONDS_TAG] == str(4 * 60 + 300)
+        assert defs.resolve_job_def("stream_landed_files").tags["cdc/stream"] == "true"
+        monkeypatch.setenv("CDC_LOAD_MODE", "batch")  # no table streams: no stream run
+        keeper = build_definitions().resolve_sensor_def("standing_stream_run")
+        assert isinstance(keeper(dg.build_sensor_context(instance=instance)), dg.SkipReason)
 
 
 def test_the_table_checks_rotate_a_few_tables_a_minute_each_table_once_per_cycle(

@@ -1,0 +1,381 @@
+"""The standing stream run: one long-lived Dagster run that loads streaming-mode tables as their files land, so a
+load costs no run to create and no worker to start (docs/design.md, "Stream runs").
+
+The SQS sensor stays the only consumer of the queue: for the tables a started stream run streams, it writes each
+tick's files as an order into a ring of slots in the Dagster instance's key-value store (the run's storage: SQLite
+locally, Postgres in production) instead of requesting a load run. The stream run polls the ring, loads each table
+with the load step's own code (`load_run.TableTask`: one table at a time, all its files of a day), acknowledges the
+table's messages after its load and logs one materialization per load, of the table's day partition.
+
+One writer per table (`cdc_assets.writers`): the run waits for earlier runs that hold a table, and yields a table to
+any later run that writes it (a backfill, a re-snapshot, the next stream run) once its own load of it is done -
+its pending files' messages become visible again, and the sensor holds them until that run has finished. It beats
+a heartbeat into the key-value store; a run that stopped beating holds nothing. It takes orders for its configured
+minutes, then finishes its loads and ends; the keeper sensor starts the next run a minute before, which takes over
+as soon as it has started.
+"""
+
+import json
+import queue
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from cdc.mappings import Mappings, TableMapping
+from cdc.settings import Settings
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.load_run import LoadStepSettings, TableTask, acknowledge, set_visibility
+from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.writers import (
+    HEARTBEAT_KEY,
+    POLL_SECONDS,
+    RELEASED_TO,
+    STREAM_JOB,
+    STREAM_OP,
+    HandOver,
+    Materialized,
+    active_runs,
+    is_stream_run,
+    later_holders,
+    stream_run_alive,
+    table_names,
+)
+
+ORDER_KEY = "cdc/stream-orders/"  # + slot number
+ORDER_SLOTS = (
+    64  # the sensor writes one order per tick (every few seconds); the run reads every slot each poll
+)
+HEARTBEAT_EVERY_S = 2.0
+STREAM_RUN_TAG = "cdc/stream"
+
+
+class StreamRunConfig(dg.Config):
+    tables: list[str] = Field(description="The BigQuery targets `dataset.table` this run streams.")
+    minutes: float = Field(description="How long the run takes orders; then it finishes its loads and ends.")
+
+
+def stream_run_config(tables: Iterable[str], minutes: float) -> dict[str, Any]:
+    return {"ops": {STREAM_OP: {"config": {"tables": sorted(tables), "minutes": minutes}}}}
+
+
+def taking_orders_until(record: dg.RunRecord) -> float:
+    """When a started stream run stops taking orders (its start + its configured minutes)."""
+    run = record.dagster_run
+    config = (run.run_config.get("ops", {}) if isinstance(run.run_config, dict) else {}).get(STREAM_OP) or {}
+    minutes = float(config.get("config", {}).get("minutes") or 0)
+    return (record.start_time or record.create_timestamp.timestamp()) + minutes * 60
+
+
+def stream_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
+    """Active stream runs, oldest first."""
+    records = [r for r in active_runs(instance, now) if is_stream_run(r.dagster_run)]
+    return sorted(records, key=lambda r: r.create_timestamp)
+
+
+def current_stream_run(
+    instance: dg.DagsterInstance, now: float, margin_s: float = 10.0
+) -> dg.RunRecord | None:
+    """The stream run the sensor sends orders to: the newest one started, beating and taking orders for at least
+    `margin_s` more seconds (an order it does not take comes back through SQS: later, not lost)."""
+    for record in reversed(stream_runs(instance, now)):
+        if (
+            record.dagster_run.status == dg.DagsterRunStatus.STARTED
+            and stream_run_alive(instance, record, now)
+            and taking_orders_until(record) - now > margin_s
+        ):
+            return record
+    return None
+
+
+# -- orders: the sensor -> the stream run ------------------------------------------------------------------------
+
+
+@dataclass
+class TableFiles:
+    """A table's landed files of one day, and the receipt handles of their SQS messages."""
+
+    target: str
+    day: str
+    keys: set[str] = field(default_factory=set)
+    receipts: set[str] = field(default_factory=set)
+
+
+def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iterable[TableFiles]) -> None:
+    """Write one order (a sensor tick's files) for stream run `run_id` into ring slot `slot`."""
+    order = {
+        "id": uuid.uuid4().hex,
+        "run": run_id,
+        "tables": [
+            {"table": f.target, "day": f.day, "keys": sorted(f.keys), "receipts": sorted(f.receipts)}
+            for f in files
+        ],
+    }
+    instance.run_storage.set_cursor_values({f"{ORDER_KEY}{slot % ORDER_SLOTS}": json.dumps(order)})
+
+
+class OrderInbox:
+    """A stream run's reading of the ring: every order for it not taken before."""
+
+    def __init__(self, instance: dg.DagsterInstance, run_id: str) -> None:
+        self._instance = instance
+        self._run_id = run_id
+        self._taken: deque[str] = deque(maxlen=4 * ORDER_SLOTS)
+        self._keys = {f"{ORDER_KEY}{slot}" for slot in range(ORDER_SLOTS)}
+
+    def take(self) -> list[TableFiles]:
+        files = []
+        for value in self._instance.run_storage.get_cursor_values(self._keys).values():
+            try:
+                order = json.loads(value)
+            except ValueError:
+                continue
+            if order.get("run") != self._run_id or order.get("id") in self._taken:
+                continue
+            self._taken.append(order["id"])
+            files += [
+                TableFiles(t["table"], t["day"], set(t["keys"]), set(t["receipts"]))
+                for t in order.get("tables", [])
+            ]
+        return files
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Load:
+    files: TableFiles
+    task: TableTask
+
+
+class StreamRun:
+    """The loop of one stream run: take orders, hand tables over, load, report (one thread; loads in a pool)."""
+
+    def __init__(
+        self,
+        context: dg.OpExecutionContext,
+        config: StreamRunConfig,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+        tables: Mapping[str, TableMapping],
+        settings: LoadStepSettings,
+        names: Mapping[str, dg.AssetKey],
+    ) -> None:
+        self.context = context
+        self.instance = context.instance
+        self.landing = landing
+        self.settings = settings
+        self.names = names
+        self.tables = {target: tables[target] for target in config.tables if target in tables}
+        self.deadline = time.monotonic() + config.minutes * 60
+        self.inbox = OrderInbox(self.instance, context.run_id)
+        self.hand_over = HandOver(self.instance, context.run_id, names, context.log.info)
+        record = self.instance.get_run_record_by_id(context.run_id)
+        if record is None:
+            raise dg.Failure(description=f"stream run {context.run_id} is not in the instance's run storage")
+        self.mine = record
+        self.materialized = Materialized()
+        self.pending: dict[tuple[str, str], TableFiles] = {}
+        self.loading: dict[Future[TableTask], _Load] = {}
+        self.released: set[tuple[str, str]] = set()
+        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.s3, self.sqs, self.bq = landing.s3(), landing.sqs(), bigquery.client()
+        self.write = bigquery.write_client()
+        self.last_beat = 0.0
+        self.loads = self.failures = 0
+
+    def beat(self) -> None:
+        now = time.time()
+        if now - self.last_beat >= HEARTBEAT_EVERY_S:
+            self.instance.run_storage.set_cursor_values({HEARTBEAT_KEY + self.context.run_id: repr(now)})
+            self.last_beat = now
+
+    def take_orders(self) -> None:
+        for files in self.inbox.take():
+            if files.target not in self.tables:
+                self.context.log.warning(
+                    f"an order names {files.target}, which this run does not stream; its messages come back"
+                )
+                set_visibility(self.sqs, self.landing.queue_url, sorted(files.receipts), 0)
+                continue
+            mine = self.pending.setdefault((files.target, files.day), TableFiles(files.target, files.day))
+            mine.keys |= files.keys
+            mine.receipts |= files.receipts
+
+    def busy(self) -> set[str]:
+        return {load.files.target for load in self.loading.values()}
+
+    def yield_to_later_runs(self) -> set[str]:
+        """Release the tables later runs hold (once not loading them); the targets yielded."""
+        later = later_holders(self.instance, self.mine, time.time(), self.names, self.materialized)
+        yielded = set()
+        busy = self.busy()
+        for target, table in self.tables.items():
+            runs = later.get(bigquery_asset_key(table), [])
+            if not runs:
+                continue
+            yielded.add(target)
+            if target in busy:
+                continue  # released once its load is done
+            self.drop_pending(target)
+            for run_id in runs:
+                if (target, run_id) not in self.released:
+                    self.context.log_event(
+                        dg.AssetObservation(
+                            asset_key=bigquery_asset_key(table), metadata={RELEASED_TO: run_id}
+                        )
+                    )
+                    self.released.add((target, run_id))
+        return yielded
+
+    def superseded(self) -> bool:
+        """A later stream run has started (and beats)."""
+        now = time.time()
+        return any(
+            (r.create_timestamp, r.dagster_run.run_id)
+            > (self.mine.create_timestamp, self.mine.dagster_run.run_id)
+            and r.dagster_run.status == dg.DagsterRunStatus.STARTED
+            and stream_run_alive(self.instance, r, now)
+            for r in stream_runs(self.instance, now)
+        )
+
+    def drop_pending(self, target: str | None = None) -> None:
+        """Give up pending files (of one table, or all): their messages become visible again, for a later run."""
+        for key in [k for k in self.pending if target is None or k[0] == target]:
+            set_visibility(self.sqs, self.landing.queue_url, sorted(self.pending.pop(key).receipts), 0)
+
+    def start_loads(self, pool: ThreadPoolExecutor, yielded: set[str]) -> None:
+        busy = self.busy()
+        candidates = {target for target, _ in self.pending if target not in busy and target not in yielded}
+        if not candidates:
+            return
+        free = self.hand_over.free([bigquery_asset_key(self.tables[t]) for t in candidates])
+        for target in sorted(candidates):
+            if bigquery_asset_key(self.tables[target]) not in free:
+                continue
+            day = min(d for t, d in self.pending if t == target)
+            files = self.pending.pop((target, day))
+            task = TableTask(
+                self.tables[target],
+                "streaming",
+                sorted(files.keys),
+                sorted(files.receipts),
+                None,
+                lambda level, message: self.lines.put((level, message)),
+                self.settings.staleness_of(self.tables[target]),
+            )
+            future = pool.submit(task.run, self.landing, self.s3, self.bq, self.write, [day])
+            self.loading[future] = _Load(files, task)
+
+    def finish(self, future: Future[TableTask]) -> None:
+        load = self.loading.pop(future)
+        task = load.task
+        try:
+            future.result()
+        except Exception as exc:  # this load stops; its messages come back and load again (then dead-letter)
+            self.failures += 1
+            self.context.log.error(f"{task.table.source}: {exc}")
+            return
+        for key, reason in task.unreadable.items():
+            self.context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
+            self.landing.dead_letter_file(
+                key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
+            )
+        acknowledged = acknowledge(self.sqs, self.landing.queue_url, task.receipts, self.context.log)
+        if not task.routine:
+            self.context.log.info(task.summary())
+        result = task.materialization(acknowledged, self.settings.load_job_cap_per_table_day)
+        self.context.log_event(
+            dg.AssetMaterialization(
+                asset_key=bigquery_asset_key(task.table), partition=load.files.day, metadata=result.metadata
+            )
+        )
+        self.loads += 1
+
+    def show_lines(self) -> None:
+        while not self.lines.empty():
+            level, message = self.lines.get()
+            getattr(self.context.log, level)(message)
+
+    def run(self) -> None:
+        self.beat()
+        started = time.monotonic()
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(self.settings.max_parallel_loads, len(self.tables)))
+        ) as pool:
+            while True:
+                self.beat()
+                taking = time.monotonic() < self.deadline
+                if taking:
+                    self.take_orders()
+                yielded = self.yield_to_later_runs()
+                if self.superseded() and yielded >= set(self.tables) and not self.loading:
+                    taking = False  # the next stream run has taken every table over
+                self.start_loads(pool, yielded)
+                if self.loading:
+                    done, _ = wait(self.loading, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self.finish(future)
+                else:
+                    time.sleep(POLL_SECONDS)
+                self.show_lines()
+                if not taking and not self.loading:
+                    self.take_orders()  # what the sensor sent meanwhile goes back to SQS, for the next run
+                    self.drop_pending()
+                    break
+        self.context.log.info(
+            f"stream run done after {time.monotonic() - started:.0f} s: {self.loads} load(s) of "
+            f"{len(self.tables)} table(s), {self.failures} failed (their files come back through SQS)"
+        )
+
+
+def build_stream_job(mappings: Mappings, settings: Settings) -> dg.JobDefinition:
+    tables = {t.target: t for _, t in mappings.tables()}
+    names = table_names(tables.values())
+    step_settings = LoadStepSettings(
+        settings.max_parallel_loads,
+        settings.max_load_jobs_per_table_per_day,
+        settings.load_mode,
+        settings.max_staleness_minutes,
+    )
+
+    @dg.op(
+        name=STREAM_OP,
+        description="Loads streaming-mode tables as the SQS sensor's orders name their files, for the configured "
+        "minutes; one materialization per load.",
+    )
+    def stream_tables(
+        context: dg.OpExecutionContext,
+        config: StreamRunConfig,
+        landing: LandingResource,
+        bigquery: BigQueryCdcResource,
+    ) -> None:
+        unknown = sorted(set(config.tables) - set(tables))
+        if unknown:
+            raise dg.Failure(description=f"stream run config names unmapped tables: {unknown}")
+        StreamRun(context, config, landing, bigquery, tables, step_settings, names).run()
+
+    @dg.job(
+        name=STREAM_JOB,
+        description="A standing stream run: loads streaming-mode tables within seconds of their files landing "
+        "(started and replaced by the standing_stream_run sensor when CDC_STREAM_RUN_MINUTES is set).",
+        tags={STREAM_RUN_TAG: "true"},
+    )
+    def stream_landed_files() -> None:
+        stream_tables()
+
+    return stream_landed_files
+
+
+def streamed_targets(mappings: Mappings, settings: Settings) -> list[str]:
+    """The tables stream runs load: the streaming-mode ones."""
+    return sorted(
+        t.target for _, t in mappings.tables() if (t.load_mode or settings.load_mode) == "streaming"
+    )

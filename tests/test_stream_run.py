@@ -1,0 +1,199 @@
+"""The standing stream run against moto and the BigQuery server: the SQS sensor orders landed files to it instead of
+requesting load runs, it loads them and acknowledges their messages, yields a table to a later run (a backfill, the
+next stream run) and takes it back once that run is done - one writer per table throughout."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from cdc.mappings import Mappings
+from cdc.settings import Settings
+from cdc_assets.lineage import bigquery_asset_key
+from cdc_assets.resources import BigQueryCdcResource
+from cdc_assets.stream_run import build_stream_job, stream_run_config
+from cdc_assets.writers import (
+    HEARTBEAT_KEY,
+    HEARTBEAT_STALE_S,
+    RELEASED_TO,
+    STREAM_JOB,
+    earlier_holders,
+    table_names,
+)
+from local_stack.stack import LocalStack
+from sensors.sqs_sensor import build_sqs_sensor
+from sensors.stream_runs import build_stream_run_sensor, next_stream_run_due
+from tests.support.accounts import (
+    DDL,
+    accounts_stream_loader,
+    assert_changelog_has_no_duplicates,
+    assert_current_state_equals_source,
+    insert_accounts,
+)
+from tests.support.capture import capture_changes, drain_queue, landing_resource, new_env, run_sql
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_runs(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    environment = local_stack.environment()
+    for key, value in environment.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    landing = landing_resource(
+        local_stack,
+        local_stack.settings.prefix,
+        queue_url=environment["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
+    )
+    sqs = landing.sqs()
+    drain_queue(sqs, landing.queue_url)
+    env = new_env(local_stack, "slots_accounts")
+    env.prefix = local_stack.settings.prefix  # the notified landing prefix
+    run_sql(env, DDL)
+    insert_accounts(env, range(1, 5))
+    mapping = env.table("accounts", ["id"], type_overrides={"vip": "BOOL"}).model_copy(
+        update={"target": "stream_run_test.accounts", "load_mode": "streaming"}
+    )
+    cluster = env.mapping(mapping)
+    capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 1 WHERE id = 1")
+    mappings = Mappings(directory=env.stack.mappings.directory, clusters=(cluster,))
+    settings = dataclasses.replace(Settings.load(), stream_run_minutes=3.0)
+    asset = bigquery_asset_key(mapping)
+    names = table_names([mapping])
+    sensor = build_sqs_sensor(mappings, [asset], settings)
+    job = build_stream_job(mappings, settings)
+    keeper = build_stream_run_sensor(job, mappings, settings)
+    resources = {
+        "landing": landing,
+        "bigquery": BigQueryCdcResource(
+            project=local_stack.settings.bigquery_project,
+            endpoint=local_stack.bigquery.endpoint,
+            write_endpoint=local_stack.bigquery.write_endpoint,
+        ),
+    }
+    loader = accounts_stream_loader(local_stack, env, "stream_run_test")
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+
+        def tick() -> dg.SensorResult:
+            result = sensor(
+                dg.build_sensor_context(instance=instance, resources={"landing": landing}, cursor=cursor[0])
+            )
+            cursor[0] = result.cursor
+            return result
+
+        cursor: list[str | None] = [None]
+        request = keeper(dg.build_sensor_context(instance=instance))
+        assert isinstance(request, dg.RunRequest)  # none running: the keeper starts one
+        assert request.run_config == stream_run_config([mapping.target], 3.0)
+        outcome: dict[str, dg.ExecuteInProcessResult] = {}
+        worker = threading.Thread(
+            target=lambda: outcome.setdefault(
+                "run",
+                job.execute_in_process(run_config=request.run_config, instance=instance, resources=resources),
+            ),
+            daemon=True,
+        )
+        worker.start()
+        [stream] = wait_for(
+            "the stream run to start",
+            lambda: instance.get_runs(
+                dg.RunsFilter(job_name=STREAM_JOB, statuses=[dg.DagsterRunStatus.STARTED])
+            ),
+        )
+        wait_for(
+            "its heartbeat", lambda: instance.run_storage.get_cursor_values({HEARTBEAT_KEY + stream.run_id})
+        )
+        assert not next_stream_run_due(instance, time.time(), 3.0)  # it takes orders for minutes yet
+
+        def loads() -> list[dg.EventLogEntry]:
+            return instance.all_logs(stream.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+
+        # the sensor orders the landed files to the stream run: no load run
+        result = tick()
+        assert not result.run_requests
+        [first] = wait_for("the first load", loads)
+        materialization = first.asset_materialization
+        assert materialization is not None and materialization.asset_key == asset
+        assert materialization.partition == dt.datetime.now(dt.UTC).date().isoformat()
+        assert materialization.metadata["files"].value >= 2 and materialization.metadata["rows_U"].value == 1
+        assert sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=0).get("Messages") is None
+        assert_current_state_equals_source(loader, env)
+
+        # a backfill of the table starts: the stream run releases the table to it, and its files wait in the
+        # sensor's cursor until the backfill is done
+        backfill = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id="a-backfill",
+            status=dg.DagsterRunStatus.STARTED,
+            asset_selection={asset},
+        )
+        instance.add_run(backfill)
+        backfill_record = instance.get_run_record_by_id(backfill.run_id)
+        assert backfill_record is not None
+        wait_for(
+            "the release", lambda: not earlier_holders(instance, backfill_record, [asset], time.time(), names)
+        )
+        [released] = instance.all_logs(stream.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+        assert released.asset_observation is not None
+        assert released.asset_observation.metadata[RELEASED_TO].value == backfill.run_id
+        capture_changes(env, cluster, "DELETE FROM `{schema}`.accounts WHERE id = 4")
+        result = tick()
+        assert (
+            not result.run_requests
+            and '"held"' in (result.cursor or "")
+            and "accounts" in (result.cursor or "")
+        )
+        time.sleep(1)
+        assert len(loads()) == 1  # not loaded while the backfill holds the table
+        instance.report_run_failed(instance.get_run_by_id(backfill.run_id))
+        assert not tick().run_requests  # the held files, ordered to the stream run
+        wait_for("the second load", lambda: len(loads()) == 2)
+        assert_current_state_equals_source(loader, env)
+        assert_changelog_has_no_duplicates(loader)
+
+        # the next stream run has started: this one hands every table over and ends
+        instance.add_run(
+            dg.DagsterRun(
+                job_name=STREAM_JOB,
+                run_id="the-next-stream-run",
+                status=dg.DagsterRunStatus.STARTED,
+                run_config=stream_run_config([mapping.target], 3.0),
+            )
+        )
+        worker.join(timeout=60)
+        assert not worker.is_alive() and outcome["run"].success
+        ended = [
+            e.user_message
+            for e in instance.all_logs(stream.run_id)
+            if e.user_message.startswith("stream run done")
+        ]
+        assert ended and "2 load(s) of 1 table(s), 0 failed" in ended[0], ended
+
+        # a stream run that stopped beating holds nothing: a later run need not wait for it
+        instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id="later", asset_selection={asset}))
+        later = instance.get_run_record_by_id("later")
+        assert later is not None
+        assert earlier_holders(instance, later, [asset], time.time(), names) == {
+            asset: ["the-next-stream-run"]
+        }
+        stale = repr(time.time() - HEARTBEAT_STALE_S - 1)
+        instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "the-next-stream-run": stale})
+        assert not earlier_holders(instance, later, [asset], time.time(), names)
