@@ -729,17 +729,17 @@ def phase_report(
     for table, commit, key, visible in mine:
         per_table[table].append(visible - commit)
         written = file_written_at(key)
-        run = per_file.get(key)
-        if written is None or run is None:
+        if written is None:
             continue
-        if not written <= run["created"] <= run["started"] <= run["step_started"] <= visible:
-            continue  # loaded ahead of its message, by an earlier run that listed it (streaming)
         stages["capture (commit -> file in S3)"].append(written - commit)
+        stages["after the file landed (pickup + queue + start + load)"].append(visible - written)
+        run = per_file.get(key)  # the load run that named the file (none: a stream run loaded it)
+        if run is None or not written <= run["created"] <= run["started"] <= run["step_started"] <= visible:
+            continue  # or loaded ahead of its message, by an earlier run that listed it (streaming)
         stages["pickup (file -> sensor's run request)"].append(run["created"] - written)
         stages["queue (-> run started)"].append(run["started"] - run["created"])
         stages["worker start (-> loader step)"].append(run["step_started"] - run["started"])
         stages["load (-> visible in BigQuery)"].append(visible - run["step_started"])
-        stages["after the file landed (pickup + queue + start + load)"].append(visible - written)
     seconds = phase.end - phase.start
     window = [t for t in timings if phase.start <= t["at"] < phase.end + 30]
     streamed = [t for t in window if "append_s" in t]

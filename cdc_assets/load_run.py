@@ -457,16 +457,8 @@ def _finish(
     sqs: Any,
     settings: LoadStepSettings,
 ) -> dg.MaterializeResult:
-    """After a table's load: dead-letter its unreadable files, acknowledge its messages, report it."""
-    for key, reason in task.unreadable.items():
-        context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
-        landing.dead_letter_file(
-            key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
-        )
-    acknowledged = acknowledge(sqs, landing.queue_url, task.receipts, context.log)
-    if not task.routine:
-        context.log.info(task.summary())
-    result = task.materialization(acknowledged, settings.load_job_cap_per_table_day)
+    """After a table's load: `settle` it; its inline check only if the run selected it."""
+    result = settle(task, landing, sqs, context.log, settings.load_job_cap_per_table_day)
     asset_key = bigquery_asset_key(task.table)
     if (
         result.check_results
@@ -474,3 +466,18 @@ def _finish(
     ):
         result = dg.MaterializeResult(asset_key=asset_key, metadata=result.metadata)
     return result
+
+
+def settle(
+    task: TableTask, landing: LandingResource, sqs: Any, log: Any, cap_per_table_day: int
+) -> dg.MaterializeResult:
+    """After a table's load: dead-letter its unreadable files, acknowledge its messages, report it."""
+    for key, reason in task.unreadable.items():
+        log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
+        landing.dead_letter_file(
+            key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
+        )
+    acknowledged = acknowledge(sqs, landing.queue_url, task.receipts, log)
+    if not task.routine:
+        log.info(task.summary())
+    return task.materialization(acknowledged, cap_per_table_day)

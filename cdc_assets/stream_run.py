@@ -31,7 +31,7 @@ from pydantic import Field
 from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import LoadStepSettings, TableTask, acknowledge, set_visibility
+from cdc_assets.load_run import LoadStepSettings, TableTask, set_visibility, settle
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
 from cdc_assets.writers import (
     HEARTBEAT_KEY,
@@ -276,22 +276,17 @@ class StreamRun:
 
     def finish(self, future: Future[TableTask]) -> None:
         load = self.loading.pop(future)
-        task = load.task
         try:
-            future.result()
+            self.report(load, future.result())
         except Exception as exc:  # this load stops; its messages come back and load again (then dead-letter)
             self.failures += 1
-            self.context.log.error(f"{task.table.source}: {exc}")
-            return
-        for key, reason in task.unreadable.items():
-            self.context.log.error(f"{reason}; moved to the dead-letter queue, the other files are loaded")
-            self.landing.dead_letter_file(
-                key, f"{reason}. Replace or delete the file, then redrive this message or backfill its day"
-            )
-        acknowledged = acknowledge(self.sqs, self.landing.queue_url, task.receipts, self.context.log)
-        if not task.routine:
-            self.context.log.info(task.summary())
-        result = task.materialization(acknowledged, self.settings.load_job_cap_per_table_day)
+            self.context.log.error(f"{load.task.table.source}: {exc}")
+
+    def report(self, load: _Load, task: TableTask) -> None:
+        """After a table's load: settled as in a load run, materialized in the partition of its files' day."""
+        result = settle(
+            task, self.landing, self.sqs, self.context.log, self.settings.load_job_cap_per_table_day
+        )
         self.context.log_event(
             dg.AssetMaterialization(
                 asset_key=bigquery_asset_key(task.table), partition=load.files.day, metadata=result.metadata
