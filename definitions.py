@@ -8,14 +8,13 @@ from cdc.settings import Settings
 from cdc_assets.checks import build_table_checks
 from cdc_assets.lineage import bigquery_asset_key, landing_asset_specs, source_asset_specs
 from cdc_assets.resnapshot import HEAVY_RUN_TAG, build_resnapshot_job
-from cdc_assets.resources import build_resources
+from cdc_assets.resources import build_alert_webhook, build_resources
 from cdc_assets.stream_run import build_stream_job
 from cdc_assets.tables import build_table_assets
 from sensors import shared_instance
 from sensors.alerts import (
     alert_failed_checks,
     alert_failed_runs,
-    build_alert_webhook,
     build_dead_letter_alert_sensor,
 )
 from sensors.resnapshot_requests import build_resnapshot_request_sensor

@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,26 @@ def _append(write: Any, table: str, request: types.AppendRowsRequest) -> None:
             raise RuntimeError(f"{table}: {response.error.message}")
 
 
-def _timed(calls: int, call: Callable[[int], object]) -> dict[str, float]:
-    seconds = []
-    for index in range(calls):
+def _timed(calls: int, call: Callable[[int], object], threads: int = 1) -> dict[str, float]:
+    """Each call's time (p50, max) and the calls per second, `threads` calling at once (as a load run's threads do)."""
+    seconds: list[float] = []
+
+    def timed(index: int) -> None:
         started = time.perf_counter()
         call(index)
         seconds.append(time.perf_counter() - started)
-    return {"p50_ms": round(statistics.median(seconds) * 1000, 1), "max_ms": round(max(seconds) * 1000, 1)}
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(timed, range(calls)))
+    return {
+        "p50_ms": round(statistics.median(seconds) * 1000, 1),
+        "max_ms": round(max(seconds) * 1000, 1),
+        "calls_per_s": round(calls / (time.perf_counter() - began), 1),
+    }
 
 
-def run(tables: int, rows: int, appends: int) -> dict[str, Any]:
+def run(tables: int, rows: int, appends: int, threads: int = 1) -> dict[str, Any]:
     schema = [bigquery.SchemaField("id", "INTEGER")]
     schema += [bigquery.SchemaField(f"c{i}", "STRING") for i in range(COLUMNS)]
     proto = ProtoRows(schema)
@@ -100,9 +111,10 @@ def run(tables: int, rows: int, appends: int) -> dict[str, Any]:
                 "tables": tables,
                 "rows_per_append": rows,
                 "appends": appends,
-                "get_table": _timed(appends, lambda i: bq.get_table(f"p.d.current_{i % tables}")),
-                "cdc_append": _timed(appends, cdc_append),
-                "arrow_append": _timed(appends, arrow_append),
+                "threads": threads,
+                "get_table": _timed(appends, lambda i: bq.get_table(f"p.d.current_{i % tables}"), threads),
+                "cdc_append": _timed(appends, cdc_append, threads),
+                "arrow_append": _timed(appends, arrow_append, threads),
             }
         finally:
             server.stop()
@@ -115,13 +127,19 @@ def main() -> None:
     parser.add_argument("--tables", type=int, default=10)
     parser.add_argument("--rows", type=int, default=30, help="rows per append")
     parser.add_argument("--appends", type=int, default=60, help="calls of each kind")
+    parser.add_argument("--threads", type=int, default=1, help="callers at once (a load run has up to 24)")
     args = parser.parse_args()
-    report = run(args.tables, args.rows, args.appends)
+    report = run(args.tables, args.rows, args.appends, args.threads)
     print(
-        f"local BigQuery server, {args.tables} tables, {args.rows} rows per append, {args.appends} calls each"
+        f"local BigQuery server, {args.tables} tables, {args.rows} rows per append, {args.appends} calls each, "
+        f"{args.threads} caller(s) at once"
     )
     for name in ("get_table", "cdc_append", "arrow_append"):
-        print(f"  {name:14s} p50 {report[name]['p50_ms']:7.1f} ms   max {report[name]['max_ms']:7.1f} ms")
+        timed = report[name]
+        print(
+            f"  {name:14s} p50 {timed['p50_ms']:7.1f} ms   max {timed['max_ms']:7.1f} ms   "
+            f"{timed['calls_per_s']:6.1f} calls/s"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bigquery-write.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ from google.cloud import bigquery
 from pydantic import PrivateAttr
 
 from cdc import settings
+from cdc.alerts import Webhook
 from cdc.clients import aws_session, bigquery_client, bigquery_write_client
 from cdc.mappings import ClusterMapping
 from cdc.settings import Settings
@@ -196,3 +197,20 @@ def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource]:
         ),
         "mysql": MySqlSourceResource(),
     }
+
+
+class AlertWebhookResource(dg.ConfigurableResource):
+    """Where alerts go: a Slack-compatible incoming webhook (empty = log only)."""
+
+    url: str = ""
+    timeout_s: float = 10.0
+
+    def post(self, title: str, lines: list[str], log: Any) -> bool:
+        return Webhook(self.url, self.timeout_s).post(title, lines, log)
+
+
+def build_alert_webhook() -> AlertWebhookResource:
+    """The webhook from CDC_ALERT_WEBHOOK_URL, as an EnvVar: a secret is never stored in Dagster."""
+    if os.environ.get(settings.ALERT_WEBHOOK_URL):
+        return AlertWebhookResource(url=dg.EnvVar(settings.ALERT_WEBHOOK_URL))
+    return AlertWebhookResource()

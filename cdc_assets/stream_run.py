@@ -11,7 +11,7 @@ One writer per table (`cdc_assets.writers`): the run waits for earlier runs that
 any later run that writes it (a backfill, a re-snapshot, the next stream run) once its own load of it is done -
 its pending files' messages become visible again, and the sensor holds them until that run has finished. It beats
 a heartbeat into the key-value store; a run that stopped beating holds nothing. It takes orders for its configured
-minutes, then finishes its loads and ends; the keeper sensor starts the next run a minute before, which takes over
+minutes, then finishes its loads and ends; the keeper sensor starts the next run two minutes before, which takes over
 as soon as it has started.
 """
 
@@ -32,7 +32,7 @@ from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import LoadStepSettings, TableTask, set_visibility, settle
-from cdc_assets.resources import BigQueryCdcResource, LandingResource
+from cdc_assets.resources import AlertWebhookResource, BigQueryCdcResource, LandingResource
 from cdc_assets.writers import (
     HEARTBEAT_KEY,
     POLL_SECONDS,
@@ -54,6 +54,7 @@ ORDER_SLOTS = (
 )
 HEARTBEAT_EVERY_S = 2.0
 STREAM_RUN_TAG = "cdc/stream"
+ALERT_REPEAT_S = 600.0
 
 
 class StreamRunConfig(dg.Config):
@@ -164,6 +165,7 @@ class StreamRun:
         config: StreamRunConfig,
         landing: LandingResource,
         bigquery: BigQueryCdcResource,
+        alerts: AlertWebhookResource,
         tables: Mapping[str, TableMapping],
         settings: LoadStepSettings,
         names: Mapping[str, dg.AssetKey],
@@ -171,6 +173,8 @@ class StreamRun:
         self.context = context
         self.instance = context.instance
         self.landing = landing
+        self.alerts = alerts
+        self.alerted: dict[str, float] = {}
         self.settings = settings
         self.names = names
         self.tables = {target: tables[target] for target in config.tables if target in tables}
@@ -281,6 +285,24 @@ class StreamRun:
         except Exception as exc:  # this load stops; its messages come back and load again (then dead-letter)
             self.failures += 1
             self.context.log.error(f"{load.task.table.source}: {exc}")
+            self.alert(load.task.table, exc)
+
+    def alert(self, table: TableMapping, exc: Exception) -> None:
+        """A failed load is alerted as a failed run is, at most once per ALERT_REPEAT_S per table while it fails
+        (its files come back every visibility timeout)."""
+        now = time.monotonic()
+        if now - self.alerted.get(table.target, -ALERT_REPEAT_S) < ALERT_REPEAT_S:
+            return
+        self.alerted[table.target] = now
+        self.alerts.post(
+            "CDC load failed",
+            [
+                f"{table.source} -> {table.target} (stream run {self.context.run_id[:8]}): {exc}",
+                "its files come back through SQS and load again; after the queue's max receive count they go to "
+                "the dead-letter queue",
+            ],
+            self.context.log,
+        )
 
     def report(self, load: _Load, task: TableTask) -> None:
         """After a table's load: settled as in a load run, materialized in the partition of its files' day."""
@@ -351,11 +373,12 @@ def build_stream_job(mappings: Mappings, settings: Settings) -> dg.JobDefinition
         config: StreamRunConfig,
         landing: LandingResource,
         bigquery: BigQueryCdcResource,
+        alerts: AlertWebhookResource,
     ) -> None:
         unknown = sorted(set(config.tables) - set(tables))
         if unknown:
             raise dg.Failure(description=f"stream run config names unmapped tables: {unknown}")
-        StreamRun(context, config, landing, bigquery, tables, step_settings, names).run()
+        StreamRun(context, config, landing, bigquery, alerts, tables, step_settings, names).run()
 
     @dg.job(
         name=STREAM_JOB,

@@ -5,37 +5,17 @@ docs/design.md, "Checks and alerts".
 
 import datetime as dt
 import json
-import os
 import time
 from typing import Any
 
 import dagster as dg
 
-from cdc import settings
-from cdc.alerts import Webhook
 from cdc.landing import PoisonMessage, parse_message
-from cdc_assets.resources import LandingResource
+from cdc_assets.resources import AlertWebhookResource, LandingResource
 
 DLQ_REMIND_SECONDS = 43_200
 MAX_EVENTS_PER_TICK = 200
 CHECK_CURSOR_MARGIN_S = 300
-
-
-class AlertWebhookResource(dg.ConfigurableResource):
-    """Where alerts go: a Slack-compatible incoming webhook (empty = log only)."""
-
-    url: str = ""
-    timeout_s: float = 10.0
-
-    def post(self, title: str, lines: list[str], log: Any) -> bool:
-        return Webhook(self.url, self.timeout_s).post(title, lines, log)
-
-
-def build_alert_webhook() -> AlertWebhookResource:
-    """The webhook from CDC_ALERT_WEBHOOK_URL, as an EnvVar: a secret is never stored in Dagster."""
-    if os.environ.get(settings.ALERT_WEBHOOK_URL):
-        return AlertWebhookResource(url=dg.EnvVar(settings.ALERT_WEBHOOK_URL))
-    return AlertWebhookResource()
 
 
 def _check_line(entry: Any) -> str | None:

@@ -1,6 +1,6 @@
 """The standing_stream_run sensor: keeps a stream run (`cdc_assets.stream_run`) going when CDC_STREAM_RUN_MINUTES
-is set - starts one when none is, and the next one a minute before the current one stops taking orders, so that the
-next has started by then (docs/design.md, "Stream runs")."""
+is set - starts one when none is, and the next one two minutes before the current one stops taking orders, so that
+the next has started by then (docs/design.md, "Stream runs")."""
 
 import time
 
@@ -12,7 +12,9 @@ from cdc.settings import STREAM_RUN_MINUTES, Settings
 from cdc_assets.stream_run import stream_run_config, stream_runs, streamed_targets, taking_orders_until
 from cdc_assets.writers import stream_run_alive
 
-TAKE_OVER_LEAD_S = 60.0  # the next run is requested this long before the current one stops taking orders
+# the next run is requested this long before the current one stops taking orders: enough for a pod or an ECS task
+# to start (the current one serves until then)
+TAKE_OVER_LEAD_S = 120.0
 
 
 def next_stream_run_due(instance: dg.DagsterInstance, now: float, minutes: float) -> bool:

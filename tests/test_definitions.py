@@ -83,6 +83,7 @@ def test_every_table_has_its_checks_freshness_alerts_and_the_checks_rotation() -
 
 def test_a_stream_run_is_kept_going_only_when_stream_runs_are_on(monkeypatch: pytest.MonkeyPatch) -> None:
     with dg.instance_for_test() as instance:
+        monkeypatch.setenv("CDC_STREAM_RUN_MINUTES", "0")
         keeper = build_definitions().resolve_sensor_def("standing_stream_run")
         skipped = keeper(dg.build_sensor_context(instance=instance))
         assert isinstance(skipped, dg.SkipReason) and "CDC_STREAM_RUN_MINUTES is 0" in str(

@@ -28,6 +28,7 @@ import pymysql
 import pytest
 
 from cdc.clients import aws_client
+from cdc_assets.stream_run import STREAM_RUN_TAG
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import LOAD_RUN_TAG
 from tests.support.accounts import (
@@ -195,12 +196,16 @@ def capture_killed_mid_transaction(run: FaultRun) -> str:
 
 
 def _wait_for_a_load_in_progress(run: FaultRun, timeout: float = 60) -> None:
-    """Return once one of the sensor's load runs is in progress (the workload keeps the sensor busy)."""
+    """Return once one of the sensor's load runs, or a stream run, is in progress (the workload keeps the sensor
+    busy)."""
     instance = dg.DagsterInstance.from_config(str(run.pipeline.stack.state_dir / "dagster" / "home"))
     deadline = time.monotonic() + timeout
     try:
-        while not instance.get_run_records(
-            dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={LOAD_RUN_TAG: "sensor"}), limit=1
+        while not any(
+            instance.get_run_records(
+                dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags=tags), limit=1
+            )
+            for tags in ({LOAD_RUN_TAG: "sensor"}, {STREAM_RUN_TAG: "true"})
         ):
             assert time.monotonic() < deadline, f"no load run started in {timeout:.0f} s"
             time.sleep(0.2)

@@ -17,7 +17,7 @@ import pytest
 from cdc.mappings import Mappings
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.resources import BigQueryCdcResource
+from cdc_assets.resources import AlertWebhookResource, BigQueryCdcResource
 from cdc_assets.stream_run import build_stream_job, stream_run_config
 from cdc_assets.writers import (
     HEARTBEAT_KEY,
@@ -87,6 +87,7 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
             endpoint=local_stack.bigquery.endpoint,
             write_endpoint=local_stack.bigquery.write_endpoint,
         ),
+        "alerts": AlertWebhookResource(),
     }
     loader = accounts_stream_loader(local_stack, env, "stream_run_test")
 
