@@ -207,7 +207,7 @@ class StreamRun:
                 self.context.log.warning(
                     f"an order names {files.target}, which this run does not stream; its messages come back"
                 )
-                set_visibility(self.sqs, self.landing.queue_url, sorted(files.receipts), 0)
+                self.give_back(files.receipts)
                 continue
             mine = self.pending.setdefault((files.target, files.day), TableFiles(files.target, files.day))
             mine.keys |= files.keys
@@ -253,7 +253,17 @@ class StreamRun:
     def drop_pending(self, target: str | None = None) -> None:
         """Give up pending files (of one table, or all): their messages become visible again, for a later run."""
         for key in [k for k in self.pending if target is None or k[0] == target]:
-            set_visibility(self.sqs, self.landing.queue_url, sorted(self.pending.pop(key).receipts), 0)
+            self.give_back(self.pending.pop(key).receipts)
+
+    def give_back(self, receipts: set[str]) -> None:
+        """Make messages visible now; if SQS cannot be reached they come back after their visibility timeout."""
+        try:
+            set_visibility(self.sqs, self.landing.queue_url, sorted(receipts), 0)
+        except Exception as exc:
+            self.context.log.warning(
+                f"could not give {len(receipts)} message(s) back to SQS now ({exc}); they "
+                "come back after their visibility timeout"
+            )
 
     def start_loads(self, pool: ThreadPoolExecutor, yielded: set[str]) -> None:
         busy = self.busy()

@@ -339,7 +339,12 @@ def build_sqs_sensor(
         queued = collect(landing, mappings, context.log, 0 if waiting_free else LONG_POLL_SECONDS)
         plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
         plan.cursor["order_slot"] = cursor.get("order_slot", 0)
-        ordered = [f for f in plan.ready if bigquery_asset_key(f.table) in streamed]
+        ordered = [  # a table switched to batch mode since the stream run started loads in runs of its own
+            f
+            for f in plan.ready
+            if bigquery_asset_key(f.table) in streamed
+            and (f.table.load_mode or settings.load_mode) == "streaming"
+        ]
         if stream is not None and ordered:
             order_for_stream_run(context.instance, stream, ordered, plan.cursor)
         received = {r for files in queued for r in files.receipts.values()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -187,6 +188,18 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
             if e.user_message.startswith("stream run done")
         ]
         assert ended and "2 load(s) of 1 table(s), 0 failed" in ended[0], ended
+
+        # the table switched to batch mode since the (next) stream run started: its files go to a run of its own
+        batched = mapping.model_copy(update={"load_mode": "batch"})
+        switched = build_sqs_sensor(
+            Mappings(directory=env.stack.mappings.directory, clusters=(env.mapping(batched),)),
+            [asset],
+            settings,
+        )
+        capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 2 WHERE id = 1")
+        result = switched(dg.build_sensor_context(instance=instance, resources={"landing": landing}))
+        assert [r.asset_selection for r in result.run_requests or []] == [[asset]]
+        assert json.loads(result.cursor or "{}")["order_slot"] == 0  # no order sent
 
         # a stream run that stopped beating holds nothing: a later run need not wait for it
         instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id="later", asset_selection={asset}))
