@@ -6,7 +6,7 @@ import dagster as dg
 
 from local_stack.stack import LocalStack
 from sensors.alerts import AlertWebhookResource, alert_failed_checks, build_dead_letter_alert_sensor
-from tests.support.capture import drain_queue, landing_resource
+from tests.support.capture import drain_queue, notified_landing
 from tests.support.webhook import Receiver
 
 
@@ -42,13 +42,7 @@ def test_every_dead_letter_is_posted_even_beyond_one_posts_worth(
     local_stack: LocalStack, receiver: Receiver
 ) -> None:
     """More dead letters than one post shows (30): every one is posted (several posts), none only marked as seen."""
-    environment = local_stack.environment()
-    landing = landing_resource(
-        local_stack,
-        local_stack.settings.prefix,
-        queue_url=environment["CDC_SQS_QUEUE_URL"],
-        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
-    )
+    landing = notified_landing(local_stack)
     sqs = landing.sqs()
     drain_queue(sqs, landing.dead_letter_queue_url)  # other tests' dead letters
     reasons = [f"poison-{n:02d}.parquet is not a readable Parquet file" for n in range(35)]

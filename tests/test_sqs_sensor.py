@@ -27,7 +27,7 @@ from tests.support.accounts import (
     assert_current_state_equals_source,
     insert_accounts,
 )
-from tests.support.capture import capture_changes, drain_queue, landing_resource, new_env, run_sql
+from tests.support.capture import capture_changes, drain_queue, new_env, notified_landing, run_sql
 
 
 def _message(body: Any, receive_count: int = 1) -> dict[str, Any]:
@@ -104,12 +104,7 @@ def test_sensor_runs_load_exactly_once_acknowledge_and_dead_letter_the_rest(
     for key, value in environment.items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    landing = landing_resource(
-        local_stack,
-        local_stack.settings.prefix,
-        queue_url=environment["CDC_SQS_QUEUE_URL"],
-        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
-    )
+    landing = notified_landing(local_stack)
     sqs = landing.sqs()
     drain_queue(sqs, landing.queue_url)
     drain_queue(sqs, landing.dead_letter_queue_url)
@@ -199,12 +194,7 @@ def test_a_tick_returns_as_soon_as_a_file_lands(
     for key, value in environment.items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    landing = landing_resource(
-        local_stack,
-        local_stack.settings.prefix,
-        queue_url=environment["CDC_SQS_QUEUE_URL"],
-        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
-    )
+    landing = notified_landing(local_stack)
     sqs = landing.sqs()
     drain_queue(sqs, landing.queue_url)
     mapping = TableMapping(source="poll_db.events", target="poll.events", primary_key=["id"])

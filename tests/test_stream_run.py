@@ -31,6 +31,7 @@ from cdc_assets.writers import (
 from local_stack.stack import LocalStack
 from sensors.sqs_sensor import build_sqs_sensor
 from sensors.stream_runs import build_stream_run_sensor, next_stream_run_due
+from tests.support import waiting
 from tests.support.accounts import (
     DDL,
     accounts_stream_loader,
@@ -38,16 +39,11 @@ from tests.support.accounts import (
     assert_current_state_equals_source,
     insert_accounts,
 )
-from tests.support.capture import capture_changes, drain_queue, landing_resource, new_env, run_sql
+from tests.support.capture import capture_changes, drain_queue, new_env, notified_landing, run_sql
 
 
-def wait_for(what: str, condition: Callable[[], Any], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(what: str, condition: Callable[[], Any]) -> Any:
+    return waiting.wait_for(condition, what, timeout=90, interval=0.2)
 
 
 def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_runs(
@@ -57,12 +53,7 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
     for key, value in environment.items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    landing = landing_resource(
-        local_stack,
-        local_stack.settings.prefix,
-        queue_url=environment["CDC_SQS_QUEUE_URL"],
-        dead_letter_queue_url=environment["CDC_SQS_DLQ_URL"],
-    )
+    landing = notified_landing(local_stack)
     sqs = landing.sqs()
     drain_queue(sqs, landing.queue_url)
     env = new_env(local_stack, "slots_accounts")

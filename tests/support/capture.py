@@ -230,6 +230,17 @@ def landing_resource(stack: LocalStack, prefix: str, **queues: str) -> Any:
     )
 
 
+def notified_landing(stack: LocalStack) -> Any:
+    """The landing resource on the notified prefix, with the stack's event queue and its dead-letter queue."""
+    environ = stack.environment()
+    return landing_resource(
+        stack,
+        stack.settings.prefix,
+        queue_url=environ["CDC_SQS_QUEUE_URL"],
+        dead_letter_queue_url=environ["CDC_SQS_DLQ_URL"],
+    )
+
+
 def pipeline_resources(env: CaptureEnv) -> dict[str, Any]:
     """The Dagster resources of the pipeline, pointed at the env's landing prefix and the stack's servers."""
     from cdc_assets.resources import BigQueryCdcResource, MySqlSourceResource

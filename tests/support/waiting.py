@@ -7,11 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    """`condition()`'s first truthy value, asked every second; AssertionError naming `what` after `timeout`."""
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120, interval: float = 1) -> Any:
+    """`condition()`'s first truthy value, asked every `interval` seconds; AssertionError naming `what` after
+    `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := condition():
             return value
-        time.sleep(1)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
