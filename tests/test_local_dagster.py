@@ -18,17 +18,38 @@ from local_stack.processes import free_port
 from tests.support.waiting import wait_for
 
 
-def _session_commands(session: int) -> dict[int, str]:
-    commands = {}
+def _session_processes(session: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process in the session."""
+    processes = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == session and fields[0] != "Z":  # a zombie has ended: only not reaped yet
                 cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                commands[int(stat.parent.name)] = cmdline
+                processes[int(stat.parent.name)] = (int(fields[1]), cmdline)
         except (OSError, ValueError, IndexError):
             continue
-    return commands
+    return processes
+
+
+def _session_commands(session: int) -> dict[int, str]:
+    return {pid: command for pid, (_, command) in _session_processes(session).items()}
+
+
+def _services(session: int) -> list[str]:
+    """The session's commands without its run workers: a run (the standing stream run starts as soon as the daemon
+    runs its sensors) is forked by the fork server, shows its command line and may start processes of its own."""
+    processes = _session_processes(session)
+
+    def in_a_run(pid: int) -> bool:
+        parent = processes.get(pid, (0, ""))[0]
+        while parent in processes:
+            if "multiprocessing.forkserver" in processes[parent][1]:
+                return True
+            parent = processes[parent][0]
+        return False
+
+    return [command for pid, (_, command) in processes.items() if not in_a_run(pid)]
 
 
 def _code_servers(session: int) -> list[int]:
@@ -63,7 +84,7 @@ def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps
         session = local.process.pid()
         assert session is not None
         wait_for(lambda: _location_loaded(port), "the code location in the UI")
-        commands = list(_session_commands(session).values())
+        commands = _services(session)
         kinds = {
             "supervisor": [c for c in commands if "local_stack.dagster_services" in c],
             "code server": [c for c in commands if " api grpc " in c],
