@@ -29,6 +29,7 @@ Prints one table, writes `bench/results/pipeline.json` and `bench/results/latenc
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime as dt
 import itertools
 import json
@@ -245,6 +246,10 @@ def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], 
                     write_api_calls=float(values["write_api_calls"]),
                     write_api_bytes=float(values["write_api_bytes"]),
                 )
+                if "load_started_at" in values:  # a stream run's load: when ordered, when begun
+                    entry.update(
+                        started=float(values["load_started_at"]), ordered=float(values.get("ordered_at", 0))
+                    )
             else:
                 continue
             timings.append(entry)
@@ -727,6 +732,14 @@ def phase_report(
     censored = latency + [cutoff - (phase.start + phase.end) / 2] * not_loaded
     per_table: dict[str, list[float]] = defaultdict(list)
     stages: dict[str, list[float]] = defaultdict(list)
+    stream_loads: dict[str, list[tuple[float, float, float]]] = defaultdict(
+        list
+    )  # table -> (at, started, ordered)
+    for t in timings:
+        if "started" in t:
+            stream_loads[t["table"]].append((t["at"], t["started"], t["ordered"]))
+    for table_loads in stream_loads.values():
+        table_loads.sort()
     for table, commit, key, visible in mine:
         per_table[table].append(visible - commit)
         written = file_written_at(key)
@@ -735,7 +748,17 @@ def phase_report(
         stages["capture (commit -> file in S3)"].append(written - commit)
         stages["after the file landed (pickup + queue + start + load)"].append(visible - written)
         run = per_file.get(key)  # the load run that named the file (none: a stream run loaded it)
-        if run is None or not written <= run["created"] <= run["started"] <= run["step_started"] <= visible:
+        if run is None:
+            of_table = stream_loads.get(table, [])
+            index = bisect.bisect_left(of_table, (visible,))
+            if index < len(of_table) and written <= of_table[index][1] <= visible:
+                _, started, ordered = of_table[index]
+                stages["until the table's load began (pickup + order + wait)"].append(started - written)
+                if written <= ordered <= started:  # the file was in the first order of the load's files
+                    stages["  of which the sensor's pickup (-> order)"].append(ordered - written)
+                stages["load (-> visible in BigQuery)"].append(visible - started)
+            continue
+        if not written <= run["created"] <= run["started"] <= run["step_started"] <= visible:
             continue  # or loaded ahead of its message, by an earlier run that listed it (streaming)
         stages["pickup (file -> sensor's run request)"].append(run["created"] - written)
         stages["queue (-> run started)"].append(run["started"] - run["created"])

@@ -15,12 +15,13 @@ minutes, then finishes its loads and ends; the keeper sensor starts the next run
 as soon as it has started.
 """
 
+import functools
 import json
 import queue
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,7 @@ class TableFiles:
     day: str
     keys: set[str] = field(default_factory=set)
     receipts: set[str] = field(default_factory=set)
+    ordered_at: float = 0.0  # when the sensor sent the first order naming them (0: not known)
 
 
 def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iterable[TableFiles]) -> None:
@@ -113,6 +115,7 @@ def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iter
     order = {
         "id": uuid.uuid4().hex,
         "run": run_id,
+        "sent": time.time(),
         "tables": [
             {"table": f.target, "day": f.day, "keys": sorted(f.keys), "receipts": sorted(f.receipts)}
             for f in files
@@ -140,8 +143,9 @@ class OrderInbox:
             if order.get("run") != self._run_id or order.get("id") in self._taken:
                 continue
             self._taken.append(order["id"])
+            sent = float(order.get("sent") or 0.0)
             files += [
-                TableFiles(t["table"], t["day"], set(t["keys"]), set(t["receipts"]))
+                TableFiles(t["table"], t["day"], set(t["keys"]), set(t["receipts"]), sent)
                 for t in order.get("tables", [])
             ]
         return files
@@ -154,6 +158,12 @@ class OrderInbox:
 class _Load:
     files: TableFiles
     task: TableTask
+    started_at: float = 0.0  # when a pool thread began the load
+
+
+def _timed(load: _Load, work: Callable[[], TableTask]) -> TableTask:
+    load.started_at = time.time()
+    return work()
 
 
 class StreamRun:
@@ -212,6 +222,7 @@ class StreamRun:
             mine = self.pending.setdefault((files.target, files.day), TableFiles(files.target, files.day))
             mine.keys |= files.keys
             mine.receipts |= files.receipts
+            mine.ordered_at = min(mine.ordered_at or files.ordered_at, files.ordered_at or mine.ordered_at)
 
     def busy(self) -> set[str]:
         return {load.files.target for load in self.loading.values()}
@@ -285,8 +296,9 @@ class StreamRun:
                 lambda level, message: self.lines.put((level, message)),
                 self.settings.staleness_of(self.tables[target]),
             )
-            future = pool.submit(task.run, self.landing, self.s3, self.bq, self.write, [day])
-            self.loading[future] = _Load(files, task)
+            load = _Load(files, task)
+            work = functools.partial(task.run, self.landing, self.s3, self.bq, self.write, [day])
+            self.loading[pool.submit(_timed, load, work)] = load
 
     def finish(self, future: Future[TableTask]) -> None:
         load = self.loading.pop(future)
@@ -319,9 +331,15 @@ class StreamRun:
         result = settle(
             task, self.landing, self.sqs, self.context.log, self.settings.load_job_cap_per_table_day
         )
+        # when the sensor ordered the files and when their load began: where a change's time after landing went
+        timings = {"load_started_at": dg.MetadataValue.timestamp(load.started_at)}
+        if load.files.ordered_at:
+            timings["ordered_at"] = dg.MetadataValue.timestamp(load.files.ordered_at)
         self.context.log_event(
             dg.AssetMaterialization(
-                asset_key=bigquery_asset_key(task.table), partition=load.files.day, metadata=result.metadata
+                asset_key=bigquery_asset_key(task.table),
+                partition=load.files.day,
+                metadata={**(result.metadata or {}), **timings},
             )
         )
         self.loads += 1

@@ -163,17 +163,15 @@ def processes_of_instance(home: Path) -> list[int]:
 
 
 def fail_orphaned_runs(home: Path) -> list[str]:
-    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED, when no process of it is left.
+    """Mark failed the runs a stopped or killed Dagster left STARTING/STARTED whose processes are gone.
 
     Locally a run's worker is a process of the local Dagster's session, so it stops with it, and the default run
     launcher has no worker health check: such a run would stay "started" forever, holding its pool slots and making
-    the SQS sensor wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never acknowledged
-    in SQS) load in a later run."""
-    leftovers = processes_of_instance(home)
-    if leftovers:  # a worker of the earlier Dagster may still be running its run: leave the runs to it
-        return [
-            f"processes of an earlier Dagster still run ({len(leftovers)}); its runs in progress are left alone"
-        ]
+    the SQS sensor wait for it. Failed, it is alerted on, its slots are freed by run monitoring, and its files (never
+    acknowledged in SQS) load in a later run. A run is left alone while a process that wrote one of its events (its
+    worker, the daemon that launched it) still runs with this DAGSTER_HOME - or, for a run that has no such event
+    yet, while any process of an earlier Dagster of this instance does."""
+    leftovers = set(processes_of_instance(home))
     import dagster as dg
 
     instance = dg.DagsterInstance.from_config(str(home))
@@ -184,6 +182,15 @@ def fail_orphaned_runs(home: Path) -> list[str]:
         )
         for record in records:
             run = record.dagster_run
+            events = instance.all_logs(run.run_id)
+            writers = {e.dagster_event.pid for e in events if e.dagster_event and e.dagster_event.pid}
+            alive = sorted(writers & leftovers) if writers else sorted(leftovers)
+            if alive:
+                notes.append(
+                    f"run {run.run_id} left alone: process(es) {alive} of an earlier Dagster of this instance "
+                    "still run"
+                )
+                continue
             instance.report_run_failed(
                 run,
                 "its run worker is gone: Dagster was stopped or killed while the run was in progress (found by "

@@ -217,33 +217,59 @@ def test_load_runs_carry_a_maximum_runtime_for_run_monitoring() -> None:
     assert ACTIVE_RUN_MAX_AGE_S < LOAD_RUN_MAX_RUNTIME_S  # the sensor stops waiting before monitoring ends it
 
 
+def _worker_event(home: Path, run_id: str, pid: int) -> None:
+    """An event of run `run_id` written by process `pid` (as its run worker writes RUN_START)."""
+    from dagster._core.events import DagsterEvent, EngineEventData
+
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        event = DagsterEvent(
+            event_type_value=dg.DagsterEventType.ENGINE_EVENT.value,
+            job_name="__ASSET_JOB",
+            message="the run worker started",
+            event_specific_data=EngineEventData(),
+            pid=pid,
+        )
+        instance.report_dagster_event(event, run_id=run_id)
+    finally:
+        instance.dispose()
+
+
 def test_dagster_start_fails_runs_a_killed_dagster_left_in_progress(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     instance = dg.DagsterInstance.from_config(str(home))
     orphaned = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
     starting = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"})
+    killed = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+    working = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
     finished = _add_run(instance, dg.DagsterRunStatus.SUCCESS, {LOAD_RUN_TAG: "sensor"})
     instance.dispose()
-    # while a process of the earlier Dagster is left (a run worker inherits DAGSTER_HOME), its runs are left alone
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _worker_event(home, killed, gone.pid)  # its worker wrote an event, and is gone
+    # while a process of the earlier Dagster is left (a run worker inherits DAGSTER_HOME), the runs it may be
+    # running are left alone: its own, and those no worker has written an event of yet
     worker = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"],
         env={**os.environ, "DAGSTER_HOME": str(home)},
         start_new_session=True,
     )
+    _worker_event(home, working, worker.pid)
     try:
         time.sleep(0.5)
-        fail_orphaned_runs(home)
-        assert _statuses(home, orphaned, starting) == [
-            dg.DagsterRunStatus.STARTED,
-            dg.DagsterRunStatus.STARTING,
-        ]
+        notes = fail_orphaned_runs(home)
+        started, starting_ = dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING
+        assert _statuses(home, orphaned, starting, working) == [started, starting_, started]
+        assert f"run {working} left alone: process(es) [{worker.pid}]" in "\n".join(notes)
+        # a run whose worker is gone is failed even while another process of that Dagster is left
+        assert _statuses(home, killed) == [dg.DagsterRunStatus.FAILURE]
     finally:
         worker.kill()
         worker.wait()
     # once none is left, they are orphans
     fail_orphaned_runs(home)
-    assert _statuses(home, orphaned, starting) == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.FAILURE]
+    assert _statuses(home, orphaned, starting, working) == [dg.DagsterRunStatus.FAILURE] * 3
     assert _statuses(home, finished) == [dg.DagsterRunStatus.SUCCESS]
     instance = dg.DagsterInstance.from_config(str(home))
     try:
