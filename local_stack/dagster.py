@@ -90,6 +90,9 @@ class LocalDagster:
             timeout=180,
             extra_ports=(port, grpc_port),
         )
+        if notes:  # in Dagster's log too, where whoever looks into a run left waiting reads
+            with self.process.log_file.open("a") as log:
+                log.writelines(f"cdc dagster start: {note}\n" for note in notes)
         return notes
 
     def stop(self, timeout: float = 60) -> bool:
