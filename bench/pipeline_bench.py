@@ -219,16 +219,25 @@ def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], 
     import dagster as dg
 
     from cdc_assets.load_run import LOADER
+    from cdc_assets.writers import STREAM_JOB
 
     instance = dg.DagsterInstance.get()
     per_file: dict[str, dict[str, float]] = {}
     timings: list[dict[str, Any]] = []
-    records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100_000)
+    records = list(
+        instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100_000)
+    )
+    # a stream run's loads count whatever its end (the last one is stopped with the platform)
+    records += instance.get_run_records(
+        dg.RunsFilter(
+            job_name=STREAM_JOB, statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.STARTED]
+        )
+    )
     for record in sorted(records, key=lambda r: r.create_timestamp):
         run = record.dagster_run
         config: dict[str, Any] = dict(run.run_config or {})
         tables = (config.get("ops", {}).get(LOADER, {}).get("config", {}) or {}).get("tables", {})
-        if not tables or record.start_time is None:
+        if (not tables and run.job_name != STREAM_JOB) or record.start_time is None:
             continue
         step_start = record.start_time
         for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
@@ -248,7 +257,9 @@ def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], 
                 )
                 if "load_started_at" in values:  # a stream run's load: when ordered, when begun
                     entry.update(
-                        started=float(values["load_started_at"]), ordered=float(values.get("ordered_at", 0))
+                        target=".".join(event.asset_materialization.asset_key.path[1:]),
+                        started=float(values["load_started_at"]),
+                        ordered=float(values.get("ordered_at", 0)),
                     )
             else:
                 continue
@@ -737,7 +748,7 @@ def phase_report(
     )  # table -> (at, started, ordered)
     for t in timings:
         if "started" in t:
-            stream_loads[t["table"]].append((t["at"], t["started"], t["ordered"]))
+            stream_loads[t["target"]].append((t["at"], t["started"], t["ordered"]))
     for table_loads in stream_loads.values():
         table_loads.sort()
     for table, commit, key, visible in mine:

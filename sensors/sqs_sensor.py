@@ -38,16 +38,19 @@ from cdc_assets.writers import (
     written_assets,
 )
 
-# Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message (the daemon loops
-# every 5 s), then take what is waiting - up to MAX_MESSAGES_PER_TICK, within MAX_POLL_SECONDS - and go.
-LONG_POLL_SECONDS = 4
+# Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message, then take what is
+# waiting and go. The daemon starts a tick at most every 5 s, and only on its 5 s loop: a tick that ends within its
+# 5 s lets the next start 5 s after it, a longer one makes it wait for the loop after (10 s between ticks).
+LONG_POLL_SECONDS = 3
 MAX_POLL_SECONDS = 20.0
 MAX_MESSAGES_PER_TICK = 1000
 # Once messages arrive, the tick also takes those that follow within QUIET_SECONDS of the last one (the rest of a
-# capture flush's files, uploaded at once), for at most SETTLE_SECONDS: a flush's tables load in one run, instead of
-# the late ones waiting for the next tick (the daemon's 5 s loop)
+# capture flush's files, uploaded at once), for at most SETTLE_SECONDS, and stops taking messages COLLECT_SECONDS
+# after it began: files that keep landing are the next tick's. Only a backlog (receives that come back full) is
+# drained on, up to MAX_MESSAGES_PER_TICK within MAX_POLL_SECONDS.
 QUIET_SECONDS = 0.3
 SETTLE_SECONDS = 1.5
+COLLECT_SECONDS = 3.5
 IN_FLIGHT_HOLD_SECONDS = (
     300  # a message of a table in flight stays invisible this long (it is held again after)
 )
@@ -96,7 +99,8 @@ def collect(
     by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
-    deadline = time.monotonic() + MAX_POLL_SECONDS
+    began = time.monotonic()
+    deadline = began + MAX_POLL_SECONDS
     received = 0
     first_at = last_at = 0.0
     while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
@@ -109,8 +113,9 @@ def collect(
             AttributeNames=["All"],
         ).get("Messages", [])
         now = time.monotonic()
+        enough = bool(received) and (now - first_at >= SETTLE_SECONDS or now - began >= COLLECT_SECONDS)
         if not messages:
-            if not received or now - last_at >= QUIET_SECONDS or now - first_at >= SETTLE_SECONDS:
+            if not received or now - last_at >= QUIET_SECONDS or enough:
                 break
             time.sleep(0.1)
             continue
@@ -148,6 +153,8 @@ def collect(
                 files.keys.add(key)
                 files.receipts[parsed.message_id] = parsed.receipt_handle
                 files.receive_counts[parsed.message_id] = parsed.receive_count
+        if enough and len(messages) < 10:  # files keep landing, no backlog: the rest is the next tick's
+            break
     return list(queued.values())
 
 

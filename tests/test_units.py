@@ -31,6 +31,7 @@ from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_meta
 from cdc_assets.proto_rows import ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
 from cdc_testing.oracle import key_text
+from sensors import sqs_sensor
 from sensors.sqs_sensor import collect
 
 TABLES = merge_sql.BatchTables(
@@ -524,3 +525,30 @@ def test_the_capture_process_loads_no_bigquery_or_dagster_libraries() -> None:
     assert "capture.service" in loaded
     heavy = [m for m in loaded if m.split(".")[0] in ("grpc", "dagster") or m.startswith("google.cloud")]
     assert heavy == []
+
+
+class Trickle(FakeQueue):
+    """A queue whose every receive takes 0.1 s and finds one new message: files landing without a pause."""
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        time.sleep(0.1)
+        batch, self.messages = self.messages[:1], self.messages[1:]
+        return {"Messages": batch}
+
+
+def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> None:
+    """Files landing without a pause (the captures' flushes, one after another) end a tick SETTLE_SECONDS after its
+    first message - the daemon starts the next one at most 5 s after it began only if it ended by then; a backlog
+    (receives that come back full) is taken on."""
+    tables = [TableMapping(source=f"db.t{i}", target=f"game.t{i}", primary_key=["id"]) for i in range(40)]
+    mappings = _mappings(*tables)
+    key = "cdc/db/t{}/20261201-0400000000.parquet".format
+    log = type("Log", (), {"error": lambda self, m: None})()
+    trickle = Trickle([_event(key(i)) for i in range(40)])  # every receive finds a few files, for 4 s
+    began = time.monotonic()
+    grouped = collect(FakeLanding(trickle), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
+    assert time.monotonic() - began < sqs_sensor.SETTLE_SECONDS + 1.0
+    assert 0 < len(grouped) < 40 and len(trickle.messages) == 40 - len(grouped)
+    backlog = FakeQueue([_event(key(i % 40)) for i in range(300)])  # all waiting at once
+    grouped = collect(FakeLanding(backlog), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
+    assert len(grouped) == 40 and not backlog.messages
