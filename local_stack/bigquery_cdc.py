@@ -11,8 +11,9 @@ server by `tests/test_bigquery_conformance_fails_on_stock.py`. What BigQuery doc
   `max_staleness` (DDL OPTIONS, REST `maxStaleness`) are stored and returned;
 - default-stream proto rows with `_CHANGE_TYPE` UPSERT/DELETE are applied per primary key: the highest
   `_CHANGE_SEQUENCE_NUMBER` wins (up to 4 `/`-separated hex sections, compared as unsigned numbers), an equal one
-  lets the later write win, an older one is ignored, a DELETE is kept to order later writes. The table queried
-  returns the merged state (applied on write: as fresh as `max_staleness` 0);
+  lets the later write win, an older one is ignored, a DELETE is kept to order later writes. The table read
+  returns the merged state (as fresh as `max_staleness` 0): as BigQuery merges at query time, an append only keeps
+  its rows as the table's pending changes and they are merged before the table is read (`PendingChanges`);
 - a table with CDC active refuses UPDATE, DELETE and MERGE;
 - one lock orders every write, REST or gRPC; a request may be up to 20 MB; BatchCommit commits only streams of
   its `parent` table;
@@ -20,8 +21,9 @@ server by `tests/test_bigquery_conformance_fails_on_stock.py`. What BigQuery doc
   thread (stock runs it on the REST event loop under the connection's lock, so one long query stalled every other
   REST call and every append), and sees the last committed state (DuckDB's snapshot isolation).
 
-Held under that one lock, an append is kept short (docs/local-stack.md, "BigQuery"): a CDC apply runs its statements
-on DuckDB directly, and a table's row count (numRows) is written to the catalog in the background (`RowCounts`).
+Held under that one lock, an append is kept short (docs/local-stack.md, "BigQuery"): a CDC append only adds rows to
+the table's pending changes, the merge runs its statements on DuckDB directly once for all of them, and a table's row
+count (numRows) is written to the catalog in the background (`RowCounts`).
 """
 
 from __future__ import annotations
@@ -166,11 +168,19 @@ def _sequence_table(project: str, dataset: str, table: str, created: object) -> 
 # -- applying CDC rows -------------------------------------------------------------------------------------------
 
 
-def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -> None:
-    """Apply UPSERT/DELETE rows (an Arrow table: the target's columns + the two pseudo-columns) per primary key.
-    The caller holds WRITE_LOCK."""
+def _pending_table(project: str, dataset: str, table: str, created: object) -> str:
+    """The table's changes taken but not merged yet (a table created again gets a new one)."""
+    import hashlib
+
+    name = hashlib.sha1(f"{project}.{dataset}.{table}@{created}".encode()).hexdigest()[:20]
+    return f'"{SCHEMA}"."pending_{name}"'
+
+
+def take_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -> None:
+    """Take UPSERT/DELETE rows (an Arrow table: the target's columns + the two pseudo-columns): checked as BigQuery
+    checks them, then kept in the table's pending changes, merged before the table is next read (`PENDING`). The
+    caller holds WRITE_LOCK."""
     import pyarrow as pa
-    from bqemulator.storage.sql_identifiers import quoted_table_ref
 
     entry = REGISTRY.get(ctx, project, dataset, table)
     key = entry.get("primary_key") or []
@@ -181,68 +191,203 @@ def apply_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -
             f"{project}.{dataset}.{table} has no primary key: _CHANGE_TYPE needs one "
             "(PRIMARY KEY (...) NOT ENFORCED, or tableConstraints.primaryKey)"
         )
+    missing = [k for k in key if k not in rows.column_names]
+    if missing:
+        raise CdcError(f"{project}.{dataset}.{table}: the rows lack primary key column(s) {missing}")
     types = rows.column(CHANGE_TYPE).to_pylist()
     if any(t not in ("UPSERT", "DELETE") for t in types):
         bad = next(t for t in types if t not in ("UPSERT", "DELETE"))
         raise CdcError(f"{bad!r} is not a valid {CHANGE_TYPE}: use UPSERT or DELETE")
     sequences = [sequence_sort_key(s) for s in rows.column(CHANGE_SEQUENCE).to_pylist()]
-    data = rows.drop_columns([CHANGE_TYPE, CHANGE_SEQUENCE])
-    # within the request, per key the highest sequence, and of equal ones the later row
-    keys = list(zip(*(data.column(k).to_pylist() for k in key), strict=True))
-    latest: dict[tuple[Any, ...], int] = {}
-    for index, (k, seq) in enumerate(zip(keys, sequences, strict=True)):
-        if k not in latest or seq >= sequences[latest[k]]:
-            latest[k] = index
-    chosen = sorted(latest.values())
-    incoming = data.take(pa.array(chosen, pa.int64()))
-    incoming = incoming.append_column("__seq", pa.array([sequences[i] for i in chosen], pa.string()))
-    incoming = incoming.append_column("__type", pa.array([types[i] for i in chosen], pa.string()))
-    target = quoted_table_ref(project, dataset, table)
     meta = ctx.catalog.get_table(project, dataset, table)
-    ledger = _sequence_table(project, dataset, table, meta.creation_time if meta else None)
-    # our own statements, straight to DuckDB (the caller holds ENGINE_LOCK): no result objects to build
+    if meta is None:
+        return
+    data = rows.drop_columns([CHANGE_TYPE, CHANGE_SEQUENCE])
+    incoming = data.append_column("__seq", pa.array(sequences, pa.string()))
+    incoming = incoming.append_column("__type", pa.array(types, pa.string()))
+    incoming = incoming.append_column("__order", pa.array(PENDING.orders(len(types)), pa.int64()))
+    PENDING.add(ctx, (project, dataset, table), str(meta.creation_time), incoming)
+    if not entry.get("cdc_active"):
+        REGISTRY.update(ctx, project, dataset, table, cdc_active=True)
+    ctx.snapshots.record_change(project, dataset, table)
+
+
+def merge_changes(ctx: Any, ids: tuple[str, str, str], pending: str, columns: list[str]) -> None:
+    """Merge a table's pending changes per primary key: the highest sequence wins (of equal ones the later write),
+    a change older than the last one applied to its key is ignored, a DELETE is kept to order later writes. The
+    caller holds WRITE_LOCK and ENGINE_LOCK."""
+    from bqemulator.storage.sql_identifiers import quoted_table_ref
+
+    key = REGISTRY.get(ctx, *ids).get("primary_key") or []
+    meta = ctx.catalog.get_table(*ids)
+    ledger = _sequence_table(*ids, meta.creation_time if meta else None)
     connection = ctx.engine.connection.raw
     quoted = [f'"{k}"' for k in key]
     same = " AND ".join(f"a.{q} = b.{q}" for q in quoted)
-    connection.register("__cdc_incoming", incoming)
+    data_columns = ", ".join(f'"{c}"' for c in columns if c not in ("__seq", "__type", "__order"))
+    target = quoted_table_ref(*ids)
+    connection.execute("BEGIN TRANSACTION")
     try:
-        connection.execute("BEGIN TRANSACTION")
-        try:
-            if ledger not in LEDGERS:
-                connection.execute(
-                    f"CREATE TABLE IF NOT EXISTS {ledger} AS SELECT {', '.join(quoted)}, __seq, __type "
-                    "FROM __cdc_incoming WHERE false"
-                )
+        if ledger not in LEDGERS:
             connection.execute(
-                "CREATE OR REPLACE TEMP TABLE __cdc_winners AS SELECT a.* FROM __cdc_incoming AS a "
-                f"ANTI JOIN {ledger} AS b ON {same} AND b.__seq > a.__seq"
+                f"CREATE TABLE IF NOT EXISTS {ledger} AS SELECT {', '.join(quoted)}, __seq, __type "
+                f"FROM {pending} WHERE false"
             )
-            connection.execute(
-                f"DELETE FROM {target} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
-            )
-            columns = ", ".join(f'"{name}"' for name in data.column_names)
-            connection.execute(
-                f"INSERT INTO {target} ({columns}) SELECT {columns} FROM __cdc_winners WHERE __type = 'UPSERT'"
-            )
-            connection.execute(
-                f"DELETE FROM {ledger} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
-            )
-            connection.execute(
-                f"INSERT INTO {ledger} SELECT {', '.join(quoted)}, __seq, __type FROM __cdc_winners"
-            )
-            count = connection.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        LEDGERS.add(ledger)
-    finally:
-        connection.unregister("__cdc_incoming")
-    if not entry.get("cdc_active"):
-        REGISTRY.update(ctx, project, dataset, table, cdc_active=True)
+        connection.execute(
+            "CREATE OR REPLACE TEMP TABLE __cdc_winners AS SELECT a.* EXCLUDE (__order) FROM (SELECT * FROM "
+            f"{pending} QUALIFY row_number() OVER (PARTITION BY {', '.join(quoted)} ORDER BY __seq DESC, "
+            f"__order DESC) = 1) AS a ANTI JOIN {ledger} AS b ON {same} AND b.__seq > a.__seq"
+        )
+        connection.execute(
+            f"DELETE FROM {target} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
+        )
+        connection.execute(
+            f"INSERT INTO {target} ({data_columns}) SELECT {data_columns} FROM __cdc_winners "
+            "WHERE __type = 'UPSERT'"
+        )
+        connection.execute(
+            f"DELETE FROM {ledger} AS b WHERE EXISTS (SELECT 1 FROM __cdc_winners AS a WHERE {same})"
+        )
+        connection.execute(
+            f"INSERT INTO {ledger} SELECT {', '.join(quoted)}, __seq, __type FROM __cdc_winners"
+        )
+        connection.execute(f"DROP TABLE {pending}")
+        connection.execute(f'DELETE FROM "{SCHEMA}".pending WHERE name = ?', [pending])
+        count = connection.execute(f"SELECT COUNT(*) FROM {target}").fetchone()[0]
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    LEDGERS.add(ledger)
     if meta is not None:
         ROW_COUNTS.record(ctx, meta, int(count))
-    ctx.snapshots.record_change(project, dataset, table)
+
+
+class PendingChanges:
+    """CDC rows taken but not merged into their tables yet, kept in DuckDB (a table of them per target, and a list
+    of those tables: a restarted server merges what it held). An append only adds its rows; the merge - the costly
+    part, a join with the table's sequence ledger and two deletes and inserts - runs before anything reads the table
+    (a query naming it, tables.get, a schema change: as BigQuery merges at query time, a read sees every change
+    taken), when the table has MAX_ROWS pending, and in the background for changes older than MERGE_EVERY_S.
+    Many appends to a table between reads merge in one go instead of one each."""
+
+    MERGE_EVERY_S = 30.0
+    MAX_ROWS = 200_000
+
+    def __init__(self) -> None:
+        # pending table -> (ctx, table ids, its columns, rows, first taken at (monotonic))
+        self._tables: dict[str, tuple[Any, tuple[str, str, str], list[str], int, float]] = {}
+        self._loaded: set[int] = set()  # engines whose list of pending tables was read
+        self._last_order = 0
+        self._thread: threading.Thread | None = None
+
+    def orders(self, count: int) -> list[int]:
+        """Increasing numbers for `count` rows, later than any taken before (also across restarts)."""
+        first = max(self._last_order + 1, time.time_ns())
+        self._last_order = first + count - 1
+        return list(range(first, first + count))
+
+    def _load(self, ctx: Any) -> None:
+        """The pending tables a restarted server finds (the caller holds ENGINE_LOCK)."""
+        if id(ctx.engine) in self._loaded:
+            return
+        connection = ctx.engine.connection.raw
+        REGISTRY._ensure(ctx.engine)
+        connection.execute(
+            f'CREATE TABLE IF NOT EXISTS "{SCHEMA}".pending (name VARCHAR, project VARCHAR, dataset VARCHAR, '
+            '"table" VARCHAR, columns VARCHAR)'
+        )
+        for name, project, dataset, table, columns in connection.execute(
+            f'SELECT name, project, dataset, "table", columns FROM "{SCHEMA}".pending'
+        ).fetchall():
+            self._tables.setdefault(name, (ctx, (project, dataset, table), json.loads(columns), 1, 0.0))
+        self._loaded.add(id(ctx.engine))
+
+    def add(self, ctx: Any, ids: tuple[str, str, str], created: str, incoming: Any) -> None:
+        """Keep `incoming` (the target's columns, __seq, __type, __order) as pending changes of table `ids`."""
+        with ENGINE_LOCK:
+            self._load(ctx)
+            pending = _pending_table(*ids, created)
+            known = self._tables.get(pending)
+            if known is not None and known[2] != incoming.column_names:  # the table's columns changed
+                self.merge(pending)
+                known = None
+            connection = ctx.engine.connection.raw
+            connection.register("__cdc_incoming", incoming)
+            try:
+                if known is None:
+                    connection.execute("BEGIN TRANSACTION")
+                    connection.execute(f"CREATE TABLE {pending} AS SELECT * FROM __cdc_incoming")
+                    connection.execute(
+                        f'INSERT INTO "{SCHEMA}".pending VALUES (?, ?, ?, ?, ?)',
+                        [pending, *ids, json.dumps(incoming.column_names)],
+                    )
+                    connection.execute("COMMIT")
+                    known = (ctx, ids, incoming.column_names, 0, time.monotonic())
+                else:
+                    connection.execute(f"INSERT INTO {pending} SELECT * FROM __cdc_incoming")
+            finally:
+                connection.unregister("__cdc_incoming")
+            self._tables[pending] = (*known[:3], known[3] + incoming.num_rows, known[4])
+            if known[3] + incoming.num_rows >= self.MAX_ROWS:
+                self.merge(pending)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cdc-merge", daemon=True)
+            self._thread.start()
+
+    def merge(self, pending: str) -> None:
+        """Merge one pending table into its target (the caller holds WRITE_LOCK and ENGINE_LOCK)."""
+        known = self._tables.pop(pending, None)
+        if known is None:
+            return
+        ctx, ids, columns, _, _ = known
+        meta = ctx.catalog.get_table(*ids)
+        if meta is None or _pending_table(*ids, meta.creation_time) != pending:  # the table was dropped
+            connection = ctx.engine.connection.raw
+            connection.execute(f"DROP TABLE IF EXISTS {pending}")
+            connection.execute(f'DELETE FROM "{SCHEMA}".pending WHERE name = ?', [pending])
+            return
+        try:
+            merge_changes(ctx, ids, pending, columns)
+        except BaseException:
+            self._tables[pending] = known  # merged by the next read or round
+            raise
+        ctx.snapshots.record_change(*ids)
+
+    def before_reading(self, ctx: Any, ids: tuple[str, str, str] | None = None, sql: str = "") -> None:
+        """Merge the pending changes of table `ids`, or of every table `sql` names, before they are read."""
+        with ENGINE_LOCK:
+            self._load(ctx)
+            wanted = [
+                name
+                for name, (_, table_ids, _, _, _) in self._tables.items()
+                if table_ids == ids
+                or (sql and re.search(rf"(?<![\w-]){re.escape(table_ids[2])}(?![\w-])", sql, re.IGNORECASE))
+            ]
+        if not wanted:
+            return
+        with WRITE_LOCK, ENGINE_LOCK:
+            for name in wanted:
+                self.merge(name)
+
+    def merge_old(self) -> None:
+        """Merge the tables whose changes have waited MERGE_EVERY_S."""
+        now = time.monotonic()
+        old = [name for name, known in list(self._tables.items()) if now - known[4] >= self.MERGE_EVERY_S]
+        for name in old:
+            with WRITE_LOCK, ENGINE_LOCK:
+                self.merge(name)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                self.merge_old()
+            except Exception as exc:  # the engine stopped; a restarted server finds them in DuckDB
+                print(f"bigquery_cdc: pending changes not merged: {exc!r}", file=sys.stderr)
+
+
+PENDING = PendingChanges()
 
 
 class RowCounts:
@@ -344,13 +489,20 @@ def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any
             proto_decoder = ProtoRowDecoder(proto_data.writer_schema.proto_descriptor)
         if proto_decoder is None or CHANGE_TYPE not in proto_decoder.field_names:
             return original(request, proto_decoder, arrow_schema_bytes, target_schema)
-        table, decoder, schema_bytes = original(request, proto_decoder, arrow_schema_bytes, target_schema)
+        from bqemulator.storage.arrow_bridge import _coerce_to_arrow_value
+
+        # as stock's proto_rows_to_arrow_table, each row decoded once (not again for the two change columns)
         decoded = [proto_decoder.decode(raw) for raw in proto_data.rows.serialized_rows]
+        arrays = {
+            f.name: pa.array([_coerce_to_arrow_value(d.get(f.name), f.type) for d in decoded], type=f.type)
+            for f in target_schema
+        }
+        table = pa.table(arrays, schema=target_schema)
         table = table.append_column(CHANGE_TYPE, pa.array([d.get(CHANGE_TYPE) for d in decoded], pa.string()))
         table = table.append_column(
             CHANGE_SEQUENCE, pa.array([d.get(CHANGE_SEQUENCE) for d in decoded], pa.string())
         )
-        return table, decoder, schema_bytes
+        return table, proto_decoder, arrow_schema_bytes
 
     return rows_for_request
 
@@ -363,7 +515,7 @@ def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:
     ids = (stream.project_id, stream.dataset_id, stream.table_id)
     with WRITE_LOCK, ENGINE_LOCK:
         if CHANGE_TYPE in rows.column_names:
-            apply_changes(ctx, *ids, rows)
+            take_changes(ctx, *ids, rows)
             return
         name = register_name(f"__bqemu_write_{id(rows):x}")
         ctx.engine.connection.register(name, rows)
@@ -562,6 +714,11 @@ def _recording_constraints(handler: Callable[..., Awaitable[Any]]) -> Callable[.
     async def wrapper(**kwargs: Any) -> Any:
         ctx = kwargs["ctx"]
         _REST_CONTEXT.ctx = ctx
+        if (
+            "table_id" in kwargs
+        ):  # a schema change: the pending changes merge with the columns they were taken with
+            ids = (kwargs["project_id"], kwargs["dataset_id"], kwargs["table_id"])
+            await asyncio.get_running_loop().run_in_executor(None, PENDING.before_reading, ctx, ids)
         body = await kwargs["request"].json()
         result = await handler(**kwargs)
         changes: dict[str, Any] = {}
@@ -588,6 +745,10 @@ def _with_context(handler: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(handler)
     def wrapper(**kwargs: Any) -> Any:
         _REST_CONTEXT.ctx = kwargs["ctx"]
+        if "table_id" in kwargs:  # numRows counts every change taken
+            PENDING.before_reading(
+                kwargs["ctx"], (kwargs["project_id"], kwargs["dataset_id"], kwargs["table_id"])
+            )
         return handler(**kwargs)
 
     return wrapper
@@ -657,6 +818,10 @@ def _execute_query_job(original: Callable[..., Awaitable[Any]]) -> Callable[...,
         from bqemulator.domain.errors import InvalidQueryError
 
         _REST_CONTEXT.ctx = ctx
+        # the tables it names see every change taken (BigQuery merges CDC changes at query time)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(PENDING.before_reading, ctx, sql=bq_sql)
+        )
         dataset = None  # scripts name their tables in full (dataset.table)
         for statement in _statements(bq_sql):
             match = _DML.match(statement)

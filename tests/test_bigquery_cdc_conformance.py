@@ -112,6 +112,24 @@ def test_the_highest_sequence_wins_and_an_equal_one_lets_the_later_write_win(
     assert state(bq, table) == []
 
 
+def test_changes_acknowledged_before_a_restart_are_merged_after_it(
+    bq: bigquery.Client, dataset: str, write: Any, bigquery_server: BigQueryEmulatorServer
+) -> None:
+    """An acknowledged append is durable: changes the server took (and merges only when the table is read) are
+    merged after a restart, in order with the changes that follow."""
+    table = keyed_table(bq, dataset)
+    changes(write, table, (1, "a", "UPSERT", "1"), (2, "b", "UPSERT", "2"))
+    changes(write, table, (1, None, "DELETE", "3"), (2, "c", "UPSERT", "4"))
+    assert bigquery_server.stop()
+    bigquery_server.start()
+    write = bigquery_write_client(bigquery_server.write_endpoint)
+    changes(
+        write, table, (2, "older", "UPSERT", "3"), (3, "d", "UPSERT", "5")
+    )  # 2@3 is older than 2@4: ignored
+    assert state(bq, table) == [(2, "c"), (3, "d")]
+    assert bq.get_table(table.reference).num_rows == 2
+
+
 def test_the_primary_key_and_max_staleness_of_a_table_are_kept(bq: bigquery.Client, dataset: str) -> None:
     table = keyed_table(bq, dataset, max_staleness="0-0 0 0:15:0")
     got = bq.get_table(table.reference)
