@@ -98,7 +98,7 @@ class Settings:
     bigquery_location: str = ""
     load_mode: str = "streaming"
     max_staleness_minutes: float = 0.0
-    stream_run_minutes: float = 5.0
+    stream_run_minutes: float = 15.0
     max_load_jobs_per_table_per_day: int = 1_200
     max_load_jobs_per_project_per_day: int = 90_000
     load_grace_seconds: float = 300.0
@@ -131,7 +131,7 @@ class Settings:
             bigquery_location=text(BIGQUERY_LOCATION, ""),
             load_mode=_choice(values, LOAD_MODE, "streaming", LOAD_MODES),
             max_staleness_minutes=_number(values, MAX_STALENESS_MINUTES, 0.0, 0.0, 1440.0),
-            stream_run_minutes=_number(values, STREAM_RUN_MINUTES, 5.0, 0.0, 8.0),
+            stream_run_minutes=_number(values, STREAM_RUN_MINUTES, 15.0, 0.0, 120.0),
             max_load_jobs_per_table_per_day=_integer(
                 values, MAX_LOAD_JOBS_PER_TABLE_PER_DAY, 1_200, 1, 1_500
             ),

@@ -268,10 +268,10 @@ class PendingChanges:
     of those tables: a restarted server merges what it held). An append only adds its rows; the merge - the costly
     part, a join with the table's sequence ledger and two deletes and inserts - runs before anything reads the table
     (a query naming it, tables.get, a schema change: as BigQuery merges at query time, a read sees every change
-    taken), when the table has MAX_ROWS pending, and in the background for changes older than MERGE_EVERY_S.
-    Many appends to a table between reads merge in one go instead of one each."""
+    taken), when the table has MAX_ROWS pending, and in the background (one table at a time) for changes older than
+    MERGE_EVERY_S. Many appends to a table between reads merge in one go instead of one each."""
 
-    MERGE_EVERY_S = 30.0
+    MERGE_EVERY_S = 300.0
     MAX_ROWS = 200_000
 
     def __init__(self) -> None:
@@ -370,21 +370,26 @@ class PendingChanges:
             for name in wanted:
                 self.merge(name)
 
-    def merge_old(self) -> None:
-        """Merge the tables whose changes have waited MERGE_EVERY_S."""
+    def merge_oldest(self) -> bool:
+        """Merge the table whose changes have waited longest, if MERGE_EVERY_S or more; whether one was due."""
         now = time.monotonic()
-        old = [name for name, known in list(self._tables.items()) if now - known[4] >= self.MERGE_EVERY_S]
-        for name in old:
-            with WRITE_LOCK, ENGINE_LOCK:
-                self.merge(name)
+        waited = {name: now - known[4] for name, known in list(self._tables.items())}
+        oldest = max(waited, key=lambda name: waited[name], default=None)
+        if oldest is None or waited[oldest] < self.MERGE_EVERY_S:
+            return False
+        with WRITE_LOCK, ENGINE_LOCK:
+            self.merge(oldest)
+        return True
 
     def _run(self) -> None:
+        """One table at a time, a pause between two: the appends get the write lock in between."""
         while True:
-            time.sleep(1.0)
             try:
-                self.merge_old()
+                due = self.merge_oldest()
             except Exception as exc:  # the engine stopped; a restarted server finds them in DuckDB
                 print(f"bigquery_cdc: pending changes not merged: {exc!r}", file=sys.stderr)
+                due = False
+            time.sleep(0.2 if due else 1.0)
 
 
 PENDING = PendingChanges()

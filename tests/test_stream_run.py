@@ -202,3 +202,31 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         stale = repr(time.time() - HEARTBEAT_STALE_S - 1)
         instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "the-next-stream-run": stale})
         assert not earlier_holders(instance, later, [asset], time.time(), names)
+
+
+def test_a_stream_run_of_mappings_deployed_over_is_replaced_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream run loads by the mappings its process loaded: once others are deployed (here: a setting of the loads
+    changed) the keeper requests the next one at once - it takes every table over and the old one ends - instead of
+    after the old one's minutes."""
+    from cdc.mappings import load_mappings
+    from definitions import build_definitions
+    from sensors.stream_runs import MAPPINGS_TAG, mappings_fingerprint
+
+    defs = build_definitions()
+    fingerprint = mappings_fingerprint(load_mappings(), Settings.load())
+    with dg.instance_for_test() as instance:
+        run = instance.create_run_for_job(
+            defs.resolve_job_def(STREAM_JOB),
+            run_config=stream_run_config(["slots.bets"], 15.0),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={MAPPINGS_TAG: fingerprint},
+        )
+        instance.run_storage.set_cursor_values({HEARTBEAT_KEY + run.run_id: repr(time.time())})
+        keeper = defs.resolve_sensor_def("standing_stream_run")
+        assert isinstance(keeper(dg.build_sensor_context(instance=instance)), dg.SkipReason)  # minutes to go
+        monkeypatch.setenv("CDC_MAX_STALENESS_MINUTES", "3")
+        deployed = build_definitions().resolve_sensor_def("standing_stream_run")
+        request = deployed(dg.build_sensor_context(instance=instance))
+        assert isinstance(request, dg.RunRequest) and request.tags[MAPPINGS_TAG] not in ("", fingerprint)
+        assert next_stream_run_due(instance, time.time(), 15.0, "other mappings")
+        assert not next_stream_run_due(instance, time.time(), 15.0, fingerprint)
