@@ -15,13 +15,12 @@ minutes, then finishes its loads and ends; the keeper sensor starts the next run
 as soon as it has started.
 """
 
-import functools
 import json
 import queue
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +53,7 @@ ORDER_SLOTS = (
     64  # the sensor writes one order per tick (every few seconds); the run reads every slot each poll
 )
 HEARTBEAT_EVERY_S = 2.0
+LOOK_AROUND_EVERY_S = 1.0  # how often the run looks for later runs that take its tables over
 STREAM_RUN_TAG = "cdc/stream"
 ALERT_REPEAT_S = 600.0
 
@@ -159,11 +159,23 @@ class _Load:
     files: TableFiles
     task: TableTask
     started_at: float = 0.0  # when a pool thread began the load
+    result: dg.MaterializeResult | None = None  # settled (acknowledged) in the pool thread
 
 
-def _timed(load: _Load, work: Callable[[], TableTask]) -> TableTask:
-    load.started_at = time.time()
-    return work()
+class _QueuedLog:
+    """A logger for the pool's threads: the run's thread shows their lines in the run's log."""
+
+    def __init__(self, lines: "queue.Queue[tuple[str, str]]") -> None:
+        self._lines = lines
+
+    def info(self, message: str) -> None:
+        self._lines.put(("info", message))
+
+    def warning(self, message: str) -> None:
+        self._lines.put(("warning", message))
+
+    def error(self, message: str) -> None:
+        self._lines.put(("error", message))
 
 
 class StreamRun:
@@ -297,8 +309,17 @@ class StreamRun:
                 self.settings.staleness_of(self.tables[target]),
             )
             load = _Load(files, task)
-            work = functools.partial(task.run, self.landing, self.s3, self.bq, self.write, [day])
-            self.loading[pool.submit(_timed, load, work)] = load
+            self.loading[pool.submit(self.load_and_settle, load, day)] = load
+
+    def load_and_settle(self, load: _Load, day: str) -> TableTask:
+        """In a pool thread: the table's load, then its settling (dead letters, acknowledgements) - the run's thread
+        only reports it, so it goes on taking orders and starting loads meanwhile."""
+        load.started_at = time.time()
+        task = load.task.run(self.landing, self.s3, self.bq, self.write, [day])
+        load.result = settle(
+            task, self.landing, self.sqs, _QueuedLog(self.lines), self.settings.load_job_cap_per_table_day
+        )
+        return task
 
     def finish(self, future: Future[TableTask]) -> None:
         load = self.loading.pop(future)
@@ -327,10 +348,9 @@ class StreamRun:
         )
 
     def report(self, load: _Load, task: TableTask) -> None:
-        """After a table's load: settled as in a load run, materialized in the partition of its files' day."""
-        result = settle(
-            task, self.landing, self.sqs, self.context.log, self.settings.load_job_cap_per_table_day
-        )
+        """After a table's load (settled as in a load run, by its pool thread): materialized in the partition of its
+        files' day."""
+        metadata = load.result.metadata if load.result is not None else None
         # when the sensor ordered the files and when their load began: where a change's time after landing went
         timings = {"load_started_at": dg.MetadataValue.timestamp(load.started_at)}
         if load.files.ordered_at:
@@ -339,7 +359,7 @@ class StreamRun:
             dg.AssetMaterialization(
                 asset_key=bigquery_asset_key(task.table),
                 partition=load.files.day,
-                metadata={**(result.metadata or {}), **timings},
+                metadata={**(metadata or {}), **timings},
             )
         )
         self.loads += 1
@@ -355,13 +375,18 @@ class StreamRun:
         with ThreadPoolExecutor(
             max_workers=max(1, min(self.settings.max_parallel_loads, len(self.tables)))
         ) as pool:
+            yielded: set[str] = set()
+            superseded = False
+            looked = 0.0
             while True:
                 self.beat()
                 taking = time.monotonic() < self.deadline
                 if taking:
                     self.take_orders()
-                yielded = self.yield_to_later_runs()
-                if self.superseded() and yielded >= set(self.tables) and not self.loading:
+                if time.monotonic() - looked >= LOOK_AROUND_EVERY_S:  # the other runs (a few queries)
+                    yielded, superseded = self.yield_to_later_runs(), self.superseded()
+                    looked = time.monotonic()
+                if superseded and yielded >= set(self.tables) and not self.loading:
                     taking = False  # the next stream run has taken every table over
                 self.start_loads(pool, yielded)
                 if self.loading:
