@@ -459,6 +459,45 @@ def _adding_columns(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     return wrapper
 
 
+HANDLER_THREADS = 64
+
+
+def patch_handler_threads() -> None:
+    """Stock runs the Write API's handlers (synchronous) and the REST side's blocking calls on asyncio's default
+    executor: min(32, cores + 4) threads, 6 on a 2-core machine. An AppendRows call holds its thread from its first
+    request to its end, so six appends at once took every thread and the rest - other appends, REST writes waiting
+    for the write lock, queries - queued behind them while the server idled. The gRPC handlers get a pool of
+    HANDLER_THREADS, and the event loop a default executor as large."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from bqemulator.grpc_api import server as grpc_server
+
+    build = grpc_server.build_grpc_server
+
+    def build_grpc_server(context: Any) -> Any:
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="rest-blocking")
+        )
+        original = grpc.aio.server
+
+        def server(*args: Any, **kwargs: Any) -> Any:
+            pool = ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc-handler")
+            return original(*args, **{**kwargs, "migration_thread_pool": pool})
+
+        grpc.aio.server = server  # type: ignore[assignment]
+        try:
+            return build(context)
+        finally:
+            grpc.aio.server = original  # type: ignore[assignment]
+
+    grpc_server.build_grpc_server = build_grpc_server  # type: ignore[assignment]
+    from bqemulator import server as emulator_server
+
+    emulator_server.build_grpc_server = build_grpc_server  # type: ignore[assignment]
+
+
 def patch_schema_updates() -> None:
     """tables.patch/update adding a column adds it to the stored table (stock: only the catalog learns of it, and
     the next statement naming the column fails). Must run before the app includes the router."""
@@ -489,6 +528,7 @@ def apply_patches(*, stock: bool = False) -> None:
     patch_no_table_copies()
     patch_schema_updates()
     patch_bignumeric()
+    patch_handler_threads()
     bigquery_cdc.apply()
 
 
