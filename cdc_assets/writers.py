@@ -78,13 +78,14 @@ def is_stream_run(run: dg.DagsterRun) -> bool:
 
 
 def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
-    """Runs queued or in progress: stream runs (their heartbeat says whether they live: `stream_run_alive`), and
-    other runs younger than ACTIVE_RUN_MAX_AGE_S."""
+    """Runs queued or in progress: started stream runs whatever their age (their heartbeat says whether they live:
+    `stream_run_alive`), and other runs - a stream run not started yet too - younger than ACTIVE_RUN_MAX_AGE_S."""
     records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
     return [
         r
         for r in records
-        if is_stream_run(r.dagster_run) or now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S
+        if (is_stream_run(r.dagster_run) and r.dagster_run.status == dg.DagsterRunStatus.STARTED)
+        or now - r.create_timestamp.timestamp() < ACTIVE_RUN_MAX_AGE_S
     ]
 
 

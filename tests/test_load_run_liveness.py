@@ -21,8 +21,10 @@ from cdc_assets.writers import (
     ACTIVE_RUN_MAX_AGE_S,
     RESNAPSHOT_JOB,
     RESNAPSHOT_OP,
+    STREAM_JOB,
     HandOver,
     Materialized,
+    active_runs,
     table_names,
     wait_for_earlier_writers,
 )
@@ -286,3 +288,16 @@ def _statuses(home: Path, *run_ids: str) -> list[dg.DagsterRunStatus | None]:
         return [run.status if run else None for run in runs]
     finally:
         instance.dispose()
+
+
+def test_a_started_stream_run_stays_active_past_any_load_s_age_a_queued_one_does_not() -> None:
+    """A stream run lives for many minutes: its heartbeat, not its age, says whether it holds its tables. One that
+    never started is dropped like any run after ACTIVE_RUN_MAX_AGE_S (else the keeper would wait for it forever)."""
+    with dg.instance_for_test() as instance:
+        started = _add_run(instance, dg.DagsterRunStatus.STARTED, {}, job_name=STREAM_JOB)
+        queued = _add_run(instance, dg.DagsterRunStatus.STARTING, {}, job_name=STREAM_JOB)
+        loading = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"})
+        now = time.time()
+        assert {r.dagster_run.run_id for r in active_runs(instance, now)} == {started, queued, loading}
+        later = now + ACTIVE_RUN_MAX_AGE_S + 1
+        assert {r.dagster_run.run_id for r in active_runs(instance, later)} == {started}
