@@ -157,23 +157,26 @@ class Registry:
 REGISTRY = Registry()
 
 
-def _sequence_table(project: str, dataset: str, table: str, created: object) -> str:
-    """The table's ledger of each key's last sequence (and its deletes); a table created again gets a new one."""
+def _own_table(kind: str, project: str, dataset: str, table: str, created: object) -> str:
+    """A DuckDB table of ours that belongs to one CDC table (named after it and its creation time: a table created
+    again gets new ones)."""
     import hashlib
 
     name = hashlib.sha1(f"{project}.{dataset}.{table}@{created}".encode()).hexdigest()[:20]
-    return f'"{SCHEMA}"."seq_{name}"'
+    return f'"{SCHEMA}"."{kind}_{name}"'
+
+
+def _sequence_table(project: str, dataset: str, table: str, created: object) -> str:
+    """The table's ledger of each key's last sequence (and its deletes)."""
+    return _own_table("seq", project, dataset, table, created)
 
 
 # -- applying CDC rows -------------------------------------------------------------------------------------------
 
 
 def _pending_table(project: str, dataset: str, table: str, created: object) -> str:
-    """The table's changes taken but not merged yet (a table created again gets a new one)."""
-    import hashlib
-
-    name = hashlib.sha1(f"{project}.{dataset}.{table}@{created}".encode()).hexdigest()[:20]
-    return f'"{SCHEMA}"."pending_{name}"'
+    """The table's changes taken but not merged yet."""
+    return _own_table("pending", project, dataset, table, created)
 
 
 def take_changes(ctx: Any, project: str, dataset: str, table: str, rows: Any) -> None:
