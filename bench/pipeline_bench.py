@@ -51,6 +51,7 @@ from bench.bench_platform import CDC, ROOT, BenchPlatform, Sampler, stop_leftove
 from bench.capture_bench import gtid_numbers
 from capture.service import CaptureSettings
 from cdc.settings import Settings
+from cdc_assets.stream_loader import LOAD_PHASES
 from cdc_testing import oracle
 
 RESULTS = ROOT / "bench" / "results"
@@ -254,6 +255,7 @@ def runs_by_file(platform: BenchPlatform) -> tuple[dict[str, dict[str, float]], 
                     append_s=float(values["append_s"]),
                     write_api_calls=float(values["write_api_calls"]),
                     write_api_bytes=float(values["write_api_bytes"]),
+                    phases=dict(values.get("load_phases_s") or {}),
                 )
                 if "load_started_at" in values:  # a stream run's load: when ordered, when begun
                     entry.update(
@@ -798,6 +800,12 @@ def phase_report(
         "stage_job_p50_s": _median([t["stage_s"] for t in window if "stage_s" in t]),
         "merge_job_p50_s": _median([t["merge_s"] for t in window if "merge_s" in t]),
         "write_api_append_p50_s": _median([t["append_s"] for t in streamed]),
+        "load_phases_p50_s": {
+            name: _median([t["phases"].get(name, 0.0) for t in streamed if t.get("phases")])
+            for name in LOAD_PHASES
+        }
+        if any(t.get("phases") for t in streamed)
+        else None,
         "write_api": _write_api_projection(streamed, seconds),
         "cpu_seconds": sampler.cpu_seconds(phase.start, phase.end),
         "load_jobs": {
@@ -935,6 +943,11 @@ def print_mode(mode: str, measured: dict[str, Any]) -> None:
         row(f"  {stage}", [p["stages_p50_s"].get(stage, "-") for p in phases])
     if mode == "streaming":
         row("  Write API load (3 appends) p50 (s)", [p["write_api_append_p50_s"] for p in phases])
+        for name in LOAD_PHASES:
+            row(
+                f"    load phase {name} p50 (s)",
+                [(p["load_phases_p50_s"] or {}).get(name, "-") for p in phases],
+            )
         row(
             "Write API calls/table/day (max)",
             [f"{p['write_api']['calls_per_table_per_day_max']:,}" for p in phases],

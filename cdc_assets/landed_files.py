@@ -8,7 +8,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-from collections.abc import Callable
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -63,11 +66,9 @@ def read_landed(
     between them) end the table: with `rest` given, the keys from the first such file on are appended there and
     left out (load the table, then the rest, whose type change the loader names); without, LoadError."""
     parts: list[tuple[str, pa.Table]] = []
-    for key in keys:
-        response = s3.get_object(Bucket=bucket, Key=key)
-        body = response["Body"].read()
+    for key, body, etag in _fetched(s3, bucket, keys):
         if versions is not None:
-            versions[key] = str(response.get("ETag", "")).strip('"')
+            versions[key] = etag
         if sizes is not None:
             sizes.append(len(body))
         try:
@@ -95,6 +96,31 @@ def read_landed(
             )
         rest.extend(k for k, _ in parts[joined:])
     return pa.concat_tables([table for _, table in parts[:joined]], promote_options="permissive")
+
+
+FETCH_THREADS = 8  # files of one batch downloaded at once (a file's GET is mostly waiting)
+
+
+def _fetched(s3: Any, bucket: str, keys: list[str]) -> Iterator[tuple[str, bytes, str]]:
+    """(key, body, ETag) of each file, in the keys' order; up to FETCH_THREADS downloaded at once (boto3's
+    clients are thread-safe), a few files ahead of the one being read."""
+
+    def fetch(key: str) -> tuple[str, bytes, str]:
+        response = s3.get_object(Bucket=bucket, Key=key)
+        return key, response["Body"].read(), str(response.get("ETag", "")).strip('"')
+
+    if len(keys) < 2:
+        yield from map(fetch, keys)
+        return
+    ahead = iter(keys)
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(keys))) as pool:
+        fetching = deque(pool.submit(fetch, key) for key in itertools.islice(ahead, 2 * FETCH_THREADS))
+        while fetching:
+            done = fetching.popleft().result()
+            following = next(ahead, None)
+            if following is not None:
+                fetching.append(pool.submit(fetch, following))
+            yield done
 
 
 def _joinable(parts: list[tuple[str, pa.Table]]) -> tuple[int, str]:

@@ -28,7 +28,7 @@ from cdc_assets.batch_loader import LoadResult, MergeLoader
 from cdc_assets.landed_files import read_landed
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.resources import BigQueryCdcResource, LandingResource
-from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult
+from cdc_assets.stream_loader import STATE_ROOT, StreamLoader, StreamResult, StreamState
 from cdc_assets.targets import COMMIT_TS
 from cdc_assets.writers import POLL_SECONDS, HandOver
 
@@ -175,6 +175,7 @@ class TableTask:
     rebuild_id: str | None  # set for a backfill: the run's id
     log: Callable[[str, str], None]  # (level, message), shown in the run's log by the step's thread
     max_staleness_minutes: float = 0.0
+    states: dict[str, StreamState] | None = None  # a stream run's table states between loads (StreamLoader)
     result: LoadResult | None = None
     streamed: StreamResult | None = None
     unreadable: dict[str, str] = field(default_factory=dict)
@@ -197,7 +198,7 @@ class TableTask:
         self, landing: LandingResource, s3: Any, bq: Any, write: Any, partition_keys: Sequence[str]
     ) -> TableTask:
         control = ControlDocuments(s3, landing.bucket, landing.prefix, root=STATE_ROOT)
-        loader = StreamLoader(bq, write, self.table, control, self.max_staleness_minutes)
+        loader = StreamLoader(bq, write, self.table, control, self.max_staleness_minutes, self.states)
         if self.rebuild_id:
             on_file = self._backfill_progress(partition_keys)
             self.streamed = loader.rebuild(
@@ -280,6 +281,7 @@ class TableTask:
             "write_api_calls": streamed.write_calls,
             "write_api_bytes": streamed.write_bytes,
             "append_s": streamed.append_s,
+            "load_phases_s": streamed.phases_s,
             "stream_resynced": streamed.resynced,
             "rebuild": self.rebuild_id is not None,
             **latency_metadata(self.commit_times, now),

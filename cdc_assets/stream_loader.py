@@ -19,11 +19,14 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,6 +64,9 @@ CHANGE_TYPES = {"I": "UPSERT", "U": "UPSERT", "D": "DELETE"}
 LOAD_FILE = re.compile(r"/LOAD[0-9A-F]{8}\.parquet$")
 STATE_ROOT = "_cdc_loader"
 RECENT_FILES = 256  # CDC files a table's state remembers as read (StreamState.recent)
+# where a load's time goes (StreamResult.phases_s): its state read and written (S3), listing its new files, reading
+# them, ensuring its tables, and its three appends (AppendRows calls, connection to last response)
+LOAD_PHASES = ("state", "list", "read", "tables", "current_state", "changelog", "ledger")
 
 
 class StreamConflict(RuntimeError):
@@ -117,6 +123,8 @@ class StreamResult:
     append_s: float = 0.0
     usage: dict[str, Any] = field(default_factory=dict)  # today's Write API calls, bytes, streams created
     commit_times: list[Any] = field(default_factory=list)
+    phases_s: dict[str, float] = field(default_factory=dict)  # where the load's time went (LOAD_PHASES)
+    read: list[str] = field(default_factory=list)  # the files read (in the ledger and the state now)
 
     def then(self, later: StreamResult) -> StreamResult:
         """This result and a later one of the same run, as one."""
@@ -133,6 +141,8 @@ class StreamResult:
             resynced=self.resynced or later.resynced,
             append_s=self.append_s + later.append_s,
             commit_times=self.commit_times + later.commit_times,
+            phases_s=later.phases_s,  # the loader's running totals: the later result's include the earlier's
+            read=self.read + later.read,
         )
 
 
@@ -146,8 +156,13 @@ class StreamLoader(TableTargets):
         mapping: TableMapping,
         control: ControlDocuments,
         max_staleness_minutes: float = 0.0,
+        states: dict[str, StreamState] | None = None,
     ):
         super().__init__(bq, mapping)
+        # the states a long-lived caller (a stream run, the only writer of its tables) keeps between loads: the
+        # state document is then read from S3 only for the first load (the caller drops an entry whenever another
+        # run may write the table, or a load of it failed)
+        self.states = states
         self.write = write_client
         self.control = control
         self.max_staleness_minutes = max_staleness_minutes
@@ -156,16 +171,36 @@ class StreamLoader(TableTargets):
         self.from_state = False  # whether their schemas came from the state, not from BigQuery
         self.calls = 0
         self.bytes = 0
+        self.phases: dict[str, float] = defaultdict(
+            float
+        )  # seconds per LOAD_PHASES name, this loader's loads
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.monotonic() - started
+
+    def phases_s(self) -> dict[str, float]:
+        return {name: round(self.phases[name], 3) for name in LOAD_PHASES if name in self.phases}
 
     # -- the table's state -------------------------------------------------------------------------------------
 
     def read_state(self) -> StreamState | None:
-        return StreamState.from_json(self.control.read("state", self.state_name))
+        with self._timed("state"):
+            if self.states is not None and self.state_name in self.states:
+                return copy.deepcopy(self.states[self.state_name])  # the load changes its copy
+            return StreamState.from_json(self.control.read("state", self.state_name))
 
     def write_state(self, state: StreamState) -> None:
-        self.control.write(
-            "state", self.state_name, {**state.__dict__, "updated_at": dt.datetime.now(dt.UTC)}
-        )
+        with self._timed("state"):
+            self.control.write(
+                "state", self.state_name, {**state.__dict__, "updated_at": dt.datetime.now(dt.UTC)}
+            )
+            if self.states is not None:
+                self.states[self.state_name] = copy.deepcopy(state)
 
     # -- which files ---------------------------------------------------------------------------------------------
 
@@ -245,7 +280,8 @@ class StreamLoader(TableTargets):
         """Load every file of the table not read yet (and the files a message `named`, when they are older than the
         cursor and missing from the ledger: a late file). Exactly once; see the module's docstring."""
         state = self.read_state()
-        keys = self.new_files(s3, bucket, prefix, state)
+        with self._timed("list"):
+            keys = self.new_files(s3, bucket, prefix, state)
         late = self._late_files(named, state, keys)
         return self._load(s3, bucket, keys + late, state, set(late), sizes, unreadable)
 
@@ -289,7 +325,8 @@ class StreamLoader(TableTargets):
             return result
         versions: dict[str, str] = {}
         rest: list[str] = []
-        data = read_landed(s3, bucket, keys, sizes, unreadable, on_file, versions, rest)
+        with self._timed("read"):
+            data = read_landed(s3, bucket, keys, sizes, unreadable, on_file, versions, rest)
         keys = [k for k in keys if k not in (unreadable or {}) and k not in rest]
         if (
             rest
@@ -300,7 +337,8 @@ class StreamLoader(TableTargets):
         if data is None:
             return replace(result, files=len(keys))
         try:
-            schema = self.ensure_tables(data, state)
+            with self._timed("tables"):
+                schema = self.ensure_tables(data, state)
         except LoadError as exc:
             if horizon is None and self._superseded(data):
                 # files from before a type change whose remedy (tables dropped, re-snapshot) has run since: the
@@ -352,6 +390,8 @@ class StreamLoader(TableTargets):
                 "streams": state.streams_created,
             },
             commit_times=pc.unique(data[COMMIT_TS]).to_pylist(),
+            phases_s=self.phases_s(),
+            read=keys,
         )
 
     def _write(
@@ -551,7 +591,7 @@ class StreamLoader(TableTargets):
                 proto.writer_schema = types.ProtoSchema(proto_descriptor=rows.descriptor)
             request.proto_rows = proto
             requests.append(request)
-        self._send(requests, sum(len(r) for r in payload))
+        self._send(requests, sum(len(r) for r in payload), "current_state")
 
     def _write_changelog(self, changes: pa.Table, state: StreamState) -> None:
         """The changes, in Arrow, on the committed stream at the state's offset (several requests: each its own)."""
@@ -574,7 +614,7 @@ class StreamLoader(TableTargets):
             requests.append(request)
             offset += batch.num_rows
         try:
-            self._send(requests, table.nbytes)
+            self._send(requests, table.nbytes, "changelog")
         except (
             exceptions.AlreadyExists,
             exceptions.OutOfRange,
@@ -613,15 +653,16 @@ class StreamLoader(TableTargets):
                 serialized_record_batch=ledger.to_batches()[0].serialize().to_pybytes()
             ),
         )
-        self._send([request], ledger.nbytes)
+        self._send([request], ledger.nbytes, "ledger")
 
-    def _send(self, requests: list[Any], size: int) -> None:
+    def _send(self, requests: list[Any], size: int, phase: str) -> None:
         """One AppendRows connection for the requests, every response read; the first error raised."""
         self.calls += len(requests)
         self.bytes += size
-        for response in self.write.append_rows(iter(requests)):
-            if response.error.code:
-                raise exceptions.from_grpc_status(response.error.code, response.error.message)
+        with self._timed(phase):
+            for response in self.write.append_rows(iter(requests)):
+                if response.error.code:
+                    raise exceptions.from_grpc_status(response.error.code, response.error.message)
 
     # -- resync: the state rebuilt from BigQuery -----------------------------------------------------------------
 

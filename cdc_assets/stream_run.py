@@ -31,8 +31,9 @@ from pydantic import Field
 from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import LoadStepSettings, TableTask, set_visibility, settle
+from cdc_assets.load_run import LoadStepSettings, TableTask, acknowledge, set_visibility, settle
 from cdc_assets.resources import AlertWebhookResource, BigQueryCdcResource, LandingResource
+from cdc_assets.stream_loader import StreamState
 from cdc_assets.writers import (
     HEARTBEAT_KEY,
     POLL_SECONDS,
@@ -56,6 +57,7 @@ HEARTBEAT_EVERY_S = 2.0
 LOOK_AROUND_EVERY_S = 1.0  # how often the run looks for later runs that take its tables over
 STREAM_RUN_TAG = "cdc/stream"
 ALERT_REPEAT_S = 600.0
+READ_KEYS_KEPT = 1024  # per table: the files its last loads read (an order naming only those needs no load)
 
 
 class StreamRunConfig(dg.Config):
@@ -215,7 +217,11 @@ class StreamRun:
         self.s3, self.sqs, self.bq = landing.s3(), landing.sqs(), bigquery.client()
         self.write = bigquery.write_client()
         self.last_beat = 0.0
-        self.loads = self.failures = 0
+        self.loads = self.failures = self.skipped = 0
+        # per table, between its loads: its state (read from S3 once) and the files its loads read - each load
+        # reads every file not read yet, so the orders that follow often name only files a load has read already
+        self.states: dict[str, StreamState] = {}
+        self.read_keys: dict[str, set[str]] = {}
 
     def beat(self) -> None:
         now = time.time()
@@ -252,6 +258,7 @@ class StreamRun:
             if target in busy:
                 continue  # released once its load is done
             self.drop_pending(target)
+            self.forget(target)
             for run_id in runs:
                 if (target, run_id) not in self.released:
                     self.context.log_event(
@@ -272,6 +279,28 @@ class StreamRun:
             and stream_run_alive(self.instance, r, now)
             for r in stream_runs(self.instance, now)
         )
+
+    def forget(self, target: str) -> None:
+        """Drop what the run knows of a table between its loads (another run may write it now, or a load failed):
+        its next load reads the state from S3 and loads whatever its orders name."""
+        self.states.pop(target, None)
+        self.read_keys.pop(target, None)
+
+    def remember(self, target: str, task: TableTask) -> None:
+        if task.streamed is not None and task.streamed.read:
+            kept = self.read_keys.setdefault(target, set())
+            kept.update(task.streamed.read)
+            if len(kept) > READ_KEYS_KEPT:
+                self.read_keys[target] = set(sorted(kept)[-READ_KEYS_KEPT:])  # keys sort by write time
+
+    def skip_read(self, files: TableFiles) -> bool:
+        """Acknowledge files this run's loads have read already (their changes are in BigQuery, their names in
+        the ledger and the state): no load for an order that names only those."""
+        if not files.keys <= self.read_keys.get(files.target, set()):
+            return False
+        acknowledge(self.sqs, self.landing.queue_url, sorted(files.receipts), self.context.log)
+        self.skipped += 1
+        return True
 
     def drop_pending(self, target: str | None = None) -> None:
         """Give up pending files (of one table, or all): their messages become visible again, for a later run."""
@@ -299,6 +328,8 @@ class StreamRun:
                 continue
             day = min(d for t, d in self.pending if t == target)
             files = self.pending.pop((target, day))
+            if self.skip_read(files):
+                continue
             task = TableTask(
                 self.tables[target],
                 "streaming",
@@ -307,6 +338,7 @@ class StreamRun:
                 None,
                 lambda level, message: self.lines.put((level, message)),
                 self.settings.staleness_of(self.tables[target]),
+                self.states,
             )
             load = _Load(files, task)
             self.loading[pool.submit(self.load_and_settle, load, day)] = load
@@ -324,8 +356,11 @@ class StreamRun:
     def finish(self, future: Future[TableTask]) -> None:
         load = self.loading.pop(future)
         try:
-            self.report(load, future.result())
+            task = future.result()
+            self.remember(load.files.target, task)
+            self.report(load, task)
         except Exception as exc:  # this load stops; its messages come back and load again (then dead-letter)
+            self.forget(load.files.target)
             self.failures += 1
             self.context.log.error(f"{load.task.table.source}: {exc}")
             self.alert(load.task.table, exc)
@@ -402,7 +437,8 @@ class StreamRun:
                     break
         self.context.log.info(
             f"stream run done after {time.monotonic() - started:.0f} s: {self.loads} load(s) of "
-            f"{len(self.tables)} table(s), {self.failures} failed (their files come back through SQS)"
+            f"{len(self.tables)} table(s), {self.failures} failed (their files come back through SQS), "
+            f"{self.skipped} order(s) of files read already acknowledged without a load"
         )
 
 

@@ -11,6 +11,11 @@ them count the messages in the queue) for every message sent - each S3 event - a
 one setting (`ContentBasedDeduplication`, `MessageRetentionPeriod`). The values are moto's own; nothing else is
 changed.
 
+And S3 lists a prefix by walking only the keys under it: moto walks every key of the bucket for each listing, and a
+landing bucket gains a file per table per flush (a day of the demo: over a million keys, each load's listing of its
+table then costing seconds). Each bucket keeps its key names sorted; a listing takes the names under its prefix
+from there and answers as moto does (the same code after that walk).
+
     python -m local_stack.moto_server -H 127.0.0.1 -p PORT     (the same arguments as moto_server)
 """
 
@@ -98,9 +103,96 @@ def patch_queue_attributes() -> None:
     models.SQSBackend.get_queue_attributes = get_queue_attributes  # type: ignore[method-assign]
 
 
+def patch_s3_listing() -> None:
+    import bisect
+    import functools
+    import threading
+
+    from moto.s3 import models, utils
+
+    store = utils._VersionedKeyStore
+    if getattr(store, "_cdc_sorted_names", False):
+        return  # patched already
+    lock = threading.Lock()
+
+    def sorted_names(keys: Any) -> list[str]:
+        """The bucket's key names, sorted (built at the first listing, then kept up to date)."""
+        names = keys.__dict__.get("_names")
+        if names is None:
+            with lock:
+                names = keys.__dict__.setdefault("_names", sorted(dict.keys(keys)))
+        return names  # type: ignore[no-any-return]
+
+    def adding(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                new = not dict.__contains__(self, key)
+                result = method(self, key, *args, **kwargs)
+                names = self.__dict__.get("_names")
+                if new and names is not None and dict.__contains__(self, key):
+                    bisect.insort(names, key)
+                return result
+
+        return wrapper
+
+    original_pop = store.pop
+
+    @functools.wraps(original_pop)
+    def pop(self: Any, key: str) -> None:
+        with lock:
+            original_pop(self, key)
+            names = self.__dict__.get("_names")
+            if names is not None:
+                at = bisect.bisect_left(names, key)
+                if at < len(names) and names[at] == key:
+                    del names[at]
+
+    store.__setitem__ = adding(store.__setitem__)  # type: ignore[method-assign]
+    store.setlist = adding(store.setlist)  # type: ignore[method-assign]
+    store.pop = pop  # type: ignore[method-assign]
+    store._cdc_sorted_names = True  # type: ignore[attr-defined]
+
+    class UnderPrefix(dict):  # type: ignore[type-arg]
+        """What moto's listing walks (`.items()`): the keys under one prefix only, the latest version of each."""
+
+        def __init__(self, keys: Any, prefix: str) -> None:
+            super().__init__()
+            names = sorted_names(keys)
+            at = bisect.bisect_left(names, prefix)
+            while at < len(names) and names[at].startswith(prefix):
+                versions = keys.getlist(names[at])
+                if versions:
+                    self[names[at]] = versions[-1]
+                at += 1
+
+    original_list = models.S3Backend.list_objects
+
+    @functools.wraps(original_list)
+    def list_objects(self: Any, bucket: Any, prefix: str | None, *args: Any, **kwargs: Any) -> Any:
+        if not prefix or not isinstance(bucket.keys, store):
+            return original_list(self, bucket, prefix, *args, **kwargs)
+        view: Any = _BucketView(bucket, UnderPrefix(bucket.keys, prefix))
+        return original_list(self, view, prefix, *args, **kwargs)
+
+    models.S3Backend.list_objects = list_objects  # type: ignore[method-assign]
+
+
+class _BucketView:
+    """A bucket whose `keys` are the ones under a listing's prefix (everything else: the bucket's own)."""
+
+    def __init__(self, bucket: Any, keys: dict[str, Any]) -> None:
+        self.__dict__["_bucket"] = bucket
+        self.__dict__["keys"] = keys
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bucket, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     patch_sqs_clock()
     patch_queue_attributes()
+    patch_s3_listing()
     from moto.server import main as moto_main
 
     moto_main(sys.argv[1:] if argv is None else argv)

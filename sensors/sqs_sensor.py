@@ -42,12 +42,16 @@ from cdc_assets.writers import (
 # waiting and go. The daemon starts a tick at most every 5 s, and only on its 5 s loop: a tick that ends within its
 # 5 s lets the next start 5 s after it, a longer one makes it wait for the loop after (10 s between ticks).
 LONG_POLL_SECONDS = 3
-MAX_POLL_SECONDS = 20.0
+# Below the daemon's loop on purpose: the daemon starts a tick when the last one *began* at least this long ago, and a
+# tick begins (on a thread) a little after its loop does, so with 5 s the next loop, 5 s later, found it 4.9 s ago and
+# skipped it - a tick every 10 s under load. With 1 s every loop starts one (if the last has ended).
+MINIMUM_INTERVAL_SECONDS = 1
 MAX_MESSAGES_PER_TICK = 1000
 # Once messages arrive, the tick also takes those that follow within QUIET_SECONDS of the last one (the rest of a
-# capture flush's files, uploaded at once), for at most SETTLE_SECONDS, and stops taking messages COLLECT_SECONDS
-# after it began: files that keep landing are the next tick's. Only a backlog (receives that come back full) is
-# drained on, up to MAX_MESSAGES_PER_TICK within MAX_POLL_SECONDS.
+# capture flush's files, uploaded at once), for at most SETTLE_SECONDS while receives come back partly empty, and
+# never takes messages past COLLECT_SECONDS after it began (receives that keep coming back full: a backlog, or many
+# tables' flushes landing in bursts), up to MAX_MESSAGES_PER_TICK: what is left is the next tick's, and the files taken
+# are ordered now. (A tick that drained on for 20 s held every file it took for those 20 s: 18.8 s pickup at 1x.)
 QUIET_SECONDS = 0.3
 SETTLE_SECONDS = 1.5
 COLLECT_SECONDS = 3.5
@@ -100,10 +104,9 @@ def collect(
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
     began = time.monotonic()
-    deadline = began + MAX_POLL_SECONDS
     received = 0
     first_at = last_at = 0.0
-    while received < MAX_MESSAGES_PER_TICK and time.monotonic() < deadline:
+    while received < MAX_MESSAGES_PER_TICK:
         # the first call waits for a message; then take what is there and what follows it closely, and go (files
         # that keep landing later are the next tick's: the capture writes a file per table every few seconds)
         messages = sqs.receive_message(
@@ -154,6 +157,10 @@ def collect(
                 files.receipts[parsed.message_id] = parsed.receipt_handle
                 files.receive_counts[parsed.message_id] = parsed.receive_count
         if enough and len(messages) < 10:  # files keep landing, no backlog: the rest is the next tick's
+            break
+        if now - began >= COLLECT_SECONDS:
+            # full receives for seconds: a backlog, or 70 tables' flushes landing in bursts - either way the rest
+            # is the next tick's, 5 s after this one began, so that the files taken get loaded now
             break
     return list(queued.values())
 
@@ -326,7 +333,7 @@ def build_sqs_sensor(
 
     @dg.sensor(
         name="landed_files_sqs",
-        minimum_interval_seconds=5,
+        minimum_interval_seconds=MINIMUM_INTERVAL_SECONDS,
         asset_selection=asset_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Turns S3 events of landed files into load runs of the tables not in flight (one writer per "

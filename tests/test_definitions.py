@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import dagster as dg
 import pytest
@@ -100,6 +101,26 @@ def test_a_stream_run_is_kept_going_only_when_stream_runs_are_on(monkeypatch: py
         monkeypatch.setenv("CDC_LOAD_MODE", "batch")  # no table streams: no stream run
         keeper = build_definitions().resolve_sensor_def("standing_stream_run")
         assert isinstance(keeper(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+
+def test_the_sqs_sensor_ticks_on_every_loop_of_dagster_s_sensor_daemon() -> None:
+    """The daemon loops every 5 s and starts a sensor's tick when its last tick began at least the sensor's minimum
+    interval ago (Dagster's own `is_under_min_interval`). A tick begins on a thread a little after its loop began, so
+    at the next loop it began less than 5 s ago: the SQS sensor must still be due then, or it ticks every 10 s."""
+    from types import SimpleNamespace
+
+    from dagster._core.scheduler.instigation import SensorInstigatorData
+    from dagster._daemon.sensor import MIN_INTERVAL_LOOP_TIME, get_current_timestamp, is_under_min_interval
+
+    sensor = build_definitions().resolve_sensor_def("landed_files_sqs")
+    for began_ago in (MIN_INTERVAL_LOOP_TIME - 0.5, MIN_INTERVAL_LOOP_TIME - 2.0):
+        state = SimpleNamespace(  # what the daemon reads of the sensor's state and definition
+            instigator_data=SensorInstigatorData(
+                last_tick_start_timestamp=get_current_timestamp() - began_ago
+            )
+        )
+        remote = SimpleNamespace(min_interval_seconds=sensor.minimum_interval_seconds)
+        assert not is_under_min_interval(cast(Any, state), cast(Any, remote)), began_ago
 
 
 def test_the_table_checks_rotate_a_few_tables_a_minute_each_table_once_per_cycle(

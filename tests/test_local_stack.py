@@ -415,3 +415,64 @@ def test_row_counts_after_write_api_appends_show_at_once_and_survive_a_restart(t
         assert (bq.get_table("p.d.keyed").num_rows, bq.get_table("p.d.plain").num_rows) == (2, 4)
     finally:
         server.stop()
+
+
+S3_LISTING_SCRIPT = """
+import json, sys
+import boto3
+from moto import mock_aws
+from local_stack import moto_server
+if sys.argv[1] == "patched":
+    moto_server.patch_s3_listing()
+answers = []
+with mock_aws():
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="landing")
+    s3.create_bucket(Bucket="versioned")
+    s3.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+
+    def listings(bucket):
+        for options in ({"Prefix": "cdc/a/"}, {"Prefix": "cdc/a/t1/", "StartAfter": "cdc/a/t1/0003.parquet"},
+                        {"Prefix": "cdc/", "Delimiter": "/"}, {"Prefix": "cdc/a", "MaxKeys": 3},
+                        {"Prefix": "cdc/b/"}, {"Prefix": "zzz"}, {}):
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, **options)
+            answers.append([[(o["Key"], o["Size"]) for o in p.get("Contents", [])] +
+                            [c["Prefix"] for c in p.get("CommonPrefixes", [])] for p in pages])
+        answers.append(s3.list_objects(Bucket=bucket, Prefix="cdc/a/t2/").get("Contents", [])[0]["Key"])
+
+    for bucket in ("landing", "versioned"):
+        for n in range(8):
+            for table in ("cdc/a/t1/", "cdc/a/t2/", "cdc/b/t1/", "cdc/ab/"):
+                s3.put_object(Bucket=bucket, Key=f"{table}{n:04d}.parquet", Body=b"x" * n)
+        listings(bucket)  # the index is built here
+        s3.put_object(Bucket=bucket, Key="cdc/a/t1/0002.parquet", Body=b"again")  # written again
+        s3.put_object(Bucket=bucket, Key="cdc/a/t1/0009.parquet", Body=b"new")  # new, after the index
+        s3.put_object(Bucket=bucket, Key="cdc/a/t0/0001.parquet", Body=b"new")
+        s3.delete_object(Bucket=bucket, Key="cdc/a/t2/0000.parquet")
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "cdc/a/t1/0005.parquet"}]})
+        listings(bucket)
+    from moto.s3.models import s3_backends
+    stores = [s3_backends["123456789012"]["aws"].buckets[b].keys for b in ("landing", "versioned")]
+    indexed = [s.__dict__.get("_names") == sorted(dict.keys(s)) for s in stores]
+print(json.dumps({"answers": answers, "indexed": indexed}, default=str))
+"""
+
+
+def test_moto_lists_a_prefix_as_moto_does_from_its_sorted_key_names() -> None:
+    """The launcher's S3 listing (local_stack/moto_server.py) answers every listing as stock moto does - prefixes,
+    StartAfter, delimiters, pages, list v1 - after keys are written, written again, added and deleted (plain and
+    versioned buckets)."""
+    answers = {}
+    for mode in ("stock", "patched"):
+        done = subprocess.run(
+            [sys.executable, "-c", S3_LISTING_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        answers[mode] = json.loads(done.stdout)
+    assert answers["patched"]["answers"] == answers["stock"]["answers"]
+    assert any("cdc/a/t1/0009.parquet" in str(answer) for answer in answers["patched"]["answers"])
+    # the patched listings walked the sorted names, kept equal to the bucket's keys through every change
+    assert answers["patched"]["indexed"] == [True, True] and answers["stock"]["indexed"] == [False, False]

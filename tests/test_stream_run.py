@@ -38,12 +38,20 @@ from tests.support.accounts import (
     assert_changelog_has_no_duplicates,
     assert_current_state_equals_source,
     insert_accounts,
+    stream_all,
 )
 from tests.support.capture import capture_changes, drain_queue, new_env, notified_landing, run_sql
 
 
 def wait_for(what: str, condition: Callable[[], Any]) -> Any:
     return waiting.wait_for(condition, what, timeout=90, interval=0.2)
+
+
+def _queued(sqs: Any, queue_url: str) -> int:
+    """Messages in the queue, visible or taken and not deleted."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[name]) for name in names)
 
 
 def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_runs(
@@ -148,6 +156,7 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         assert released.asset_observation is not None
         assert released.asset_observation.metadata[RELEASED_TO].value == backfill.run_id
         capture_changes(env, cluster, "DELETE FROM `{schema}`.accounts WHERE id = 4")
+        stream_all(loader, env)  # the backfill loads it (its state document moves on)
         result = tick()
         assert (
             not result.run_requests
@@ -159,8 +168,34 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         instance.report_run_failed(instance.get_run_by_id(backfill.run_id))
         assert not tick().run_requests  # the held files, ordered to the stream run
         wait_for("the second load", lambda: len(loads()) == 2)
+        second = loads()[1].asset_materialization
+        assert second is not None
+        # the run read the table's state again after the backfill: nothing to append, its stream where it was
+        # (a state kept from before the release would meet the backfill's appends and resync)
+        assert second.metadata["new_changes"].value == 0
+        assert second.metadata["stream_resynced"].value is False
         assert_current_state_equals_source(loader, env)
         assert_changelog_has_no_duplicates(loader)
+
+        # an order naming only a file the run's last load read (a message delivered twice) is acknowledged
+        # without a load
+        capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 3 WHERE id = 2")
+        [message] = wait_for(
+            "the change's message",
+            lambda: sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=1).get("Messages"),
+        )
+        sqs.change_message_visibility(
+            QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+        assert not tick().run_requests
+        wait_for("the third load", lambda: len(loads()) == 3)
+        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=message["Body"])  # delivered again
+        wait_for(
+            "the message again", lambda: not tick().run_requests and _queued(sqs, landing.queue_url) == 0
+        )
+        time.sleep(1)
+        assert len(loads()) == 3
+        assert_current_state_equals_source(loader, env)
 
         # the next stream run has started: this one hands every table over and ends
         instance.add_run(
@@ -178,7 +213,8 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
             for e in instance.all_logs(stream.run_id)
             if e.user_message.startswith("stream run done")
         ]
-        assert ended and "2 load(s) of 1 table(s), 0 failed" in ended[0], ended
+        assert ended and "3 load(s) of 1 table(s), 0 failed" in ended[0], ended
+        assert "1 order(s) of files read already acknowledged without a load" in ended[0], ended
 
         # the table switched to batch mode since the (next) stream run started: its files go to a run of its own
         batched = mapping.model_copy(update={"load_mode": "batch"})

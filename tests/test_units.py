@@ -536,10 +536,19 @@ class Trickle(FakeQueue):
         return {"Messages": batch}
 
 
+class Bursts(FakeQueue):
+    """A queue whose every receive takes 0.1 s and comes back full: a backlog, or flushes landing in bursts."""
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        time.sleep(0.1)
+        return super().receive_message()
+
+
 def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> None:
     """Files landing without a pause (the captures' flushes, one after another) end a tick SETTLE_SECONDS after its
     first message - the daemon starts the next one at most 5 s after it began only if it ended by then; a backlog
-    (receives that come back full) is taken on."""
+    waiting at once is taken in one tick, and receives that keep coming back full end the tick COLLECT_SECONDS after
+    it began (what it took is ordered then; the rest is the next tick's)."""
     tables = [TableMapping(source=f"db.t{i}", target=f"game.t{i}", primary_key=["id"]) for i in range(40)]
     mappings = _mappings(*tables)
     key = "cdc/db/t{}/20261201-0400000000.parquet".format
@@ -552,3 +561,8 @@ def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> N
     backlog = FakeQueue([_event(key(i % 40)) for i in range(300)])  # all waiting at once
     grouped = collect(FakeLanding(backlog), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
     assert len(grouped) == 40 and not backlog.messages
+    bursts = Bursts([_event(key(i % 40)) for i in range(1000)])  # full receives for 10 s
+    began = time.monotonic()
+    grouped = collect(FakeLanding(bursts), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
+    assert time.monotonic() - began < sqs_sensor.COLLECT_SECONDS + 0.5
+    assert len(grouped) == 40 and 0 < len(bursts.messages) <= 1000 - 10 * sqs_sensor.COLLECT_SECONDS / 0.2
