@@ -12,9 +12,11 @@ messages arrive (Dagster's sensor daemon starts a tick at most every 5 s). docs/
 import datetime as dt
 import hashlib
 import json
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,11 +49,14 @@ LONG_POLL_SECONDS = 3
 # skipped it - a tick every 10 s under load. With 1 s every loop starts one (if the last has ended).
 MINIMUM_INTERVAL_SECONDS = 1
 MAX_MESSAGES_PER_TICK = 1000
+RECEIVERS = 4  # receive calls in flight at once during a tick
 # Once messages arrive, the tick also takes those that follow within QUIET_SECONDS of the last one (the rest of a
 # capture flush's files, uploaded at once), for at most SETTLE_SECONDS while receives come back partly empty, and
 # never takes messages past COLLECT_SECONDS after it began (receives that keep coming back full: a backlog, or many
 # tables' flushes landing in bursts), up to MAX_MESSAGES_PER_TICK: what is left is the next tick's, and the files taken
 # are ordered now. (A tick that drained on for 20 s held every file it took for those 20 s: 18.8 s pickup at 1x.)
+# RECEIVERS receive calls are in flight at once: one at a time took fewer files than 70 tables land at 1x when the
+# local SQS answered slowly (its visible messages grew to 1,200 within the phase).
 QUIET_SECONDS = 0.3
 SETTLE_SECONDS = 1.5
 COLLECT_SECONDS = 3.5
@@ -95,6 +100,65 @@ def _dead_letter(landing: LandingResource, message: dict[str, Any], reason: str)
     landing.dead_letter(message["Body"], reason, message["ReceiptHandle"])
 
 
+class _Receiving:
+    """The messages of one tick, received by RECEIVERS threads at once: a receive from a busy local SQS (or a busy
+    machine) takes up to a second, and one receiver then took fewer messages than 70 tables' files land."""
+
+    def __init__(self, sqs: Any, queue_url: str) -> None:
+        self.sqs = sqs
+        self.queue_url = queue_url
+        self.began = time.monotonic()
+        self.messages: list[dict[str, Any]] = []
+        self.first_at = self.last_at = 0.0
+        self.lock = threading.Lock()
+
+    def receive(self, wait_seconds: int) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=wait_seconds,
+            AttributeNames=["All"],
+        ).get("Messages", [])
+        now = time.monotonic()
+        with self.lock:
+            if messages:
+                self.messages += messages
+                self.first_at, self.last_at = self.first_at or now, now
+        return messages
+
+    def go_on(self, messages: list[dict[str, Any]]) -> bool:
+        """Whether a receiver takes more after a receive that brought `messages`."""
+        now = time.monotonic()
+        with self.lock:
+            if len(self.messages) >= MAX_MESSAGES_PER_TICK or now - self.began >= COLLECT_SECONDS:
+                return False
+            enough = now - self.first_at >= SETTLE_SECONDS
+            if not messages:
+                return not (now - self.last_at >= QUIET_SECONDS or enough)
+            return not (enough and len(messages) < 10)  # files keep landing, no backlog: the next tick's
+
+    def receiver(self) -> None:
+        while True:
+            messages = self.receive(0)
+            if not self.go_on(messages):
+                return
+            if not messages:
+                time.sleep(0.1)
+
+
+def receive_messages(sqs: Any, queue_url: str, wait_seconds: int = 0) -> list[dict[str, Any]]:
+    """One tick's messages: the first receive waits up to `wait_seconds` for one; then RECEIVERS threads take what
+    is there and what follows closely (the rules above COLLECT_SECONDS), never past COLLECT_SECONDS after the tick
+    began."""
+    receiving = _Receiving(sqs, queue_url)
+    if not receiving.receive(wait_seconds):
+        return []
+    with ThreadPoolExecutor(max_workers=RECEIVERS) as pool:
+        for done in [pool.submit(receiving.receiver) for _ in range(RECEIVERS)]:
+            done.result()
+    return receiving.messages
+
+
 def collect(
     landing: LandingResource, mappings: Mappings, log: Any, wait_seconds: int = 0
 ) -> list[QueuedFiles]:
@@ -103,65 +167,38 @@ def collect(
     by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
-    began = time.monotonic()
-    received = 0
-    first_at = last_at = 0.0
-    while received < MAX_MESSAGES_PER_TICK:
-        # the first call waits for a message; then take what is there and what follows it closely, and go (files
-        # that keep landing later are the next tick's: the capture writes a file per table every few seconds)
-        messages = sqs.receive_message(
-            QueueUrl=landing.queue_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=0 if received else wait_seconds,
-            AttributeNames=["All"],
-        ).get("Messages", [])
-        now = time.monotonic()
-        enough = bool(received) and (now - first_at >= SETTLE_SECONDS or now - began >= COLLECT_SECONDS)
-        if not messages:
-            if not received or now - last_at >= QUIET_SECONDS or enough:
-                break
-            time.sleep(0.1)
+    for message in receive_messages(sqs, landing.queue_url, wait_seconds):
+        try:
+            parsed = parse_message(message)
+        except PoisonMessage as exc:
+            log.error(f"{exc}; moved to the dead-letter queue")
+            _dead_letter(landing, message, str(exc))
             continue
-        first_at, last_at = first_at or now, now
-        received += len(messages)
-        for message in messages:
+        if parsed.test_event or not parsed.keys:  # S3's TestEvent, a deletion: no file to load
+            sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
+            continue
+        for key in parsed.keys:
             try:
-                parsed = parse_message(message)
-            except PoisonMessage as exc:
-                log.error(f"{exc}; moved to the dead-letter queue")
+                landed = parse_key(key, landing.prefix)
+            except NotALandingFile as exc:
+                reason = f"{exc}; moved to the dead-letter queue"
+                log.error(reason)
                 _dead_letter(landing, message, str(exc))
-                continue
-            if parsed.test_event or not parsed.keys:  # S3's TestEvent, a deletion: no file to load
-                sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
-                continue
-            for key in parsed.keys:
-                try:
-                    landed = parse_key(key, landing.prefix)
-                except NotALandingFile as exc:
-                    reason = f"{exc}; moved to the dead-letter queue"
-                    log.error(reason)
-                    _dead_letter(landing, message, str(exc))
-                    break
-                table = by_source.get((landed.schema, landed.table))
-                if table is None:
-                    reason = (
-                        f"{key}: table {landed.schema}.{landed.table} is not in the mappings (or disabled); add it "
-                        "to its cluster's mapping file or stop capturing it. Message moved to the dead-letter queue"
-                    )
-                    log.error(reason)
-                    _dead_letter(landing, message, reason)
-                    break
-                day = (landed.day or message_day(message)).isoformat()
-                files = queued.setdefault((table.source, day), QueuedFiles(table, day))
-                files.keys.add(key)
-                files.receipts[parsed.message_id] = parsed.receipt_handle
-                files.receive_counts[parsed.message_id] = parsed.receive_count
-        if enough and len(messages) < 10:  # files keep landing, no backlog: the rest is the next tick's
-            break
-        if now - began >= COLLECT_SECONDS:
-            # full receives for seconds: a backlog, or 70 tables' flushes landing in bursts - either way the rest
-            # is the next tick's, 5 s after this one began, so that the files taken get loaded now
-            break
+                break
+            table = by_source.get((landed.schema, landed.table))
+            if table is None:
+                reason = (
+                    f"{key}: table {landed.schema}.{landed.table} is not in the mappings (or disabled); add it "
+                    "to its cluster's mapping file or stop capturing it. Message moved to the dead-letter queue"
+                )
+                log.error(reason)
+                _dead_letter(landing, message, reason)
+                break
+            day = (landed.day or message_day(message)).isoformat()
+            files = queued.setdefault((table.source, day), QueuedFiles(table, day))
+            files.keys.add(key)
+            files.receipts[parsed.message_id] = parsed.receipt_handle
+            files.receive_counts[parsed.message_id] = parsed.receive_count
     return list(queued.values())
 
 

@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -180,9 +181,11 @@ class FakeQueue:
         ]
         self.deleted: list[str] = []
         self.dead: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
 
     def receive_message(self, **_: Any) -> dict[str, Any]:
-        batch, self.messages = self.messages[:10], self.messages[10:]
+        with self.lock:  # the sensor's receivers call at once
+            batch, self.messages = self.messages[:10], self.messages[10:]
         return {"Messages": batch}
 
     def delete_message(self, QueueUrl: str, ReceiptHandle: str) -> None:
@@ -528,11 +531,20 @@ def test_the_capture_process_loads_no_bigquery_or_dagster_libraries() -> None:
 
 
 class Trickle(FakeQueue):
-    """A queue whose every receive takes 0.1 s and finds one new message: files landing without a pause."""
+    """A queue where a message lands every 0.1 s and every receive takes 0.1 s: files landing without a pause."""
+
+    def __init__(self, bodies: list[dict[str, Any]]):
+        super().__init__(bodies)
+        self.began = time.monotonic()
+        self.taken = 0
 
     def receive_message(self, **_: Any) -> dict[str, Any]:
         time.sleep(0.1)
-        batch, self.messages = self.messages[:1], self.messages[1:]
+        with self.lock:
+            landed = min(len(self.messages) + self.taken, int((time.monotonic() - self.began) / 0.1) + 1)
+            count = min(10, landed - self.taken)
+            batch, self.messages = self.messages[:count], self.messages[count:]
+            self.taken += count
         return {"Messages": batch}
 
 
@@ -561,8 +573,12 @@ def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> N
     backlog = FakeQueue([_event(key(i % 40)) for i in range(300)])  # all waiting at once
     grouped = collect(FakeLanding(backlog), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
     assert len(grouped) == 40 and not backlog.messages
-    bursts = Bursts([_event(key(i % 40)) for i in range(1000)])  # full receives for 10 s
+    bursts = Bursts([_event(key(i % 40)) for i in range(3000)])  # full receives, 0.1 s each
     began = time.monotonic()
     grouped = collect(FakeLanding(bursts), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
     assert time.monotonic() - began < sqs_sensor.COLLECT_SECONDS + 0.5
-    assert len(grouped) == 40 and 0 < len(bursts.messages) <= 1000 - 10 * sqs_sensor.COLLECT_SECONDS / 0.2
+    taken = 3000 - len(bursts.messages)
+    # the receivers at once: twice what one receiver takes in the time (35 receives), at most the tick's cap (and
+    # the receives already in flight when it was reached)
+    assert len(grouped) == 40 and 2 * 10 * sqs_sensor.COLLECT_SECONDS / 0.1 < taken
+    assert taken <= sqs_sensor.MAX_MESSAGES_PER_TICK + 10 * sqs_sensor.RECEIVERS
