@@ -98,7 +98,7 @@ def read_landed(
     return pa.concat_tables([table for _, table in parts[:joined]], promote_options="permissive")
 
 
-FETCH_THREADS = 4  # files of one batch downloaded at once (a GET is mostly waiting; the local S3 is one process)
+FETCH_THREADS = 4  # files of one batch downloaded at once (a GET mostly waits; the local S3 is one process)
 
 
 def _fetched(s3: Any, bucket: str, keys: list[str]) -> Iterator[tuple[str, bytes, str]]:

@@ -298,7 +298,13 @@ class StreamRun:
         the ledger and the state): no load for an order that names only those."""
         if not files.keys <= self.read_keys.get(files.target, set()):
             return False
-        acknowledge(self.sqs, self.landing.queue_url, sorted(files.receipts), self.context.log)
+        try:
+            acknowledge(self.sqs, self.landing.queue_url, sorted(files.receipts), self.context.log)
+        except Exception as exc:  # SQS out of reach: the messages come back, and are acknowledged then
+            self.context.log.warning(
+                f"could not acknowledge {len(files.receipts)} message(s) of files loaded already ({exc}); they "
+                "come back after their visibility timeout"
+            )
         self.skipped += 1
         return True
 
