@@ -222,6 +222,7 @@ class StreamRun:
         # reads every file not read yet, so the orders that follow often name only files a load has read already
         self.states: dict[str, StreamState] = {}
         self.read_keys: dict[str, set[str]] = {}
+        self.acks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acknowledge")
 
     def beat(self) -> None:
         now = time.time()
@@ -298,15 +299,19 @@ class StreamRun:
         the ledger and the state): no load for an order that names only those."""
         if not files.keys <= self.read_keys.get(files.target, set()):
             return False
-        try:
-            acknowledge(self.sqs, self.landing.queue_url, sorted(files.receipts), self.context.log)
-        except Exception as exc:  # SQS out of reach: the messages come back, and are acknowledged then
-            self.context.log.warning(
-                f"could not acknowledge {len(files.receipts)} message(s) of files loaded already ({exc}); they "
-                "come back after their visibility timeout"
-            )
+        self.acks.submit(self.acknowledge_read, sorted(files.receipts))  # off the run's thread, like settling
         self.skipped += 1
         return True
+
+    def acknowledge_read(self, receipts: list[str]) -> None:
+        log = _QueuedLog(self.lines)
+        try:
+            acknowledge(self.sqs, self.landing.queue_url, receipts, log)
+        except Exception as exc:  # SQS out of reach: the messages come back, and are acknowledged then
+            log.warning(
+                f"could not acknowledge {len(receipts)} message(s) of files loaded already ({exc}); they come "
+                "back after their visibility timeout"
+            )
 
     def drop_pending(self, target: str | None = None) -> None:
         """Give up pending files (of one table, or all): their messages become visible again, for a later run."""
@@ -441,6 +446,8 @@ class StreamRun:
                     self.take_orders()  # what the sensor sent meanwhile goes back to SQS, for the next run
                     self.drop_pending()
                     break
+        self.acks.shutdown(wait=True)
+        self.show_lines()
         self.context.log.info(
             f"stream run done after {time.monotonic() - started:.0f} s: {self.loads} load(s) of "
             f"{len(self.tables)} table(s), {self.failures} failed (their files come back through SQS), "
