@@ -6,7 +6,9 @@ of runs. Runs of different tables at once. The run acknowledges the messages aft
 
 Also owns dead-lettering what cannot be loaded (not an S3 event, an unmapped table) and, for batch-mode tables, the
 load-job budget (`cdc_assets.quota`). A tick long-polls the queue for up to LONG_POLL_SECONDS and returns as soon as
-messages arrive (Dagster's sensor daemon starts a tick at most every 5 s). docs/design.md, "Sensor".
+messages arrive (Dagster's sensor daemon starts a tick at most every 5 s); while a stream run takes orders, a tick
+orders in rounds of up to ROUND_SECONDS, so a file waits for the end of its round, not of the tick. docs/design.md,
+"Sensor".
 """
 
 import datetime as dt
@@ -60,6 +62,12 @@ RECEIVERS = 4  # receive calls in flight at once during a tick
 QUIET_SECONDS = 0.3
 SETTLE_SECONDS = 1.5
 COLLECT_SECONDS = 3.5
+# While a stream run takes orders, a tick orders in rounds: each round waits up to ROUND_SECONDS for messages and takes
+# what lands within ROUND_SECONDS of its start, then orders them at once; rounds begin until ROUNDS_UNTIL_SECONDS into
+# the tick (so it ends within the daemon's 5 s loop). A file waits for the end of the round it lands in (<= 1 s), or,
+# landing between ticks, for the next tick's first round - not for the end of a 3.5 s collection.
+ROUND_SECONDS = 1.0
+ROUNDS_UNTIL_SECONDS = 2.6
 IN_FLIGHT_HOLD_SECONDS = (
     300  # a message of a table in flight stays invisible this long (it is held again after)
 )
@@ -104,9 +112,10 @@ class _Receiving:
     """The messages of one tick, received by RECEIVERS threads at once: a receive from a busy local SQS (or a busy
     machine) takes up to a second, and one receiver then took fewer messages than 70 tables' files land."""
 
-    def __init__(self, sqs: Any, queue_url: str) -> None:
+    def __init__(self, sqs: Any, queue_url: str, collect_seconds: float = COLLECT_SECONDS) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
+        self.collect_seconds = collect_seconds
         self.began = time.monotonic()
         self.messages: list[dict[str, Any]] = []
         self.first_at = self.last_at = 0.0
@@ -130,7 +139,7 @@ class _Receiving:
         """Whether a receiver takes more after a receive that brought `messages`."""
         now = time.monotonic()
         with self.lock:
-            if len(self.messages) >= MAX_MESSAGES_PER_TICK or now - self.began >= COLLECT_SECONDS:
+            if len(self.messages) >= MAX_MESSAGES_PER_TICK or now - self.began >= self.collect_seconds:
                 return False
             enough = now - self.first_at >= SETTLE_SECONDS
             if not messages:
@@ -146,11 +155,13 @@ class _Receiving:
                 time.sleep(0.1)
 
 
-def receive_messages(sqs: Any, queue_url: str, wait_seconds: int = 0) -> list[dict[str, Any]]:
-    """One tick's messages: the first receive waits up to `wait_seconds` for one; then RECEIVERS threads take what
-    is there and what follows closely (the rules above COLLECT_SECONDS), never past COLLECT_SECONDS after the tick
-    began."""
-    receiving = _Receiving(sqs, queue_url)
+def receive_messages(
+    sqs: Any, queue_url: str, wait_seconds: int = 0, collect_seconds: float = COLLECT_SECONDS
+) -> list[dict[str, Any]]:
+    """One tick's (or round's) messages: the first receive waits up to `wait_seconds` for one; then RECEIVERS threads
+    take what is there and what follows closely (the rules above COLLECT_SECONDS), never past `collect_seconds` after
+    the first receive began."""
+    receiving = _Receiving(sqs, queue_url, collect_seconds)
     if not receiving.receive(wait_seconds):
         return []
     with ThreadPoolExecutor(max_workers=RECEIVERS) as pool:
@@ -160,14 +171,18 @@ def receive_messages(sqs: Any, queue_url: str, wait_seconds: int = 0) -> list[di
 
 
 def collect(
-    landing: LandingResource, mappings: Mappings, log: Any, wait_seconds: int = 0
+    landing: LandingResource,
+    mappings: Mappings,
+    log: Any,
+    wait_seconds: int = 0,
+    collect_seconds: float = COLLECT_SECONDS,
 ) -> list[QueuedFiles]:
     """Receive what is waiting (the first call waits up to `wait_seconds` for a message), up to
-    MAX_MESSAGES_PER_TICK, and group the files per table and day."""
+    MAX_MESSAGES_PER_TICK and for at most `collect_seconds`, and group the files per table and day."""
     by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
-    for message in receive_messages(sqs, landing.queue_url, wait_seconds):
+    for message in receive_messages(sqs, landing.queue_url, wait_seconds, collect_seconds):
         try:
             parsed = parse_message(message)
         except PoisonMessage as exc:
@@ -379,15 +394,50 @@ def build_sqs_sensor(
     def landed_files_sqs(
         context: dg.SensorEvaluationContext, landing: LandingResource
     ) -> dg.SensorResult | dg.SkipReason:
+        began = time.monotonic()
         now = time.time()
         cursor = json.loads(context.cursor) if context.cursor else {}
         stream = current_stream_run(context.instance, now) if settings.stream_run_minutes else None
         streamed = written_assets(stream.dagster_run, names) if stream else set()
         held_assets = assets_in_flight(context.instance, now, names, streamed)
-        waiting_free = any(
-            bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
+        to_run: dict[tuple[str, str], QueuedFiles] = {}
+        round_ = 0
+        while True:  # one round, or (a stream run taking orders) rounds until ROUNDS_UNTIL_SECONDS
+            if stream is not None:
+                wait, seconds = int(ROUND_SECONDS), ROUND_SECONDS
+            else:
+                waiting_free = any(
+                    bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
+                )
+                wait, seconds = (0 if waiting_free else LONG_POLL_SECONDS), COLLECT_SECONDS
+            queued = collect(landing, mappings, context.log, wait, seconds)
+            cursor = tick_round(context, landing, queued, cursor, held_assets, stream, streamed, round_)
+            for files in cursor.pop(
+                "to_run"
+            ):  # the round's run requests: their tables are in flight from now on
+                to_run.setdefault((files.table.source, files.day), QueuedFiles(files.table, files.day)).merge(
+                    files
+                )
+                held_assets.add(bigquery_asset_key(files.table))
+            round_ += 1
+            if stream is None or time.monotonic() - began >= ROUNDS_UNTIL_SECONDS:
+                break
+        return dg.SensorResult(
+            run_requests=run_requests(list(to_run.values()), batch_tables), cursor=json.dumps(cursor)
         )
-        queued = collect(landing, mappings, context.log, 0 if waiting_free else LONG_POLL_SECONDS)
+
+    def tick_round(
+        context: dg.SensorEvaluationContext,
+        landing: LandingResource,
+        queued: list[QueuedFiles],
+        cursor: dict[str, Any],
+        held_assets: set[dg.AssetKey],
+        stream: dg.RunRecord | None,
+        streamed: set[dg.AssetKey],
+        round_: int,
+    ) -> dict[str, Any]:
+        """Plan one round's files (and the ones held): order the streamed ones, hold the ones in flight or over
+        budget; the new cursor, with the files to request runs for under "to_run"."""
         plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
         plan.cursor["order_slot"] = cursor.get("order_slot", 0)
         ordered = [  # a table switched to batch mode since the stream run started loads in runs of its own
@@ -404,7 +454,9 @@ def build_sqs_sensor(
             for f in plan.in_flight
         ]
         hold(landing, newly_in_flight, IN_FLIGHT_HOLD_SECONDS)
-        if plan.over_budget:
+        if plan.over_budget and (
+            round_ == 0 or any(set(f.receipts.values()) & received for f in plan.over_budget)
+        ):
             wait = max(plan.cursor["next_load_in_s"].values())
             hold(landing, plan.over_budget, wait)
             context.log.info(
@@ -426,9 +478,7 @@ def build_sqs_sensor(
                     else ""
                 )
             )
-        to_run = [f for f in plan.ready if f not in ordered]
-        return dg.SensorResult(
-            run_requests=run_requests(to_run, batch_tables), cursor=json.dumps(plan.cursor)
-        )
+        plan.cursor["to_run"] = [f for f in plan.ready if f not in ordered]
+        return plan.cursor
 
     return landed_files_sqs

@@ -582,3 +582,81 @@ def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> N
     # the receives already in flight when it was reached)
     assert len(grouped) == 40 and 2 * 10 * sqs_sensor.COLLECT_SECONDS / 0.1 < taken
     assert taken <= sqs_sensor.MAX_MESSAGES_PER_TICK + 10 * sqs_sensor.RECEIVERS
+
+
+class Landing(FakeQueue):
+    """A queue as SQS long-polls it, where `later` messages land `after` seconds from its creation."""
+
+    def __init__(self, bodies: list[dict[str, Any]], later: list[dict[str, Any]], after: float):
+        super().__init__(bodies + later)
+        self.messages, self.later = self.messages[: len(bodies)], self.messages[len(bodies) :]
+        self.lands_at = time.monotonic() + after
+        self.landed_at = 0.0
+
+    def receive_message(self, **call: Any) -> dict[str, Any]:
+        until = time.monotonic() + float(call.get("WaitTimeSeconds", 0))
+        while True:
+            with self.lock:
+                if self.later and time.monotonic() >= self.lands_at:
+                    self.messages, self.later, self.landed_at = (
+                        self.messages + self.later,
+                        [],
+                        time.monotonic(),
+                    )
+            got = super().receive_message()
+            if got["Messages"] or time.monotonic() >= until:
+                return got
+            time.sleep(0.02)
+
+    def change_message_visibility_batch(self, **_: Any) -> dict[str, Any]:
+        return {}
+
+
+def test_a_tick_orders_files_that_land_during_it_in_rounds_to_the_stream_run(tmp_path: Path) -> None:
+    """While a stream run takes orders, a tick orders what it received every ROUND_SECONDS, not once at its end: a
+    file landing after the tick's first files is ordered within about a round, in the same tick (a tick that
+    ordered once and returned left it for the next tick, up to 5 s later)."""
+    import dataclasses
+
+    import dagster as dg
+
+    from cdc.settings import Settings
+    from cdc_assets.lineage import bigquery_asset_key
+    from cdc_assets.stream_run import ORDER_KEY, ORDER_SLOTS, stream_run_config
+    from cdc_assets.writers import HEARTBEAT_KEY, STREAM_JOB
+    from sensors.sqs_sensor import build_sqs_sensor
+
+    table = TableMapping(source="db.bets", target="game.bets", primary_key=["id"], load_mode="streaming")
+    settings = dataclasses.replace(Settings.load(), stream_run_minutes=3.0)
+    sensor = build_sqs_sensor(_mappings(table), [bigquery_asset_key(table)], settings)
+    first, second = (f"cdc/db/bets/20261201-04000{n}0000.parquet" for n in (1, 2))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        instance.add_run(
+            dg.DagsterRun(
+                job_name=STREAM_JOB,
+                run_id="stream",
+                status=dg.DagsterRunStatus.STARTED,
+                run_config=stream_run_config([table.target], 3.0),
+            )
+        )
+        instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "stream": repr(time.time())})
+        queue = Landing([_event(first)], [_event(second)], after=1.2)
+        began = time.monotonic()
+        result = sensor(dg.build_sensor_context(instance=instance, resources={"landing": FakeLanding(queue)}))
+        ended = time.monotonic()
+        assert isinstance(result, dg.SensorResult) and not result.run_requests
+        orders = [
+            json.loads(v)
+            for v in instance.run_storage.get_cursor_values(
+                {f"{ORDER_KEY}{slot}" for slot in range(ORDER_SLOTS)}
+            ).values()
+        ]
+    keys = [
+        [k for t in order["tables"] for k in t["keys"]] for order in sorted(orders, key=lambda o: o["sent"])
+    ]
+    assert keys == [[first], [second]]  # two orders of one tick
+    assert json.loads(result.cursor or "{}")["order_slot"] == 2
+    # the second file was ordered within about a round of landing, and the tick ended within the daemon's loop
+    late = max(orders, key=lambda o: o["sent"])["sent"] - (time.time() - (time.monotonic() - queue.landed_at))
+    assert 0 <= late < sqs_sensor.ROUND_SECONDS + 0.5
+    assert ended - began < 4.5
