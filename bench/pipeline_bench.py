@@ -55,6 +55,8 @@ from cdc_assets.stream_loader import LOAD_PHASES
 from cdc_testing import oracle
 
 RESULTS = ROOT / "bench" / "results"
+PUBLISHED = ROOT / "docs" / "benchmarks" / "pipeline.json"  # the run docs/benchmarks.md reports
+OWN_COMPONENTS = ("capture (6 clusters)", "Dagster services", "Dagster run workers")  # issue 15's "our own"
 SEED_ROWS_PER_S = 40_000_000 / 86_400  # the seed: 40M changed rows a day
 TABLE_LIMIT, PROJECT_LIMIT = 1_500, 100_000  # BigQuery load jobs per day
 
@@ -492,6 +494,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2, default=str))
     print_report(report)
+    print_beside_published(report, PUBLISHED)
     plot(report, RESULTS / "latency_cdf.png")
     print(f"written: {RESULTS / 'pipeline.json'}, {RESULTS / 'latency_cdf.png'}")
 
@@ -1005,6 +1008,55 @@ def print_side_by_side(modes: dict[str, dict[str, Any]]) -> None:
                 f"{bound}{p['latency_s'].get('p50', '-')} / {p['latency_s'].get('p95', '-')} ({p['stages_p50_s'].get(after, '-')})"
             )
         print(f"{mode:16}" + "".join(f"{c:>26}" for c in cells))
+
+
+def key_figures(report: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the targets are set on (docs/benchmarks.md), by name: latency and capture rows/s per mode and
+    phase, peak PSS of the platform, of our own processes and of the capture, and capture vs raw decoding."""
+    figures: dict[str, float | None] = {}
+    for mode, measured in report.get("modes", {}).items():
+        for phase in measured.get("phases", []):
+            name = f"{mode} {phase['phase']}"
+            figures[f"{name}: latency p50 (s)"] = phase["latency_s"].get("p50")
+            figures[f"{name}: latency p95 (s)"] = phase["latency_s"].get("p95")
+            stages = phase.get("stages_p50_s") or {}
+            figures[f"{name}: after the file landed p50 (s)"] = next(
+                (v for k, v in stages.items() if k.startswith("after the file landed")), None
+            )
+            figures[f"{name}: rows/s captured"] = phase.get("capture_rows_per_s")
+        memory = measured.get("memory_mb", {})
+        peaks = memory.get("peak_per_component", {})
+        figures[f"{mode}: peak PSS of the platform (MB)"] = memory.get("peak_platform_total")
+        figures[f"{mode}: peak PSS of our own processes (MB)"] = (
+            round(sum(peaks.get(c, 0.0) for c in OWN_COMPONENTS), 1) if peaks else None
+        )
+        figures[f"{mode}: peak PSS of the capture (MB)"] = peaks.get(OWN_COMPONENTS[0])
+    replay = report.get("capture_vs_raw") or {}
+    figures["capture / raw decode, pipeline run (median)"] = replay.get("capture_vs_raw_ratio_median")
+    return figures
+
+
+def print_beside_published(report: dict[str, Any], published_path: Path) -> None:
+    """Each key figure beside the published run's (the one docs/benchmarks.md reports), where it has it."""
+    try:
+        published = json.loads(published_path.read_text())
+    except (OSError, ValueError):
+        print(f"\nno published run to compare with ({published_path})")
+        return
+    now, before = key_figures(report), key_figures(published)
+    print(
+        f"\nbeside the published run ({published_path.name} of docs/benchmarks.md, {published.get('date')})"
+    )
+    print(f"{'':52}{'this run':>14}{'published':>14}")
+    for name, value in now.items():
+        shown = [_figure(v) for v in (value, before.get(name))]
+        print(f"{name[:52]:52}{shown[0]:>14}{shown[1]:>14}")
+
+
+def _figure(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
 def print_peers(peers: dict[str, Any]) -> None:

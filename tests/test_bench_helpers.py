@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.bench_platform import Sampler, component_of
 from bench.capture_bench import gtid_numbers
-from bench.pipeline_bench import profile_summary, report_row
+from bench.pipeline_bench import key_figures, print_beside_published, profile_summary, report_row
 
 
 class _Finished:
@@ -141,3 +141,42 @@ def test_a_phase_without_a_value_prints_a_dash_not_a_crash() -> None:
         "-",
         "12.6",
     ]
+
+
+def test_each_key_figure_is_printed_beside_the_published_run_s(tmp_path: Path, capsys: Any) -> None:
+    """`make bench` prints its key figures beside those of the run docs/benchmarks.md reports (the targets' figures:
+    latency, the stages after landing, rows/s captured, peak PSS of the platform, of our own processes and of the
+    capture, capture vs raw decoding); a figure the published run lacks shows a dash."""
+
+    def run(p50: float, capture_mb: float, phases: list[str]) -> dict[str, Any]:
+        phase = [
+            {
+                "phase": p,
+                "latency_s": {"p50": p50, "p95": 2 * p50},
+                "stages_p50_s": {"after the file landed (pickup + queue + start + load)": p50 - 2},
+                "capture_rows_per_s": 459,
+            }
+            for p in phases
+        ]
+        memory = {
+            "peak_per_component": {
+                "capture (6 clusters)": capture_mb,
+                "Dagster services": 500.0,
+                "Dagster run workers": 400.0,
+                "BigQuery server": 900.0,
+            },
+            "peak_platform_total": capture_mb + 1800.0,
+        }
+        return {"date": "then", "modes": {"streaming": {"phases": phase, "memory_mb": memory}}}
+
+    figures = key_figures(run(9.5, 178.0, ["1x"]))
+    assert figures["streaming 1x: latency p95 (s)"] == 19.0
+    assert figures["streaming 1x: after the file landed p50 (s)"] == 7.5
+    assert figures["streaming: peak PSS of our own processes (MB)"] == 1078.0  # not the BigQuery server
+    published = tmp_path / "pipeline.json"
+    published.write_text(json.dumps(run(38.0, 1367.2, ["1x"])))
+    print_beside_published(run(9.5, 178.0, ["1x", "10x"]), published)
+    lines = {line[:52].strip(): line[52:].split() for line in capsys.readouterr().out.splitlines()}
+    assert lines["streaming 1x: latency p50 (s)"] == ["9.50", "38.00"]
+    assert lines["streaming: peak PSS of the capture (MB)"] == ["178", "1,367"]
+    assert lines["streaming 10x: latency p50 (s)"] == ["9.50", "-"]
