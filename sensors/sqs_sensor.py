@@ -62,17 +62,15 @@ RECEIVERS = 4  # receive calls in flight at once during a tick
 QUIET_SECONDS = 0.3
 SETTLE_SECONDS = 1.5
 COLLECT_SECONDS = 3.5
-# While a stream run takes orders, a tick orders in rounds: each round waits up to ROUND_SECONDS for messages and takes
-# what lands within ROUND_SECONDS of its start (never past ROUNDS_END_SECONDS into the tick), then orders them at once;
-# rounds begin until ROUNDS_UNTIL_SECONDS into the tick, so it ends within the daemon's 5 s loop even on a busy machine
-# (a tick that overran it was skipped for 5 s: 9 of the last 70 gaps 9-15 s in a 1x + 10x run with rounds until 2.6 s, unbounded). A
-# file waits for the end of the round it lands in (<= 1 s), or, landing between ticks, for the next tick's first round -
-# not for the end of a 3.5 s collection.
+# While a stream run takes orders, a tick orders in rounds: each waits up to ROUND_SECONDS for messages, takes what lands
+# within ROUND_SECONDS of its start, and orders it at once. Rounds begin until ROUNDS_UNTIL_SECONDS and end by
+# ROUNDS_END_SECONDS into the tick, leaving the tick's own work (its run queries, Dagster's bookkeeping: ~0.5 s on a
+# busy machine) room within the daemon's 5 s loop - a tick that overran it was skipped (9 of 70 gaps 9-15 s in a 1x +
+# 10x run with unbounded rounds). A file waits for the end of the round it lands in (<= 1 s), or, landing between
+# ticks, for the next tick's first round - not for the end of a 3.5 s collection.
 ROUND_SECONDS = 1.0
 ROUNDS_UNTIL_SECONDS = 2.4
-ROUNDS_END_SECONDS = (
-    3.0  # a tick's own time beside this: its run queries, Dagster's tick bookkeeping (~0.5 s, busy)
-)
+ROUNDS_END_SECONDS = 3.0
 IN_FLIGHT_HOLD_SECONDS = (
     300  # a message of a table in flight stays invisible this long (it is held again after)
 )
@@ -417,13 +415,10 @@ def build_sqs_sensor(
                 )
                 wait, seconds = (0 if waiting_free else LONG_POLL_SECONDS), COLLECT_SECONDS
             queued = collect(landing, mappings, context.log, wait, seconds)
-            cursor = tick_round(context, landing, queued, cursor, held_assets, stream, streamed, round_)
-            for files in cursor.pop(
-                "to_run"
-            ):  # the round's run requests: their tables are in flight from now on
-                to_run.setdefault((files.table.source, files.day), QueuedFiles(files.table, files.day)).merge(
-                    files
-                )
+            cursor, runs = tick_round(context, landing, queued, cursor, held_assets, stream, streamed, round_)
+            for files in runs:  # their tables are in flight from now on: a later round holds their files
+                key = (files.table.source, files.day)
+                to_run.setdefault(key, QueuedFiles(files.table, files.day)).merge(files)
                 held_assets.add(bigquery_asset_key(files.table))
             round_ += 1
             if stream is None or time.monotonic() - began >= ROUNDS_UNTIL_SECONDS:
@@ -441,9 +436,9 @@ def build_sqs_sensor(
         stream: dg.RunRecord | None,
         streamed: set[dg.AssetKey],
         round_: int,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], list[QueuedFiles]]:
         """Plan one round's files (and the ones held): order the streamed ones, hold the ones in flight or over
-        budget; the new cursor, with the files to request runs for under "to_run"."""
+        budget; (the new cursor, the files to request load runs for)."""
         plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
         plan.cursor["order_slot"] = cursor.get("order_slot", 0)
         ordered = [  # a table switched to batch mode since the stream run started loads in runs of its own
@@ -484,7 +479,6 @@ def build_sqs_sensor(
                     else ""
                 )
             )
-        plan.cursor["to_run"] = [f for f in plan.ready if f not in ordered]
-        return plan.cursor
+        return plan.cursor, [f for f in plan.ready if f not in ordered]
 
     return landed_files_sqs

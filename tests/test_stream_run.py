@@ -41,6 +41,7 @@ from tests.support.accounts import (
     stream_all,
 )
 from tests.support.capture import capture_changes, drain_queue, new_env, notified_landing, run_sql
+from tests.support.runs import add_started_stream_run
 
 
 def wait_for(what: str, condition: Callable[[], Any]) -> Any:
@@ -198,14 +199,7 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         assert_current_state_equals_source(loader, env)
 
         # the next stream run has started: this one hands every table over and ends
-        instance.add_run(
-            dg.DagsterRun(
-                job_name=STREAM_JOB,
-                run_id="the-next-stream-run",
-                status=dg.DagsterRunStatus.STARTED,
-                run_config=stream_run_config([mapping.target], 3.0),
-            )
-        )
+        add_started_stream_run(instance, "the-next-stream-run", [mapping.target], 3.0)
         worker.join(timeout=60)
         assert not worker.is_alive() and outcome["run"].success
         ended = [

@@ -622,23 +622,17 @@ def test_a_tick_orders_files_that_land_during_it_in_rounds_to_the_stream_run(tmp
 
     from cdc.settings import Settings
     from cdc_assets.lineage import bigquery_asset_key
-    from cdc_assets.stream_run import ORDER_KEY, ORDER_SLOTS, stream_run_config
-    from cdc_assets.writers import HEARTBEAT_KEY, STREAM_JOB
+    from cdc_assets.stream_run import ORDER_KEY, ORDER_SLOTS
+    from cdc_assets.writers import HEARTBEAT_KEY
     from sensors.sqs_sensor import build_sqs_sensor
+    from tests.support.runs import add_started_stream_run
 
     table = TableMapping(source="db.bets", target="game.bets", primary_key=["id"], load_mode="streaming")
     settings = dataclasses.replace(Settings.load(), stream_run_minutes=3.0)
     sensor = build_sqs_sensor(_mappings(table), [bigquery_asset_key(table)], settings)
     first, second = (f"cdc/db/bets/20261201-04000{n}0000.parquet" for n in (1, 2))
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        instance.add_run(
-            dg.DagsterRun(
-                job_name=STREAM_JOB,
-                run_id="stream",
-                status=dg.DagsterRunStatus.STARTED,
-                run_config=stream_run_config([table.target], 3.0),
-            )
-        )
+        add_started_stream_run(instance, "stream", [table.target], 3.0)
         instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "stream": repr(time.time())})
         queue = Landing([_event(first)], [_event(second)], after=1.2)
         began = time.monotonic()
