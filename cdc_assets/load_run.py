@@ -133,18 +133,23 @@ def acknowledge(sqs: Any, queue_url: str, receipts: list[str], log: Any) -> int:
     return done
 
 
-def set_visibility(sqs: Any, queue_url: str, receipts: Sequence[str], seconds: float) -> None:
-    """Make messages visible again after `seconds` (0: now, for another consumer), ten per call; a handle that
-    expired meanwhile is harmless (its message is visible already)."""
+def set_visibility(sqs: Any, queue_url: str, receipts: Sequence[str], seconds: float) -> list[dict[str, Any]]:
+    """Make messages visible again after `seconds` (0: now, for another consumer), ten per call; the entries SQS
+    refused, each with its receipt handle. A refused handle loses nothing: its message was deleted (a run loaded its
+    file and acknowledged it) or received again (its handle expired; it comes back), so the caller goes on with the
+    rest - stopping there would leave the messages already changed invisible and forgotten."""
     timeout = int(min(43_200, max(0, seconds)))
+    failed: list[dict[str, Any]] = []
     for start in range(0, len(receipts), 10):
+        batch = list(receipts[start : start + 10])
         entries = [
-            {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout}
-            for n, r in enumerate(receipts[start : start + 10])
+            {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": timeout} for n, r in enumerate(batch)
         ]
-        failed = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries).get("Failed")
-        if failed and timeout:  # held messages that come back early are held again: no loss, only a repeat
-            raise RuntimeError(f"could not keep SQS messages invisible: {failed}")
+        for entry in sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries).get(
+            "Failed", []
+        ):
+            failed.append({**entry, "ReceiptHandle": batch[int(entry["Id"])]})
+    return failed
 
 
 # -- one table's part of a run ---------------------------------------------------------------------------------

@@ -308,10 +308,18 @@ def order_for_stream_run(
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
 
 
-def hold(landing: LandingResource, queued: list[QueuedFiles], seconds: float) -> None:
-    """Keep the held files' messages invisible until their table may load again (receipts stay valid)."""
+def hold(landing: LandingResource, queued: list[QueuedFiles], seconds: float, log: Any = None) -> None:
+    """Keep the held files' messages invisible until their table may load again. A message SQS no longer knows by
+    its handle (a run in flight loaded its file and deleted it; or it came back and was received again) is logged and
+    left: its files stay held (loading one again adds nothing twice), and the tick goes on to keep its cursor."""
     receipts = sorted({r for files in queued for r in files.receipts.values()})
-    set_visibility(landing.sqs(), landing.queue_url, receipts, seconds + HOLD_MARGIN_SECONDS)
+    failed = set_visibility(landing.sqs(), landing.queue_url, receipts, seconds + HOLD_MARGIN_SECONDS)
+    if failed and log is not None:
+        codes = sorted({str(entry.get("Code")) for entry in failed})
+        log.warning(
+            f"{len(failed)} held message(s) could not be kept invisible ({', '.join(codes)}): deleted by the run that "
+            "loaded their files, or received again; their files stay held"
+        )
 
 
 def merge_held(cursor: dict[str, Any], queued: list[QueuedFiles], mappings: Mappings) -> list[QueuedFiles]:
@@ -454,12 +462,12 @@ def build_sqs_sensor(
             QueuedFiles(f.table, f.day, receipts={m: r for m, r in f.receipts.items() if r in received})
             for f in plan.in_flight
         ]
-        hold(landing, newly_in_flight, IN_FLIGHT_HOLD_SECONDS)
+        hold(landing, newly_in_flight, IN_FLIGHT_HOLD_SECONDS, context.log)
         if plan.over_budget and (
             round_ == 0 or any(set(f.receipts.values()) & received for f in plan.over_budget)
         ):
             wait = max(plan.cursor["next_load_in_s"].values())
-            hold(landing, plan.over_budget, wait)
+            hold(landing, plan.over_budget, wait, context.log)
             context.log.info(
                 f"load-job budget spent for {len(plan.over_budget)} table(s); their files wait for the next load: "
                 + ", ".join(f"{t} in {s:.0f} s" for t, s in sorted(plan.cursor["next_load_in_s"].items()))

@@ -103,3 +103,49 @@ def test_held_files_wait_invisible_and_join_the_next_load(
         r for b in (*loaded, merged) for r in b.receipts.values()
     ]:  # acknowledged, as a load would
         sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)
+
+
+def test_holding_files_whose_message_a_run_deleted_meanwhile_holds_the_rest_and_goes_on(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load run queued past the queue's visibility timeout: its messages came back, the sensor received them again
+    for a table in flight and holds them, while the run loads the files and deletes the messages. SQS refuses the
+    deleted one's handle; the tick must still hold the others and keep its cursor (it failed here, and the messages
+    it had already hidden for minutes were in no cursor: a 6-minute delay in a bench run)."""
+    environ = local_stack.environment()
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    landing = landing_resource(local_stack, "cdc", queue_url=environ["CDC_SQS_QUEUE_URL"])
+    sqs = landing.sqs()
+    drain_queue(sqs, landing.queue_url)
+    table = TableMapping(source="quota_db.busy", target="quota.busy", primary_key=["id"])
+    received = []
+    for n in range(12):  # more than one batch call of ten
+        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps({"n": n}))
+    while len(received) < 12:
+        received += sqs.receive_message(QueueUrl=landing.queue_url, MaxNumberOfMessages=10)["Messages"]
+    deleted = received[0]
+    sqs.delete_message(
+        QueueUrl=landing.queue_url, ReceiptHandle=deleted["ReceiptHandle"]
+    )  # the run's acknowledgement
+    files = QueuedFiles(
+        table,
+        "2026-11-25",
+        {f"cdc/quota_db/busy/f{n}.parquet" for n in range(12)},
+        {m["MessageId"]: m["ReceiptHandle"] for m in received},
+        {m["MessageId"]: 2 for m in received},
+    )
+
+    class Log:
+        warnings: list[str] = []
+
+        def warning(self, message: str) -> None:
+            self.warnings.append(message)
+
+    log = Log()
+    hold(landing, [files], 0, log)  # the margin keeps them invisible for a minute
+    assert len(log.warnings) == 1 and "1 held message(s) could not be kept invisible" in log.warnings[0]
+    assert "ReceiptHandleIsInvalid" in log.warnings[0]
+    assert not sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=0).get("Messages")  # all held
+    for message in received[1:]:  # loaded by this test's imaginary run: not another test's business
+        sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"])
