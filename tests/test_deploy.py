@@ -86,11 +86,11 @@ def test_the_low_latency_variant_starts_runs_in_the_code_location_and_bounds_hea
     assert (
         "run_launcher" not in instance
     )  # Dagster's default launcher: a process of the code location per run
-    assert {k: instance[k] for k in SHARED if k != "run_coordinator"} == {
-        k: base[k] for k in SHARED if k != "run_coordinator"
+    assert {k: instance[k] for k in SHARED if k != "concurrency"} == {
+        k: base[k] for k in SHARED if k != "concurrency"
     }
-    _validate(instance["run_coordinator"])
-    limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert instance["concurrency"]["pools"] == base["concurrency"]["pools"]
+    limits = instance["concurrency"]["runs"]["tag_concurrency_limits"]
     assert {"key": "cdc/heavy", "limit": 2} in limits
     from cdc_assets.resnapshot import HEAVY_RUN_TAG
 
@@ -129,3 +129,28 @@ def test_the_image_holds_every_package_and_the_mappings() -> None:
     assert {"cdc", "capture", "cdc_assets", "sensors", "cli", "local_stack", "mappings"} <= copied
     assert {"definitions.py", "workspace.yaml"} <= copied
     assert '"-m", "definitions"' in dockerfile
+
+
+@pytest.mark.parametrize(
+    "variant", sorted(p.name for p in DEPLOY.iterdir() if (p / "dagster.yaml").is_file())
+)
+def test_every_instance_file_loads_as_dagster_loads_it(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster's own loading of an instance file (the whole file, its sections checked against each other: e.g. run
+    limits under `run_coordinator` are refused once `concurrency` is set) - what the daemon does at start."""
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    from dagster._core.instance.config import dagster_instance_config
+
+    config, _ = dagster_instance_config(str(DEPLOY / variant))
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+
+
+def test_the_local_instance_bounds_the_sensor_s_load_runs_and_the_heavy_runs() -> None:
+    """Batch mode's memory: a load run is a worker process; a few at once carry the load (each loads its tables in
+    threads), the rest queue and their tables' files gather into later runs."""
+    from cdc_assets.resnapshot import HEAVY_RUN_TAG
+    from sensors.sqs_sensor import LOAD_RUN_TAG
+
+    limits = load_files("local")["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert {"key": LOAD_RUN_TAG, "value": "sensor", "limit": 3} in limits
+    assert {"key": HEAVY_RUN_TAG, "limit": 2} in limits
