@@ -25,6 +25,10 @@ LOCATION = "mysql_bigquery_cdc"  # workspace.yaml
 DEFAULT_INSTANCE_YAML = PROJECT_ROOT / "deploy" / "local" / "dagster.yaml"
 # its sitecustomize makes the code server fork run workers from a pre-loaded fork server (docstring there)
 RUN_WORKER_PRELOAD = Path(__file__).parent / "run_worker_preload"
+# glibc's malloc gives each thread that allocates its own arena (up to 8 per core), and a run worker loading tables in
+# threads keeps every arena's freed memory: two arenas per process (docs/local-stack.md, "Dagster"); the caller's
+# environment may set another value
+MALLOC_ARENAS = {"MALLOC_ARENA_MAX": "2"}
 
 
 class LocalDagster:
@@ -86,7 +90,7 @@ class LocalDagster:
         self.process.start(
             argv,
             ready=ready,
-            env={**env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": path},
+            env={**MALLOC_ARENAS, **env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": path},
             timeout=180,
             extra_ports=(port, grpc_port),
         )

@@ -129,6 +129,7 @@ def test_the_image_holds_every_package_and_the_mappings() -> None:
     assert {"cdc", "capture", "cdc_assets", "sensors", "cli", "local_stack", "mappings"} <= copied
     assert {"definitions.py", "workspace.yaml"} <= copied
     assert '"-m", "definitions"' in dockerfile
+    assert "ENV MALLOC_ARENA_MAX=2" in dockerfile  # as the local Dagster's processes (local_stack/dagster.py)
 
 
 @pytest.mark.parametrize(

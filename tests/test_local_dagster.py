@@ -52,6 +52,15 @@ def _services(session: int) -> list[str]:
     return [command for pid, (_, command) in processes.items() if not in_a_run(pid)]
 
 
+def _environment(pid: int) -> dict[str, str]:
+    """The process's environment ({} when it has ended meanwhile)."""
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return {}
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
 def _code_servers(session: int) -> list[int]:
     return [pid for pid, command in _session_commands(session).items() if " api grpc " in command]
 
@@ -97,6 +106,11 @@ def test_the_local_dagster_is_one_code_server_a_webserver_and_a_daemon_and_keeps
         assert len(commands) == 6, "\n".join(
             commands
         )  # no `dagster dev`, no code-server proxy, no second code server
+        environments = {pid: _environment(pid) for pid in _session_commands(session)}
+        arenas = {pid: env.get("MALLOC_ARENA_MAX") for pid, env in environments.items() if env}
+        assert len(arenas) >= 6 and set(arenas.values()) == {"2"}, (
+            arenas
+        )  # every service and what it forks: few malloc arenas
 
         [crashed] = _code_servers(session)
         os.kill(crashed, signal.SIGKILL)  # the supervisor starts it again; the UI finds it again
