@@ -11,8 +11,9 @@ import datetime as dt
 import math
 import queue
 import statistics
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +151,79 @@ def set_visibility(sqs: Any, queue_url: str, receipts: Sequence[str], seconds: f
         ):
             failed.append({**entry, "ReceiptHandle": batch[int(entry["Id"])]})
     return failed
+
+
+KEEP_INVISIBLE_EVERY_S = 20.0
+KEEP_INVISIBLE_FOR_S = 60.0  # each renewal: at least the time to the next one and a margin
+
+
+class KeptInvisible:
+    """The messages of the files a run holds, kept invisible until it acknowledges or gives them back. A table's wait
+    for its earlier run plus a batch load (a load job and a MERGE) can outlast the queue's visibility timeout; a
+    message that came back would be received again and its file read a second time (adding nothing), and SQS may
+    ignore the delete of the first handle. Renewed on a thread of its own every `every` seconds, from the start;
+    a handle SQS refuses (its message deleted or received again) is dropped. If the run's process dies, the renewals
+    stop and the messages come back within `seconds`."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        log: Callable[[str], None],
+        every: float = KEEP_INVISIBLE_EVERY_S,
+        seconds: float = KEEP_INVISIBLE_FOR_S,
+    ) -> None:
+        self.sqs, self.queue_url, self.log = sqs, queue_url, log
+        self.every, self.seconds = every, seconds
+        self.receipts: set[str] = set()
+        self.lock = (
+            threading.Lock()
+        )  # a renewal and a drop never interleave: a dropped message is not renewed
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._renew_until_stopped, name="keep-invisible", daemon=True)
+
+    def keep(self, receipts: Iterable[str]) -> None:
+        with self.lock:
+            self.receipts.update(receipts)
+
+    def drop(self, receipts: Iterable[str]) -> None:
+        """Renew these no more (acknowledged, given back, or to come back after their timeout)."""
+        with self.lock:
+            self.receipts.difference_update(receipts)
+
+    def renew(self) -> None:
+        """Ten at a time, each call under the lock (a keep or drop waits for one call at most)."""
+        with self.lock:
+            receipts = sorted(self.receipts)
+        for start in range(0, len(receipts), 10):
+            with self.lock:
+                batch = [r for r in receipts[start : start + 10] if r in self.receipts]
+                if not batch:
+                    continue
+                try:
+                    failed = set_visibility(self.sqs, self.queue_url, batch, self.seconds)
+                except (
+                    Exception
+                ) as exc:  # SQS out of reach: tried again next time; meanwhile they may come back
+                    self.log(
+                        f"could not keep {len(receipts)} held message(s) invisible ({exc}); trying again"
+                    )
+                    return
+                self.receipts.difference_update(entry["ReceiptHandle"] for entry in failed)
+
+    def _renew_until_stopped(self) -> None:
+        while True:
+            self.renew()
+            if self.stopped.wait(self.every):
+                return
+
+    def __enter__(self) -> KeptInvisible:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 # -- one table's part of a run ---------------------------------------------------------------------------------
@@ -387,6 +461,8 @@ def load_selected_tables(
     # one client each for the run's threads: clients are thread-safe, creating them concurrently is not
     s3, sqs, bq = landing.s3(), landing.sqs(), bigquery.client()
     write = bigquery.write_client() if any(t.mode == "streaming" for t in tasks) else None
+    invisible = KeptInvisible(sqs, landing.queue_url, lambda message: lines.put(("warning", message)))
+    invisible.keep(r for task in tasks for r in task.receipts)
     failures: list[str] = []
     # each table loads as soon as no earlier run holds it (docs/design.md, "Sensor")
     hand_over = HandOver(context.instance, context.run_id, names, context.log.info)
@@ -398,7 +474,7 @@ def load_selected_tables(
             level, message = lines.get()
             getattr(context.log, level)(message)
 
-    with ThreadPoolExecutor(max_workers=min(settings.max_parallel_loads, len(tasks)) or 1) as pool:
+    with invisible, ThreadPoolExecutor(max_workers=min(settings.max_parallel_loads, len(tasks)) or 1) as pool:
         pending: dict[Future[TableTask], TableTask] = {}
         while waiting or pending:
             if waiting:
@@ -419,10 +495,14 @@ def load_selected_tables(
                 try:
                     future.result()
                 except Exception as exc:  # this table stops; the others go on
+                    invisible.drop(task.receipts)  # its messages come back after their timeout
                     failures.append(f"{task.table.target}: {exc}")
                     context.log.error(f"{task.table.source}: {exc}")
                     continue
-                yield _finish(context, task, landing, sqs, settings)
+                try:
+                    yield _finish(context, task, landing, sqs, settings)
+                finally:
+                    invisible.drop(task.receipts)
     show_lines()
     routine = [t.streamed for t in tasks if t.routine and t.streamed is not None]
     if routine:

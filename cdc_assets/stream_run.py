@@ -31,7 +31,14 @@ from pydantic import Field
 from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import LoadStepSettings, TableTask, acknowledge, set_visibility, settle
+from cdc_assets.load_run import (
+    KeptInvisible,
+    LoadStepSettings,
+    TableTask,
+    acknowledge,
+    set_visibility,
+    settle,
+)
 from cdc_assets.resources import AlertWebhookResource, BigQueryCdcResource, LandingResource
 from cdc_assets.stream_loader import StreamState
 from cdc_assets.writers import (
@@ -216,6 +223,10 @@ class StreamRun:
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.s3, self.sqs, self.bq = landing.s3(), landing.sqs(), bigquery.client()
         self.write = bigquery.write_client()
+        # the messages of the files ordered, until acknowledged or given back (a table may wait behind a long load)
+        self.invisible = KeptInvisible(
+            self.sqs, landing.queue_url, lambda message: self.lines.put(("warning", message))
+        )
         self.last_beat = 0.0
         self.loads = self.failures = self.skipped = 0
         # per table, between its loads: its state (read from S3 once) and the files its loads read - each load
@@ -246,6 +257,7 @@ class StreamRun:
             mine = self.pending.setdefault((files.target, files.day), TableFiles(files.target, files.day))
             mine.keys |= files.keys
             mine.receipts |= files.receipts
+            self.invisible.keep(files.receipts)
             mine.ordered_at = min(mine.ordered_at or files.ordered_at, files.ordered_at or mine.ordered_at)
 
     def busy(self) -> set[str]:
@@ -305,6 +317,7 @@ class StreamRun:
         the ledger and the state): no load for an order that names only those."""
         if not files.keys <= self.read_keys.get(files.target, set()):
             return False
+        self.invisible.drop(files.receipts)
         self.acks.submit(self.acknowledge_read, sorted(files.receipts))  # off the run's thread, like settling
         self.skipped += 1
         return True
@@ -326,6 +339,7 @@ class StreamRun:
 
     def give_back(self, receipts: set[str]) -> None:
         """Make messages visible now; if SQS cannot be reached they come back after their visibility timeout."""
+        self.invisible.drop(receipts)
         try:
             set_visibility(self.sqs, self.landing.queue_url, sorted(receipts), 0)
         except Exception as exc:
@@ -364,10 +378,13 @@ class StreamRun:
         """In a pool thread: the table's load, then its settling (dead letters, acknowledgements) - the run's thread
         only reports it, so it goes on taking orders and starting loads meanwhile."""
         load.started_at = time.time()
-        task = load.task.run(self.landing, self.s3, self.bq, self.write, [day])
-        load.result = settle(
-            task, self.landing, self.sqs, _QueuedLog(self.lines), self.settings.load_job_cap_per_table_day
-        )
+        try:
+            task = load.task.run(self.landing, self.s3, self.bq, self.write, [day])
+            load.result = settle(
+                task, self.landing, self.sqs, _QueuedLog(self.lines), self.settings.load_job_cap_per_table_day
+            )
+        finally:  # acknowledged; or the load failed and its messages come back after their timeout
+            self.invisible.drop(load.files.receipts)
         return task
 
     def finish(self, future: Future[TableTask]) -> None:
@@ -433,9 +450,12 @@ class StreamRun:
     def run(self) -> None:
         self.beat()
         started = time.monotonic()
-        with ThreadPoolExecutor(
-            max_workers=max(1, min(self.settings.max_parallel_loads, len(self.tables)))
-        ) as pool:
+        with (
+            self.invisible,
+            ThreadPoolExecutor(
+                max_workers=max(1, min(self.settings.max_parallel_loads, len(self.tables)))
+            ) as pool,
+        ):
             yielded: set[str] = set()
             superseded = False
             looked = 0.0

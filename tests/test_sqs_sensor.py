@@ -15,7 +15,7 @@ from cdc.landing import PoisonMessage, parse_message
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets.lineage import bigquery_asset_key
-from cdc_assets.load_run import LOADER
+from cdc_assets.load_run import LOADER, KeptInvisible
 from cdc_assets.resources import BigQueryCdcResource
 from cdc_assets.tables import build_table_assets
 from local_stack.stack import LocalStack
@@ -220,3 +220,44 @@ def test_a_tick_returns_as_soon_as_a_file_lands(
     assert 0.9 <= took < 3.5, took  # returned with the file, before the 4 s long poll ran out
     for receipt in request.run_config["ops"][LOADER]["config"]["tables"]["poll.events"]["acknowledge"]:
         sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=receipt)
+
+
+def test_a_run_keeps_its_messages_invisible_past_the_visibility_timeout(
+    local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that outlasts the queue's visibility timeout keeps its messages from coming back: renewed until it
+    drops them (acknowledged or given back); a dropped one comes back after its timeout; a handle SQS refuses is
+    dropped and the rest go on being renewed."""
+    for key, value in local_stack.environment().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    sqs = notified_landing(local_stack).sqs()
+    queue_url = sqs.create_queue(QueueName="keep-invisible-test", Attributes={"VisibilityTimeout": "2"})[
+        "QueueUrl"
+    ]
+    drain_queue(sqs, queue_url)
+    for n in range(12):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=f"file {n}")
+    received: dict[str, str] = {}
+    while len(received) < 12:
+        for message in sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+            received[message["Body"]] = message["ReceiptHandle"]
+    warnings: list[str] = []
+
+    def visible() -> list[str]:
+        answer = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=30)
+        return sorted(m["Body"] for m in answer.get("Messages", []))
+
+    with KeptInvisible(sqs, queue_url, warnings.append, every=0.5, seconds=2) as invisible:
+        invisible.keep(received.values())
+        invisible.keep(["not-a-receipt-handle"])
+        time.sleep(4.5)  # twice the queue's timeout
+        assert visible() == []
+        assert "not-a-receipt-handle" not in invisible.receipts  # refused: dropped, the others renewed
+        invisible.drop([received["file 3"]])
+        time.sleep(3.0)
+        assert visible() == ["file 3"]  # back after its timeout, the others still kept
+    assert warnings == []
+    time.sleep(2.5)  # stopped: no more renewals
+    assert len(visible()) + len(visible()) == 11
+    sqs.delete_queue(QueueUrl=queue_url)
