@@ -176,9 +176,8 @@ class KeptInvisible:
         self.sqs, self.queue_url, self.log = sqs, queue_url, log
         self.every, self.seconds = every, seconds
         self.receipts: set[str] = set()
-        self.lock = (
-            threading.Lock()
-        )  # a renewal and a drop never interleave: a dropped message is not renewed
+        # a renewal call and a drop never interleave: a message dropped (given back: visible now) is not renewed
+        self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._renew_until_stopped, name="keep-invisible", daemon=True)
 
@@ -200,11 +199,10 @@ class KeptInvisible:
                 batch = [r for r in receipts[start : start + 10] if r in self.receipts]
                 if not batch:
                     continue
+                # SQS out of reach: tried again at the next renewal; meanwhile they may come back
                 try:
                     failed = set_visibility(self.sqs, self.queue_url, batch, self.seconds)
-                except (
-                    Exception
-                ) as exc:  # SQS out of reach: tried again next time; meanwhile they may come back
+                except Exception as exc:
                     self.log(
                         f"could not keep {len(receipts)} held message(s) invisible ({exc}); trying again"
                     )
