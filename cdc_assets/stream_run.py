@@ -348,15 +348,25 @@ class StreamRun:
                 "come back after their visibility timeout"
             )
 
-    def start_loads(self, pool: ThreadPoolExecutor, yielded: set[str]) -> None:
+    def start_loads(self, pool: ThreadPoolExecutor, workers: int, yielded: set[str]) -> None:
+        """Start loads on the pool's idle threads only, the tables whose files wait longest first: a load takes its
+        table's files when it starts, so files that land while the pool is busy join the table's next load instead
+        of waiting behind a load queued before them (with every table submitted at once, a file landing while its
+        table's load sat in the pool's queue waited for that load and then its own)."""
+        idle = workers - len(self.loading)
         busy = self.busy()
         candidates = {target for target, _ in self.pending if target not in busy and target not in yielded}
-        if not candidates:
+        if idle <= 0 or not candidates:
             return
         free = self.hand_over.free([bigquery_asset_key(self.tables[t]) for t in candidates])
-        for target in sorted(candidates):
-            if bigquery_asset_key(self.tables[target]) not in free:
-                continue
+        waited: dict[str, float] = {}
+        for (target, _), files in self.pending.items():
+            if target in candidates and bigquery_asset_key(self.tables[target]) in free:
+                ordered = files.ordered_at or time.time()
+                waited[target] = min(waited.get(target, ordered), ordered)
+        for target in sorted(waited, key=lambda t: (waited[t], t)):
+            if len(self.loading) >= workers:
+                break
             day = min(d for t, d in self.pending if t == target)
             files = self.pending.pop((target, day))
             if self.skip_read(files):
@@ -450,12 +460,8 @@ class StreamRun:
     def run(self) -> None:
         self.beat()
         started = time.monotonic()
-        with (
-            self.invisible,
-            ThreadPoolExecutor(
-                max_workers=max(1, min(self.settings.max_parallel_loads, len(self.tables)))
-            ) as pool,
-        ):
+        workers = max(1, min(self.settings.max_parallel_loads, len(self.tables)))
+        with self.invisible, ThreadPoolExecutor(max_workers=workers) as pool:
             yielded: set[str] = set()
             superseded = False
             looked = 0.0
@@ -469,7 +475,7 @@ class StreamRun:
                     looked = time.monotonic()
                 if superseded and yielded >= set(self.tables) and not self.loading:
                     taking = False  # the next stream run has taken every table over
-                self.start_loads(pool, yielded)
+                self.start_loads(pool, workers, yielded)
                 if self.loading:
                     done, _ = wait(self.loading, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                     for future in done:

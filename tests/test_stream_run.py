@@ -260,3 +260,61 @@ def test_a_stream_run_of_mappings_deployed_over_is_replaced_at_once(monkeypatch:
         assert isinstance(request, dg.RunRequest) and request.tags[MAPPINGS_TAG] not in ("", fingerprint)
         assert next_stream_run_due(instance, time.time(), 15.0, "other mappings")
         assert not next_stream_run_due(instance, time.time(), 15.0, fingerprint)
+
+
+def test_a_stream_run_starts_loads_on_idle_threads_only_the_longest_waiting_tables_first() -> None:
+    """Loads start only on idle threads, the tables whose files were ordered first before the others, and a load takes
+    its table's files when it starts: files ordered while the pool is busy join their table's next load instead of
+    waiting behind a load queued before them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cdc.mappings import load_mappings
+    from cdc_assets.load_run import LoadStepSettings
+    from cdc_assets.stream_run import StreamRun, TableFiles
+
+    tables = {t.target: t for _, t in load_mappings().tables()}
+    a, b, c = sorted(tables)[:3]
+    gate = threading.Event()
+    started: list[tuple[str, list[str]]] = []
+
+    class AllFree:
+        def free(self, assets: Any) -> set[dg.AssetKey]:
+            return set(assets)
+
+    run = StreamRun.__new__(StreamRun)
+    run.tables, run.pending, run.loading, run.read_keys, run.states = tables, {}, {}, {}, {}
+    run.hand_over = AllFree()  # type: ignore[assignment]
+    run.settings = LoadStepSettings(2, 1500)
+
+    def load_and_settle(load: Any, day: str) -> Any:
+        started.append((load.files.target, sorted(load.files.keys)))
+        gate.wait(10)
+        return load.task
+
+    run.load_and_settle = load_and_settle  # type: ignore[method-assign]
+
+    def order(target: str, key: str, at: float) -> None:
+        files = run.pending.setdefault((target, "2026-12-04"), TableFiles(target, "2026-12-04"))
+        files.keys.add(key)
+        files.ordered_at = min(files.ordered_at or at, at)
+
+    order(a, "a1", 3.0)
+    order(b, "b1", 1.0)
+    order(c, "c1", 2.0)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        run.start_loads(pool, 2, set())
+        waiting.wait_for(lambda: len(started) == 2, "two loads started", timeout=5, interval=0.05)
+        assert {t for t, _ in started} == {b, c}  # the two longest waiting; a waits for an idle thread
+        assert len(run.loading) == 2 and (a, "2026-12-04") in run.pending
+        order(a, "a2", 4.0)  # lands while every thread is busy: joins a's load, which has not started
+        order(b, "b2", 5.0)  # b is loading: its next load takes it
+        run.start_loads(pool, 2, set())
+        assert len(run.loading) == 2
+        gate.set()
+        for future in list(run.loading):
+            future.result(timeout=10)
+            run.loading.pop(future)
+        run.start_loads(pool, 2, set())
+        for future in list(run.loading):
+            future.result(timeout=10)
+    assert started[2:] == [(a, ["a1", "a2"]), (b, ["b2"])]
