@@ -5,7 +5,8 @@ The SQS sensor stays the only consumer of the queue: for the tables a started st
 tick's files as an order into a ring of slots in the Dagster instance's key-value store (the run's storage: SQLite
 locally, Postgres in production) instead of requesting a load run. The stream run polls the ring, loads each table
 with the load step's own code (`load_run.TableTask`: one table at a time, all its files of a day), acknowledges the
-table's messages after its load and logs one materialization per load, of the table's day partition.
+table's messages after its load and logs one materialization per load, of the table's day partition. Loads start
+on idle threads only, the tables whose files wait longest first.
 
 One writer per table (`cdc_assets.writers`): the run waits for earlier runs that hold a table, and yields a table to
 any later run that writes it (a backfill, a re-snapshot, the next stream run) once its own load of it is done -
