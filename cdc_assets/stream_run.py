@@ -210,6 +210,7 @@ class StreamRun:
         self.settings = settings
         self.names = names
         self.tables = {target: tables[target] for target in config.tables if target in tables}
+        self.workers = max(1, min(settings.max_parallel_loads, len(self.tables)))  # the load pool's threads
         self.deadline = time.monotonic() + config.minutes * 60
         self.inbox = OrderInbox(self.instance, context.run_id)
         self.hand_over = HandOver(self.instance, context.run_id, names, context.log.info)
@@ -349,15 +350,14 @@ class StreamRun:
                 "come back after their visibility timeout"
             )
 
-    def start_loads(self, pool: ThreadPoolExecutor, workers: int, yielded: set[str]) -> None:
+    def start_loads(self, pool: ThreadPoolExecutor, yielded: set[str]) -> None:
         """Start loads on the pool's idle threads only, the tables whose files wait longest first: a load takes its
         table's files when it starts, so files that land while the pool is busy join the table's next load instead
         of waiting behind a load queued before them (with every table submitted at once, a file landing while its
         table's load sat in the pool's queue waited for that load and then its own)."""
-        idle = workers - len(self.loading)
         busy = self.busy()
         candidates = {target for target, _ in self.pending if target not in busy and target not in yielded}
-        if idle <= 0 or not candidates:
+        if len(self.loading) >= self.workers or not candidates:
             return
         free = self.hand_over.free([bigquery_asset_key(self.tables[t]) for t in candidates])
         waited: dict[str, float] = {}
@@ -366,7 +366,7 @@ class StreamRun:
                 ordered = files.ordered_at or time.time()
                 waited[target] = min(waited.get(target, ordered), ordered)
         for target in sorted(waited, key=lambda t: (waited[t], t)):
-            if len(self.loading) >= workers:
+            if len(self.loading) >= self.workers:
                 break
             day = min(d for t, d in self.pending if t == target)
             files = self.pending.pop((target, day))
@@ -461,8 +461,7 @@ class StreamRun:
     def run(self) -> None:
         self.beat()
         started = time.monotonic()
-        workers = max(1, min(self.settings.max_parallel_loads, len(self.tables)))
-        with self.invisible, ThreadPoolExecutor(max_workers=workers) as pool:
+        with self.invisible, ThreadPoolExecutor(max_workers=self.workers) as pool:
             yielded: set[str] = set()
             superseded = False
             looked = 0.0
@@ -476,7 +475,7 @@ class StreamRun:
                     looked = time.monotonic()
                 if superseded and yielded >= set(self.tables) and not self.loading:
                     taking = False  # the next stream run has taken every table over
-                self.start_loads(pool, workers, yielded)
+                self.start_loads(pool, yielded)
                 if self.loading:
                     done, _ = wait(self.loading, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                     for future in done:

@@ -284,7 +284,7 @@ def test_a_stream_run_starts_loads_on_idle_threads_only_the_longest_waiting_tabl
     run = StreamRun.__new__(StreamRun)
     run.tables, run.pending, run.loading, run.read_keys, run.states = tables, {}, {}, {}, {}
     run.hand_over = AllFree()  # type: ignore[assignment]
-    run.settings = LoadStepSettings(2, 1500)
+    run.settings, run.workers = LoadStepSettings(2, 1500), 2
 
     def load_and_settle(load: Any, day: str) -> Any:
         started.append((load.files.target, sorted(load.files.keys)))
@@ -302,19 +302,19 @@ def test_a_stream_run_starts_loads_on_idle_threads_only_the_longest_waiting_tabl
     order(b, "b1", 1.0)
     order(c, "c1", 2.0)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        run.start_loads(pool, 2, set())
+        run.start_loads(pool, set())
         waiting.wait_for(lambda: len(started) == 2, "two loads started", timeout=5, interval=0.05)
         assert {t for t, _ in started} == {b, c}  # the two longest waiting; a waits for an idle thread
         assert len(run.loading) == 2 and (a, "2026-12-04") in run.pending
         order(a, "a2", 4.0)  # lands while every thread is busy: joins a's load, which has not started
         order(b, "b2", 5.0)  # b is loading: its next load takes it
-        run.start_loads(pool, 2, set())
+        run.start_loads(pool, set())
         assert len(run.loading) == 2
         gate.set()
         for future in list(run.loading):
             future.result(timeout=10)
             run.loading.pop(future)
-        run.start_loads(pool, 2, set())
+        run.start_loads(pool, set())
         for future in list(run.loading):
             future.result(timeout=10)
     assert started[2:] == [(a, ["a1", "a2"]), (b, ["b2"])]
