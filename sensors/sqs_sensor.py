@@ -6,33 +6,31 @@ of runs. Runs of different tables at once. The run acknowledges the messages aft
 
 Also owns dead-lettering what cannot be loaded (not an S3 event, an unmapped table) and, for batch-mode tables, the
 load-job budget (`cdc_assets.quota`). A tick long-polls the queue for up to LONG_POLL_SECONDS and returns as soon as
-messages arrive (Dagster's sensor daemon starts a tick at most every 5 s); while a stream run takes orders, a tick
-orders in rounds of up to ROUND_SECONDS, so a file waits for the end of its round, not of the tick. docs/design.md,
-"Sensor".
+messages arrive (Dagster's sensor daemon starts a tick at most every 5 s); while a stream run takes orders, the
+continuous receiver (`sensors.receiver`) receives instead and orders the stream run's files as they land, and a tick
+takes what it kept. docs/design.md, "Sensor".
 """
 
-import datetime as dt
 import hashlib
 import json
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 from dagster import MAX_RUNTIME_SECONDS_TAG
 
-from cdc.landing import NotALandingFile, PoisonMessage, parse_key, parse_message
+from cdc.landing import NotALandingFile, PoisonMessage
 from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets import quota
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import NO_DUPLICATES, load_run_config, set_visibility
 from cdc_assets.resources import LandingResource
-from cdc_assets.stream_run import ORDER_SLOTS, TableFiles, current_stream_run, send_order
+from cdc_assets.stream_run import TableFiles, current_stream_run
 from cdc_assets.writers import (
     RUNS_PER_TABLE,
     Materialized,
@@ -41,36 +39,26 @@ from cdc_assets.writers import (
     table_names,
     written_assets,
 )
+from sensors import receiver as continuous
+from sensors.receiver import (
+    COLLECT_SECONDS,
+    Receiver,
+    Route,
+    UnmappedTable,
+    landed_files,
+    receive_messages,
+)
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message, then take what is
-# waiting and go. The daemon starts a tick at most every 5 s, and only on its 5 s loop: a tick that ends within its
-# 5 s lets the next start 5 s after it, a longer one makes it wait for the loop after (10 s between ticks).
+# waiting and go (`sensors.receiver`: what a receive takes). The daemon starts a tick at most every 5 s, and only on
+# its 5 s loop: a tick that ends within its 5 s lets the next start 5 s after it, a longer one makes it wait for the
+# loop after (10 s between ticks). While a stream run takes orders the continuous receiver receives instead, and a
+# tick takes what it kept.
 LONG_POLL_SECONDS = 3
 # Below the daemon's loop on purpose: the daemon starts a tick when the last one *began* at least this long ago, and a
 # tick begins (on a thread) a little after its loop does, so with 5 s the next loop, 5 s later, found it 4.9 s ago and
 # skipped it - a tick every 10 s under load. With 1 s every loop starts one (if the last has ended).
 MINIMUM_INTERVAL_SECONDS = 1
-MAX_MESSAGES_PER_TICK = 1000
-RECEIVERS = 4  # receive calls in flight at once during a tick
-# Once messages arrive, the tick also takes those that follow within QUIET_SECONDS of the last one (the rest of a
-# capture flush's files, uploaded at once), for at most SETTLE_SECONDS while receives come back partly empty, and
-# never takes messages past COLLECT_SECONDS after it began (receives that keep coming back full: a backlog, or many
-# tables' flushes landing in bursts), up to MAX_MESSAGES_PER_TICK: what is left is the next tick's, and the files taken
-# are ordered now. (A tick that drained on for 20 s held every file it took for those 20 s: 18.8 s pickup at 1x.)
-# RECEIVERS receive calls are in flight at once: one at a time took fewer files than 70 tables land at 1x when the
-# local SQS answered slowly (its visible messages grew to 1,200 within the phase).
-QUIET_SECONDS = 0.3
-SETTLE_SECONDS = 1.5
-COLLECT_SECONDS = 3.5
-# While a stream run takes orders, a tick orders in rounds: each waits up to ROUND_SECONDS for messages, takes what lands
-# within ROUND_SECONDS of its start, and orders it at once. Rounds begin until ROUNDS_UNTIL_SECONDS and end by
-# ROUNDS_END_SECONDS into the tick, leaving the tick's own work (its run queries, Dagster's bookkeeping: ~0.5 s on a
-# busy machine) room within the daemon's 5 s loop - a tick that overran it was skipped (9 of 70 gaps 9-15 s in a 1x +
-# 10x run with unbounded rounds). A file waits for the end of the round it lands in (<= 1 s), or, landing between
-# ticks, for the next tick's first round - not for the end of a 3.5 s collection.
-ROUND_SECONDS = 1.0
-ROUNDS_UNTIL_SECONDS = 2.4
-ROUNDS_END_SECONDS = 3.0
 IN_FLIGHT_HOLD_SECONDS = (
     300  # a message of a table in flight stays invisible this long (it is held again after)
 )
@@ -111,118 +99,39 @@ def _dead_letter(landing: LandingResource, message: dict[str, Any], reason: str)
     landing.dead_letter(message["Body"], reason, message["ReceiptHandle"])
 
 
-class _Receiving:
-    """The messages of one tick, received by RECEIVERS threads at once: a receive from a busy local SQS (or a busy
-    machine) takes up to a second, and one receiver then took fewer messages than 70 tables' files land."""
-
-    def __init__(self, sqs: Any, queue_url: str, collect_seconds: float = COLLECT_SECONDS) -> None:
-        self.sqs = sqs
-        self.queue_url = queue_url
-        self.collect_seconds = collect_seconds
-        self.began = time.monotonic()
-        self.messages: list[dict[str, Any]] = []
-        self.first_at = self.last_at = 0.0
-        self.lock = threading.Lock()
-
-    def receive(self, wait_seconds: int) -> list[dict[str, Any]]:
-        messages: list[dict[str, Any]] = self.sqs.receive_message(
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=wait_seconds,
-            AttributeNames=["All"],
-        ).get("Messages", [])
-        now = time.monotonic()
-        with self.lock:
-            if messages:
-                self.messages += messages
-                self.first_at, self.last_at = self.first_at or now, now
-        return messages
-
-    def go_on(self, messages: list[dict[str, Any]]) -> bool:
-        """Whether a receiver takes more after a receive that brought `messages`."""
-        now = time.monotonic()
-        with self.lock:
-            if len(self.messages) >= MAX_MESSAGES_PER_TICK or now - self.began >= self.collect_seconds:
-                return False
-            enough = now - self.first_at >= SETTLE_SECONDS
-            if not messages:
-                return not (now - self.last_at >= QUIET_SECONDS or enough)
-            return not (enough and len(messages) < 10)  # files keep landing, no backlog: the next tick's
-
-    def receiver(self) -> None:
-        while True:
-            messages = self.receive(0)
-            if not self.go_on(messages):
-                return
-            if not messages:
-                time.sleep(0.1)
-
-
-def receive_messages(
-    sqs: Any, queue_url: str, wait_seconds: int = 0, collect_seconds: float = COLLECT_SECONDS
-) -> list[dict[str, Any]]:
-    """One tick's (or round's) messages: the first receive waits up to `wait_seconds` for one; then RECEIVERS threads
-    take what is there and what follows closely (the rules above COLLECT_SECONDS), never past `collect_seconds` after
-    the first receive began."""
-    receiving = _Receiving(sqs, queue_url, collect_seconds)
-    if not receiving.receive(wait_seconds):
-        return []
-    with ThreadPoolExecutor(max_workers=RECEIVERS) as pool:
-        for done in [pool.submit(receiving.receiver) for _ in range(RECEIVERS)]:
-            done.result()
-    return receiving.messages
-
-
 def collect(
     landing: LandingResource,
     mappings: Mappings,
     log: Any,
     wait_seconds: int = 0,
     collect_seconds: float = COLLECT_SECONDS,
+    received: list[dict[str, Any]] | None = None,
 ) -> list[QueuedFiles]:
     """Receive what is waiting (the first call waits up to `wait_seconds` for a message), up to
-    MAX_MESSAGES_PER_TICK and for at most `collect_seconds`, and group the files per table and day."""
+    MAX_MESSAGES_PER_TICK and for at most `collect_seconds` - or take the messages `received` (by the continuous
+    receiver) instead - and group the files per table and day; dead-letter what cannot be loaded."""
     by_source = {(t.source_schema, t.source_table): t for _, t in mappings.tables()}
     queued: dict[tuple[str, str], QueuedFiles] = {}
     sqs = landing.sqs()
-    for message in receive_messages(sqs, landing.queue_url, wait_seconds, collect_seconds):
+    if received is None:
+        received = receive_messages(sqs, landing.queue_url, wait_seconds, collect_seconds)
+    for message in received:
         try:
-            parsed = parse_message(message)
-        except PoisonMessage as exc:
-            log.error(f"{exc}; moved to the dead-letter queue")
-            _dead_letter(landing, message, str(exc))
+            parsed, files = landed_files(message, landing.prefix, by_source)
+        except (PoisonMessage, NotALandingFile, UnmappedTable) as exc:
+            reason = str(exc) if isinstance(exc, UnmappedTable) else f"{exc}; moved to the dead-letter queue"
+            log.error(reason)
+            _dead_letter(landing, message, reason if isinstance(exc, UnmappedTable) else str(exc))
             continue
-        if parsed.test_event or not parsed.keys:  # S3's TestEvent, a deletion: no file to load
+        if not files:  # S3's TestEvent, a deletion: no file to load
             sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
             continue
-        for key in parsed.keys:
-            try:
-                landed = parse_key(key, landing.prefix)
-            except NotALandingFile as exc:
-                reason = f"{exc}; moved to the dead-letter queue"
-                log.error(reason)
-                _dead_letter(landing, message, str(exc))
-                break
-            table = by_source.get((landed.schema, landed.table))
-            if table is None:
-                reason = (
-                    f"{key}: table {landed.schema}.{landed.table} is not in the mappings (or disabled); add it "
-                    "to its cluster's mapping file or stop capturing it. Message moved to the dead-letter queue"
-                )
-                log.error(reason)
-                _dead_letter(landing, message, reason)
-                break
-            day = (landed.day or message_day(message)).isoformat()
-            files = queued.setdefault((table.source, day), QueuedFiles(table, day))
-            files.keys.add(key)
-            files.receipts[parsed.message_id] = parsed.receipt_handle
-            files.receive_counts[parsed.message_id] = parsed.receive_count
+        for table, day, key in files:
+            group = queued.setdefault((table.source, day), QueuedFiles(table, day))
+            group.keys.add(key)
+            group.receipts[parsed.message_id] = parsed.receipt_handle
+            group.receive_counts[parsed.message_id] = parsed.receive_count
     return list(queued.values())
-
-
-def message_day(message: dict[str, Any]) -> dt.date:
-    sent = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
-    return dt.datetime.fromtimestamp(sent / 1000, dt.UTC).date()
 
 
 LOAD_RUN_TAG = "cdc/load"  # on the sensor's load runs
@@ -289,20 +198,6 @@ def assets_in_flight(
     with any such run. Their files wait in the cursor for a later run."""
     counts = runs_per_asset(instance, now, names, MATERIALIZED)
     return {asset for asset, runs in counts.items() if runs >= (1 if asset in streamed else RUNS_PER_TABLE)}
-
-
-def order_for_stream_run(
-    instance: dg.DagsterInstance, stream: dg.RunRecord, ready: list[QueuedFiles], cursor: dict[str, Any]
-) -> None:
-    """Send the ready files of the stream run's tables to it, as one order in the next ring slot."""
-    slot = int(cursor.get("order_slot", 0))
-    send_order(
-        instance,
-        stream.dagster_run.run_id,
-        slot,
-        [TableFiles(f.table.target, f.day, set(f.keys), set(f.receipts.values())) for f in ready],
-    )
-    cursor["order_slot"] = (slot + 1) % ORDER_SLOTS
 
 
 HOLD_MARGIN_SECONDS = 60  # held messages stay invisible this long past the table's next load
@@ -388,11 +283,25 @@ def plan_tick(
     return TickPlan(streaming + batch_ready, in_flight, over_budget, new_cursor)
 
 
+# what active runs have materialized (MATERIALIZED), read by one planning at a time: the tick's or the receiver's
+_PLANNING = threading.Lock()
+
+
 def build_sqs_sensor(
     mappings: Mappings, asset_keys: list[dg.AssetKey], settings: Settings
 ) -> dg.SensorDefinition:
     batch_tables = {t.target for _, t in mappings.tables() if (t.load_mode or settings.load_mode) == "batch"}
+    streaming = frozenset(t.target for _, t in mappings.tables() if t.target not in batch_tables)
     names = table_names(t for _, t in mappings.tables())
+
+    def plan_route(instance: dg.DagsterInstance) -> Route:
+        """The stream run taking orders (if one runs), its tables and the tables other runs hold."""
+        now = time.time()
+        with _PLANNING:
+            stream = current_stream_run(instance, now) if settings.stream_run_minutes else None
+            streamed = written_assets(stream.dagster_run, names) if stream else set()
+            held = assets_in_flight(instance, now, names, streamed)
+        return Route(stream, frozenset(streamed), frozenset(held), streaming)
 
     @dg.sensor(
         name="landed_files_sqs",
@@ -400,72 +309,72 @@ def build_sqs_sensor(
         asset_selection=asset_keys,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Turns S3 events of landed files into load runs of the tables not in flight (one writer per "
-        "table), within the load-job quota of batch-mode tables.",
+        "table), within the load-job quota of batch-mode tables; orders streaming tables' files to the stream run.",
     )
     def landed_files_sqs(
         context: dg.SensorEvaluationContext, landing: LandingResource
     ) -> dg.SensorResult | dg.SkipReason:
-        began = time.monotonic()
-        now = time.time()
         cursor = json.loads(context.cursor) if context.cursor else {}
-        stream = current_stream_run(context.instance, now) if settings.stream_run_minutes else None
-        streamed = written_assets(stream.dagster_run, names) if stream else set()
-        held_assets = assets_in_flight(context.instance, now, names, streamed)
-        to_run: dict[tuple[str, str], QueuedFiles] = {}
-        round_ = 0
-        while True:  # one round, or (a stream run taking orders) rounds until ROUNDS_UNTIL_SECONDS
-            if stream is not None:
-                left = ROUNDS_END_SECONDS - (time.monotonic() - began)
-                wait, seconds = int(min(ROUND_SECONDS, left)), max(0.1, min(ROUND_SECONDS, left))
-            else:
-                waiting_free = any(
-                    bigquery_asset_key(f.table) not in held_assets for f in merge_held(cursor, [], mappings)
+        receiver = continuous.running(landing.queue_url)
+        if (
+            receiver is not None and receiver.mappings is not mappings
+        ):  # mappings deployed over in this process
+            received, receiver = receiver.stop(), None
+        else:
+            received = []
+        route = receiver.route(fresh=True) if receiver is not None else plan_route(context.instance)
+        if route.stream is not None:  # the continuous receiver orders the stream run's files as they land
+            if receiver is None:
+                slot = int(cursor.get("order_slot", 0))
+                receiver = continuous.start(landing, mappings, context.instance, plan_route, route, slot)
+            receiver.renew()
+            kept, lines, files, tables = receiver.take()
+            received += kept
+            for level, line in lines:
+                getattr(context.log, level)(line)
+            if files:
+                run_id = route.stream.dagster_run.run_id
+                context.log.info(
+                    f"{files} landed file(s) of {tables} table(s) ordered to stream run {run_id}"
                 )
-                wait, seconds = (0 if waiting_free else LONG_POLL_SECONDS), COLLECT_SECONDS
-            queued = collect(landing, mappings, context.log, wait, seconds)
-            cursor, runs = tick_round(context, landing, queued, cursor, held_assets, stream, streamed, round_)
-            for files in runs:  # their tables are in flight from now on: a later round holds their files
-                key = (files.table.source, files.day)
-                to_run.setdefault(key, QueuedFiles(files.table, files.day)).merge(files)
-                held_assets.add(bigquery_asset_key(files.table))
-            round_ += 1
-            if stream is None or time.monotonic() - began >= ROUNDS_UNTIL_SECONDS:
-                break
-        return dg.SensorResult(
-            run_requests=run_requests(list(to_run.values()), batch_tables), cursor=json.dumps(cursor)
-        )
+        else:
+            if receiver is not None:  # no stream run takes orders any more
+                received += receiver.stop()
+                receiver = None
+            waiting_free = any(
+                bigquery_asset_key(f.table) not in route.held for f in merge_held(cursor, [], mappings)
+            )
+            wait = 0 if received or waiting_free else LONG_POLL_SECONDS
+            received += receive_messages(landing.sqs(), landing.queue_url, wait, COLLECT_SECONDS)
+        queued = collect(landing, mappings, context.log, received=received)
+        cursor, runs = plan_and_order(context, landing, queued, cursor, route, receiver)
+        return dg.SensorResult(run_requests=run_requests(runs, batch_tables), cursor=json.dumps(cursor))
 
-    def tick_round(
+    def plan_and_order(
         context: dg.SensorEvaluationContext,
         landing: LandingResource,
         queued: list[QueuedFiles],
         cursor: dict[str, Any],
-        held_assets: set[dg.AssetKey],
-        stream: dg.RunRecord | None,
-        streamed: set[dg.AssetKey],
-        round_: int,
+        route: Route,
+        receiver: Receiver | None,
     ) -> tuple[dict[str, Any], list[QueuedFiles]]:
-        """Plan one round's files (and the ones held): order the streamed ones, hold the ones in flight or over
-        budget; (the new cursor, the files to request load runs for)."""
-        plan = plan_tick(queued, cursor, mappings, time.time(), held_assets, settings)
-        plan.cursor["order_slot"] = cursor.get("order_slot", 0)
-        ordered = [  # a table switched to batch mode since the stream run started loads in runs of its own
-            f
-            for f in plan.ready
-            if bigquery_asset_key(f.table) in streamed
-            and (f.table.load_mode or settings.load_mode) == "streaming"
-        ]
-        if stream is not None and ordered:
-            order_for_stream_run(context.instance, stream, ordered, plan.cursor)
+        """Plan the tick's files (and the ones held): order the streamed ones to the stream run, hold the ones in
+        flight or over budget; (the new cursor, the files to request load runs for)."""
+        plan = plan_tick(queued, cursor, mappings, time.time(), set(route.held), settings)
+        ordered = [f for f in plan.ready if receiver is not None and route.orders(f.table)]
+        if receiver is not None and route.stream is not None and ordered:
+            receiver.order(
+                route.stream.dagster_run.run_id,
+                [TableFiles(f.table.target, f.day, set(f.keys), set(f.receipts.values())) for f in ordered],
+            )
+        plan.cursor["order_slot"] = receiver.slot if receiver is not None else cursor.get("order_slot", 0)
         received = {r for files in queued for r in files.receipts.values()}
         newly_in_flight = [
             QueuedFiles(f.table, f.day, receipts={m: r for m, r in f.receipts.items() if r in received})
             for f in plan.in_flight
         ]
         hold(landing, newly_in_flight, IN_FLIGHT_HOLD_SECONDS, context.log)
-        if plan.over_budget and (
-            round_ == 0 or any(set(f.receipts.values()) & received for f in plan.over_budget)
-        ):
+        if plan.over_budget:
             wait = max(plan.cursor["next_load_in_s"].values())
             hold(landing, plan.over_budget, wait, context.log)
             context.log.info(
@@ -476,11 +385,7 @@ def build_sqs_sensor(
             files = sum(len(f.keys) for f in plan.ready)
             context.log.info(
                 f"{files} landed file(s) for {len({f.table.target for f in plan.ready})} table(s)"
-                + (
-                    f" ({len(ordered)} to stream run {stream.dagster_run.run_id})"
-                    if stream and ordered
-                    else ""
-                )
+                + (f" ({len(ordered)} to the stream run)" if ordered else "")
                 + (
                     f"; {len(plan.in_flight)} table(s) in flight keep theirs for their next run"
                     if plan.in_flight

@@ -131,3 +131,12 @@ def receiver() -> Iterator[Receiver]:
     receiver = Receiver()
     yield receiver
     receiver.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_receiver_outlives_its_test() -> Iterator[None]:
+    """A sensor tick of a test may start the continuous receiver (a thread): it stops with the test."""
+    yield
+    from sensors import receiver
+
+    receiver.stop_all()

@@ -29,6 +29,7 @@ from cdc_assets.writers import (
     table_names,
 )
 from local_stack.stack import LocalStack
+from sensors.receiver import stop_all as stop_receivers
 from sensors.sqs_sensor import build_sqs_sensor
 from sensors.stream_runs import build_stream_run_sensor, next_stream_run_due
 from tests.support import waiting
@@ -158,12 +159,9 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         assert released.asset_observation.metadata[RELEASED_TO].value == backfill.run_id
         capture_changes(env, cluster, "DELETE FROM `{schema}`.accounts WHERE id = 4")
         stream_all(loader, env)  # the backfill loads it (its state document moves on)
-        result = tick()
-        assert (
-            not result.run_requests
-            and '"held"' in (result.cursor or "")
-            and "accounts" in (result.cursor or "")
-        )
+        # the continuous receiver keeps the file of a table another run holds for the tick, which holds it
+        held = wait_for("the file held", lambda: '"held"' in (tick().cursor or "") and cursor[0])
+        assert "accounts" in held and not tick().run_requests
         time.sleep(1)
         assert len(loads()) == 1  # not loaded while the backfill holds the table
         instance.report_run_failed(instance.get_run_by_id(backfill.run_id))
@@ -181,16 +179,12 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         # an order naming only a file the run's last load read (a message delivered twice) is acknowledged
         # without a load
         capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 3 WHERE id = 2")
-        [message] = wait_for(
-            "the change's message",
-            lambda: sqs.receive_message(QueueUrl=landing.queue_url, WaitTimeSeconds=1).get("Messages"),
-        )
-        sqs.change_message_visibility(
-            QueueUrl=landing.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
-        )
-        assert not tick().run_requests
+        # ordered by the continuous receiver as it lands: no tick in between
         wait_for("the third load", lambda: len(loads()) == 3)
-        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=message["Body"])  # delivered again
+        listed = landing.s3().list_objects_v2(Bucket=landing.bucket, Prefix=f"{env.prefix}/")["Contents"]
+        newest = max(listed, key=lambda o: (o["LastModified"], o["Key"]))["Key"]
+        event = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"object": {"key": newest}}}]}
+        sqs.send_message(QueueUrl=landing.queue_url, MessageBody=json.dumps(event))  # delivered again
         wait_for(
             "the message again", lambda: not tick().run_requests and _queued(sqs, landing.queue_url) == 0
         )
@@ -210,7 +204,9 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
         assert ended and "3 load(s) of 1 table(s), 0 failed" in ended[0], ended
         assert "1 order(s) of files read already acknowledged without a load" in ended[0], ended
 
-        # the table switched to batch mode since the (next) stream run started: its files go to a run of its own
+        # the table switched to batch mode since the (next) stream run started (the code server loaded the new
+        # mappings: this process's receiver is gone): its files go to a run of its own
+        stop_receivers()
         batched = mapping.model_copy(update={"load_mode": "batch"})
         switched = build_sqs_sensor(
             Mappings(directory=env.stack.mappings.directory, clusters=(env.mapping(batched),)),
@@ -218,7 +214,12 @@ def test_the_stream_run_loads_what_the_sensor_orders_and_yields_tables_to_later_
             settings,
         )
         capture_changes(env, cluster, "UPDATE `{schema}`.accounts SET n = 2 WHERE id = 1")
-        result = switched(dg.build_sensor_context(instance=instance, resources={"landing": landing}))
+
+        def switched_tick() -> dg.SensorResult | None:
+            result = switched(dg.build_sensor_context(instance=instance, resources={"landing": landing}))
+            return result if result.run_requests else None
+
+        result = wait_for("the batch-mode load run", switched_tick)
         assert [r.asset_selection for r in result.run_requests or []] == [[asset]]
         assert json.loads(result.cursor or "{}")["order_slot"] == 0  # no order sent
 

@@ -32,7 +32,7 @@ from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_meta
 from cdc_assets.proto_rows import ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
 from cdc_testing.oracle import key_text
-from sensors import sqs_sensor
+from sensors import receiver
 from sensors.sqs_sensor import collect
 
 TABLES = merge_sql.BatchTables(
@@ -568,7 +568,7 @@ def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> N
     trickle = Trickle([_event(key(i)) for i in range(40)])  # every receive finds a few files, for 4 s
     began = time.monotonic()
     grouped = collect(FakeLanding(trickle), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
-    assert time.monotonic() - began < sqs_sensor.SETTLE_SECONDS + 1.0
+    assert time.monotonic() - began < receiver.SETTLE_SECONDS + 1.0
     assert 0 < len(grouped) < 40 and len(trickle.messages) == 40 - len(grouped)
     backlog = FakeQueue([_event(key(i % 40)) for i in range(300)])  # all waiting at once
     grouped = collect(FakeLanding(backlog), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
@@ -576,12 +576,12 @@ def test_a_tick_stops_taking_files_that_keep_landing_but_drains_a_backlog() -> N
     bursts = Bursts([_event(key(i % 40)) for i in range(3000)])  # full receives, 0.1 s each
     began = time.monotonic()
     grouped = collect(FakeLanding(bursts), mappings, log, wait_seconds=1)  # type: ignore[arg-type]
-    assert time.monotonic() - began < sqs_sensor.COLLECT_SECONDS + 0.5
+    assert time.monotonic() - began < receiver.COLLECT_SECONDS + 0.5
     taken = 3000 - len(bursts.messages)
     # the receivers at once: twice what one receiver takes in the time (35 receives), at most the tick's cap (and
     # the receives already in flight when it was reached)
-    assert len(grouped) == 40 and 2 * 10 * sqs_sensor.COLLECT_SECONDS / 0.1 < taken
-    assert taken <= sqs_sensor.MAX_MESSAGES_PER_TICK + 10 * sqs_sensor.RECEIVERS
+    assert len(grouped) == 40 and 2 * 10 * receiver.COLLECT_SECONDS / 0.1 < taken
+    assert taken <= receiver.MAX_MESSAGES_PER_TICK + 10 * receiver.RECEIVERS
 
 
 class Landing(FakeQueue):
@@ -608,14 +608,21 @@ class Landing(FakeQueue):
                 return got
             time.sleep(0.02)
 
-    def change_message_visibility_batch(self, **_: Any) -> dict[str, Any]:
+    def change_message_visibility_batch(self, **call: Any) -> dict[str, Any]:
+        self.made_visible = getattr(self, "made_visible", []) + [
+            e["ReceiptHandle"] for e in call["Entries"] if e["VisibilityTimeout"] == 0
+        ]
         return {}
 
 
-def test_a_tick_orders_files_that_land_during_it_in_rounds_to_the_stream_run(tmp_path: Path) -> None:
-    """While a stream run takes orders, a tick orders what it received every ROUND_SECONDS, not once at its end: a
-    file landing after the tick's first files is ordered within about a round, in the same tick (a tick that
-    ordered once and returned left it for the next tick, up to 5 s later)."""
+def test_the_continuous_receiver_orders_files_as_they_land_and_keeps_the_rest_for_the_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a stream run takes orders, the sensor's tick starts the continuous receiver: files that land after the
+    tick are ordered to the stream run with no tick in between (a tick every 5 s took them up to 5 s later); a
+    batch-mode table's file and a message that is not an S3 event wait for the next tick, which requests a load run
+    for the first and dead-letters the second; without a tick for its lease the receiver stops and makes what it kept
+    visible again."""
     import dataclasses
 
     import dagster as dg
@@ -624,33 +631,58 @@ def test_a_tick_orders_files_that_land_during_it_in_rounds_to_the_stream_run(tmp
     from cdc_assets.lineage import bigquery_asset_key
     from cdc_assets.stream_run import ORDER_KEY, ORDER_SLOTS
     from cdc_assets.writers import HEARTBEAT_KEY
+    from sensors import receiver
     from sensors.sqs_sensor import build_sqs_sensor
+    from tests.support import waiting
     from tests.support.runs import add_started_stream_run
 
-    table = TableMapping(source="db.bets", target="game.bets", primary_key=["id"], load_mode="streaming")
+    bets = TableMapping(source="db.bets", target="game.bets", primary_key=["id"], load_mode="streaming")
+    users = TableMapping(source="db.users", target="game.users", primary_key=["id"], load_mode="batch")
     settings = dataclasses.replace(Settings.load(), stream_run_minutes=3.0)
-    sensor = build_sqs_sensor(_mappings(table), [bigquery_asset_key(table)], settings)
-    first, second = (f"cdc/db/bets/20261201-04000{n}0000.parquet" for n in (1, 2))
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        add_started_stream_run(instance, "stream", [table.target], 3.0)
-        instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "stream": repr(time.time())})
-        queue = Landing([_event(first)], [_event(second)], after=1.2)
-        began = time.monotonic()
-        result = sensor(dg.build_sensor_context(instance=instance, resources={"landing": FakeLanding(queue)}))
-        ended = time.monotonic()
-        assert isinstance(result, dg.SensorResult) and not result.run_requests
-        orders = [
-            json.loads(v)
-            for v in instance.run_storage.get_cursor_values(
-                {f"{ORDER_KEY}{slot}" for slot in range(ORDER_SLOTS)}
-            ).values()
-        ]
-    keys = [
-        [k for t in order["tables"] for k in t["keys"]] for order in sorted(orders, key=lambda o: o["sent"])
-    ]
-    assert keys == [[first], [second]]  # two orders of one tick
-    assert json.loads(result.cursor or "{}")["order_slot"] == 2
-    # the second file was ordered within about a round of landing, and the tick ended within the daemon's loop
-    late = max(orders, key=lambda o: o["sent"])["sent"] - (time.time() - (time.monotonic() - queue.landed_at))
-    assert 0 <= late < sqs_sensor.ROUND_SECONDS + 0.5
-    assert ended - began < 4.5
+    sensor = build_sqs_sensor(
+        _mappings(bets, users), [bigquery_asset_key(bets), bigquery_asset_key(users)], settings
+    )
+    bet_files = [f"cdc/db/bets/20261201-04000{n}0000.parquet" for n in (1, 2)]
+    user_file = "cdc/db/users/20261201-0400010000.parquet"
+    queue = Landing([], [_event(bet_files[0]), _event(user_file), {"not": "an s3 event"}], after=1.0)
+    landing = FakeLanding(queue)
+
+    def orders() -> list[dict[str, Any]]:
+        values = instance.run_storage.get_cursor_values({f"{ORDER_KEY}{slot}" for slot in range(ORDER_SLOTS)})
+        return sorted((json.loads(v) for v in values.values()), key=lambda o: o["sent"])
+
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            add_started_stream_run(instance, "stream", [bets.target], 3.0)
+            instance.run_storage.set_cursor_values({HEARTBEAT_KEY + "stream": repr(time.time())})
+            first = sensor(dg.build_sensor_context(instance=instance, resources={"landing": landing}))
+            assert isinstance(first, dg.SensorResult) and not first.run_requests and not orders()
+            assert receiver.running(landing.queue_url) is not None  # started by the tick
+            [order] = waiting.wait_for(orders, "the receiver's order", timeout=10, interval=0.05)
+            assert order["run"] == "stream"
+            assert [(t["table"], t["keys"], t["receipts"]) for t in order["tables"]] == [
+                ("game.bets", [bet_files[0]], ["r0"])
+            ]
+            with queue.lock:  # lands between ticks too
+                queue.messages += FakeQueue([{}, {}, {}, _event(bet_files[1])]).messages[3:]
+            waiting.wait_for(lambda: len(orders()) == 2, "the second order", timeout=10, interval=0.05)
+            assert orders()[1]["tables"][0]["keys"] == [bet_files[1]]
+
+            monkeypatch.setattr(receiver, "LEASE_SECONDS", 1.0)
+            second = sensor(
+                dg.build_sensor_context(
+                    instance=instance, resources={"landing": landing}, cursor=first.cursor
+                )
+            )
+            assert isinstance(second, dg.SensorResult)
+            assert [r.asset_selection for r in second.run_requests or []] == [[bigquery_asset_key(users)]]
+            assert [reason for _, reason in queue.dead] and "neither an S3 event" in queue.dead[0][1]
+            assert json.loads(second.cursor or "{}")["order_slot"] == 2  # the receiver's two orders
+            with queue.lock:  # a batch-mode table's file no tick takes: given back when the lease runs out
+                queue.messages += FakeQueue([{}, {}, {}, {}, _event(user_file)]).messages[4:]
+            waiting.wait_for(
+                lambda: receiver.running(landing.queue_url) is None, "the lease to run out", timeout=10
+            )
+            assert getattr(queue, "made_visible", []) == ["r4"] and len(orders()) == 2
+    finally:
+        receiver.stop_all()
