@@ -212,7 +212,10 @@ class Receiver:
         return self
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        """Receiving, and will go on until its lease runs out (a receiver past it only gives back what it kept)."""
+        return (
+            self._thread.is_alive() and not self._stopping.is_set() and time.monotonic() < self._lease_until
+        )
 
     def renew(self) -> None:
         self._lease_until = time.monotonic() + LEASE_SECONDS

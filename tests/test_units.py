@@ -681,8 +681,9 @@ def test_the_continuous_receiver_orders_files_as_they_land_and_keeps_the_rest_fo
             with queue.lock:  # a batch-mode table's file no tick takes: given back when the lease runs out
                 queue.messages += FakeQueue([{}, {}, {}, {}, _event(user_file)]).messages[4:]
             waiting.wait_for(
-                lambda: receiver.running(landing.queue_url) is None, "the lease to run out", timeout=10
+                lambda: getattr(queue, "made_visible", []), "the lease to run out", timeout=10, interval=0.05
             )
-            assert getattr(queue, "made_visible", []) == ["r4"] and len(orders()) == 2
+            assert queue.made_visible == ["r4"] and len(orders()) == 2  # type: ignore[attr-defined]
+            assert receiver.running(landing.queue_url) is None
     finally:
         receiver.stop_all()
