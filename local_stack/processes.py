@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -152,7 +153,27 @@ def ensure_port_free(service: str, port: int) -> None:
         )
 
 
+LOWEST_FREE_PORT = 15000
+
+
+def _ephemeral_ports_start() -> int:
+    """Where the kernel's range of ports for outgoing connections begins (32768 if it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free port below the kernel's range for outgoing connections: a port the kernel hands out (bind to 0) comes
+    from that range, and a client connection of another process could take it before the server binds it (a test's
+    Dagster once found its port taken so)."""
+    high = _ephemeral_ports_start()
+    if high - LOWEST_FREE_PORT > 1000:
+        for _ in range(200):
+            port = random.randrange(LOWEST_FREE_PORT, high)
+            if port_is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -687,3 +687,13 @@ def test_the_continuous_receiver_orders_files_as_they_land_and_keeps_the_rest_fo
             assert receiver.running(landing.queue_url) is None
     finally:
         receiver.stop_all()
+
+
+def test_free_ports_come_from_below_the_kernels_range_for_outgoing_connections() -> None:
+    """A port from the kernel's outgoing range could be taken by another process's client connection before the
+    server binds it (a test's Dagster once found its port taken so)."""
+    from local_stack.processes import LOWEST_FREE_PORT, _ephemeral_ports_start, free_port, port_is_free
+
+    ports = [free_port() for _ in range(20)]
+    assert all(LOWEST_FREE_PORT <= port < _ephemeral_ports_start() and port_is_free(port) for port in ports)
+    assert len(set(ports)) > 1
