@@ -25,7 +25,7 @@ from typing import Any
 
 import dagster as dg
 
-from cdc.landing import NotALandingFile, ParsedMessage, parse_key, parse_message
+from cdc.landing import NotALandingFile, ParsedMessage, PoisonMessage, parse_key, parse_message
 from cdc.mappings import Mappings, TableMapping
 from cdc_assets.lineage import bigquery_asset_key
 from cdc_assets.load_run import set_visibility
@@ -54,6 +54,9 @@ ROUTE_SECONDS = 1.0  # how old the route the receiver orders by may be
 
 class UnmappedTable(ValueError):
     """A landed file of a table that is not in the mappings (or is disabled)."""
+
+
+NOT_LOADABLE = (PoisonMessage, NotALandingFile, UnmappedTable)  # what `landed_files` raises: dead letters
 
 
 def message_day(message: dict[str, Any]) -> dt.date:
@@ -208,7 +211,10 @@ class Receiver:
     # -- what the tick calls
 
     def start(self) -> Receiver:
-        self._thread.start()
+        """Start receiving, as the one receiver of its queue in this process (`running`)."""
+        with _RUNNING_LOCK:
+            self._thread.start()
+            _RUNNING[self.landing.queue_url] = self
         return self
 
     def alive(self) -> bool:
@@ -263,9 +269,8 @@ class Receiver:
                 )
                 self._dispatch(messages)
                 failing = False
-            except (
-                Exception
-            ) as exc:  # SQS or the instance out of reach: what it received comes back, not lost
+            # SQS or the instance out of reach: what it received comes back after its visibility timeout, not lost
+            except Exception as exc:
                 if not failing:
                     self._line(
                         "warning", f"the continuous receiver failed ({exc}); it tries again every second"
@@ -286,7 +291,7 @@ class Receiver:
         for message in messages:
             try:
                 parsed, files = landed_files(message, self.landing.prefix, self._by_source)
-            except (ValueError, NotALandingFile):  # the tick dead-letters it, with its reason in the log
+            except NOT_LOADABLE:  # the tick dead-letters it, with its reason in the log
                 kept.append(message)
                 continue
             if not files or not all(route.orders(table) for table, _, _ in files):
@@ -327,21 +332,6 @@ def running(queue_url: str) -> Receiver | None:
     with _RUNNING_LOCK:
         receiver = _RUNNING.get(queue_url)
         return receiver if receiver is not None and receiver.alive() else None
-
-
-def start(
-    landing: LandingResource,
-    mappings: Mappings,
-    instance: dg.DagsterInstance,
-    plan: Callable[[dg.DagsterInstance], Route],
-    route: Route,
-    slot: int,
-) -> Receiver:
-    """A receiver of the landing's queue running, by these mappings."""
-    with _RUNNING_LOCK:
-        receiver = Receiver(landing, mappings, instance, plan, route, slot).start()
-        _RUNNING[landing.queue_url] = receiver
-        return receiver
 
 
 def stop_all() -> None:

@@ -23,7 +23,6 @@ from typing import Any
 import dagster as dg
 from dagster import MAX_RUNTIME_SECONDS_TAG
 
-from cdc.landing import NotALandingFile, PoisonMessage
 from cdc.mappings import Mappings, TableMapping
 from cdc.settings import Settings
 from cdc_assets import quota
@@ -39,14 +38,15 @@ from cdc_assets.writers import (
     table_names,
     written_assets,
 )
-from sensors import receiver as continuous
 from sensors.receiver import (
     COLLECT_SECONDS,
+    NOT_LOADABLE,
     Receiver,
     Route,
     UnmappedTable,
     landed_files,
     receive_messages,
+    running,
 )
 
 # Per tick (Dagster's sensor timeout is 60 s): wait up to LONG_POLL_SECONDS for the first message, then take what is
@@ -118,10 +118,11 @@ def collect(
     for message in received:
         try:
             parsed, files = landed_files(message, landing.prefix, by_source)
-        except (PoisonMessage, NotALandingFile, UnmappedTable) as exc:
-            reason = str(exc) if isinstance(exc, UnmappedTable) else f"{exc}; moved to the dead-letter queue"
-            log.error(reason)
-            _dead_letter(landing, message, reason if isinstance(exc, UnmappedTable) else str(exc))
+        except NOT_LOADABLE as exc:  # an unmapped table's reason says where the message went itself
+            log.error(
+                str(exc) if isinstance(exc, UnmappedTable) else f"{exc}; moved to the dead-letter queue"
+            )
+            _dead_letter(landing, message, str(exc))
             continue
         if not files:  # S3's TestEvent, a deletion: no file to load
             sqs.delete_message(QueueUrl=landing.queue_url, ReceiptHandle=parsed.receipt_handle)
@@ -315,7 +316,7 @@ def build_sqs_sensor(
         context: dg.SensorEvaluationContext, landing: LandingResource
     ) -> dg.SensorResult | dg.SkipReason:
         cursor = json.loads(context.cursor) if context.cursor else {}
-        receiver = continuous.running(landing.queue_url)
+        receiver = running(landing.queue_url)
         if (
             receiver is not None and receiver.mappings is not mappings
         ):  # mappings deployed over in this process
@@ -326,7 +327,7 @@ def build_sqs_sensor(
         if route.stream is not None:  # the continuous receiver orders the stream run's files as they land
             if receiver is None:
                 slot = int(cursor.get("order_slot", 0))
-                receiver = continuous.start(landing, mappings, context.instance, plan_route, route, slot)
+                receiver = Receiver(landing, mappings, context.instance, plan_route, route, slot).start()
             receiver.renew()
             kept, lines, files, tables = receiver.take()
             received += kept
