@@ -180,3 +180,16 @@ def test_each_key_figure_is_printed_beside_the_published_run_s(tmp_path: Path, c
     assert lines["streaming 1x: latency p50 (s)"] == ["9.50", "38.00"]
     assert lines["streaming: peak PSS of the capture (MB)"] == ["178", "1,367"]
     assert lines["streaming 10x: latency p50 (s)"] == ["9.50", "-"]
+
+
+def test_a_niced_workload_process_nices_its_sessions_scheduling_group_too() -> None:
+    """With autogroup scheduling (Debian's default) a process's niceness only counts inside its own session, and the
+    benchmark starts each workload process in a session of its own: its session's group has to be niced as well."""
+    code = (
+        "import os, sys; from bench.pipeline_bench import yield_autogroup; "
+        "yield_autogroup(os.getpid(), 10); print(open(f'/proc/{os.getpid()}/autogroup').read())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, start_new_session=True
+    )
+    assert done.stdout.strip().endswith("nice 10"), done.stdout
