@@ -265,9 +265,15 @@ class StreamRun:
     def busy(self) -> set[str]:
         return {load.files.target for load in self.loading.values()}
 
-    def yield_to_later_runs(self) -> set[str]:
+    def look_around(self) -> tuple[set[str], bool]:
+        """The other runs, read once: the tables yielded to later runs, and whether a later stream run has started."""
+        now = time.time()
+        records = active_runs(self.instance, now)
+        return self.yield_to_later_runs(records), self.superseded(records)
+
+    def yield_to_later_runs(self, records: list[dg.RunRecord]) -> set[str]:
         """Release the tables later runs hold (once not loading them); the targets yielded."""
-        later = later_holders(self.instance, self.mine, time.time(), self.names, self.materialized)
+        later = later_holders(self.instance, self.mine, time.time(), self.names, self.materialized, records)
         yielded = set()
         busy = self.busy()
         for target, table in self.tables.items():
@@ -290,15 +296,16 @@ class StreamRun:
                     self.released.add((target, run_id))
         return yielded
 
-    def superseded(self) -> bool:
+    def superseded(self, records: list[dg.RunRecord]) -> bool:
         """A later stream run has started (and beats)."""
         now = time.time()
         return any(
-            (r.create_timestamp, r.dagster_run.run_id)
+            is_stream_run(r.dagster_run)
+            and (r.create_timestamp, r.dagster_run.run_id)
             > (self.mine.create_timestamp, self.mine.dagster_run.run_id)
             and r.dagster_run.status == dg.DagsterRunStatus.STARTED
             and stream_run_alive(self.instance, r, now)
-            for r in stream_runs(self.instance, now)
+            for r in records
         )
 
     def forget(self, target: str) -> None:
@@ -471,7 +478,7 @@ class StreamRun:
                 if taking:
                     self.take_orders()
                 if time.monotonic() - looked >= LOOK_AROUND_EVERY_S:  # the other runs (a few queries)
-                    yielded, superseded = self.yield_to_later_runs(), self.superseded()
+                    yielded, superseded = self.look_around()
                     looked = time.monotonic()
                 if superseded and yielded >= set(self.tables) and not self.loading:
                     taking = False  # the next stream run has taken every table over

@@ -204,8 +204,10 @@ def earlier_holders(
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
     released: Released | None = None,
+    writers: list[str] | None = None,
 ) -> dict[dg.AssetKey, list[str]]:
-    """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs."""
+    """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs; the ids of
+    the earlier active runs that write any of `assets`, holding them or not, are added to `writers`."""
     wanted = set(assets)
     order = (mine.create_timestamp, mine.dagster_run.run_id)
     holders: dict[dg.AssetKey, list[str]] = {}
@@ -213,6 +215,8 @@ def earlier_holders(
         if (record.create_timestamp, record.dagster_run.run_id) >= order:
             continue
         if wanted & written_assets(record.dagster_run, names):
+            if writers is not None:
+                writers.append(record.dagster_run.run_id)
             held = held_assets(instance, record, names, materialized, released, mine.dagster_run.run_id)
             for asset in wanted & held:
                 holders.setdefault(asset, []).append(record.dagster_run.run_id)
@@ -225,12 +229,13 @@ def later_holders(
     now: float,
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
+    records: list[dg.RunRecord] | None = None,
 ) -> dict[dg.AssetKey, list[str]]:
     """What a stream run yields: the assets held by active runs created after it (a later stream run's once it has
-    started), with the ids of those runs."""
+    started), with the ids of those runs. `records`: the active runs, if the caller has just read them."""
     order = (mine.create_timestamp, mine.dagster_run.run_id)
     holders: dict[dg.AssetKey, list[str]] = {}
-    for record in active_runs(instance, now):
+    for record in active_runs(instance, now) if records is None else records:
         if (record.create_timestamp, record.dagster_run.run_id) <= order:
             continue
         if is_stream_run(record.dagster_run) and record.dagster_run.status != dg.DagsterRunStatus.STARTED:
@@ -260,14 +265,27 @@ class HandOver:
         self._shown: set[str] = set()
         self._materialized = Materialized()
         self._released = Released()
+        # assets no earlier run writes any more: for good, since a run created earlier can only end, and a run
+        # created later is never earlier (a stream run polls this several times a second for hours)
+        self._unwritten: set[dg.AssetKey] = set()
 
     def free(self, assets: Collection[dg.AssetKey]) -> set[dg.AssetKey]:
         """Those of `assets` that no earlier active run holds."""
-        if self._mine is None or not assets:
+        if self._mine is None or not assets or set(assets) <= self._unwritten:
             return set(assets)
+        writers: list[str] = []
         holders = earlier_holders(
-            self._instance, self._mine, assets, self._clock(), self._names, self._materialized, self._released
+            self._instance,
+            self._mine,
+            assets,
+            self._clock(),
+            self._names,
+            self._materialized,
+            self._released,
+            writers,
         )
+        if not writers:
+            self._unwritten.update(assets)
         new = sorted({run for runs in holders.values() for run in runs} - self._shown)
         if new:
             self._log(

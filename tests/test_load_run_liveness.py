@@ -301,3 +301,37 @@ def test_a_started_stream_run_stays_active_past_any_load_s_age_a_queued_one_does
         assert {r.dagster_run.run_id for r in active_runs(instance, now)} == {started, queued, loading}
         later = now + ACTIVE_RUN_MAX_AGE_S + 1
         assert {r.dagster_run.run_id for r in active_runs(instance, later)} == {started}
+
+
+def test_a_hand_over_stops_reading_the_runs_once_no_earlier_run_writes_its_tables() -> None:
+    """A stream run asks whether its tables are free several times a second for hours: once no run created before it
+    writes them any more (those can only end, and a run created later is never earlier), it asks the run storage no
+    more. While an earlier run writes one of them, every call reads the runs again."""
+    with dg.instance_for_test() as instance:
+        first = _add_run(instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
+        second = _add_run(
+            instance, dg.DagsterRunStatus.STARTED, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT, COLD})
+        )
+        reads: list[int] = []
+        original = instance.get_run_records
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(1)
+            return original(*args, **kwargs)
+
+        instance.get_run_records = counted  # type: ignore[method-assign]
+        hand_over = HandOver(instance, second, NAMES, print)
+        assert hand_over.free([COLD]) == {COLD}  # no earlier run writes COLD
+        assert hand_over.free([HOT, COLD]) == {COLD}  # the first run holds HOT
+        asked = len(reads)
+        assert hand_over.free([COLD]) == {COLD} and len(reads) == asked  # known free for good
+        assert hand_over.free([HOT]) == set() and len(reads) == asked + 1  # still written by an earlier run
+        instance.report_run_failed(instance.get_run_by_id(first))  # type: ignore[arg-type]
+        assert hand_over.free([HOT, COLD]) == {HOT, COLD}
+        asked = len(reads)
+        for _ in range(5):
+            assert hand_over.free([HOT, COLD]) == {HOT, COLD}
+        assert len(reads) == asked
+        # a later run waits for this one, whatever this one's hand-over has learnt
+        third = _add_run(instance, dg.DagsterRunStatus.STARTING, {LOAD_RUN_TAG: "sensor"}, frozenset({HOT}))
+        assert HandOver(instance, third, NAMES, print).free([HOT]) == set()
