@@ -656,13 +656,25 @@ class StreamLoader(TableTargets):
         self._send([request], ledger.nbytes, "ledger")
 
     def _send(self, requests: list[Any], size: int, phase: str) -> None:
-        """One AppendRows connection for the requests, every response read; the first error raised."""
+        """One AppendRows connection for the requests, every response read; the first error raised. Each request
+        is answered once: fewer answers mean requests that were never sent. (The client retries a connection that
+        met UNAVAILABLE with the same request iterator, which the failed attempt may have used up: the retry then
+        sends nothing, or only the rest, and ends without an error. Counted, that fails the load instead of
+        losing its rows; the load is done again, which writes nothing twice.)"""
         self.calls += len(requests)
         self.bytes += size
+        answered = 0
         with self._timed(phase):
             for response in self.write.append_rows(iter(requests)):
+                answered += 1
                 if response.error.code:
                     raise exceptions.from_grpc_status(response.error.code, response.error.message)
+        if answered < len(requests):
+            raise exceptions.ServiceUnavailable(
+                f"{self.dataset}: AppendRows answered {answered} of {len(requests)} request(s) for the {phase} "
+                "(a connection retried after UNAVAILABLE sends only what its first attempt left); the load is "
+                "done again"
+            )
 
     # -- resync: the state rebuilt from BigQuery -----------------------------------------------------------------
 

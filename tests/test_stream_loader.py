@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from google.api_core import exceptions
 
 from capture.service import ClusterCapture
 from cdc.clients import bigquery_client, bigquery_write_client
@@ -113,6 +114,32 @@ def test_a_lost_state_is_rebuilt_from_bigquery(
         again.resynced and again.inserted_changes == 0 and again.files == len(keys)
     )  # all read again, none added
     assert assert_changelog_has_no_duplicates(loader) == total
+    assert_current_state_equals_source(loader, env)
+
+
+def test_an_append_retried_with_its_requests_used_up_fails_the_load_instead_of_losing_rows(
+    local_stack: LocalStack, landed: tuple[CaptureEnv, list[str]]
+) -> None:
+    """Google's client retries an AppendRows connection that met UNAVAILABLE with the same request iterator, which
+    the failed attempt may have used up: the retry sends nothing (or only the rest) and ends without an error. The
+    current state's append is made to go that way here: the load fails, saying so, and the next load loses
+    nothing and doubles nothing."""
+    env, _ = landed
+    loader = accounts_stream_loader(local_stack, env, "stream_used_up")
+    real = loader.write.append_rows
+
+    def retried_with_requests_used_up(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        first = next(requests)  # the failed attempt's
+        if first.write_stream.endswith("/tables/accounts/streams/_default"):
+            return real(requests, *args, **kwargs)  # what is left: nothing
+        return real(iter([first, *requests]), *args, **kwargs)
+
+    loader.write.append_rows = retried_with_requests_used_up
+    with pytest.raises(exceptions.ServiceUnavailable, match="answered 0 of 1 request"):
+        stream_all(loader, env)
+    again = stream_all(accounts_stream_loader(local_stack, env, "stream_used_up"), env)
+    assert again.inserted_changes == again.rows
+    assert assert_changelog_has_no_duplicates(loader) == again.rows
     assert_current_state_equals_source(loader, env)
 
 
