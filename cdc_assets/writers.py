@@ -196,6 +196,43 @@ def runs_per_asset(
     return counts
 
 
+def earlier_writers(
+    instance: dg.DagsterInstance,
+    mine: dg.RunRecord,
+    assets: Collection[dg.AssetKey],
+    now: float,
+    names: Mapping[str, dg.AssetKey],
+) -> list[dg.RunRecord]:
+    """The active runs created before the run `mine` that write any of `assets`, holding them or not."""
+    wanted = set(assets)
+    order = (mine.create_timestamp, mine.dagster_run.run_id)
+    return [
+        record
+        for record in active_runs(instance, now)
+        if (record.create_timestamp, record.dagster_run.run_id) < order
+        and wanted & written_assets(record.dagster_run, names)
+    ]
+
+
+def holders_among(
+    instance: dg.DagsterInstance,
+    runs: list[dg.RunRecord],
+    mine: dg.RunRecord,
+    assets: Collection[dg.AssetKey],
+    names: Mapping[str, dg.AssetKey],
+    materialized: Materialized | None = None,
+    released: Released | None = None,
+) -> dict[dg.AssetKey, list[str]]:
+    """Of `assets`, those these runs still hold (against the run `mine`), with the ids of the runs holding each."""
+    wanted = set(assets)
+    holders: dict[dg.AssetKey, list[str]] = {}
+    for record in runs:
+        held = held_assets(instance, record, names, materialized, released, mine.dagster_run.run_id)
+        for asset in wanted & held:
+            holders.setdefault(asset, []).append(record.dagster_run.run_id)
+    return holders
+
+
 def earlier_holders(
     instance: dg.DagsterInstance,
     mine: dg.RunRecord,
@@ -204,23 +241,10 @@ def earlier_holders(
     names: Mapping[str, dg.AssetKey],
     materialized: Materialized | None = None,
     released: Released | None = None,
-    writers: list[str] | None = None,
 ) -> dict[dg.AssetKey, list[str]]:
-    """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs; the ids of
-    the earlier active runs that write any of `assets`, holding them or not, are added to `writers`."""
-    wanted = set(assets)
-    order = (mine.create_timestamp, mine.dagster_run.run_id)
-    holders: dict[dg.AssetKey, list[str]] = {}
-    for record in active_runs(instance, now):
-        if (record.create_timestamp, record.dagster_run.run_id) >= order:
-            continue
-        if wanted & written_assets(record.dagster_run, names):
-            if writers is not None:
-                writers.append(record.dagster_run.run_id)
-            held = held_assets(instance, record, names, materialized, released, mine.dagster_run.run_id)
-            for asset in wanted & held:
-                holders.setdefault(asset, []).append(record.dagster_run.run_id)
-    return holders
+    """Of `assets`, those held by active runs created before the run `mine`, with the ids of those runs."""
+    writers = earlier_writers(instance, mine, assets, now, names)
+    return holders_among(instance, writers, mine, assets, names, materialized, released)
 
 
 def later_holders(
@@ -273,19 +297,12 @@ class HandOver:
         """Those of `assets` that no earlier active run holds."""
         if self._mine is None or not assets or set(assets) <= self._unwritten:
             return set(assets)
-        writers: list[str] = []
-        holders = earlier_holders(
-            self._instance,
-            self._mine,
-            assets,
-            self._clock(),
-            self._names,
-            self._materialized,
-            self._released,
-            writers,
-        )
+        writers = earlier_writers(self._instance, self._mine, assets, self._clock(), self._names)
         if not writers:
             self._unwritten.update(assets)
+        holders = holders_among(
+            self._instance, writers, self._mine, assets, self._names, self._materialized, self._released
+        )
         new = sorted({run for runs in holders.values() for run in runs} - self._shown)
         if new:
             self._log(
