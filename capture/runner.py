@@ -115,6 +115,29 @@ class ClusterThread(threading.Thread):
         alert_capture_stopped(self.cluster.cluster, reason, self.config)
 
 
+class StopSignals:
+    """SIGTERM and SIGINT ask the capture threads to stop. The handler only notes the signal, and the main thread
+    passes it on (`pass_on`) between its timed joins: a handler runs between two bytecodes of the main thread, maybe
+    inside its own `Event.set` for an earlier signal, and setting the event again there waited forever for the
+    event's lock. A stop arrives twice as a rule: `cdc capture stop` signals the process group, and the supervisor
+    passes its own signal on too. The capture then hung until its SIGKILL, without its last flush and status."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.received: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def pass_on(self) -> None:
+        if self.received is not None:
+            self.stop.set()
+
+
 def run_clusters(
     clusters: Sequence[ClusterMapping],
     mappings: Mappings,
@@ -129,8 +152,8 @@ def run_clusters(
         level=logging.INFO, format="%(asctime)s capture[%(threadName)s] %(levelname)s %(message)s", force=True
     )
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signals = StopSignals(stop)
+    signals.install()
     # each cluster its own S3 client, made here: creating boto3 clients is not thread-safe (using them is)
     threads = [
         ClusterThread(cluster, mappings, capture_settings, config, s3_store(config), stop, restart_delay_s)
@@ -139,8 +162,9 @@ def run_clusters(
     for thread in threads:
         thread.start()
     for thread in threads:
-        while thread.is_alive():  # a timed join, so the signal handlers run
-            thread.join(timeout=0.5)
+        while thread.is_alive():  # a timed join, so the signal handlers run and their stop is passed on
+            thread.join(timeout=0.2)
+            signals.pass_on()
     return {thread.cluster.cluster: thread.stopped_on for thread in threads if thread.stopped_on is not None}
 
 

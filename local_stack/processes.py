@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class ServerProcess:
         wait_until(self, ready, timeout, process=process)
 
     def stop(self, timeout: float = 20.0) -> bool:
-        """SIGTERM, then SIGKILL after ``timeout``; returns whether a process was running."""
+        """SIGTERM, then SIGKILL after ``timeout`` (said on stderr); returns whether a process was running."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
@@ -84,6 +85,11 @@ class ServerProcess:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid):
+            print(  # a server's last flush or checkpoint may be missing: say so, and where to look
+                f"{self.name} (pid {pid}) did not stop within {timeout:.0f} s of SIGTERM: killed; its log: "
+                f"{self.log_file}",
+                file=sys.stderr,
+            )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         _reap(pid)

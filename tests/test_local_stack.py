@@ -476,3 +476,25 @@ def test_moto_lists_a_prefix_as_moto_does_from_its_sorted_key_names() -> None:
     assert any("cdc/a/t1/0009.parquet" in str(answer) for answer in answers["patched"]["answers"])
     # the patched listings walked the sorted names, kept equal to the bucket's keys through every change
     assert answers["patched"]["indexed"] == [True, True] and answers["stock"]["indexed"] == [False, False]
+
+
+def test_a_server_that_ignores_its_stop_is_killed_and_the_stop_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kill at the stop's deadline is not a clean stop (no last flush or checkpoint): it is said, with the log."""
+    server = ServerProcess("stubborn", free_port(), tmp_path / "stubborn.pid", tmp_path / "stubborn.log")
+    server.start(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)",
+        ],
+        ready=lambda: True,
+    )
+    time.sleep(0.5)  # its handler installed
+    assert server.stop(timeout=1) and server.pid() is None
+    said = capsys.readouterr().err
+    assert (
+        "stubborn (pid " in said
+        and f"did not stop within 1 s of SIGTERM: killed; its log: {server.log_file}" in said
+    )

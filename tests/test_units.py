@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from pymysqlreplication.row_event import RowsEvent
 from capture import binlog_fixes
 from capture.columns import ColumnSpec
 from capture.ddl import emptied_tables, fills_existing_rows, refilled_tables, truncated_table
+from capture.runner import StopSignals
 from capture.service import flush_time
 from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
@@ -528,6 +530,33 @@ def test_the_capture_process_loads_no_bigquery_or_dagster_libraries() -> None:
     assert "capture.service" in loaded
     heavy = [m for m in loaded if m.split(".")[0] in ("grpc", "dagster") or m.startswith("google.cloud")]
     assert heavy == []
+
+
+def test_a_second_stop_signal_handled_inside_the_first_ones_stop_does_not_hang_the_capture() -> None:
+    """`cdc capture stop` signals the capture twice (its process group, and the supervisor passes its own on). The
+    second handler may run inside the first's `Event.set`, holding the event's lock in the same thread: a handler
+    that set the event itself waited there for good, and the capture ended by SIGKILL without its status."""
+    stop = threading.Event()
+    signals = StopSignals(stop)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signals.install()
+        assert signal.getsignal(signal.SIGTERM) == signals.handle == signal.getsignal(signal.SIGINT)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    handled = threading.Event()
+
+    def second_signal_inside_the_first_stop() -> None:
+        with stop._cond:  # as inside Event.set, where the main thread's next signal handler runs
+            signals.handle(signal.SIGTERM, None)
+        handled.set()
+
+    threading.Thread(target=second_signal_inside_the_first_stop, daemon=True).start()
+    assert handled.wait(5), "the signal handler waited for the stop event's lock"
+    assert not stop.is_set()  # passed on by the main thread, between its joins
+    signals.pass_on()
+    assert stop.is_set()
 
 
 class Trickle(FakeQueue):
