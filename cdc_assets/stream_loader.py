@@ -10,12 +10,10 @@
   the stream, its next offset, the highest change sequence appended (the high-water mark) and the last file read.
   Files are read in key order from S3 (never only the ones a message named, so a lost or late message does not
   make a change skipped), their changes sorted by sequence, and only those above the high-water mark are
-  appended, to the current state and the changelog at once. An append can only succeed at the stream's true end: a
-  state that lags (a crash or a failed append after the other one, before the state was written) meets
-  ALREADY_EXISTS, and is rebuilt from BigQuery (the old stream finalized, the high-water mark read from the
-  changelog, a new stream) before anything more is appended; a load whose state was rebuilt sends every change of
-  its batch to the current state again, so a change the changelog took while the current state's append failed
-  reaches the current state too.
+  appended, current state first, changelog second. An append can only succeed at the stream's true end: a state
+  that lags (a crash after an append, before the state was written) meets ALREADY_EXISTS, and is rebuilt from
+  BigQuery (the old stream finalized, the high-water mark read from the changelog, a new stream) before anything
+  more is appended.
 - Every file read is recorded in the ledger table (default stream), as in batch mode.
 """
 
@@ -25,11 +23,9 @@ import copy
 import datetime as dt
 import json
 import re
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -65,8 +61,6 @@ REQUEST_BYTES = (
     8 * 1024 * 1024
 )  # per AppendRows request (BigQuery takes up to 20 MB; smaller ones flow sooner)
 CHANGE_TYPES = {"I": "UPSERT", "U": "UPSERT", "D": "DELETE"}
-# the current state's appends, sent beside their changelog's (one thread per load in flight is enough)
-BESIDE = ThreadPoolExecutor(max_workers=32, thread_name_prefix="current-state")
 LOAD_FILE = re.compile(r"/LOAD[0-9A-F]{8}\.parquet$")
 STATE_ROOT = "_cdc_loader"
 RECENT_FILES = 256  # CDC files a table's state remembers as read (StreamState.recent)
@@ -177,7 +171,6 @@ class StreamLoader(TableTargets):
         self.from_state = False  # whether their schemas came from the state, not from BigQuery
         self.calls = 0
         self.bytes = 0
-        self._counting = threading.Lock()  # the current state's append counts from a thread of its own
         self.phases: dict[str, float] = defaultdict(
             float
         )  # seconds per LOAD_PHASES name, this loader's loads
@@ -188,8 +181,7 @@ class StreamLoader(TableTargets):
         try:
             yield
         finally:
-            with self._counting:
-                self.phases[phase] += time.monotonic() - started
+            self.phases[phase] += time.monotonic() - started
 
     def phases_s(self) -> dict[str, float]:
         return {name: round(self.phases[name], 3) for name in LOAD_PHASES if name in self.phases}
@@ -340,9 +332,7 @@ class StreamLoader(TableTargets):
             rest
         ):  # a type change between the batch's files: those before it first, then the rest (it names it)
             first = self._load(s3, bucket, keys, state, late, None, None, resend, horizon)
-            # a state rebuilt in the first part: an earlier load's changelog rows may lack theirs in both parts
-            whole = resend or first.resynced
-            then = self._load(s3, bucket, rest, self.read_state(), late, None, None, whole, horizon)
+            then = self._load(s3, bucket, rest, self.read_state(), late, None, None, resend, horizon)
             return first.then(then)
         if data is None:
             return replace(result, files=len(keys))
@@ -450,9 +440,8 @@ class StreamLoader(TableTargets):
         horizon: str | None = None,
         truncate: str | None = None,
     ) -> tuple[StreamState, int, bool]:
-        """Append the batch's new changes to the current state and the changelog at once (a TRUNCATE or a snapshot:
-        the current state first); (state, appended, resynced). `resend`, or a state rebuilt (`_resync`): every
-        change of the batch goes to the current state, not only the new ones;
+        """Append the batch's new changes, the current state first, then the changelog; (state, appended,
+        resynced). `resend`: every change of the batch goes to the current state, not only the new ones;
         `horizon`: the batch is a snapshot (its rows the changelog lacks are appended; keys it lacks are deleted
         from the current state at the horizon); `truncate`: the sequence of a TRUNCATE in the batch - every key of
         the current state is deleted at it (a key changed after it keeps that change: a higher sequence wins)."""
@@ -467,14 +456,8 @@ class StreamLoader(TableTargets):
                 self._write_current_state(
                     snapshot, deletes=self._keys_missing_from(snapshot), horizon=horizon
                 )
-            current: Future[None] | None = None
-            whole = resend or resynced  # a rebuilt state: an earlier load's changelog rows may lack theirs
-            if self.mapping.primary_key and not horizon and (changes.num_rows or whole):
-                rows = self._sorted(data) if whole else changes
-                if truncate or not changes.num_rows:
-                    self._write_current_state(rows)
-                else:  # beside the changelog's append (neither waits for the other's round trip)
-                    current = BESIDE.submit(self._write_current_state, rows)
+            elif self.mapping.primary_key and (changes.num_rows or resend):
+                self._write_current_state(self._sorted(data) if resend else changes)
             if truncate:
                 key = list(self.mapping.primary_key)
                 self._write_current_state(
@@ -483,11 +466,7 @@ class StreamLoader(TableTargets):
             if changes.num_rows == 0:
                 return state, 0, resynced
             try:
-                try:
-                    self._write_changelog(changes, state)
-                finally:
-                    if current is not None:  # its failure fails the load: the next one rebuilds the state
-                        current.result()
+                self._write_changelog(changes, state)
             except StreamConflict:
                 if attempt:
                     raise
@@ -682,9 +661,8 @@ class StreamLoader(TableTargets):
         met UNAVAILABLE with the same request iterator, which the failed attempt may have used up: the retry then
         sends nothing, or only the rest, and ends without an error. Counted, that fails the load instead of
         losing its rows; the load is done again, which writes nothing twice.)"""
-        with self._counting:  # the current state's appends run on threads of their own
-            self.calls += len(requests)
-            self.bytes += size
+        self.calls += len(requests)
+        self.bytes += size
         answered = 0
         with self._timed(phase):
             for response in self.write.append_rows(iter(requests)):
