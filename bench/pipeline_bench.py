@@ -71,6 +71,9 @@ class Phase:
     end: float = 0.0
     changes: int = 0
     capture_rows: int = 0
+    # the capture stopped while the workload writes, then replaying what it wrote (--hold-capture)
+    held: bool = False
+    caught_up_s: float | None = None  # held: how long the capture's replay took after the workload ended
 
     @property
     def rate(self) -> float:
@@ -160,8 +163,15 @@ def yield_sources(platform: BenchPlatform, niceness: int) -> None:
             continue
 
 
-def run_phase(platform: BenchPlatform, sampler: Sampler, phase: Phase, seed: int) -> None:
+def run_phase(
+    platform: BenchPlatform, sampler: Sampler, phase: Phase, seed: int, flush: float | None = None
+) -> None:
+    """The phase's workload, a process per cluster. A held phase stops the capture first and starts it again after
+    the workload, waiting until it has captured every cluster's last transaction: its files then land at the rate
+    the capture replays (most of the 10x rate), while the workload no longer shares the cores with the loads."""
     clusters = [c.cluster for c in load_platform_mappings(platform).clusters]
+    if phase.held:
+        platform.cdc("capture", "stop")
     start_at = time.time() + 8  # every process connected and ready (schemas, keys) before the phase starts
     processes = []
     outputs = []
@@ -176,7 +186,7 @@ def run_phase(platform: BenchPlatform, sampler: Sampler, phase: Phase, seed: int
         process = subprocess.Popen(argv, env=platform.env, cwd=ROOT, start_new_session=True)
         sampler.register(process.pid, "workload (6 processes; the game servers)")
         processes.append(process)
-    before = capture_rows(platform)
+    before = 0 if phase.held else capture_rows(platform)  # a capture started again counts from 0
     time.sleep(max(0.0, start_at - time.time()))
     phase.start = start_at
     for process in processes:
@@ -184,6 +194,14 @@ def run_phase(platform: BenchPlatform, sampler: Sampler, phase: Phase, seed: int
             raise RuntimeError(f"the workload of phase {phase.name} failed")
     phase.end = phase.start + phase.seconds
     phase.changes = sum(json.loads(out.read_text())["changes"] for out in outputs)
+    if phase.held:
+        platform.cdc("capture", "start", *(["--flush-interval", str(flush)] if flush else []))
+        wait_for(lambda: captured_clusters(platform) >= set(clusters), "the capture's replay", timeout=900)
+        phase.caught_up_s = round(time.time() - phase.end, 1)
+        print(
+            f"  {phase.name}: the capture replayed it {phase.caught_up_s:.0f} s after the workload",
+            flush=True,
+        )
     phase.capture_rows = capture_rows(platform) - before
     print(
         f"  {phase.name}: {phase.changes:,} changes in {phase.seconds:.0f} s "
@@ -517,6 +535,15 @@ def main() -> None:
         help="the niceness of the source MariaDB servers during the phases (every thread): the sources run on "
         "machines of their own in production, as the workload does (niced 10)",
     )
+    parser.add_argument(
+        "--hold-capture",
+        type=float,
+        metavar="MULTIPLE",
+        help="run that steady phase (e.g. 10) with the capture stopped, then let it replay what the workload wrote: "
+        "its files land at the capture's replay rate while the workload no longer shares the cores with the "
+        "loads, so the stages after a file landed are measured at that rate; its end-to-end latency includes the "
+        "hold",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the platform running afterwards")
     parser.add_argument(
         "--profile",
@@ -606,11 +633,26 @@ def run_mode(args: argparse.Namespace, mode: str, extras: bool) -> dict[str, Any
             stop_leftovers(state)
 
 
+def bench_phases(args: argparse.Namespace) -> list[Phase]:
+    """The steady phases (`--multiples`; the one `--hold-capture` names held), then the burst."""
+    held = args.hold_capture
+    phases = [
+        Phase(
+            f"{float(m):g}x" + (" held" if float(m) == held else ""),
+            float(m),
+            args.phase_seconds,
+            held=float(m) == held,
+        )
+        for m in args.multiples.split(",")
+    ]
+    phases.append(Phase(f"burst {args.burst_multiple:g}x", args.burst_multiple, args.burst_seconds))
+    return phases
+
+
 def measure(
     args: argparse.Namespace, platform: BenchPlatform, began: float, mode: str, extras: bool
 ) -> dict[str, Any]:
-    phases = [Phase(f"{float(m):g}x", float(m), args.phase_seconds) for m in args.multiples.split(",")]
-    phases.append(Phase(f"burst {args.burst_multiple:g}x", args.burst_multiple, args.burst_seconds))
+    phases = bench_phases(args)
     sampler = Sampler(platform)
     flush = args.flush_interval or CaptureSettings.flush_interval_s  # both modes: the capture's default
     # the source tables with some rows, captured by the full load
@@ -632,7 +674,7 @@ def measure(
     sampler.start()
     if args.source_nice:
         yield_sources(platform, args.source_nice)
-    gtids, profiles = run_phases(args, platform, sampler, phases, extras)
+    gtids, profiles = run_phases(args, platform, sampler, phases, extras, flush)
     if incremental is not None and incremental[0].wait() != 0:
         raise RuntimeError("the incremental copy failed")
     wait = args.drain_seconds
@@ -696,7 +738,12 @@ REPLAY_CLUSTER = "slots_play"
 
 
 def run_phases(
-    args: argparse.Namespace, platform: BenchPlatform, sampler: Sampler, phases: list[Phase], extras: bool
+    args: argparse.Namespace,
+    platform: BenchPlatform,
+    sampler: Sampler,
+    phases: list[Phase],
+    extras: bool,
+    flush: float | None = None,
 ) -> tuple[dict[str, str], list[tuple[str, Any, Path]]]:
     """The phases one after the other; around the 10x phase, the replay cluster's binlog range (and profiles)."""
     gtids: dict[str, str] = {}
@@ -706,7 +753,7 @@ def run_phases(
             gtids["start"] = gtid(platform, REPLAY_CLUSTER)
             if args.profile:
                 profiles = start_profiles(platform, REPLAY_CLUSTER, phase.seconds + 8)
-        run_phase(platform, sampler, phase, seed=index)
+        run_phase(platform, sampler, phase, seed=index, flush=flush)
         if phase.multiple == 10 and extras:
             gtids["end"] = gtid(platform, REPLAY_CLUSTER)
     return gtids, profiles
@@ -828,9 +875,12 @@ def phase_report(
         stages["worker start (-> loader step)"].append(run["step_started"] - run["started"])
         stages["load (-> visible in BigQuery)"].append(visible - run["step_started"])
     seconds = phase.end - phase.start
-    window = [t for t in timings if phase.start <= t["at"] < phase.end + 30]
+    tail = (phase.caught_up_s or 0.0) + 30  # the loads of what the phase wrote (held: after its replay)
+    window = [t for t in timings if phase.start <= t["at"] < phase.end + tail]
     streamed = [t for t in window if "append_s" in t]
-    loads = {t: sum(1 for at in b.values() if phase.start <= at < phase.end + 30) for t, b in batches.items()}
+    loads = {
+        t: sum(1 for at in b.values() if phase.start <= at < phase.end + tail) for t, b in batches.items()
+    }
     projected = {t: round(n / seconds * 86_400) for t, n in loads.items()}
     busiest = max(projected.values(), default=0)
     return {
@@ -838,7 +888,10 @@ def phase_report(
         "seconds": seconds,
         "asked_rows_per_s": round(phase.rate),
         "workload_rows_per_s": round(phase.changes / seconds),
-        "capture_rows_per_s": round(phase.capture_rows / seconds),
+        # held: the capture ran only while it replayed the phase
+        "capture_rows_per_s": round(phase.capture_rows / (phase.caught_up_s or seconds)),
+        "capture_held": phase.held,
+        "capture_caught_up_s_after_phase": phase.caught_up_s,
         "loaded_rows_per_s": round(len(mine) / seconds),
         "changes_visible_by_the_end": len(mine),
         "changes_not_loaded_by_the_end": not_loaded,

@@ -3,6 +3,7 @@ short-lived processes counted once."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,7 +15,13 @@ from typing import Any
 
 from bench.bench_platform import Sampler, component_of
 from bench.capture_bench import gtid_numbers
-from bench.pipeline_bench import key_figures, print_beside_published, profile_summary, report_row
+from bench.pipeline_bench import (
+    bench_phases,
+    key_figures,
+    print_beside_published,
+    profile_summary,
+    report_row,
+)
 
 
 class _Finished:
@@ -193,3 +200,19 @@ def test_a_niced_workload_process_nices_its_sessions_scheduling_group_too() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, start_new_session=True
     )
     assert done.stdout.strip().endswith("nice 10"), done.stdout
+
+
+def test_the_phase_hold_capture_names_runs_with_the_capture_held_and_says_so_in_its_name() -> None:
+    """`--hold-capture 10`: the 10x phase's workload writes with the capture stopped, which then replays it (its
+    end-to-end latency includes the hold, so its name says so); the other phases run as always."""
+    args = argparse.Namespace(
+        multiples="1,10", phase_seconds=60.0, burst_multiple=20.0, burst_seconds=15.0, hold_capture=10.0
+    )
+    phases = bench_phases(args)
+    assert [(p.name, p.multiple, p.held) for p in phases] == [
+        ("1x", 1.0, False),
+        ("10x held", 10.0, True),
+        ("burst 20x", 20.0, False),
+    ]
+    args.hold_capture = None
+    assert [(p.name, p.held) for p in bench_phases(args)][:2] == [("1x", False), ("10x", False)]
