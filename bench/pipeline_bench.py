@@ -538,11 +538,12 @@ def main() -> None:
     parser.add_argument(
         "--hold-capture",
         type=float,
+        default=10.0,
         metavar="MULTIPLE",
-        help="run that steady phase (e.g. 10) with the capture stopped, then let it replay what the workload wrote: "
-        "its files land at the capture's replay rate while the workload no longer shares the cores with the "
-        "loads, so the stages after a file landed are measured at that rate; its end-to-end latency includes the "
-        "hold",
+        help="run that steady phase (default 10; 0: none) with the capture stopped, then let it replay what the "
+        "workload wrote: its files land at the capture's replay rate while the workload no longer shares the cores "
+        "with the loads, so the stages after a file landed are measured at that rate; its end-to-end latency "
+        "includes the hold",
     )
     parser.add_argument("--keep", action="store_true", help="leave the platform running afterwards")
     parser.add_argument(
