@@ -93,6 +93,7 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         _reap(pid)
+        _end_group(pid)
         self.pid_file.unlink(missing_ok=True)
         return True
 
@@ -134,6 +135,33 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _end_group(pgid: int, linger: float = 5.0) -> None:
+    """Wait until nothing is left of the server's process group, SIGKILL what lingers after `linger` s: a helper
+    that ignores SIGTERM and ends only when its parent's pipe closes (multiprocessing's resource tracker, beside
+    Dagster's run-worker fork server) outlived the stop for a moment, or for good if something else held the pipe."""
+    deadline = time.monotonic() + linger
+    killed = False
+    while _group_alive(pgid):
+        _reap(pgid)
+        if time.monotonic() > deadline:
+            if killed:
+                return
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            killed, deadline = True, time.monotonic() + linger
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _reap(pid: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -498,3 +499,24 @@ def test_a_server_that_ignores_its_stop_is_killed_and_the_stop_says_so(
         "stubborn (pid " in said
         and f"did not stop within 1 s of SIGTERM: killed; its log: {server.log_file}" in said
     )
+
+
+def test_a_stop_leaves_nothing_of_the_servers_process_group(tmp_path: Path) -> None:
+    """What a server starts stops with it: a child that ignores SIGTERM (as multiprocessing's resource tracker,
+    beside Dagster's fork server, does) is waited for, then killed; the stop returns with the group empty."""
+    server = ServerProcess("parent", free_port(), tmp_path / "parent.pid", tmp_path / "parent.log")
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    server.start(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)",
+        ],
+        ready=lambda: True,
+    )
+    pid = server.pid()
+    assert pid is not None
+    time.sleep(1.0)  # the child started, its handler installed
+    assert server.stop(timeout=5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
