@@ -122,12 +122,15 @@ def _default_stop_signals() -> None:
         signal.signal(number, signal.SIG_DFL)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, group: bool = False) -> bool:
+    """Whether the process (or, `group`, any process of the group `pid` leads) still runs."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        return True
+    if group:
         return True
     # A zombie (exited but not reaped by its parent) is not alive for our purposes.
     try:
@@ -143,7 +146,7 @@ def _end_group(pgid: int, linger: float = 5.0) -> None:
     Dagster's run-worker fork server) outlived the stop for a moment, or for good if something else held the pipe."""
     deadline = time.monotonic() + linger
     killed = False
-    while _group_alive(pgid):
+    while _alive(pgid, group=True):
         _reap(pgid)
         if time.monotonic() > deadline:
             if killed:
@@ -152,16 +155,6 @@ def _end_group(pgid: int, linger: float = 5.0) -> None:
                 os.killpg(pgid, signal.SIGKILL)
             killed, deadline = True, time.monotonic() + linger
         time.sleep(0.1)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _reap(pid: int) -> None:
