@@ -528,7 +528,6 @@ def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any
     def rows_for_request(
         request: Any, proto_decoder: Any, arrow_schema_bytes: Any, target_schema: Any
     ) -> Any:
-        import pyarrow as pa
         from bqemulator.grpc_api.write_servicer import _has_field
         from bqemulator.streaming.proto_deserializer import ProtoRowDecoder
 
@@ -539,22 +538,63 @@ def _rows_with_change_columns(original: Callable[..., Any]) -> Callable[..., Any
             proto_decoder = ProtoRowDecoder(proto_data.writer_schema.proto_descriptor)
         if proto_decoder is None or CHANGE_TYPE not in proto_decoder.field_names:
             return original(request, proto_decoder, arrow_schema_bytes, target_schema)
-        from bqemulator.storage.arrow_bridge import _coerce_to_arrow_value
-
-        # as stock's proto_rows_to_arrow_table, each row decoded once (not again for the two change columns)
-        decoded = [proto_decoder.decode(raw) for raw in proto_data.rows.serialized_rows]
-        arrays = {
-            f.name: pa.array([_coerce_to_arrow_value(d.get(f.name), f.type) for d in decoded], type=f.type)
-            for f in target_schema
-        }
-        table = pa.table(arrays, schema=target_schema)
-        table = table.append_column(CHANGE_TYPE, pa.array([d.get(CHANGE_TYPE) for d in decoded], pa.string()))
-        table = table.append_column(
-            CHANGE_SEQUENCE, pa.array([d.get(CHANGE_SEQUENCE) for d in decoded], pa.string())
-        )
+        table = _decoded_columns(proto_decoder, proto_data.rows.serialized_rows, target_schema)
         return table, proto_decoder, arrow_schema_bytes
 
     return rows_for_request
+
+
+def _decoded_columns(proto_decoder: Any, serialized_rows: Any, target_schema: Any) -> Any:
+    """The rows as an Arrow table of the target's columns and the two change columns: each row parsed once by the
+    protobuf runtime, each column read off the parsed rows (stock builds a dict per row, walking the descriptor for
+    every field of every row, then coerces every value by its Arrow type). A value already of the Python type its
+    Arrow type takes goes to Arrow as it is (what stock's coercion returns for it); any other is coerced as stock
+    does. A writer schema with repeated or nested fields is decoded by stock's row decoder."""
+    import pyarrow as pa
+    from bqemulator.storage.arrow_bridge import _coerce_to_arrow_value
+
+    descriptor = proto_decoder._descriptor
+    if any(f.is_repeated or f.message_type is not None for f in descriptor.fields):
+        decoded = [proto_decoder.decode(raw) for raw in serialized_rows]
+        columns = {name: [d.get(name) for d in decoded] for name in proto_decoder.field_names}
+    else:
+        parse = proto_decoder._message_class.FromString
+        messages = [parse(raw) for raw in serialized_rows]
+        columns = {
+            name: [getattr(m, name) if m.HasField(name) else None for m in messages]
+            for name in proto_decoder.field_names
+        }
+    none = [None] * len(serialized_rows)
+    arrays = {}
+    for f in target_schema:
+        values = columns.get(f.name, none)
+        kind = _python_type(f.type)
+        if kind is None or not all(v is None or type(v) is kind for v in values):
+            values = [_coerce_to_arrow_value(v, f.type) for v in values]
+        arrays[f.name] = pa.array(values, type=f.type)
+    table = pa.table(arrays, schema=target_schema)
+    for name in (CHANGE_TYPE, CHANGE_SEQUENCE):
+        table = table.append_column(name, pa.array(columns.get(name, none), pa.string()))
+    return table
+
+
+def _python_type(arrow_type: Any) -> type | None:
+    """The Python type of values stock's coercion passes to Arrow unchanged for `arrow_type` (None: it changes
+    them, e.g. text to Decimal)."""
+    import pyarrow as pa
+
+    t = pa.types
+    if t.is_integer(arrow_type) or t.is_timestamp(arrow_type) or t.is_date(arrow_type):
+        return int  # integers as they are; epoch microseconds and days are not text, so stock passes them on
+    if t.is_floating(arrow_type):
+        return float
+    if t.is_boolean(arrow_type):
+        return bool
+    if t.is_string(arrow_type) or t.is_large_string(arrow_type):
+        return str
+    if t.is_binary(arrow_type) or t.is_large_binary(arrow_type):
+        return bytes
+    return None
 
 
 def _flush_to_target(self: Any, stream: Any, rows: Any) -> None:

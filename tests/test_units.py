@@ -31,7 +31,7 @@ from cdc.mappings import ClusterMapping, Mappings, TableMapping
 from cdc_assets import merge_sql
 from cdc_assets.content_check import ColumnDigest, chunking_for, column_digest
 from cdc_assets.load_run import latency_metadata, quota_metadata, write_api_metadata
-from cdc_assets.proto_rows import ProtoRows, change_sequence_number
+from cdc_assets.proto_rows import CHANGE_SEQUENCE, CHANGE_TYPE, ProtoRows, change_sequence_number
 from cdc_assets.stream_loader import staleness_interval
 from cdc_testing.oracle import key_text
 from sensors import receiver
@@ -161,6 +161,85 @@ def test_protobuf_rows_carry_each_type_in_bigquerys_wire_form() -> None:
     )  # empty and false kept
     assert first._CHANGE_TYPE == "UPSERT" and second._CHANGE_TYPE == "DELETE"
     assert not second.HasField("ts") and not second.HasField("b")  # NULL: absent
+
+
+def test_the_local_bigquery_server_decodes_change_rows_column_by_column_as_its_stock_row_decoder_does() -> (
+    None
+):
+    """`bigquery_cdc._decoded_columns` (each row parsed once, values read per column, coerced only when not already
+    of their Arrow type's Python type) gives the table stock's dict-per-row decoding and per-value coercion give:
+    NULLs, empty bytes, false, utf8mb4, JSON and NUMERIC text, epoch microseconds and days, and text sent for an
+    INT64 column (coerced)."""
+    from bqemulator.storage.arrow_bridge import _coerce_to_arrow_value
+    from bqemulator.streaming.proto_deserializer import ProtoRowDecoder
+
+    from local_stack.bigquery_cdc import _decoded_columns
+
+    kinds = {
+        "id": "INT64",
+        "n": "NUMERIC",
+        "s": "STRING",
+        "j": "JSON",
+        "b": "BYTES",
+        "f": "BOOL",
+        "x": "FLOAT64",
+    }
+    kinds |= {"ts": "TIMESTAMP", "day": "DATE", "at": "DATETIME", "text_id": "STRING"}
+    rows = ProtoRows([bigquery.SchemaField(name, kind) for name, kind in kinds.items()])
+    table = pa.table(
+        {
+            "id": pa.array([9223372036854775807, None, -1], pa.int64()),
+            "n": pa.array(
+                [Decimal("18446744073709551615.5"), None, Decimal("-0.000000001")], pa.decimal128(38, 9)
+            ),
+            "s": pa.array(["日本🎰", None, ""]),
+            "j": pa.array(['{"a": [1, "é"]}', None, "null"]),
+            "b": pa.array([b"", None, b"\x00\xff"], pa.binary()),
+            "f": pa.array([False, None, True]),
+            "x": pa.array([0.1, None, -2.5]),
+            "ts": pa.array(
+                [dt.datetime(2026, 11, 30, 1, 2, 3, 4, tzinfo=dt.UTC), None, None], pa.timestamp("us", "UTC")
+            ),
+            "day": pa.array([dt.date(1000, 1, 1), None, dt.date(9999, 12, 31)], pa.date32()),
+            "at": pa.array([dt.datetime(2026, 11, 30, 1, 2, 3, 4), None, None], pa.timestamp("us")),
+            "text_id": pa.array(["42", None, "-7"]),
+        }
+    )
+    payload = rows.encode(table, ["UPSERT", "DELETE", "UPSERT"], ["1", "2", "3"])
+    target = pa.schema(
+        [
+            *[("id", pa.int64()), ("n", pa.decimal128(38, 9)), ("s", pa.string()), ("j", pa.string())],
+            *[("b", pa.binary()), ("f", pa.bool_()), ("x", pa.float64()), ("ts", pa.timestamp("us", "UTC"))],
+            *[
+                ("day", pa.date32()),
+                ("at", pa.timestamp("us")),
+                ("text_id", pa.int64()),
+                ("absent", pa.string()),
+            ],
+        ]
+    )
+    decoder = ProtoRowDecoder(rows.descriptor)
+    decoded = [decoder.decode(raw) for raw in payload]
+    stock = pa.table(
+        {
+            f.name: pa.array([_coerce_to_arrow_value(d.get(f.name), f.type) for d in decoded], f.type)
+            for f in target
+        }
+        | {
+            name: pa.array([d.get(name) for d in decoded], pa.string())
+            for name in (CHANGE_TYPE, CHANGE_SEQUENCE)
+        }
+    )
+
+    ours = _decoded_columns(decoder, payload, target)
+
+    assert ours.equals(stock), ours.to_pylist()
+    assert ours.column("text_id").to_pylist() == [
+        42,
+        None,
+        -7,
+    ]  # text for an INT64 column: coerced, as stock does
+    assert ours.column("b").to_pylist() == [b"", None, b"\x00\xff"] and ours.column("absent").null_count == 3
 
 
 def test_max_staleness_is_written_as_bigquerys_interval() -> None:
