@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime as dt
+import functools
 import itertools
 import json
 import math
@@ -216,8 +217,16 @@ def load_platform_mappings(platform: BenchPlatform) -> Any:
     return load_mappings()
 
 
+def capture_statuses(platform: BenchPlatform) -> list[dict[str, Any]]:
+    """Each cluster's capture status document, read in this process (what `cdc capture status --json` prints: a
+    CLI process every poll would take a core's second from the platform while it is measured)."""
+    from capture.runner import capture_status
+
+    return capture_status(load_platform_mappings(platform), Settings.load(platform.stack_env()))
+
+
 def capture_rows(platform: BenchPlatform) -> int:
-    statuses = json.loads(platform.cdc("capture", "status", "--json"))
+    statuses = capture_statuses(platform)
     return sum(sum(v for k, v in s.get("rows", {}).items() if k in ("I", "U", "D")) for s in statuses)
 
 
@@ -358,11 +367,23 @@ def capture_vs_raw(
     return measure_range(env, start, end, repeats)
 
 
-def gtid(platform: BenchPlatform, cluster: str) -> str:
+def local_stack(state: Path) -> Any:
+    """The platform's local stack (its servers' addresses and credentials), made once per stack brought up (each
+    mode brings up its own, with new ports and passwords, in the same folder): the replay's wait asks every
+    cluster's position every 2 s."""
+    return _local_stack(state, (state / "stack.json").stat().st_mtime_ns)
+
+
+@functools.cache
+def _local_stack(state: Path, written_ns: int) -> Any:
     from cdc.mappings import load_mappings
     from local_stack.stack import LocalStack
 
-    stack = LocalStack(load_mappings(), state_dir=platform.state)
+    return LocalStack(load_mappings(), state_dir=state)
+
+
+def gtid(platform: BenchPlatform, cluster: str) -> str:
+    stack = local_stack(platform.state)
     user, password = stack.admin_credentials(cluster)
     with stack.mariadb(cluster).connect(user, password) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT @@gtid_binlog_pos")
@@ -372,7 +393,7 @@ def gtid(platform: BenchPlatform, cluster: str) -> str:
 def captured_clusters(platform: BenchPlatform) -> set[str]:
     """The clusters whose capture checkpoint has reached the source's last transaction."""
     clusters = set()
-    for status in json.loads(platform.cdc("capture", "status", "--json")):
+    for status in capture_statuses(platform):
         captured = gtid_numbers(str(status.get("checkpoint", {}).get("gtid", "")))
         source = gtid_numbers(gtid(platform, status["cluster"]))
         if all(captured.get(domain, -1) >= number for domain, number in source.items()):
