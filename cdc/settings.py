@@ -107,7 +107,7 @@ class Settings:
     table_checks_cycle_minutes: int = 10
     freshness_warn_minutes: float = 30.0
     freshness_fail_minutes: float = 120.0
-    max_parallel_loads: int = 24
+    max_parallel_loads: int = 8
     partitions_start: str = "2026-01-01"
     alert_webhook_url: str = field(default="", repr=False)  # a secret
     values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -144,7 +144,7 @@ class Settings:
             table_checks_cycle_minutes=_integer(values, TABLE_CHECKS_CYCLE_MINUTES, 10, 1, 1_440),
             freshness_warn_minutes=_number(values, FRESHNESS_WARN_MINUTES, 30.0, 1.0, 10_080.0),
             freshness_fail_minutes=_number(values, FRESHNESS_FAIL_MINUTES, 120.0, 1.0, 10_080.0),
-            max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 24, 1, 256),
+            max_parallel_loads=_integer(values, MAX_PARALLEL_LOADS, 8, 1, 256),
             partitions_start=text(PARTITIONS_START) or "2026-01-01",
             alert_webhook_url=text(ALERT_WEBHOOK_URL, ""),
             values=values,

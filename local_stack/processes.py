@@ -123,7 +123,9 @@ def _default_stop_signals() -> None:
 
 
 def _alive(pid: int, group: bool = False) -> bool:
-    """Whether the process (or, `group`, any process of the group `pid` leads) still runs."""
+    """Whether the process (or, `group`, any process of the group `pid` leads) still runs. A zombie (exited, not
+    reaped yet) does not: its parent reaps it in its own time - or, once the parent has gone, the init process - and
+    a stop that waited for a server's zombies waited its whole linger for each server."""
     try:
         (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
@@ -131,13 +133,34 @@ def _alive(pid: int, group: bool = False) -> bool:
     except PermissionError:
         return True
     if group:
-        return True
-    # A zombie (exited but not reaped by its parent) is not alive for our purposes.
+        return _group_runs(pid)
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return True
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """The process's state letter and process group, from /proc (OSError: it has gone, or there is no /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[2])
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of the group other than a zombie runs (True where /proc cannot tell)."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            state, group = _stat(pid)
+        except OSError:
+            continue  # it has just ended
+        if group == pgid and state != "Z":
+            return True
+    return False
 
 
 def _end_group(pgid: int, linger: float = 5.0) -> None:
