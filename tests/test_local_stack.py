@@ -307,13 +307,18 @@ def test_moto_queue_attributes_are_computed_when_read_with_moto_s_own_values() -
 def test_a_server_started_by_a_process_ignoring_sigterm_still_stops_at_once(tmp_path: Path) -> None:
     """Ignored signals are inherited across exec: a service started from a process ignoring SIGTERM (a test session
     did) ignored every stop and was only killed at the stop's deadline (a minute per Dagster stop). Services start
-    with the stop signals' default actions."""
+    with the stop signals' default actions. The starter is a process of its own: ignoring SIGTERM in the test's
+    process, even for a moment, hands that to whatever another thread of it starts meanwhile (Dagster's compute-log
+    `tail` processes then outlived their run, and its end waited a minute for them)."""
     server = ServerProcess("sleeper", free_port(), tmp_path / "sleeper.pid", tmp_path / "sleeper.log")
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        server.start([sys.executable, "-c", "import time; time.sleep(120)"], ready=lambda: True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    starter = (
+        "import signal, sys; from pathlib import Path; from local_stack.processes import ServerProcess; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"server = ServerProcess('sleeper', {server.port}, Path({str(server.pid_file)!r}), "
+        f"Path({str(server.log_file)!r})); "
+        "server.start([sys.executable, '-c', 'import time; time.sleep(120)'], ready=lambda: True)"
+    )
+    subprocess.run([sys.executable, "-c", starter], check=True, timeout=60)
     pid = server.pid()
     assert pid is not None
     ignored = int(
