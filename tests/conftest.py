@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,20 @@ from local_stack.processes import free_port
 from local_stack.stack import LocalStack
 from tests.support.commands import run_cdc
 from tests.support.webhook import Receiver
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The test processes take the interrupt signals' default actions even when started from a background job
+    (which ignores SIGINT and SIGQUIT): Dagster maps SIGTERM to SIGINT's handler after each execution on the main
+    thread (`dagster._utils.interrupts`), so an ignored SIGINT became an ignored SIGTERM, inherited by every process a
+    test started afterwards - Dagster's compute-log `tail` processes then outlived their run, whose end waited a
+    minute for them."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in (signal.SIGTERM, signal.SIGQUIT):
+        if signal.getsignal(number) == signal.SIG_IGN:
+            signal.signal(number, signal.SIG_DFL)
+
 
 # Set by the meta-test that proves each conformance test fails on the unpatched emulator.
 STOCK_EMULATOR = os.environ.get("CDC_TEST_BIGQUERY_STOCK") == "1"

@@ -559,3 +559,50 @@ def test_a_zombie_does_not_keep_a_stop_waiting() -> None:
         running.kill()
         running.wait()
         exited.wait()
+
+
+def test_a_dagster_run_in_a_test_started_in_the_background_leaves_sigterm_to_what_the_test_starts(
+    tmp_path: Path,
+) -> None:
+    """A test session started from a background job ignores SIGINT; after a Dagster execution on the main thread,
+    Dagster sets SIGTERM to SIGINT's handler, so everything started afterwards ignored SIGTERM (a stream run's
+    compute-log `tail` processes outlived it, and its end waited a minute). The suite's conftest gives the test
+    processes SIGINT's default action first. Run as such a session: a pytest process started with SIGINT ignored."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import signal, subprocess\n"
+        "import dagster as dg\n\n"
+        "def test_probe():\n"
+        "    @dg.op\n"
+        "    def noop() -> None: ...\n\n"
+        "    @dg.job\n"
+        "    def job() -> None:\n"
+        "        noop()\n\n"
+        "    assert job.execute_in_process().success\n"
+        "    child = subprocess.Popen(['sleep', '30'])\n"
+        "    try:\n"
+        "        status = open(f'/proc/{child.pid}/status').read()\n"
+        "        ignored = int(next(l for l in status.splitlines() if l.startswith('SigIgn:')).split()[1], 16)\n"
+        "        assert not ignored & (1 << (signal.SIGTERM - 1)), 'a process started after a Dagster run ignores SIGTERM'\n"
+        "    finally:\n"
+        "        child.kill()\n"
+        "        child.wait()\n"
+    )
+    conftest = ("-p", "tests.conftest")  # the suite's conftest, as the suite's tests load it
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            *("-p", "no:cacheprovider", "-p", "no:bqemulator"),
+            *conftest,
+            str(probe),
+        ],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
