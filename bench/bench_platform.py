@@ -8,6 +8,7 @@ capturing every cluster) carry the service's pid as their session id. The benchm
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,6 +33,15 @@ class BenchPlatform:
     state: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     peer_bigquery_endpoint: str = ""  # the peers' own BigQuery server, once started
+
+    @functools.cached_property
+    def stack(self) -> Any:
+        """The platform's local stack (its servers' addresses and credentials), read once it is up: the replay's wait
+        asks every cluster's position every 2 s. Each mode's platform brings up its own stack."""
+        from cdc.mappings import load_mappings
+        from local_stack.stack import LocalStack
+
+        return LocalStack(load_mappings(), state_dir=self.state)
 
     @property
     def peer_env(self) -> dict[str, str]:

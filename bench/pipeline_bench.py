@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime as dt
-import functools
 import itertools
 import json
 import math
@@ -367,23 +366,8 @@ def capture_vs_raw(
     return measure_range(env, start, end, repeats)
 
 
-def local_stack(state: Path) -> Any:
-    """The platform's local stack (its servers' addresses and credentials), made once per stack brought up (each
-    mode brings up its own, with new ports and passwords, in the same folder): the replay's wait asks every
-    cluster's position every 2 s."""
-    return _local_stack(state, (state / "stack.json").stat().st_mtime_ns)
-
-
-@functools.cache
-def _local_stack(state: Path, written_ns: int) -> Any:
-    from cdc.mappings import load_mappings
-    from local_stack.stack import LocalStack
-
-    return LocalStack(load_mappings(), state_dir=state)
-
-
 def gtid(platform: BenchPlatform, cluster: str) -> str:
-    stack = local_stack(platform.state)
+    stack = platform.stack
     user, password = stack.admin_credentials(cluster)
     with stack.mariadb(cluster).connect(user, password) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT @@gtid_binlog_pos")

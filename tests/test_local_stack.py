@@ -526,30 +526,31 @@ def test_a_stop_leaves_nothing_of_the_servers_process_group(tmp_path: Path) -> N
     assert running_in_group(pid) == []
 
 
-def running_in_group(pgid: int) -> list[str]:
+def running_in_group(pgid: int) -> list[int]:
     """The processes of the group that run (not zombies: those wait for whoever reaps them), from /proc."""
+    from local_stack.processes import _stat
+
     running = []
-    for entry in Path("/proc").iterdir():
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
         try:
-            stat = (entry / "stat").read_text(errors="replace") if entry.name.isdigit() else ""
+            state, group = _stat(pid)
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            running.append(stat)
+        if group == pgid and state != "Z":
+            running.append(pid)
     return running
 
 
 def test_a_zombie_does_not_keep_a_stop_waiting() -> None:
     """A process that has exited and is not reaped yet (a zombie) does not run: a stop does not wait for its parent
     (or, once that has gone, the init process) to reap it - `cdc stack down` took 5 s more per server that left one."""
-    from local_stack.processes import _alive
+    from local_stack.processes import _alive, _stat
 
     exited = subprocess.Popen(["true"], start_new_session=True)  # a group of its own; not reaped until wait()
     running = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        while _stat(exited.pid)[0] != "Z":
             assert time.monotonic() < deadline, "the child did not exit"
             time.sleep(0.05)
         os.killpg(exited.pid, 0)  # the group is still there, only the zombie in it
