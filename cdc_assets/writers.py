@@ -19,6 +19,7 @@ the table, and loads it again only after that run has materialized it or ended. 
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -77,10 +78,23 @@ def is_stream_run(run: dg.DagsterRun) -> bool:
     return run.job_name == STREAM_JOB
 
 
-def active_runs(instance: dg.DagsterInstance, now: float) -> list[dg.RunRecord]:
+def active_runs(
+    instance: dg.DagsterInstance, now: float, created_after: dt.datetime | None = None
+) -> list[dg.RunRecord]:
     """Runs queued or in progress: started stream runs whatever their age (their heartbeat says whether they live:
-    `stream_run_alive`), and other runs - a stream run not started yet too - younger than ACTIVE_RUN_MAX_AGE_S."""
-    records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
+    `stream_run_alive`), and other runs - a stream run not started yet too - younger than ACTIVE_RUN_MAX_AGE_S.
+    With `created_after`, only those created after it: their ids are read first (no run deserialized), and their
+    records only if there are any (a stream run asks every second for the runs after it)."""
+    if created_after is not None:
+        ids = instance.get_run_ids(
+            dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, created_after=created_after.astimezone(dt.UTC)),
+            limit=200,
+        )
+        if not ids:
+            return []
+        records = instance.get_run_records(dg.RunsFilter(run_ids=list(ids), statuses=ACTIVE_RUN_STATUSES))
+    else:
+        records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
     return [
         r
         for r in records

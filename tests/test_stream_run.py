@@ -319,3 +319,41 @@ def test_a_stream_run_starts_loads_on_idle_threads_only_the_longest_waiting_tabl
         for future in list(run.loading):
             future.result(timeout=10)
     assert started[2:] == [(a, ["a1", "a2"]), (b, ["b2"])]
+
+
+def test_a_stream_runs_inbox_reads_the_ring_only_when_the_head_moves(tmp_path: Any) -> None:
+    """The run polls one key (the head) and reads the 64 slots only when it names an order not seen in the ring; an
+    order whose head is written before its slot (a storage that writes the two keys apart) is taken at the next
+    poll, and orders for another run are left alone."""
+    from cdc_assets.stream_run import ORDER_HEAD_KEY, ORDER_KEY, OrderInbox, TableFiles, send_order
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        storage = instance.run_storage
+        reads: list[int] = []
+        read = storage.get_cursor_values
+
+        def counted(keys: set[str]) -> dict[str, str]:
+            reads.append(len(keys))
+            return read(keys)
+
+        storage.get_cursor_values = counted  # type: ignore[method-assign]
+        inbox = OrderInbox(instance, "mine")
+        send_order(instance, "mine", 0, [TableFiles("game.bets", "2026-12-04", {"k1"}, {"r1"})])
+        send_order(instance, "other", 1, [TableFiles("game.users", "2026-12-04", {"u1"}, {"s1"})])
+        [taken] = inbox.take()
+        assert (taken.target, taken.keys, taken.receipts) == ("game.bets", {"k1"}, {"r1"})
+        reads.clear()
+        assert inbox.take() == [] and inbox.take() == []
+        assert reads == [1, 1]  # the head only: the ring is not read while the head stays
+
+        # the head written first, its order's slot a moment later
+        storage.set_cursor_values({ORDER_HEAD_KEY: "late"})
+        assert inbox.take() == []
+        order = {"id": "late", "run": "mine", "sent": time.time(), "tables": [
+            {"table": "game.bets", "day": "2026-12-04", "keys": ["k2"], "receipts": ["r2"]}
+        ]}  # fmt: skip
+        storage.set_cursor_values({f"{ORDER_KEY}2": json.dumps(order)})
+        [late] = inbox.take()
+        assert late.keys == {"k2"}
+        reads.clear()
+        assert inbox.take() == [] and reads == [1]
