@@ -100,7 +100,8 @@ def completeness(
     landing: LandingResource, targets: TableTargets, cluster: ClusterMapping, snapshot: SourceSnapshot
 ) -> Completeness:
     """Whether BigQuery holds every change up to the snapshot: the capture has checkpointed past it, and every
-    landed file with a change at or before it is loaded."""
+    landed file with a change at or before it is loaded. A capture behind the snapshot decides it: the landed files
+    are not looked at then (a listing, a ledger query and a read of every file not loaded, while catching up)."""
     boundary = snapshot.boundary()
     if boundary is None or snapshot.position is None:
         return Completeness(False, ["the source reports no binlog snapshot position (MariaDB does)"])
@@ -118,6 +119,7 @@ def completeness(
             f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
             f"{snapshot.position.file}:{snapshot.position.pos}"
         )
+        return result
     _, pending = landed_and_unloaded(landing, targets)
     for key in pending:
         body = s3.get_object(Bucket=landing.bucket, Key=key)["Body"].read()
@@ -208,6 +210,18 @@ def row_count_result(
             metadata={"source_error": str(exc.args[-1])},
         )
     state = completeness(landing, targets, cluster, snapshot)
+    if not state.exact:  # BigQuery's rows at the snapshot would not count: not asked for (bytes, and time)
+        return dg.AssetCheckResult(
+            check_name=ROW_COUNT,
+            asset_key=bigquery_asset_key(table),
+            passed=True,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=not_comparable(state),
+            metadata={
+                "source_rows": snapshot.rows,
+                **snapshot_metadata(snapshot, state),
+            },
+        )
     counts = _bigquery_counts(targets, table, snapshot.boundary())
     at_snapshot = counts["rows"] - counts["delta"]
     mismatches = []
@@ -227,32 +241,36 @@ def row_count_result(
             mismatches.append(
                 f"{table.partition_column} on {day}: source {source_rows}, BigQuery {bigquery_rows}"
             )
-    passed = not mismatches or not state.exact
-    if state.exact:
-        summary = "equal" if passed else "MISMATCH - " + "; ".join(mismatches)
-    else:
-        summary = "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
     return dg.AssetCheckResult(
         check_name=ROW_COUNT,
         asset_key=bigquery_asset_key(table),
-        passed=passed,
+        passed=not mismatches,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=summary,
+        description="MISMATCH - " + "; ".join(mismatches) if mismatches else "equal",
         metadata={
             "source_rows": snapshot.rows,
             "bigquery_rows": counts["rows"],
             "bigquery_rows_at_snapshot": at_snapshot,
             "loaded_changes_after_snapshot_net": counts["delta"],
-            "exact": state.exact,
-            "snapshot_position": f"{snapshot.position.file}:{snapshot.position.pos}"
-            if snapshot.position
-            else "",
-            "capture_checkpoint": state.checkpoint,
-            "waiting_for": dg.MetadataValue.json(state.waiting_for[:20]),
+            **snapshot_metadata(snapshot, state),
             "per_day": dg.MetadataValue.json(per_day),
-            "source_snapshot_at": snapshot.taken_at.isoformat(),
         },
     )
+
+
+def not_comparable(state: Completeness) -> str:
+    return "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
+
+
+def snapshot_metadata(snapshot: SourceSnapshot, state: Completeness) -> dict[str, Any]:
+    """Where the source's snapshot was taken, and what BigQuery still waits for to be exact at it."""
+    return {
+        "exact": state.exact,
+        "snapshot_position": f"{snapshot.position.file}:{snapshot.position.pos}" if snapshot.position else "",
+        "capture_checkpoint": state.checkpoint,
+        "waiting_for": dg.MetadataValue.json(state.waiting_for[:20]),
+        "source_snapshot_at": snapshot.taken_at.isoformat(),
+    }
 
 
 def files_loaded_result(
@@ -314,9 +332,27 @@ def content_result(
     settings: Settings,
 ) -> dg.AssetCheckResult:
     """content_matches_source: the digests of both sides at one consistent snapshot (see cdc_assets.content_check);
-    passed while the pipeline has not caught up with that snapshot (then `exact` is false), as the row count. A
-    table too big to compare whole is compared a different window of keys each cycle of the checks."""
+    passed while the pipeline has not caught up with that snapshot (then `exact` is false, and nothing is compared),
+    as the row count. A table too big to compare whole is compared a different window of keys each cycle of the
+    checks."""
+    level = (
+        dg.AssetCheckSeverity.ERROR
+        if settings.content_check_severity == "ERROR"
+        else dg.AssetCheckSeverity.WARN
+    )
     with consistent_snapshot(mysql, cluster) as (cursor, snapshot):
+        # BigQuery is complete up to the snapshot, or the comparison would not count (a file loaded later does not
+        # change that: the comparison rolls BigQuery back to the snapshot's boundary)
+        state = completeness(landing, targets, cluster, snapshot)
+        if not state.exact:
+            return dg.AssetCheckResult(
+                check_name=CONTENT,
+                asset_key=bigquery_asset_key(table),
+                passed=True,
+                severity=level,
+                description=not_comparable(state),
+                metadata=snapshot_metadata(snapshot, state),
+            )
         comparison = (
             compare_content(
                 cursor,
@@ -330,12 +366,6 @@ def content_result(
             if targets.exists(targets.current)
             else None
         )
-    state = completeness(landing, targets, cluster, snapshot)
-    level = (
-        dg.AssetCheckSeverity.ERROR
-        if settings.content_check_severity == "ERROR"
-        else dg.AssetCheckSeverity.WARN
-    )
     if comparison is None:
         return dg.AssetCheckResult(
             check_name=CONTENT,
@@ -346,10 +376,8 @@ def content_result(
             metadata={"exact": False},
         )
     mismatched = comparison.mismatched_chunks
-    passed = not mismatched or not state.exact
-    if not state.exact:
-        summary = "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
-    elif passed:
+    passed = not mismatched
+    if passed:
         summary = f"equal: {comparison.source.rows:,} rows, {len(comparison.compared)} columns"
     else:
         summary = (
@@ -374,10 +402,7 @@ def content_result(
             "columns_compared": len(comparison.compared),
             "columns_not_compared": dg.MetadataValue.json(comparison.skipped),
             "bigquery_bytes_processed": comparison.bytes_processed,
-            "snapshot_position": f"{snapshot.position.file}:{snapshot.position.pos}"
-            if snapshot.position
-            else "",
-            "waiting_for": dg.MetadataValue.json(state.waiting_for[:20]),
+            **snapshot_metadata(snapshot, state),
         },
     )
 

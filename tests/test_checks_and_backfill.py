@@ -138,6 +138,9 @@ def test_row_count_check_backfill_and_alerts(
     assert catching_up[ROW_COUNT].passed and catching_up[ROW_COUNT].metadata["exact"].value is False
     assert "landed, not loaded yet" in json.dumps(catching_up[ROW_COUNT].metadata["waiting_for"].value)
     assert catching_up[CONTENT].passed and catching_up[CONTENT].metadata["exact"].value is False
+    # nothing is asked of BigQuery while the answer would not count
+    assert "bigquery_rows" not in catching_up[ROW_COUNT].metadata
+    assert "bigquery_rows_compared" not in catching_up[CONTENT].metadata
     assert backfill()["new_changes"] == 2
     caught_up = check()
     assert caught_up[ROW_COUNT].metadata["exact"].value is True

@@ -805,3 +805,51 @@ def test_free_ports_come_from_below_the_kernels_range_for_outgoing_connections()
     ports = [free_port() for _ in range(20)]
     assert all(LOWEST_FREE_PORT <= port < _ephemeral_ports_start() and port_is_free(port) for port in ports)
     assert len(set(ports)) > 1
+
+
+def test_a_capture_behind_the_snapshot_makes_the_checks_not_exact_without_looking_at_the_landed_files() -> (
+    None
+):
+    """While the capture's checkpoint is before the source's snapshot BigQuery cannot be complete at it: the checks
+    say so without listing the table's landed files, asking the ledger or reading each file not loaded yet (work that
+    competed with the loads while the pipeline caught up); with the capture past it, the landed files decide."""
+    import io
+
+    from cdc.sequence import BinlogPosition
+    from cdc_assets.checks import SourceSnapshot, completeness
+
+    class Checkpoints:
+        def __init__(self, position: BinlogPosition) -> None:
+            self.body = json.dumps({"file": position.file, "pos": position.pos}).encode()
+
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            assert "checkpoints" in Key, Key
+            return {"Body": io.BytesIO(self.body)}
+
+    class Landing:
+        bucket, prefix = "landing", "cdc"
+
+        def __init__(self, s3: Any) -> None:
+            self._s3 = s3
+
+        def s3(self) -> Any:
+            return self._s3
+
+    class Targets:
+        asked: list[str] = []
+
+        def __getattr__(self, name: str) -> Any:
+            self.asked.append(name)
+            raise AssertionError(f"the landed files were looked at ({name})")
+
+    cluster = SimpleNamespace(cluster="c")
+    snapshot = SourceSnapshot(0, {}, BinlogPosition("mysql-bin.000002", 400), dt.datetime.now(dt.UTC))
+    behind = completeness(
+        Landing(Checkpoints(BinlogPosition("mysql-bin.000002", 100))), Targets(), cluster, snapshot
+    )  # type: ignore[arg-type]
+    assert not behind.exact and "is before the snapshot" in behind.waiting_for[0]
+    assert behind.checkpoint == "mysql-bin.000002:100" and not Targets.asked
+    with pytest.raises(AssertionError, match="landed files were looked at"):
+        completeness(
+            Landing(Checkpoints(BinlogPosition("mysql-bin.000002", 500))), Targets(), cluster, snapshot
+        )  # type: ignore[arg-type]
