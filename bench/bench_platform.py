@@ -34,14 +34,38 @@ class BenchPlatform:
     extra_env: dict[str, str] = field(default_factory=dict)
     peer_bigquery_endpoint: str = ""  # the peers' own BigQuery server, once started
 
+    sessions: dict[str, Any] = field(default_factory=dict, repr=False)  # admin connections, by cluster
+
+    @functools.cached_property
+    def mappings(self) -> Any:
+        """The mappings, read once (the replay's wait reads the capture's status every 2 s)."""
+        from cdc.mappings import load_mappings
+
+        return load_mappings()
+
     @functools.cached_property
     def stack(self) -> Any:
         """The platform's local stack (its servers' addresses and credentials), read once it is up: the replay's wait
         asks every cluster's position every 2 s. Each mode's platform brings up its own stack."""
-        from cdc.mappings import load_mappings
         from local_stack.stack import LocalStack
 
-        return LocalStack(load_mappings(), state_dir=self.state)
+        return LocalStack(self.mappings, state_dir=self.state)
+
+    def admin_session(self, cluster: str) -> Any:
+        """An admin connection to `cluster`'s MariaDB, kept open (autocommit): each new connection builds a TLS
+        context, a tenth of a second of CPU - six every 2 s while the replay's wait asks each cluster's position."""
+        session = self.sessions.get(cluster)
+        if session is not None:
+            try:
+                session.ping(reconnect=True)
+                return session
+            except Exception:
+                self.sessions.pop(cluster, None)
+        user, password = self.stack.admin_credentials(cluster)
+        session = self.stack.mariadb(cluster).connect(user, password)
+        session.autocommit(True)
+        self.sessions[cluster] = session
+        return session
 
     @property
     def peer_env(self) -> dict[str, str]:
@@ -71,7 +95,8 @@ class BenchPlatform:
         """Each background service's session leader: MariaDB per cluster, moto, the BigQuery server, capture,
         Dagster."""
         found = {}
-        for pid_file in self.state.rglob("*.pid"):
+        # at <service>/ or mariadb/<cluster>/ (not a walk of the whole state folder: the sampler asks twice a second)
+        for pid_file in [*self.state.glob("*/*.pid"), *self.state.glob("*/*/*.pid")]:
             try:
                 pid = int(pid_file.read_text().strip())
             except ValueError:
@@ -161,10 +186,14 @@ class Sampler(threading.Thread):
     (`child_component`), and what was already sampled of a reaped child is taken off again, so each CPU second
     is counted once, by the component whose process used it."""
 
-    def __init__(self, platform: BenchPlatform | None, interval: float = 0.5):
+    def __init__(self, platform: BenchPlatform | None, interval: float = 0.5, memory_interval: float = 2.0):
         super().__init__(daemon=True)
         self.platform = platform
         self.interval = interval
+        # PSS is read less often than CPU: the kernel walks each process's page tables for it (at every 0.5 s, a
+        # twentieth of a core of the two, taken from the platform it measures)
+        self.memory_interval = memory_interval
+        self.memory_at = 0.0
         self.extra: dict[int, str] = {}  # session -> component (the benchmark's own load generators)
         self.stop_event = threading.Event()
         self.totals: list[tuple[float, dict[str, int]]] = []  # (time, memory bytes per component)
@@ -187,6 +216,7 @@ class Sampler(threading.Thread):
         now = time.time()
         services = {pid: name for name, pid in self.platform.service_pids().items()} if self.platform else {}
         memory: dict[str, int] = defaultdict(int)  # bytes of PSS (RSS where PSS cannot be read)
+        read_memory = now - self.memory_at >= self.memory_interval
         for pid, process in _processes().items():
             # a load generator (started in its own session) and its children
             if process.session in self.extra:
@@ -195,14 +225,17 @@ class Sampler(threading.Thread):
                 component = component_of(services[process.session], process.command)
             else:
                 continue
-            pss = proportional_set_size(pid)
-            memory[component] += process.rss if pss is None else pss
+            if read_memory:
+                pss = proportional_set_size(pid)
+                memory[component] += process.rss if pss is None else pss
             self.owner[pid] = component
             self.parent[pid] = process.parent
             if self.child_component.get(process.parent) in (None, self.owner.get(process.parent)):
                 self.child_component[process.parent] = component  # a run worker's kind wins over helpers
             self.cpu[pid].append((now, process.cpu, process.children_cpu))
-        self.totals.append((now, dict(memory)))
+        if read_memory:
+            self.totals.append((now, dict(memory)))
+            self.memory_at = now
         self.sample_times.append(now)
 
     def stop(self) -> None:

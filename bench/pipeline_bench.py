@@ -211,9 +211,7 @@ def run_phase(
 
 
 def load_platform_mappings(platform: BenchPlatform) -> Any:
-    from cdc.mappings import load_mappings
-
-    return load_mappings()
+    return platform.mappings
 
 
 def capture_statuses(platform: BenchPlatform) -> list[dict[str, Any]]:
@@ -367,9 +365,7 @@ def capture_vs_raw(
 
 
 def gtid(platform: BenchPlatform, cluster: str) -> str:
-    stack = platform.stack
-    user, password = stack.admin_credentials(cluster)
-    with stack.mariadb(cluster).connect(user, password) as connection, connection.cursor() as cursor:
+    with platform.admin_session(cluster).cursor() as cursor:
         cursor.execute("SELECT @@gtid_binlog_pos")
         return str(cursor.fetchone()[0])
 
