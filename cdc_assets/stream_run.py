@@ -123,8 +123,9 @@ class TableFiles:
 
 def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iterable[TableFiles]) -> None:
     """Write one order (a sensor tick's files) for stream run `run_id` into ring slot `slot`."""
+    order_id = uuid.uuid4().hex
     order = {
-        "id": uuid.uuid4().hex,
+        "id": order_id,
         "run": run_id,
         "sent": time.time(),
         "tables": [
@@ -135,7 +136,7 @@ def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iter
     # one key per call, the slot before the head: the SQL run storage's set_cursor_values inserts none of the keys
     # it is given when one of them exists already (it then updates those that exist)
     instance.run_storage.set_cursor_values({f"{ORDER_KEY}{slot % ORDER_SLOTS}": json.dumps(order)})
-    instance.run_storage.set_cursor_values({ORDER_HEAD_KEY: order["id"]})
+    instance.run_storage.set_cursor_values({ORDER_HEAD_KEY: order_id})
 
 
 class OrderInbox:
