@@ -61,7 +61,7 @@ from cdc_assets.writers import (
 ORDER_KEY = "cdc/stream-orders/"  # + slot number
 # the sensor writes one order per tick or receive; the run reads the slots only when the head has moved
 ORDER_SLOTS = 64
-ORDER_HEAD_KEY = "cdc/stream-orders-head"  # the id of the order written last (one key the run polls)
+ORDER_HEAD_KEY = "cdc/stream-orders-head"  # "<slot>:<id>" of the order written last (one key the run polls)
 HEARTBEAT_EVERY_S = 2.0
 LOOK_AROUND_EVERY_S = 1.0  # how often the run looks for later runs that take its tables over
 STREAM_RUN_TAG = "cdc/stream"
@@ -136,34 +136,45 @@ def send_order(instance: dg.DagsterInstance, run_id: str, slot: int, files: Iter
     # one key per call, the slot before the head: the SQL run storage's set_cursor_values inserts none of the keys
     # it is given when one of them exists already (it then updates those that exist)
     instance.run_storage.set_cursor_values({f"{ORDER_KEY}{slot % ORDER_SLOTS}": json.dumps(order)})
-    instance.run_storage.set_cursor_values({ORDER_HEAD_KEY: order_id})
+    instance.run_storage.set_cursor_values({ORDER_HEAD_KEY: f"{slot % ORDER_SLOTS}:{order_id}"})
 
 
 class OrderInbox:
-    """A stream run's reading of the ring: every order for it not taken before. It polls the head (one key) and
-    reads the ring only when the head names an order it has not seen in the ring (reading and parsing the 64 slots
-    on every poll took a quarter of the run's time at 10x)."""
+    """A stream run's reading of the ring: every order for it not taken before. It polls the head (one key: the slot
+    and id of the order written last) and reads only the slots written since the head it last found in the ring -
+    usually one (reading and parsing the 64 slots on every poll took a quarter of the run's time at 10x). The sensor
+    writes the slots in turn, so those are the slots after that one up to the head's; the whole ring when the run
+    has found no head yet, or the head is not a slot it knows."""
 
     def __init__(self, instance: dg.DagsterInstance, run_id: str) -> None:
         self._instance = instance
         self._run_id = run_id
         self._taken: deque[str] = deque(maxlen=4 * ORDER_SLOTS)
-        self._keys = {f"{ORDER_KEY}{slot}" for slot in range(ORDER_SLOTS)}
         self._head: str | None = None  # the head when the ring last held the order it names
+        self._slot: int | None = None  # that order's slot
+
+    def _slots_since(self, head: str) -> list[int]:
+        slot, _, _ = head.partition(":")
+        if self._slot is None or not slot.isdigit() or int(slot) >= ORDER_SLOTS:
+            return list(range(ORDER_SLOTS))
+        written = (int(slot) - self._slot) % ORDER_SLOTS or ORDER_SLOTS  # the same slot again: a whole turn
+        return [(self._slot + 1 + n) % ORDER_SLOTS for n in range(written)]
 
     def take(self) -> list[TableFiles]:
         storage = self._instance.run_storage
         head = storage.get_cursor_values({ORDER_HEAD_KEY}).get(ORDER_HEAD_KEY)
         if head is not None and head == self._head:
             return []
+        slots = self._slots_since(head) if head is not None else list(range(ORDER_SLOTS))
         files = []
-        for value in storage.get_cursor_values(self._keys).values():
+        for key, value in storage.get_cursor_values({f"{ORDER_KEY}{slot}" for slot in slots}).items():
             try:
                 order = json.loads(value)
             except ValueError:
                 continue
-            if order.get("id") == head:  # the ring holds the head's order: until the head moves, nothing new
-                self._head = head
+            if head is not None and order.get("id") == head.partition(":")[2]:
+                # the ring holds the head's order: until the head moves, nothing new
+                self._head, self._slot = head, int(key.rsplit("/", 1)[1])
             if order.get("run") != self._run_id or order.get("id") in self._taken:
                 continue
             self._taken.append(order["id"])

@@ -11,6 +11,9 @@ them count the messages in the queue) for every message sent - each S3 event - a
 one setting (`ContentBasedDeduplication`, `MessageRetentionPeriod`). The values are moto's own; nothing else is
 changed.
 
+moto's dispatcher also lists its own package folder (a stat per entry) for every request, under a global lock, to
+ask whether the request's host names one of its modules: the list is made once.
+
 And S3 lists a prefix by walking only the keys under it: moto walks every key of the bucket for each listing, and a
 landing bucket gains a file per table per flush (a day of the demo: over a million keys, each load's listing of its
 table then costing seconds). Each bucket keeps its key names sorted; a listing takes the names under its prefix
@@ -103,6 +106,21 @@ def patch_queue_attributes() -> None:
     models.SQSBackend.get_queue_attributes = get_queue_attributes  # type: ignore[method-assign]
 
 
+def patch_module_list() -> None:
+    """moto's `list_of_moto_modules`, listed once (the same names, in the same order)."""
+    from moto import backends
+
+    if getattr(backends.list_of_moto_modules, "_cdc_listed_once", False):
+        return
+    modules = tuple(backends.list_of_moto_modules())
+
+    def list_of_moto_modules() -> tuple[str, ...]:
+        return modules
+
+    list_of_moto_modules._cdc_listed_once = True  # type: ignore[attr-defined]
+    backends.list_of_moto_modules = list_of_moto_modules  # type: ignore[assignment]
+
+
 def patch_s3_listing() -> None:
     import bisect
     import functools
@@ -193,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     patch_sqs_clock()
     patch_queue_attributes()
     patch_s3_listing()
+    patch_module_list()
     from moto.server import main as moto_main
 
     moto_main(sys.argv[1:] if argv is None else argv)

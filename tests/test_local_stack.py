@@ -304,6 +304,22 @@ def test_moto_queue_attributes_are_computed_when_read_with_moto_s_own_values() -
             models.SQSBackend.get_queue_attributes = models.SQSBackend.get_queue_attributes.__wrapped__
 
 
+def test_moto_lists_its_modules_once_with_moto_s_own_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto's dispatcher lists its package folder for every request (under a global lock); the launcher's list is
+    made once and holds the same names in the same order."""
+    from moto import backends
+
+    from local_stack import moto_server
+
+    stock = list(backends.list_of_moto_modules())
+    monkeypatch.setattr(backends, "list_of_moto_modules", backends.list_of_moto_modules)
+    moto_server.patch_module_list()
+    listed: list[str] = []
+    monkeypatch.setattr(os, "listdir", lambda path: listed.append(path) or [])  # a listing would show here
+    assert list(backends.list_of_moto_modules()) == stock and "s3" in stock and "sqs" in stock
+    assert not listed
+
+
 def test_a_server_started_by_a_process_ignoring_sigterm_still_stops_at_once(tmp_path: Path) -> None:
     """Ignored signals are inherited across exec: a service started from a process ignoring SIGTERM (a test session
     did) ignored every stop and was only killed at the stop's deadline (a minute per Dagster stop). Services start

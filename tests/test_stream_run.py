@@ -322,10 +322,17 @@ def test_a_stream_run_starts_loads_on_idle_threads_only_the_longest_waiting_tabl
 
 
 def test_a_stream_runs_inbox_reads_the_ring_only_when_the_head_moves(tmp_path: Any) -> None:
-    """The run polls one key (the head) and reads the 64 slots only when it names an order not seen in the ring; an
-    order whose head is written before its slot (a storage that writes the two keys apart) is taken at the next
-    poll, and orders for another run are left alone."""
-    from cdc_assets.stream_run import ORDER_HEAD_KEY, ORDER_KEY, OrderInbox, TableFiles, send_order
+    """The run polls one key (the head: slot and id of the newest order) and reads only the slots written since the
+    head it last found - the whole ring before it has found one; an order whose head is written before its slot (a
+    storage that writes the two keys apart) is taken at the next poll, and orders for another run are left alone."""
+    from cdc_assets.stream_run import (
+        ORDER_HEAD_KEY,
+        ORDER_KEY,
+        ORDER_SLOTS,
+        OrderInbox,
+        TableFiles,
+        send_order,
+    )
 
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         storage = instance.run_storage
@@ -342,13 +349,15 @@ def test_a_stream_runs_inbox_reads_the_ring_only_when_the_head_moves(tmp_path: A
         send_order(instance, "other", 1, [TableFiles("game.users", "2026-12-04", {"u1"}, {"s1"})])
         [taken] = inbox.take()
         assert (taken.target, taken.keys, taken.receipts) == ("game.bets", {"k1"}, {"r1"})
+        assert reads == [1, ORDER_SLOTS]  # the head, then the whole ring: no head found yet
         reads.clear()
         assert inbox.take() == [] and inbox.take() == []
         assert reads == [1, 1]  # the head only: the ring is not read while the head stays
 
         # the head written first, its order's slot a moment later
-        storage.set_cursor_values({ORDER_HEAD_KEY: "late"})
-        assert inbox.take() == []
+        reads.clear()
+        storage.set_cursor_values({ORDER_HEAD_KEY: "2:late"})
+        assert inbox.take() == [] and reads == [1, 1]  # the one slot written since
         order = {"id": "late", "run": "mine", "sent": time.time(), "tables": [
             {"table": "game.bets", "day": "2026-12-04", "keys": ["k2"], "receipts": ["r2"]}
         ]}  # fmt: skip
@@ -357,3 +366,13 @@ def test_a_stream_runs_inbox_reads_the_ring_only_when_the_head_moves(tmp_path: A
         assert late.keys == {"k2"}
         reads.clear()
         assert inbox.take() == [] and reads == [1]
+
+        # three orders between two polls: the three slots after the last head's, across the ring's end
+        for slot in (3, 4, 5):
+            send_order(instance, "mine", slot, [TableFiles("game.bets", "2026-12-04", {f"k{slot}"}, set())])
+        reads.clear()
+        assert sorted(k for f in inbox.take() for k in f.keys) == ["k3", "k4", "k5"] and reads == [1, 3]
+        inbox._slot = ORDER_SLOTS - 2  # as if the last head found were near the ring's end
+        send_order(instance, "mine", 0, [TableFiles("game.bets", "2026-12-04", {"k0"}, set())])
+        reads.clear()
+        assert [f.keys for f in inbox.take()] == [{"k0"}] and reads == [1, 2]
