@@ -83,8 +83,9 @@ def active_runs(
 ) -> list[dg.RunRecord]:
     """Runs queued or in progress: started stream runs whatever their age (their heartbeat says whether they live:
     `stream_run_alive`), and other runs - a stream run not started yet too - younger than ACTIVE_RUN_MAX_AGE_S.
-    With `created_after`, only those created after it: their ids are read first (no run deserialized), and their
-    records only if there are any (a stream run asks every second for the runs after it)."""
+    With `created_after`, only those created after it: their ids are read first (no run deserialized), then only
+    their records (a stream run asks every second for the runs around and after its own creation: itself, and
+    seldom more than a next run or a checks run)."""
     if created_after is not None:
         ids = instance.get_run_ids(
             dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, created_after=created_after.astimezone(dt.UTC)),
