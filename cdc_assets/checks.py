@@ -94,6 +94,10 @@ class Completeness:
     exact: bool
     waiting_for: list[str] = field(default_factory=list)
     checkpoint: str = ""
+    # not exact because the pipeline is behind the snapshot (the capture, or files landed and not loaded): a
+    # comparison would not count, so none is made. Without a position or a checkpoint (MySQL, DMS landings) it is
+    # not exact either, but the comparison is still made and reported, for a person to read
+    catching_up: bool = False
 
 
 def completeness(
@@ -114,7 +118,7 @@ def completeness(
     at = BinlogPosition(str(checkpoint["file"]), int(checkpoint["pos"]))
     result = Completeness(True, checkpoint=f"{at.file}:{at.pos}")
     if at.key() < snapshot.position.key():
-        result.exact = False
+        result.exact, result.catching_up = False, True
         result.waiting_for.append(
             f"capture checkpoint {at.file}:{at.pos} is before the snapshot "
             f"{snapshot.position.file}:{snapshot.position.pos}"
@@ -128,7 +132,7 @@ def completeness(
         except Exception:
             first = ""
         if not first or first <= boundary:
-            result.exact = False
+            result.exact, result.catching_up = False, True
             result.waiting_for.append(f"{key} (landed, not loaded yet)")
     return result
 
@@ -210,7 +214,7 @@ def row_count_result(
             metadata={"source_error": str(exc.args[-1])},
         )
     state = completeness(landing, targets, cluster, snapshot)
-    if not state.exact:  # BigQuery's rows at the snapshot would not count: not asked for (bytes, and time)
+    if state.catching_up:  # BigQuery's rows at the snapshot would not count: not asked for (bytes, and time)
         return dg.AssetCheckResult(
             check_name=ROW_COUNT,
             asset_key=bigquery_asset_key(table),
@@ -241,12 +245,17 @@ def row_count_result(
             mismatches.append(
                 f"{table.partition_column} on {day}: source {source_rows}, BigQuery {bigquery_rows}"
             )
+    passed = not mismatches or not state.exact
+    if state.exact:
+        summary = "equal" if passed else "MISMATCH - " + "; ".join(mismatches)
+    else:
+        summary = not_comparable(state)
     return dg.AssetCheckResult(
         check_name=ROW_COUNT,
         asset_key=bigquery_asset_key(table),
-        passed=not mismatches,
+        passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        description="MISMATCH - " + "; ".join(mismatches) if mismatches else "equal",
+        description=summary,
         metadata={
             "source_rows": snapshot.rows,
             "bigquery_rows": counts["rows"],
@@ -259,7 +268,9 @@ def row_count_result(
 
 
 def not_comparable(state: Completeness) -> str:
-    return "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
+    if state.catching_up:
+        return "not comparable yet (pipeline catching up): " + "; ".join(state.waiting_for[:3])
+    return "not exact (compared, for reading only): " + "; ".join(state.waiting_for[:3])
 
 
 def snapshot_metadata(snapshot: SourceSnapshot, state: Completeness) -> dict[str, Any]:
@@ -344,7 +355,7 @@ def content_result(
         # BigQuery is complete up to the snapshot, or the comparison would not count (a file loaded later does not
         # change that: the comparison rolls BigQuery back to the snapshot's boundary)
         state = completeness(landing, targets, cluster, snapshot)
-        if not state.exact:
+        if state.catching_up:
             return dg.AssetCheckResult(
                 check_name=CONTENT,
                 asset_key=bigquery_asset_key(table),
@@ -376,8 +387,10 @@ def content_result(
             metadata={"exact": False},
         )
     mismatched = comparison.mismatched_chunks
-    passed = not mismatched
-    if passed:
+    passed = not mismatched or not state.exact
+    if not state.exact:
+        summary = not_comparable(state)
+    elif passed:
         summary = f"equal: {comparison.source.rows:,} rows, {len(comparison.compared)} columns"
     else:
         summary = (

@@ -847,8 +847,18 @@ def test_a_capture_behind_the_snapshot_makes_the_checks_not_exact_without_lookin
     behind = completeness(
         Landing(Checkpoints(BinlogPosition("mysql-bin.000002", 100))), Targets(), cluster, snapshot
     )  # type: ignore[arg-type]
-    assert not behind.exact and "is before the snapshot" in behind.waiting_for[0]
+    assert not behind.exact and behind.catching_up and "is before the snapshot" in behind.waiting_for[0]
     assert behind.checkpoint == "mysql-bin.000002:100" and not Targets.asked
+
+    # no checkpoint (a DMS landing): not exact, but not catching up - the checks still compare, for reading
+    class NoCheckpoint:
+        exceptions = SimpleNamespace(NoSuchKey=KeyError)
+
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            raise KeyError(Key)
+
+    unknown = completeness(Landing(NoCheckpoint()), Targets(), cluster, snapshot)  # type: ignore[arg-type]
+    assert not unknown.exact and not unknown.catching_up and "no capture checkpoint" in unknown.waiting_for[0]
     with pytest.raises(AssertionError, match="landed files were looked at"):
         completeness(
             Landing(Checkpoints(BinlogPosition("mysql-bin.000002", 500))), Targets(), cluster, snapshot
