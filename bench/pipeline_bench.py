@@ -169,7 +169,7 @@ def run_phase(
     """The phase's workload, a process per cluster. A held phase stops the capture first and starts it again after
     the workload, waiting until it has captured every cluster's last transaction: its files then land at the rate
     the capture replays (most of the 10x rate), while the workload no longer shares the cores with the loads."""
-    clusters = [c.cluster for c in load_platform_mappings(platform).clusters]
+    clusters = [c.cluster for c in platform.mappings.clusters]
     if phase.held:
         platform.cdc("capture", "stop")
     start_at = time.time() + 8  # every process connected and ready (schemas, keys) before the phase starts
@@ -210,16 +210,12 @@ def run_phase(
     )
 
 
-def load_platform_mappings(platform: BenchPlatform) -> Any:
-    return platform.mappings
-
-
 def capture_statuses(platform: BenchPlatform) -> list[dict[str, Any]]:
     """Each cluster's capture status document, read in this process (what `cdc capture status --json` prints: a
     CLI process every poll would take a core's second from the platform while it is measured)."""
     from capture.runner import capture_status
 
-    return capture_status(load_platform_mappings(platform), Settings.load(platform.stack_env()))
+    return capture_status(platform.mappings, Settings.load(platform.stack_env()))
 
 
 def capture_rows(platform: BenchPlatform) -> int:
@@ -247,7 +243,7 @@ def changes_and_files(
     client = bigquery(platform)
     changes = []
     batches: dict[str, dict[str, float]] = {}
-    for _, table in load_platform_mappings(platform).tables():
+    for _, table in platform.mappings.tables():
         loader = TableTargets(client, table)
         # a file's first entry in the ledger: written with its changes (batch: in the merge's transaction;
         # streaming: right after the appends); streaming records a file again when it is read again
@@ -393,7 +389,7 @@ def caught_up(platform: BenchPlatform, client: Any) -> tuple[set[str], set[str]]
     landing = LandingResource.from_settings(Settings.load(platform.stack_env()))
     tables = {
         table.target
-        for cluster, table in load_platform_mappings(platform).tables()
+        for cluster, table in platform.mappings.tables()
         if cluster.cluster in clusters and not landed_and_unloaded(landing, TableTargets(client, table))[1]
     }
     return clusters, tables
@@ -407,11 +403,10 @@ def our_correctness(platform: BenchPlatform, tables: set[str]) -> dict[str, int]
     as the tests judge it); the tables still catching up are counted, not compared (their changes are in flight).
     Duplicated changes are counted in every table: a change in the changelog twice is never in flight."""
     from cdc_assets.targets import TableTargets
-    from local_stack.stack import LocalStack
 
     client = bigquery(platform)
-    mappings = load_platform_mappings(platform)
-    stack = LocalStack(mappings, state_dir=platform.state)
+    mappings = platform.mappings
+    stack = platform.stack
     totals = {"tables": 0, "rows": 0, "missing": 0, "extra": 0, "different": 0, "duplicated_changes": 0}
     totals["tables_still_catching_up"] = sum(1 for _, t in mappings.tables() if t.target not in tables)
     for cluster, table in mappings.tables():
@@ -810,11 +805,11 @@ def free_port() -> int:
 def drain(platform: BenchPlatform, client: Any, timeout: float = 300) -> float:
     """Wait until every cluster's capture has reached its source's last transaction and every landed file is in
     its table's ledger."""
-    count = len(list(load_platform_mappings(platform).tables()))
+    count = len(list(platform.mappings.tables()))
 
     def drained() -> bool:
         # the clusters first (cheap); the tables' ledgers (a BigQuery query each) only once they have caught up
-        if len(captured_clusters(platform)) < len(load_platform_mappings(platform).clusters):
+        if len(captured_clusters(platform)) < len(platform.mappings.clusters):
             return False
         return len(caught_up(platform, client)[1]) == count
 

@@ -153,8 +153,7 @@ class OrderInbox:
         self._head: str | None = None  # the head when the ring last held the order it names
         self._slot: int | None = None  # that order's slot
 
-    def _slots_since(self, head: str) -> list[int]:
-        slot, _, _ = head.partition(":")
+    def _slots_since(self, slot: str) -> list[int]:
         if self._slot is None or not slot.isdigit() or int(slot) >= ORDER_SLOTS:
             return list(range(ORDER_SLOTS))
         written = (int(slot) - self._slot) % ORDER_SLOTS or ORDER_SLOTS  # the same slot again: a whole turn
@@ -165,14 +164,15 @@ class OrderInbox:
         head = storage.get_cursor_values({ORDER_HEAD_KEY}).get(ORDER_HEAD_KEY)
         if head is not None and head == self._head:
             return []
-        slots = self._slots_since(head) if head is not None else list(range(ORDER_SLOTS))
+        head_slot, _, head_id = (head or "").partition(":")
+        slots = self._slots_since(head_slot)
         files = []
         for key, value in storage.get_cursor_values({f"{ORDER_KEY}{slot}" for slot in slots}).items():
             try:
                 order = json.loads(value)
             except ValueError:
                 continue
-            if head is not None and order.get("id") == head.partition(":")[2]:
+            if head_id and order.get("id") == head_id:
                 # the ring holds the head's order: until the head moves, nothing new
                 self._head, self._slot = head, int(key.rsplit("/", 1)[1])
             if order.get("run") != self._run_id or order.get("id") in self._taken:

@@ -83,19 +83,12 @@ def active_runs(
 ) -> list[dg.RunRecord]:
     """Runs queued or in progress: started stream runs whatever their age (their heartbeat says whether they live:
     `stream_run_alive`), and other runs - a stream run not started yet too - younger than ACTIVE_RUN_MAX_AGE_S.
-    With `created_after`, only those created after it: their ids are read first (no run deserialized), then only
-    their records (a stream run asks every second for the runs around and after its own creation: itself, and
-    seldom more than a next run or a checks run)."""
-    if created_after is not None:
-        ids = instance.get_run_ids(
-            dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, created_after=created_after.astimezone(dt.UTC)),
-            limit=200,
-        )
-        if not ids:
-            return []
-        records = instance.get_run_records(dg.RunsFilter(run_ids=list(ids), statuses=ACTIVE_RUN_STATUSES))
-    else:
-        records = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=200)
+    With `created_after`, only those created after it (a stream run asks every second for the runs around and after
+    its own creation: itself, and seldom more than a next run or a checks run)."""
+    after = created_after.astimezone(dt.UTC) if created_after is not None else None
+    records = instance.get_run_records(
+        dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, created_after=after), limit=200
+    )
     return [
         r
         for r in records
